@@ -1,0 +1,60 @@
+# tcptunnel — everything a developer or CI needs, from a fresh machine with python3 and make.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+export PYTHONPATH := $(CURDIR)
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: all venv run test lint fuzz bench clean
+
+all: test
+
+# The venv: created once, refreshed when the dependency files change.
+# Debian's python3 needs python3-venv for ensurepip; install it when we may.
+$(PY):
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  rm -rf $(VENV); \
+	  echo "python3 -m venv failed; installing Debian's python3-venv"; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -q python3-venv || (apt-get update -q && apt-get install -y -q python3-venv)) >/dev/null; \
+	  else echo "run: sudo apt-get install python3-venv" >&2; exit 1; fi; \
+	  $(PYTHON) -m venv $(VENV); }
+
+$(STAMP): $(PY) setup.cfg pyproject.toml constraints.txt
+	$(PY) -m pip install -q --upgrade pip
+	# compat mode puts this folder on sys.path, so twistd finds twisted/plugins here.
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
+	@touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	@echo "Starting the loopback demo (conf/demo.xml): Gateway, Proxy-Client and Proxy-Server in one process."
+	@echo "A test web server answers on 127.0.0.1:18080; the tunnel entrance is 127.0.0.1:18022."
+	@echo ""
+	@echo "    Try, in another terminal:   curl http://127.0.0.1:18022/"
+	@echo ""
+	@echo "Press Ctrl+C to stop."
+	@$(PY) -m http.server 18080 --bind 127.0.0.1 --directory docs >/dev/null 2>&1 & web=$$!; \
+	  trap 'kill $$web 2>/dev/null' EXIT INT TERM; \
+	  $(VENV)/bin/twistd -n --pidfile= tcptunnel --config conf/demo.xml
+
+test: $(STAMP)
+	@rm -rf _trial_temp
+	@set -o pipefail 2>/dev/null; $(VENV)/bin/trial --jobs=2 tcptunnel 2>&1 | tee .trial-output.txt; \
+	  status=$${PIPESTATUS[0]}; $(PY) .ci/trial-summary .trial-output.txt; exit $$status
+SHELL := /bin/bash
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check tcptunnel twisted bench
+	$(VENV)/bin/mypy tcptunnel twisted/plugins
+
+fuzz: $(STAMP)
+	TCPTUNNEL_FUZZ_EXAMPLES=20000 $(VENV)/bin/trial tcptunnel.test.test_fuzz
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) _trial_temp* .trial-output.txt twisted/plugins/dropin.cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -1,0 +1,433 @@
+"""Frame codec of the tcptunnel link protocol (``docs/protocol.md``), sans-IO.
+
+Bytes in, :class:`Frame` objects out; payload builders and parsers for each
+frame type.  Nothing here knows about streams, sessions or Twisted.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+MAGIC = b"TcpTnl\r\n"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I B I")  # (length << 8 | type), flags, stream id
+HEADER_SIZE = 9
+MAX_PAYLOAD = 65536
+MAX_PAYLOAD_BEFORE_LOGIN = 4096
+MAX_REASON_BYTES = 1024
+MAX_HOST_BYTES = 253
+MAX_WINDOW = 2**31 - 1
+STREAM_ID_MASK = 0x7FFFFFFF
+
+FLAG_BLOCKED = 0x01
+
+
+class FrameType(enum.IntEnum):
+    """Frame types of protocol version 1."""
+
+    HELLO = 0x01
+    GOAWAY = 0x02
+    PING = 0x03
+    PONG = 0x04
+    PARTNER = 0x05
+    AUTH_START = 0x10
+    AUTH_CHALLENGE = 0x11
+    AUTH_PROOF = 0x12
+    AUTH_RESULT = 0x13
+    OPEN = 0x20
+    OPEN_RESULT = 0x21
+    DATA = 0x22
+    WINDOW_UPDATE = 0x23
+    FIN = 0x24
+    RESET = 0x25
+
+
+LINK_FRAME_TYPES = frozenset(t for t in FrameType if t < 0x20)
+STREAM_FRAME_TYPES = frozenset(t for t in FrameType if t >= 0x20)
+
+
+class Reason(enum.IntEnum):
+    """Why a stream failed to open or was reset (OPEN_RESULT and RESET)."""
+
+    OK = 0
+    REFUSED = 1
+    UNREACHABLE = 2
+    DNS_FAILURE = 3
+    TIMEOUT = 4
+    DENIED = 5
+    NO_PARTNER = 6
+    LIMIT = 7
+    PROTOCOL_ERROR = 8
+    FLOW_CONTROL = 9
+    CANCELLED = 10
+    LINK_LOST = 11
+    CONNECTION_RESET = 12
+    INTERNAL = 13
+    SHUTDOWN = 14
+    INVALID_TARGET = 15
+    UNKNOWN = 255
+
+    @classmethod
+    def parse(cls, code: int) -> Reason:
+        """The reason for a wire code; codes from a newer version map to UNKNOWN."""
+        try:
+            return cls(code)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+class GoAway(enum.IntEnum):
+    """Why a link is being closed (GOAWAY)."""
+
+    NORMAL = 0
+    PROTOCOL_ERROR = 1
+    REPLACED = 2
+    AUTH_FAILED = 3
+    LOGIN_TIMEOUT = 4
+    KEEPALIVE_TIMEOUT = 5
+    LIMIT = 6
+    UNSUPPORTED_VERSION = 7
+    SESSION_CLOSED = 8
+    INTERNAL = 9
+    FRAME_TOO_LARGE = 10
+    TOO_SLOW = 11
+    UNKNOWN = 255
+
+    @classmethod
+    def parse(cls, code: int) -> GoAway:
+        """The GOAWAY code for a wire value; unknown values map to UNKNOWN."""
+        try:
+            return cls(code)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+class LinkError(Exception):
+    """A violation that ends the whole link (GOAWAY ``code`` then close)."""
+
+    def __init__(self, code: GoAway, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class StreamError(Exception):
+    """A violation confined to one stream (RESET with ``reason``)."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame; ``type`` is an int so unknown types survive decoding."""
+
+    type: int
+    flags: int
+    stream_id: int
+    payload: bytes
+
+
+def encode_header(frame_type: int, flags: int, stream_id: int, length: int) -> bytes:
+    """The 9-byte header of a frame whose payload is ``length`` bytes."""
+    return HEADER.pack((length << 8) | frame_type, flags, stream_id)
+
+
+def encode(frame_type: int, stream_id: int = 0, payload: bytes = b"", flags: int = 0) -> bytes:
+    """A whole frame as one bytes object (for small frames; DATA uses the header alone)."""
+    return HEADER.pack((len(payload) << 8) | frame_type, flags, stream_id) + payload
+
+
+def describe_bad_magic(prefix: bytes) -> str:
+    """Say what the peer probably is, from the first bytes that were not our magic."""
+    if prefix[:1] == b"\x16" and prefix[1:2] in (b"\x03", b""):
+        return "the peer speaks TLS but this end is plain (useSsl / listener TLS mismatch)"
+    if prefix.startswith(b"SSH-"):
+        return "the peer is an SSH server: wrong port"
+    if prefix[:5] in (b"HTTP/", b"GET /", b"POST ", b"HEAD ", b"PUT /") or prefix[:4] == b"GET ":
+        return "the peer speaks HTTP: wrong port"
+    return f"not a tcptunnel peer (or an incompatible program): first bytes {prefix[:8].hex()}"
+
+
+class FrameDecoder:
+    """Incremental decoder: accepts any split of the byte stream.
+
+    ``feed`` returns the frames completed so far.  The magic is checked first
+    (``expect_magic``); a frame's declared length is checked against
+    ``max_payload`` as soon as its header is complete, before its payload is
+    kept, so a hostile length costs nothing.
+    """
+
+    def __init__(self, expect_magic: bool = True, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buffer = bytearray()
+        self._need_magic = expect_magic
+        self.max_payload = max_payload
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add bytes; return complete frames.  Raises :class:`LinkError`."""
+        buffer = self._buffer
+        buffer += data
+        if self._need_magic:
+            seen = bytes(buffer[: len(MAGIC)])
+            if not MAGIC.startswith(seen):
+                raise LinkError(GoAway.PROTOCOL_ERROR, describe_bad_magic(seen))
+            if len(seen) < len(MAGIC):
+                return []
+            del buffer[: len(MAGIC)]
+            self._need_magic = False
+        frames: list[Frame] = []
+        offset = 0
+        available = len(buffer)
+        unpack = HEADER.unpack_from
+        while available - offset >= HEADER_SIZE:
+            word, flags, stream_id = unpack(buffer, offset)
+            length = word >> 8
+            if length > self.max_payload:
+                raise LinkError(
+                    GoAway.FRAME_TOO_LARGE,
+                    f"frame of {length} bytes announced; the limit here is {self.max_payload}",
+                )
+            end = offset + HEADER_SIZE + length
+            if end > available:
+                break
+            frames.append(
+                Frame(word & 0xFF, flags, stream_id & STREAM_ID_MASK,
+                      bytes(buffer[offset + HEADER_SIZE : end]))
+            )
+            offset = end
+        if offset:
+            del buffer[:offset]
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buffer)
+
+
+# ---------------------------------------------------------------------------
+# Payloads.
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_I32 = struct.Struct(">i")
+_SETTING = struct.Struct(">HI")
+_OPEN = struct.Struct(">IIHB")
+_OPEN_RESULT = struct.Struct(">BI")
+_AUTH_START = struct.Struct(">Bi")
+
+
+def _text(payload: bytes, what: str, error: type[Exception] = LinkError) -> str:
+    if len(payload) > MAX_REASON_BYTES:
+        payload = payload[:MAX_REASON_BYTES]
+    return payload.decode("utf-8", errors="replace")
+
+
+def _reason_bytes(message: str) -> bytes:
+    data = message.encode("utf-8")
+    if len(data) > MAX_REASON_BYTES:
+        data = data[:MAX_REASON_BYTES].decode("utf-8", errors="ignore").encode("utf-8")
+    return data
+
+
+def build_hello(version: int = PROTOCOL_VERSION, settings: dict[int, int] | None = None) -> bytes:
+    """Magic + HELLO: the first bytes each end sends."""
+    payload = _U16.pack(version) + b"".join(
+        _SETTING.pack(k, v) for k, v in (settings or {}).items()
+    )
+    return MAGIC + encode(FrameType.HELLO, 0, payload)
+
+
+def parse_hello(payload: bytes) -> tuple[int, dict[int, int]]:
+    """(version, settings) of a HELLO; unknown settings are kept for the caller to ignore."""
+    if len(payload) < 2 or (len(payload) - 2) % _SETTING.size:
+        raise LinkError(GoAway.PROTOCOL_ERROR, f"malformed HELLO of {len(payload)} bytes")
+    (version,) = _U16.unpack_from(payload)
+    settings = dict(_SETTING.iter_unpack(payload[2:]))
+    return version, settings
+
+
+def build_goaway(code: GoAway, message: str) -> bytes:
+    """A GOAWAY frame."""
+    return encode(FrameType.GOAWAY, 0, bytes([code]) + _reason_bytes(message))
+
+
+def parse_goaway(payload: bytes) -> tuple[GoAway, str]:
+    """(code, reason) of a GOAWAY."""
+    if not payload:
+        raise LinkError(GoAway.PROTOCOL_ERROR, "empty GOAWAY")
+    return GoAway.parse(payload[0]), _text(payload[1:], "GOAWAY reason")
+
+
+def build_ping(opaque: bytes, pong: bool = False) -> bytes:
+    """PING (or PONG) carrying 8 opaque bytes."""
+    return encode(FrameType.PONG if pong else FrameType.PING, 0, opaque)
+
+
+def check_ping(payload: bytes) -> bytes:
+    """Validate a PING/PONG payload."""
+    if len(payload) != 8:
+        raise LinkError(GoAway.PROTOCOL_ERROR, f"PING/PONG of {len(payload)} bytes, not 8")
+    return payload
+
+
+def build_partner(count: int) -> bytes:
+    """PARTNER: how many partners are present."""
+    return encode(FrameType.PARTNER, 0, _U32.pack(count))
+
+
+def parse_partner(payload: bytes) -> int:
+    """The partner count of a PARTNER frame."""
+    if len(payload) != 4:
+        raise LinkError(GoAway.PROTOCOL_ERROR, f"PARTNER of {len(payload)} bytes, not 4")
+    return int(_U32.unpack(payload)[0])
+
+
+ROLE_PROXY_CLIENT = 0
+ROLE_PROXY_SERVER = 1
+
+
+def build_auth_start(role: int, session_id: int, client_first: str) -> bytes:
+    """AUTH_START: role, session id and the SCRAM client-first message."""
+    return encode(FrameType.AUTH_START, 0,
+                  _AUTH_START.pack(role, session_id) + client_first.encode("utf-8"))
+
+
+def parse_auth_start(payload: bytes) -> tuple[int, int, str]:
+    """(role, session id, client-first) of an AUTH_START."""
+    if len(payload) < _AUTH_START.size + 1:
+        raise LinkError(GoAway.PROTOCOL_ERROR, "AUTH_START too short")
+    role, session_id = _AUTH_START.unpack_from(payload)
+    if role not in (ROLE_PROXY_CLIENT, ROLE_PROXY_SERVER):
+        raise LinkError(GoAway.PROTOCOL_ERROR, f"AUTH_START with unknown role {role}")
+    return role, session_id, _strict_text(payload[_AUTH_START.size :], "AUTH_START")
+
+
+def _strict_text(payload: bytes, what: str) -> str:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LinkError(GoAway.PROTOCOL_ERROR, f"{what} is not valid UTF-8") from None
+
+
+def build_auth_message(frame_type: FrameType, message: str) -> bytes:
+    """AUTH_CHALLENGE or AUTH_PROOF carrying one SCRAM message."""
+    return encode(frame_type, 0, message.encode("utf-8"))
+
+
+def parse_auth_message(payload: bytes, what: str) -> str:
+    """The SCRAM message of AUTH_CHALLENGE / AUTH_PROOF."""
+    return _strict_text(payload, what)
+
+
+def build_auth_result(ok: bool, server_final: str = "") -> bytes:
+    """AUTH_RESULT: 1 + server-final on success, 0 on failure."""
+    return encode(FrameType.AUTH_RESULT, 0,
+                  (b"\x01" + server_final.encode("utf-8")) if ok else b"\x00")
+
+
+def parse_auth_result(payload: bytes) -> tuple[bool, str]:
+    """(ok, server-final) of an AUTH_RESULT."""
+    if not payload or payload[0] not in (0, 1):
+        raise LinkError(GoAway.PROTOCOL_ERROR, "malformed AUTH_RESULT")
+    return payload[0] == 1, _strict_text(payload[1:], "AUTH_RESULT")
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    """The content of an OPEN frame."""
+
+    window: int
+    origin: int
+    host: str
+    port: int
+
+
+def validate_target(host: str, port: int) -> None:
+    """Raise StreamError(INVALID_TARGET) unless host/port may be dialled."""
+    encoded = host.encode("utf-8", errors="replace")
+    if not 1 <= len(encoded) <= MAX_HOST_BYTES or any(c in host for c in "\x00 /\r\n\t"):
+        raise StreamError(Reason.INVALID_TARGET, f"invalid target host {host[:64]!r}")
+    if not 1 <= port <= 65535:
+        raise StreamError(Reason.INVALID_TARGET, f"invalid target port {port}")
+
+
+def build_open(stream_id: int, request: OpenRequest) -> bytes:
+    """An OPEN frame."""
+    host = request.host.encode("utf-8")
+    validate_target(request.host, request.port)
+    return encode(
+        FrameType.OPEN, stream_id,
+        _OPEN.pack(request.window, request.origin, request.port, len(host)) + host,
+    )
+
+
+def parse_open(payload: bytes) -> OpenRequest:
+    """Decode and validate an OPEN payload (raises StreamError)."""
+    if len(payload) < _OPEN.size:
+        raise StreamError(Reason.PROTOCOL_ERROR, "OPEN too short")
+    window, origin, port, host_length = _OPEN.unpack_from(payload)
+    host_bytes = payload[_OPEN.size :]
+    if len(host_bytes) != host_length:
+        raise StreamError(Reason.PROTOCOL_ERROR, "OPEN host length does not match the frame")
+    try:
+        host = host_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StreamError(Reason.INVALID_TARGET, "target host is not valid UTF-8") from None
+    if not 0 < window <= MAX_WINDOW:
+        raise StreamError(Reason.FLOW_CONTROL, f"OPEN with window {window}")
+    validate_target(host, port)
+    return OpenRequest(window, origin, host, port)
+
+
+def build_open_result(stream_id: int, reason: Reason, window: int = 0, message: str = "") -> bytes:
+    """OPEN_RESULT: reason OK with the acceptor's window, or a failure reason and message."""
+    return encode(FrameType.OPEN_RESULT, stream_id,
+                  _OPEN_RESULT.pack(reason, window) + _reason_bytes(message))
+
+
+def parse_open_result(payload: bytes) -> tuple[Reason, int, str]:
+    """(reason, window, message) of an OPEN_RESULT (raises StreamError)."""
+    if len(payload) < _OPEN_RESULT.size:
+        raise StreamError(Reason.PROTOCOL_ERROR, "OPEN_RESULT too short")
+    code, window = _OPEN_RESULT.unpack_from(payload)
+    reason = Reason.parse(code)
+    if reason is Reason.OK and not 0 < window <= MAX_WINDOW:
+        raise StreamError(Reason.FLOW_CONTROL, f"OPEN_RESULT with window {window}")
+    return reason, window, _text(payload[_OPEN_RESULT.size :], "OPEN_RESULT reason")
+
+
+def build_window_update(stream_id: int, increment: int) -> bytes:
+    """WINDOW_UPDATE returning ``increment`` bytes of credit."""
+    return encode(FrameType.WINDOW_UPDATE, stream_id, _U32.pack(increment))
+
+
+def parse_window_update(payload: bytes) -> int:
+    """The increment of a WINDOW_UPDATE (raises StreamError)."""
+    if len(payload) != 4:
+        raise StreamError(Reason.PROTOCOL_ERROR, "WINDOW_UPDATE must be 4 bytes")
+    (increment,) = _U32.unpack(payload)
+    if not 0 < increment <= MAX_WINDOW:
+        raise StreamError(Reason.FLOW_CONTROL, f"WINDOW_UPDATE of {increment}")
+    return int(increment)
+
+
+def build_fin(stream_id: int) -> bytes:
+    """FIN: the sender will send no more DATA on this stream."""
+    return encode(FrameType.FIN, stream_id)
+
+
+def build_reset(stream_id: int, reason: Reason, message: str = "") -> bytes:
+    """RESET: the stream ends now in both directions."""
+    return encode(FrameType.RESET, stream_id, bytes([reason]) + _reason_bytes(message))
+
+
+def parse_reset(payload: bytes) -> tuple[Reason, str]:
+    """(reason, message) of a RESET; an empty payload counts as UNKNOWN."""
+    if not payload:
+        return Reason.UNKNOWN, ""
+    return Reason.parse(payload[0]), _text(payload[1:], "RESET reason")

@@ -1,0 +1,436 @@
+"""The stream multiplexer of a proxy's link, sans-IO.
+
+:class:`MuxConnection` terminates streams: it keeps the stream table, each
+stream's explicit state, its send buffer and both windows, and turns frames
+into events.  Flow control follows ``docs/protocol.md`` §6: credit is
+returned only for bytes the adapter reports as consumed, coalesced, and a
+window grows when the sender reports it was blocked while our consumer kept
+up, within the link's receive budget.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+from tcptunnel import _frames as fr
+from tcptunnel._frames import Frame, FrameType, GoAway, LinkError, OpenRequest, Reason, StreamError
+from tcptunnel._link import DEFAULT_CHUNK, LinkCore
+
+INITIAL_WINDOW = 384 * 1024
+MAX_STREAM_WINDOW = 16 * 1024 * 1024
+LINK_RECEIVE_BUDGET = 32 * 1024 * 1024
+MIN_WINDOW = 16 * 1024
+DEFAULT_MAX_STREAMS = 1024
+
+
+class StreamState(enum.Enum):
+    """States of a stream at one end (``docs/protocol.md`` §5)."""
+
+    OPENING = "opening"
+    OPEN = "open"
+    HALF_CLOSED_LOCAL = "half-closed (local)"
+    HALF_CLOSED_REMOTE = "half-closed (remote)"
+    CLOSED = "closed"
+    RESET = "reset"
+
+
+# -- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpenRequested:
+    """The peer asks us to open a stream to a target (Proxy-Client side)."""
+
+    stream_id: int
+    request: OpenRequest
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """Our OPEN was accepted; DATA may flow."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpenFailed:
+    """Our OPEN was refused."""
+
+    stream_id: int
+    reason: Reason
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """Bytes for a stream; report them with ``data_consumed`` once taken."""
+
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer sent FIN: no more data will arrive on this stream."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The stream ended abruptly: by the peer (``remote``) or by a violation here."""
+
+    stream_id: int
+    reason: Reason
+    message: str
+    remote: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StreamClosed:
+    """Both directions finished cleanly (FIN sent and received)."""
+
+    stream_id: int
+
+
+class _Stream:
+    """Per-stream bookkeeping; only :class:`MuxConnection` touches it."""
+
+    __slots__ = (
+        "blocked_seen",
+        "fin_received",
+        "fin_sent",
+        "id",
+        "local_fin",
+        "paused_since_update",
+        "recv_available",
+        "recv_to_ack",
+        "recv_window",
+        "send_buffer",
+        "send_buffered",
+        "send_window",
+        "state",
+    )
+
+    def __init__(self, stream_id: int, state: StreamState, recv_window: int) -> None:
+        self.id = stream_id
+        self.state = state
+        self.send_window = 0
+        self.send_buffer: deque[bytes] = deque()
+        self.send_buffered = 0
+        self.local_fin = False  # end_stream() was called
+        self.fin_sent = False
+        self.fin_received = False
+        self.recv_window = recv_window
+        self.recv_available = recv_window
+        self.recv_to_ack = 0
+        self.blocked_seen = False
+        self.paused_since_update = False
+
+
+class MuxConnection(LinkCore):
+    """A proxy's end of a link: streams, windows and events.
+
+    ``opener`` is True on a Proxy-Server (it opens streams) and False on a
+    Proxy-Client (it accepts them).
+    """
+
+    def __init__(
+        self,
+        opener: bool,
+        initial_window: int = INITIAL_WINDOW,
+        max_window: int = MAX_STREAM_WINDOW,
+        receive_budget: int = LINK_RECEIVE_BUDGET,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        super().__init__(chunk_size)
+        self.opener = opener
+        self.initial_window = initial_window
+        self.max_window = max(max_window, initial_window)
+        self.receive_budget = receive_budget
+        self.max_streams = max_streams
+        self.streams: dict[int, _Stream] = {}
+        self._next_stream_id = 1
+        self._last_peer_stream_id = 0
+        self.granted_total = 0  # sum of recv_window over live streams
+        # Streams whose send buffer drained below the low-water mark; the
+        # adapter resumes their local producers.
+        self.drained: set[int] = set()
+        self.send_low_water = 2 * chunk_size
+        # Streams that became CLOSED because our FIN went out (in data_to_send),
+        # for the adapter to collect.
+        self.closed_by_send: list[int] = []
+
+    # -- helpers ----------------------------------------------------------
+
+    def _grant_initial(self) -> int:
+        room = self.receive_budget - self.granted_total
+        return max(MIN_WINDOW, min(self.initial_window, room))
+
+    def _add_stream(self, stream_id: int, state: StreamState) -> _Stream:
+        stream = _Stream(stream_id, state, self._grant_initial())
+        self.granted_total += stream.recv_window
+        self.streams[stream_id] = stream
+        return stream
+
+    def _remove(self, stream: _Stream, state: StreamState) -> None:
+        stream.state = state
+        if self.streams.pop(stream.id, None) is not None:
+            self.granted_total -= stream.recv_window
+        self._ready.pop(stream.id, None)
+        self.drained.discard(stream.id)
+        stream.send_buffer.clear()
+        stream.send_buffered = 0
+
+    def _reset(self, stream: _Stream, reason: Reason, message: str) -> None:
+        self.queue_control(fr.build_reset(stream.id, reason, message))
+        self._remove(stream, StreamState.RESET)
+
+    def _maybe_closed(self, stream: _Stream, events: list[object]) -> None:
+        if stream.fin_sent and stream.fin_received:
+            self._remove(stream, StreamState.CLOSED)
+            events.append(StreamClosed(stream.id))
+
+    # -- commands from the adapter -----------------------------------------
+
+    def open_stream(self, host: str, port: int) -> int:
+        """Queue OPEN for a new stream; return its id.  Raises StreamError."""
+        if not self.opener:
+            raise RuntimeError("only the Proxy-Server end opens streams")
+        if len(self.streams) >= self.max_streams:
+            raise StreamError(Reason.LIMIT, f"{len(self.streams)} streams already open")
+        fr.validate_target(host, port)
+        stream_id = self._next_stream_id
+        if stream_id > fr.STREAM_ID_MASK:
+            raise StreamError(Reason.LIMIT, "stream ids of this link are used up")
+        self._next_stream_id += 1
+        stream = self._add_stream(stream_id, StreamState.OPENING)
+        self.queue_control(
+            fr.build_open(stream_id, OpenRequest(stream.recv_window, 0, host, port))
+        )
+        return stream_id
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Answer a StreamOpenRequested with OPEN_RESULT ok."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.state is not StreamState.OPENING:
+            return
+        stream.state = StreamState.OPEN
+        self.queue_control(fr.build_open_result(stream_id, Reason.OK, stream.recv_window))
+
+    def reject_stream(self, stream_id: int, reason: Reason, message: str = "") -> None:
+        """Answer a StreamOpenRequested with a failure."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.state is not StreamState.OPENING:
+            return
+        self.queue_control(fr.build_open_result(stream_id, reason, 0, message))
+        self._remove(stream, StreamState.RESET)
+
+    def send_data(self, stream_id: int, data: bytes) -> None:
+        """Buffer bytes for a stream; they leave as its window allows."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.local_fin or not data:
+            return
+        if stream.state is StreamState.OPENING:
+            raise RuntimeError("data before the stream is open")
+        stream.send_buffer.append(data)
+        stream.send_buffered += len(data)
+        if stream.send_window > 0:
+            self._mark_ready_stream(stream_id)
+
+    def send_buffered(self, stream_id: int) -> int:
+        """Bytes buffered for a stream and not yet framed."""
+        stream = self.streams.get(stream_id)
+        return stream.send_buffered if stream is not None else 0
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close: FIN goes out after the buffered data."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.local_fin or stream.state is StreamState.OPENING:
+            return
+        stream.local_fin = True
+        stream.state = (
+            StreamState.HALF_CLOSED_LOCAL if not stream.fin_received else StreamState.CLOSED
+        )
+        self._mark_ready_stream(stream_id)
+
+    def reset_stream(self, stream_id: int, reason: Reason, message: str = "") -> None:
+        """End a stream abruptly in both directions."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self._reset(stream, reason, message)
+
+    def reset_all(self, reason: Reason, message: str = "") -> list[int]:
+        """Reset every stream (shutdown); return their ids."""
+        ids = list(self.streams)
+        for stream_id in ids:
+            self._reset(self.streams[stream_id], reason, message)
+        return ids
+
+    def set_consumer_paused(self, stream_id: int, paused: bool) -> None:
+        """The local socket of a stream stopped (or resumed) taking data."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and paused:
+            stream.paused_since_update = True
+
+    def data_consumed(self, stream_id: int, count: int) -> None:
+        """``count`` received bytes were taken by the local socket: maybe return credit."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.fin_received or count <= 0:
+            return
+        stream.recv_to_ack += count
+        if stream.recv_to_ack * 4 < stream.recv_window and not stream.blocked_seen:
+            return
+        increment = stream.recv_to_ack
+        if stream.blocked_seen and not stream.paused_since_update:
+            room = self.receive_budget - self.granted_total
+            grown = min(stream.recv_window * 2, self.max_window, stream.recv_window + room)
+            if grown > stream.recv_window:
+                increment += grown - stream.recv_window
+                self.granted_total += grown - stream.recv_window
+                stream.recv_window = grown
+        stream.blocked_seen = False
+        stream.paused_since_update = False
+        stream.recv_to_ack = 0
+        stream.recv_available += increment
+        self.queue_control(fr.build_window_update(stream_id, increment))
+
+    # -- inbound ----------------------------------------------------------
+
+    def _handle_stream_frame(self, frame: Frame, events: list[object]) -> None:
+        stream_id = frame.stream_id
+        frame_type = frame.type
+        if frame_type == FrameType.OPEN:
+            self._on_open(frame, events)
+            return
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return  # unknown or closed: a RESET may have crossed it
+        try:
+            if frame_type == FrameType.DATA:
+                self._on_data(stream, frame, events)
+            elif frame_type == FrameType.WINDOW_UPDATE:
+                increment = fr.parse_window_update(frame.payload)
+                if stream.send_window + increment > fr.MAX_WINDOW:
+                    raise StreamError(Reason.FLOW_CONTROL, "window grew past 2^31-1")
+                stream.send_window += increment
+                if stream.send_buffered or (stream.local_fin and not stream.fin_sent):
+                    self._mark_ready_stream(stream_id)
+            elif frame_type == FrameType.OPEN_RESULT:
+                self._on_open_result(stream, frame, events)
+            elif frame_type == FrameType.FIN:
+                if stream.fin_received or stream.state is StreamState.OPENING:
+                    raise StreamError(Reason.PROTOCOL_ERROR, "FIN in the wrong state")
+                stream.fin_received = True
+                stream.state = (
+                    StreamState.HALF_CLOSED_REMOTE if not stream.local_fin else StreamState.CLOSED
+                )
+                events.append(StreamEnded(stream_id))
+                self._maybe_closed(stream, events)
+            elif frame_type == FrameType.RESET:
+                reason, message = fr.parse_reset(frame.payload)
+                self._remove(stream, StreamState.RESET)
+                events.append(StreamReset(stream_id, reason, message, remote=True))
+        except StreamError as e:
+            self._reset(stream, e.reason, e.message)
+            events.append(StreamReset(stream_id, e.reason, e.message, remote=False))
+
+    def _on_open(self, frame: Frame, events: list[object]) -> None:
+        stream_id = frame.stream_id
+        if self.opener:
+            raise LinkError(GoAway.PROTOCOL_ERROR, "OPEN sent to the end that opens streams")
+        if stream_id <= self._last_peer_stream_id:
+            raise LinkError(GoAway.PROTOCOL_ERROR,
+                            f"OPEN with stream id {stream_id} not above {self._last_peer_stream_id}")
+        self._last_peer_stream_id = stream_id
+        try:
+            request = fr.parse_open(frame.payload)
+        except StreamError as e:
+            self.queue_control(fr.build_open_result(stream_id, e.reason, 0, e.message))
+            return
+        if len(self.streams) >= self.max_streams:
+            self.queue_control(fr.build_open_result(
+                stream_id, Reason.LIMIT, 0, f"{len(self.streams)} streams already open"))
+            return
+        stream = self._add_stream(stream_id, StreamState.OPENING)
+        stream.send_window = request.window
+        events.append(StreamOpenRequested(stream_id, request))
+
+    def _on_open_result(self, stream: _Stream, frame: Frame, events: list[object]) -> None:
+        if stream.state is not StreamState.OPENING or not self.opener:
+            raise StreamError(Reason.PROTOCOL_ERROR, "OPEN_RESULT for a stream that is open")
+        reason, window, message = fr.parse_open_result(frame.payload)
+        if reason is Reason.OK:
+            stream.state = StreamState.OPEN
+            stream.send_window = window
+            events.append(StreamOpened(stream.id))
+        else:
+            self._remove(stream, StreamState.RESET)
+            events.append(StreamOpenFailed(stream.id, reason, message))
+
+    def _on_data(self, stream: _Stream, frame: Frame, events: list[object]) -> None:
+        if stream.state is StreamState.OPENING:
+            raise StreamError(Reason.PROTOCOL_ERROR, "DATA before the stream was open")
+        if stream.fin_received:
+            raise StreamError(Reason.PROTOCOL_ERROR, "DATA after FIN")
+        size = len(frame.payload)
+        if size > stream.recv_available:
+            raise StreamError(
+                Reason.FLOW_CONTROL,
+                f"{size} bytes of DATA with only {stream.recv_available} bytes of window",
+            )
+        stream.recv_available -= size
+        if frame.flags & fr.FLAG_BLOCKED:
+            stream.blocked_seen = True
+        if size:
+            events.append(DataReceived(stream.id, frame.payload))
+
+    # -- outbound ---------------------------------------------------------
+
+    def _pull(self, stream_id: int, budget: int, out: list[bytes]) -> tuple[int, bool]:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return 0, False
+        size = 0
+        amount = min(budget, stream.send_window, stream.send_buffered)
+        if amount > 0:
+            buffer = stream.send_buffer
+            first = buffer[0]
+            if len(first) == amount:
+                payload = buffer.popleft()
+            elif len(first) > amount:
+                payload = first[:amount]
+                buffer[0] = first[amount:]
+            else:
+                parts = []
+                need = amount
+                while need:
+                    piece = buffer[0]
+                    if len(piece) <= need:
+                        parts.append(buffer.popleft())
+                        need -= len(piece)
+                    else:
+                        parts.append(piece[:need])
+                        buffer[0] = piece[need:]
+                        need = 0
+                payload = b"".join(parts)
+            stream.send_buffered -= amount
+            stream.send_window -= amount
+            blocked = stream.send_window == 0 and stream.send_buffered > 0
+            out.append(fr.encode_header(FrameType.DATA, fr.FLAG_BLOCKED if blocked else 0,
+                                        stream_id, amount))
+            out.append(payload)
+            size = amount + fr.HEADER_SIZE
+            if stream.send_buffered < self.send_low_water:
+                self.drained.add(stream_id)
+        if stream.local_fin and not stream.fin_sent and stream.send_buffered == 0:
+            out.append(fr.build_fin(stream_id))
+            stream.fin_sent = True
+            if stream.fin_received:
+                self._remove(stream, StreamState.CLOSED)
+                self.closed_by_send.append(stream_id)
+            return size + fr.HEADER_SIZE, False
+        return size, stream.send_buffered > 0 and stream.send_window > 0

@@ -1,0 +1,481 @@
+"""Twisted adapters for a link: :class:`LinkProtocol`, :class:`MuxProtocol`, :class:`MuxStream`.
+
+``LinkProtocol`` is the IProtocol on a link and the one streaming producer
+registered on its transport: it writes only while the transport is not
+paused, and keeps the link alive with PINGs.  ``MuxProtocol`` adds the
+streams of a proxy; each :class:`MuxStream` is the transport, consumer and
+producer for one local TCP connection (see :mod:`tcptunnel.splice`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import interfaces
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tcptunnel import _frames as fr
+from tcptunnel import _mux
+from tcptunnel._frames import GoAway, LinkError, Reason, StreamError
+from tcptunnel._link import GoAwayReceived, LinkCore, LinkState, PongReceived
+
+_UNKNOWN_ADDRESS = IPv4Address("TCP", "0.0.0.0", 0)
+
+
+@implementer(interfaces.IPushProducer)
+class LinkProtocol(Protocol):
+    """Drive a :class:`LinkCore` from a Twisted transport.
+
+    Subclasses handle events in :meth:`handle_events`.  ``clock`` is the
+    reactor (or a ``Clock`` in tests) used for keepalive timers.
+    """
+
+    log = Logger()
+    core: LinkCore
+
+    def __init__(
+        self,
+        core: LinkCore,
+        clock: interfaces.IReactorTime,
+        keepalive_interval: float = 15.0,
+        keepalive_timeout: float = 30.0,
+    ) -> None:
+        self.core = core
+        self.clock = clock
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self._paused = False
+        self._flushing = False
+        self._closing = False
+        self.connected_at = 0.0
+        self.last_received = 0.0
+        self.rtt: float | None = None
+        self.bytes_sent = 0
+        self._ping_sent_at: dict[bytes, float] = {}
+        self._keepalive_call: interfaces.IDelayedCall | None = None
+        self.close_reason = "connection lost"
+        self.peer_description = "?"
+
+    # -- IProtocol ----------------------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802
+        """Register as the link transport's producer and send magic + HELLO."""
+        self.connected_at = self.last_received = self.clock.seconds()
+        peer = self.transport.getPeer() if self.transport is not None else None
+        self.peer_description = _describe_address(peer)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        _set_socket_options(self.transport)
+        self._schedule_keepalive()
+        self.flush()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        """Feed the core; act on its events; send what it queued."""
+        if self._closing:
+            return
+        self.last_received = self.clock.seconds()
+        try:
+            events = self.core.receive_data(data)
+        except LinkError as e:
+            self.fail(e.code, e.message)
+            return
+        for event in events:
+            if isinstance(event, PongReceived):
+                sent = self._ping_sent_at.pop(event.opaque, None)
+                if sent is not None:
+                    self.rtt = self.clock.seconds() - sent
+            elif isinstance(event, GoAwayReceived):
+                self.close_reason = f"peer sent GOAWAY {event.code.name}: {event.message}"
+                self.handle_go_away(event)
+        self.handle_events(events)
+        if self.core.state is LinkState.CLOSED:
+            self._close_transport()
+            return
+        self.flush()
+
+    def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: N802, B008
+        """Stop timers; subclasses reset their streams."""
+        self._closing = True
+        if self._keepalive_call is not None and self._keepalive_call.active():
+            self._keepalive_call.cancel()
+        self._keepalive_call = None
+
+    # -- IPushProducer ------------------------------------------------------
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        """The link transport's buffer is full: stop writing."""
+        self._paused = True
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        """The link transport drained: write what is queued."""
+        self._paused = False
+        self.flush()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        """The transport is going away; connectionLost follows."""
+        self._paused = True
+
+    # -- sending ------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write queued frames while the transport accepts them."""
+        if self._flushing or self._closing or self.transport is None:
+            return
+        self._flushing = True
+        try:
+            core = self.core
+            while not self._paused and core.wants_to_send:
+                frames = core.data_to_send()
+                if frames:
+                    self.bytes_sent += sum(map(len, frames))
+                    self.transport.writeSequence(frames)
+                self.after_flush()
+        finally:
+            self._flushing = False
+
+    def after_flush(self) -> None:
+        """Hook: the core framed data (streams may have drained)."""
+
+    def fail(self, code: GoAway, message: str) -> None:
+        """Close the link because of a violation or a local decision, telling the peer why."""
+        if self._closing:
+            return
+        self.close_reason = f"{code.name}: {message}"
+        self.log.warn(
+            "Link {peer}: closing ({code}): {message}",
+            peer=self.peer_description, code=code.name, message=message,
+        )
+        self.core.go_away(code, message)
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Send whatever is queued (GOAWAY included), ignoring pauses, then close."""
+        if self._closing or self.transport is None:
+            return
+        frames = self.core.data_to_send(limit=0)
+        self._closing = True
+        transport = self.transport
+        transport.unregisterProducer()
+        if frames:
+            transport.writeSequence(frames)
+        transport.loseConnection()
+        # A peer that never reads must not keep the socket open for ever.
+        self.clock.callLater(10.0, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if self.transport is not None and getattr(self.transport, "connected", False):
+            self.transport.abortConnection()
+
+    def handle_events(self, events: list[object]) -> None:
+        """Hook for subclasses."""
+
+    def handle_go_away(self, event: GoAwayReceived) -> None:
+        """Hook: the peer closes the link."""
+
+    # -- keepalive ----------------------------------------------------------
+
+    def _schedule_keepalive(self) -> None:
+        self._keepalive_call = self.clock.callLater(
+            min(self.keepalive_interval, self.keepalive_timeout) / 2, self._keepalive_tick
+        )
+
+    def _keepalive_tick(self) -> None:
+        self._keepalive_call = None
+        if self._closing:
+            return
+        idle = self.clock.seconds() - self.last_received
+        if idle >= self.keepalive_interval + self.keepalive_timeout:
+            self.fail(GoAway.KEEPALIVE_TIMEOUT,
+                      f"nothing received for {idle:.0f} s (keepalive timeout)")
+            return
+        if idle >= self.keepalive_interval and self.core.state is not LinkState.HELLO:
+            self.send_ping()
+        self._schedule_keepalive()
+
+    def send_ping(self) -> None:
+        """Send a PING now; its PONG updates :attr:`rtt`."""
+        opaque = os.urandom(8)
+        if len(self._ping_sent_at) > 16:
+            self._ping_sent_at.clear()
+        self._ping_sent_at[opaque] = self.clock.seconds()
+        self.core.ping(opaque)
+        self.flush()
+
+
+def _describe_address(address: Any) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _set_socket_options(transport: Any) -> None:
+    """TCP_NODELAY (latency of small frames) and SO_KEEPALIVE on a TCP transport."""
+    for target in (transport, getattr(transport, "transport", None)):
+        if target is None:
+            continue
+        try:
+            target.setTcpNoDelay(True)
+            target.setTcpKeepAlive(True)
+        except (AttributeError, OSError):
+            continue
+        return
+
+
+class StreamEndpoint:
+    """What a :class:`MuxStream` delivers to: the local side of a splice."""
+
+    def stream_data(self, data: bytes) -> None:
+        """Bytes from the far end."""
+        raise NotImplementedError
+
+    def stream_opened(self) -> None:
+        """The far end accepted the stream."""
+
+    def stream_ended(self) -> None:
+        """The far end half-closed (FIN)."""
+        raise NotImplementedError
+
+    def stream_reset(self, reason: Reason, message: str, remote: bool) -> None:
+        """The stream ended abruptly (or failed to open)."""
+        raise NotImplementedError
+
+    def stream_closed(self) -> None:
+        """Both directions finished cleanly."""
+        raise NotImplementedError
+
+
+@implementer(interfaces.ITransport, interfaces.IConsumer, interfaces.IPushProducer)
+class MuxStream:
+    """One stream of a :class:`MuxProtocol`, seen as a transport by the local side.
+
+    ``write`` sends DATA (buffered within the window), ``loseWriteConnection``
+    sends FIN, ``abortConnection`` sends RESET.  As an IPushProducer it is
+    registered on the local socket's transport, which pauses it when its
+    buffer is full; as an IConsumer it takes the local socket as its own
+    producer and pauses it when the window is spent.
+    """
+
+    def __init__(self, mux: MuxProtocol, stream_id: int, endpoint: StreamEndpoint) -> None:
+        self.mux = mux
+        self.stream_id = stream_id
+        self.endpoint = endpoint
+        self.producer: interfaces.IPushProducer | None = None
+        self._producer_paused = False
+        self._consumer_paused = False
+        self._unacknowledged = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.finished = False
+
+    # -- ITransport ---------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the far end (after the window allows)."""
+        if self.finished or not data:
+            return
+        core = self.mux.core
+        self.bytes_out += len(data)
+        core.send_data(self.stream_id, data)
+        self.mux.flush()
+        if (
+            self.producer is not None
+            and not self._producer_paused
+            and core.send_buffered(self.stream_id) >= core.send_low_water
+        ):
+            self._producer_paused = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, data: list[bytes]) -> None:  # noqa: N802
+        """Send several byte strings."""
+        self.write(b"".join(data))
+
+    def loseWriteConnection(self) -> None:  # noqa: N802
+        """Half-close: FIN after the buffered data."""
+        if not self.finished:
+            self.mux.core.end_stream(self.stream_id)
+            self.mux.flush()
+
+    def loseConnection(self) -> None:  # noqa: N802
+        """Same as :meth:`loseWriteConnection`: the far end decides when to close."""
+        self.loseWriteConnection()
+
+    def abortConnection(self, reason: Reason = Reason.CANCELLED, message: str = "") -> None:  # noqa: N802
+        """Reset the stream in both directions."""
+        if not self.finished:
+            self.finished = True
+            self.mux.core.reset_stream(self.stream_id, reason, message)
+            self.mux.forget(self.stream_id)
+            self.mux.flush()
+
+    def getPeer(self) -> Any:  # noqa: N802
+        """The link's peer (the Gateway)."""
+        transport = self.mux.transport
+        return transport.getPeer() if transport is not None else _UNKNOWN_ADDRESS
+
+    def getHost(self) -> Any:  # noqa: N802
+        """The link's local address."""
+        transport = self.mux.transport
+        return transport.getHost() if transport is not None else _UNKNOWN_ADDRESS
+
+    # -- IConsumer ----------------------------------------------------------
+
+    def registerProducer(self, producer: interfaces.IPushProducer, streaming: bool) -> None:  # noqa: N802
+        """Take the local socket as the producer of this stream's outgoing bytes."""
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:  # noqa: N802
+        """Forget the local producer."""
+        self.producer = None
+
+    def resume_producer_if_drained(self) -> None:
+        """Called by the mux when this stream's send buffer drained."""
+        if self.producer is not None and self._producer_paused and not self.finished:
+            self._producer_paused = False
+            self.producer.resumeProducing()
+
+    # -- IPushProducer (the local socket's buffer is full / drained) --------
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        """The local socket stopped taking data: withhold credit."""
+        if not self._consumer_paused:
+            self._consumer_paused = True
+            self.mux.core.set_consumer_paused(self.stream_id, True)
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        """The local socket drained: return the withheld credit."""
+        if self._consumer_paused:
+            self._consumer_paused = False
+            if self._unacknowledged and not self.finished:
+                count, self._unacknowledged = self._unacknowledged, 0
+                self.mux.core.data_consumed(self.stream_id, count)
+                self.mux.flush()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        """The local socket is gone."""
+        self.abortConnection()
+
+    # -- from the mux -------------------------------------------------------
+
+    def deliver(self, data: bytes) -> None:
+        """Hand bytes to the local side; acknowledge them if it took them."""
+        self.bytes_in += len(data)
+        self.endpoint.stream_data(data)
+        if self._consumer_paused:
+            self._unacknowledged += len(data)
+        elif not self.finished:
+            self.mux.core.data_consumed(self.stream_id, len(data))
+
+
+class MuxProtocol(LinkProtocol):
+    """The link protocol of a proxy: a :class:`tcptunnel._mux.MuxConnection` plus streams."""
+
+    core: _mux.MuxConnection
+
+    def __init__(self, core: _mux.MuxConnection, clock: interfaces.IReactorTime,
+                 keepalive_interval: float = 15.0, keepalive_timeout: float = 30.0) -> None:
+        super().__init__(core, clock, keepalive_interval, keepalive_timeout)
+        self.streams: dict[int, MuxStream] = {}
+        self.on_open_requested: Callable[[int, fr.OpenRequest], None] | None = None
+
+    def open_stream(self, host: str, port: int, endpoint: StreamEndpoint) -> MuxStream:
+        """Open a stream to host:port; raises StreamError (e.g. LIMIT)."""
+        stream_id = self.core.open_stream(host, port)
+        stream = MuxStream(self, stream_id, endpoint)
+        self.streams[stream_id] = stream
+        self.flush()
+        return stream
+
+    def attach_stream(self, stream_id: int, endpoint: StreamEndpoint) -> MuxStream:
+        """Create the MuxStream for a stream the peer asked to open."""
+        stream = MuxStream(self, stream_id, endpoint)
+        self.streams[stream_id] = stream
+        return stream
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Answer OPEN with ok."""
+        self.core.accept_stream(stream_id)
+        self.flush()
+
+    def reject_stream(self, stream_id: int, reason: Reason, message: str) -> None:
+        """Answer OPEN with a failure."""
+        self.core.reject_stream(stream_id, reason, message)
+        self.streams.pop(stream_id, None)
+        self.flush()
+
+    def forget(self, stream_id: int) -> None:
+        """Drop a finished stream from the table."""
+        self.streams.pop(stream_id, None)
+
+    def handle_events(self, events: list[object]) -> None:
+        """Route stream events to their MuxStreams."""
+        streams = self.streams
+        for event in events:
+            if self._closing:
+                return
+            if isinstance(event, _mux.DataReceived):
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.deliver(event.data)
+            elif isinstance(event, _mux.StreamOpenRequested):
+                if self.on_open_requested is None:
+                    self.core.reject_stream(event.stream_id, Reason.INTERNAL, "not accepting")
+                else:
+                    self.on_open_requested(event.stream_id, event.request)
+            elif isinstance(event, _mux.StreamOpened):
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.endpoint.stream_opened()
+            elif isinstance(event, _mux.StreamEnded):
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.endpoint.stream_ended()
+            elif isinstance(event, _mux.StreamClosed):
+                self._finish(event.stream_id, None)
+            elif isinstance(event, _mux.StreamOpenFailed | _mux.StreamReset):
+                remote = getattr(event, "remote", True)
+                self._finish(event.stream_id, (event.reason, event.message, remote))
+
+    def _finish(self, stream_id: int, reset: tuple[Reason, str, bool] | None) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is None or stream.finished:
+            return
+        stream.finished = True
+        if reset is None:
+            stream.endpoint.stream_closed()
+        else:
+            stream.endpoint.stream_reset(*reset)
+
+    def after_flush(self) -> None:
+        """Resume local producers of drained streams; finish streams our FIN closed."""
+        core = self.core
+        if core.drained:
+            drained, core.drained = core.drained, set()
+            for stream_id in drained:
+                stream = self.streams.get(stream_id)
+                if stream is not None:
+                    stream.resume_producer_if_drained()
+        if core.closed_by_send:
+            closed, core.closed_by_send = core.closed_by_send, []
+            for stream_id in closed:
+                self._finish(stream_id, None)
+
+    def reset_all_streams(self, reason: Reason, message: str) -> None:
+        """Reset every stream: RESET to the peer, RST to every local socket."""
+        self.core.reset_all(reason, message)
+        for stream_id in list(self.streams):
+            self._finish(stream_id, (reason, message, False))
+
+    def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: N802, B008
+        """The link is gone: every stream is reset (never a clean EOF)."""
+        super().connectionLost(reason)
+        self.reset_all_streams(Reason.LINK_LOST, "the link to the Gateway was lost")
+
+
+__all__ = ["LinkProtocol", "MuxProtocol", "MuxStream", "StreamEndpoint", "StreamError"]

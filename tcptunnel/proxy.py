@@ -1,0 +1,215 @@
+"""The link a proxy keeps to the Gateway: connect, log in, keep alive, reconnect.
+
+Shared by the Proxy-Server and the Proxy-Client.  A
+``ReconnectingClientFactory`` with a short cap (30 s by default instead of
+Twisted's hour) redials after any loss; its backoff is reset only after a
+successful login, and a rejected login waits the longest delay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import internet, service
+from twisted.internet import interfaces
+from twisted.internet.protocol import ReconnectingClientFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tcptunnel import _frames as fr
+from tcptunnel import _mux
+from tcptunnel._frames import FrameType, GoAway, Reason
+from tcptunnel._link import AuthFrameReceived, GoAwayReceived, LinkState, PartnerChanged
+from tcptunnel.auth import LoginFailed, ProxyAuth
+from tcptunnel.config import ProxyConfig, format_address
+from tcptunnel.mux import MuxProtocol
+
+
+class ProxyLink(MuxProtocol):
+    """A proxy's link: login with SCRAM, then streams."""
+
+    log = Logger()
+
+    def __init__(self, proxy: ProxyService) -> None:
+        config = proxy.config
+        core = _mux.MuxConnection(opener=config.role == "proxy-server",
+                                  initial_window=proxy.initial_window)
+        super().__init__(core, proxy.reactor, config.keepalive_interval, config.keepalive_timeout)
+        self.proxy = proxy
+        role = fr.ROLE_PROXY_SERVER if config.role == "proxy-server" else fr.ROLE_PROXY_CLIENT
+        assert config.password.cleartext is not None
+        self._auth = ProxyAuth(config.session_id, role, config.password.cleartext)
+        self._role = role
+        self._login_call: interfaces.IDelayedCall | None = None
+        self.partners = 0
+
+    def connectionMade(self) -> None:  # noqa: N802
+        """Send HELLO and AUTH_START at once; the login must finish before the deadline."""
+        super().connectionMade()
+        self.log.info("[{index}] Connected to the Gateway {gateway}; logging in to session "
+                      "{session} as {role}", index=self.proxy.config.index,
+                      gateway=self.proxy.gateway_address, session=self.proxy.config.session_id,
+                      role=self.proxy.config.role)
+        self.core.queue_control(fr.build_auth_start(self._role, self.proxy.config.session_id,
+                                                    self._auth.start()))
+        self._login_call = self.clock.callLater(self.proxy.config.keepalive_timeout,
+                                                self._login_timeout)
+        self.flush()
+
+    def _login_timeout(self) -> None:
+        self._login_call = None
+        if self.core.state is not LinkState.READY:
+            self.fail(GoAway.LOGIN_TIMEOUT, "the Gateway did not complete the login in time")
+
+    def handle_events(self, events: list[object]) -> None:
+        """Login frames and partner changes here; streams in MuxProtocol."""
+        for event in events:
+            if isinstance(event, AuthFrameReceived):
+                self._auth_frame(event.frame)
+            elif isinstance(event, PartnerChanged):
+                self.partners = event.count
+                self.proxy.partner_changed(self, event.count)
+        super().handle_events(events)
+
+    def _auth_frame(self, frame: fr.Frame) -> None:
+        try:
+            if frame.type == FrameType.AUTH_CHALLENGE:
+                server_first = fr.parse_auth_message(frame.payload, "AUTH_CHALLENGE")
+                self.core.queue_control(
+                    fr.build_auth_message(FrameType.AUTH_PROOF, self._auth.proof(server_first)))
+            elif frame.type == FrameType.AUTH_RESULT:
+                ok, server_final = fr.parse_auth_result(frame.payload)
+                if not ok:
+                    self.proxy.login_rejected()
+                    self.fail(GoAway.AUTH_FAILED, "the Gateway rejected the login")
+                    return
+                self._auth.verify(server_final)
+                self._logged_in()
+            else:
+                self.fail(GoAway.PROTOCOL_ERROR,
+                          f"unexpected {FrameType(frame.type).name} during login")
+        except LoginFailed as e:
+            self.proxy.login_rejected()
+            self.fail(GoAway.AUTH_FAILED, str(e))
+
+    def _logged_in(self) -> None:
+        if self._login_call is not None and self._login_call.active():
+            self._login_call.cancel()
+        self._login_call = None
+        self.core.mark_ready()
+        self.log.info("[{index}] Authentication succeeded", index=self.proxy.config.index)
+        self.proxy.link_ready(self)
+
+    def handle_go_away(self, event: GoAwayReceived) -> None:
+        """Log why the Gateway closes the link."""
+        if event.code is GoAway.AUTH_FAILED:
+            self.proxy.login_rejected()
+        self.log.warn("[{index}] The Gateway closes the link: {code} ({message})",
+                      index=self.proxy.config.index, code=event.code.name, message=event.message)
+
+    def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: N802, B008
+        """Reset every stream and let the factory reconnect."""
+        if self._login_call is not None and self._login_call.active():
+            self._login_call.cancel()
+        super().connectionLost(reason)
+        self.proxy.link_lost(self, self.close_reason if self._closing
+                             else reason.getErrorMessage())
+
+
+class ProxyLinkFactory(ReconnectingClientFactory):
+    """Reconnects with capped exponential backoff and jitter."""
+
+    log = Logger()
+    initialDelay = 1.0
+    factor = 2.0
+    jitter = 0.2
+
+    def __init__(self, proxy: ProxyService) -> None:
+        self.proxy = proxy
+        self.maxDelay = proxy.config.max_retry_delay
+        self.clock = proxy.reactor
+        self.delay = self.initialDelay
+
+    def buildProtocol(self, addr: Any) -> ProxyLink:  # noqa: N802
+        """A new link (the backoff is reset only after login)."""
+        link = ProxyLink(self.proxy)
+        link.factory = self
+        return link
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:  # noqa: N802
+        """Log and retry."""
+        self.log.warn("[{index}] Unable to connect to the Gateway {gateway}: {why}; retrying",
+                      index=self.proxy.config.index, gateway=self.proxy.gateway_address,
+                      why=reason.getErrorMessage())
+        super().clientConnectionFailed(connector, reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:  # noqa: N802
+        """Retry (the link already logged why it ended)."""
+        super().clientConnectionLost(connector, reason)
+
+
+class ProxyService(service.MultiService):
+    """What both proxy roles share: the link to the Gateway and its state."""
+
+    log = Logger()
+    initial_window = _mux.INITIAL_WINDOW
+
+    def __init__(self, config: ProxyConfig, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.gateway_address = format_address(config.host, config.port)
+        self.link: ProxyLink | None = None
+        self.factory = ProxyLinkFactory(self)
+        client: service.Service
+        if config.use_tls:
+            from tcptunnel.tls import client_connection_creator
+
+            creator = client_connection_creator(config.server_name or config.host,
+                                                config.ca_file, config.certificate_pin)
+            client = internet.SSLClient(config.host, config.port, self.factory, creator,
+                                        timeout=config.connect_timeout, reactor=reactor)
+        else:
+            client = internet.TCPClient(config.host, config.port, self.factory,
+                                        timeout=config.connect_timeout, reactor=reactor)
+        client.setServiceParent(self)
+
+    @property
+    def partner_available(self) -> bool:
+        """Whether a logged-in link reports at least one partner."""
+        return self.link is not None and self.link.partners > 0
+
+    def link_ready(self, link: ProxyLink) -> None:
+        """Login succeeded: reset the backoff."""
+        self.link = link
+        self.factory.resetDelay()
+
+    def login_rejected(self) -> None:
+        """Wait the longest delay before the next try."""
+        self.factory.delay = self.factory.maxDelay
+        self.log.error("[{index}] Authentication failed for session {session}: check the "
+                       "session id and password (retrying in {delay:g} s)",
+                       index=self.config.index, session=self.config.session_id,
+                       delay=self.factory.maxDelay)
+
+    def partner_changed(self, link: ProxyLink, count: int) -> None:
+        """Log partner availability."""
+        self.log.info("[{index}] Partner available: {yes} ({count})", index=self.config.index,
+                      yes="yes" if count else "no", count=count)
+
+    def link_lost(self, link: ProxyLink, why: str) -> None:
+        """Forget the link; the factory reconnects."""
+        if self.link is link:
+            self.link = None
+        if self.running:
+            self.log.warn("[{index}] Link to the Gateway lost ({why}); reconnecting",
+                          index=self.config.index, why=why)
+
+    def stopService(self) -> Any:  # noqa: N802
+        """Stop retrying, close the link with GOAWAY (streams reset), stop children."""
+        self.factory.stopTrying()
+        link = self.link
+        if link is not None:
+            link.reset_all_streams(Reason.SHUTDOWN, "the proxy is stopping")
+            link.fail(GoAway.NORMAL, "the proxy is stopping")
+        return super().stopService()

@@ -1,0 +1,145 @@
+"""The Proxy-Client role: check each requested target, dial it, splice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import error as neterror
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tcptunnel._frames import OpenRequest, Reason
+from tcptunnel.config import ProxyConfig, format_address, normalise_host
+from tcptunnel.mux import MuxProtocol
+from tcptunnel.proxy import ProxyService
+from tcptunnel.splice import SpliceProtocol
+
+MAX_DIALS_IN_PROGRESS = 64
+
+
+def reason_for_dial_failure(failure: Failure) -> Reason:
+    """Map a connect error to the wire reason."""
+    if failure.check(neterror.ConnectionRefusedError):
+        return Reason.REFUSED
+    if failure.check(neterror.DNSLookupError):
+        return Reason.DNS_FAILURE
+    if failure.check(neterror.TimeoutError, neterror.UserError):
+        return Reason.TIMEOUT
+    if failure.check(neterror.NoRouteError):
+        return Reason.UNREACHABLE
+    message = failure.getErrorMessage().lower()
+    if "unreachable" in message or "no route" in message:
+        return Reason.UNREACHABLE
+    return Reason.REFUSED
+
+
+class TargetConnection(SpliceProtocol):
+    """The connection to a target, spliced to the stream that asked for it."""
+
+    def __init__(self, proxy: ProxyClientService, request: OpenRequest) -> None:
+        super().__init__(on_end=proxy.stream_ended)
+        self.proxy = proxy
+        self.request = request
+        self.started = proxy.reactor.seconds()
+        self.dial: Deferred[Any] | None = None
+
+    @property
+    def target(self) -> str:
+        """host:port of the target."""
+        return format_address(self.request.host, self.request.port)
+
+    def connectionMade(self) -> None:  # noqa: N802
+        """Connected: accept the stream and start moving bytes."""
+        stream = self.stream
+        if stream is None or stream.finished:
+            # The stream was reset while we dialled.
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        stream.mux.accept_stream(stream.stream_id)  # type: ignore[attr-defined]
+        self.attach(stream)
+
+    def stream_reset(self, reason: Reason, message: str, remote: bool) -> None:
+        """Also cancel a dial in progress."""
+        super().stream_reset(reason, message, remote)
+        if self.dial is not None and self.transport is None:
+            self.dial.cancel()
+
+
+class ProxyClientService(ProxyService):
+    """A Proxy-Client instance: accepts streams and dials their targets."""
+
+    log = Logger()
+
+    def __init__(self, config: ProxyConfig, reactor: Any) -> None:
+        super().__init__(config, reactor)
+        allowed = config.allowed_targets
+        self.allowed = None if allowed is None else {(e.host, e.port) for e in allowed}
+        self.dials_in_progress = 0
+
+    def link_ready(self, link: Any) -> None:
+        """Take stream requests from this link."""
+        link.on_open_requested = lambda stream_id, request: self.open_requested(
+            link, stream_id, request)
+        super().link_ready(link)
+
+    def is_allowed(self, host: str, port: int) -> bool:
+        """Allow-list check: names (case-insensitive, trailing dot ignored) and exact ports."""
+        return self.allowed is None or (normalise_host(host), port) in self.allowed
+
+    def open_requested(self, link: MuxProtocol, stream_id: int, request: OpenRequest) -> None:
+        """Check and dial a target for a new stream."""
+        target = format_address(request.host, request.port)
+        index = self.config.index
+        if not self.is_allowed(request.host, request.port):
+            self.log.warn("[{index}] Stream to {target} from Proxy-Server #{origin} denied: not "
+                          "in AllowedTargetEndpoints", index=index, target=target,
+                          origin=request.origin)
+            link.reject_stream(stream_id, Reason.DENIED, f"{target} is not an allowed target")
+            return
+        if self.dials_in_progress >= MAX_DIALS_IN_PROGRESS:
+            self.log.warn("[{index}] Stream to {target} refused: {n} dials in progress (limit)",
+                          index=index, target=target, n=self.dials_in_progress)
+            link.reject_stream(stream_id, Reason.LIMIT, "too many connects in progress")
+            return
+        connection = TargetConnection(self, request)
+        connection.stream = link.attach_stream(stream_id, connection)
+        endpoint = HostnameEndpoint(self.reactor, request.host, request.port,
+                                    timeout=self.config.connect_timeout)
+        self.dials_in_progress += 1
+        dial = endpoint.connect(Factory.forProtocol(lambda: connection))
+        connection.dial = dial
+
+        def done(result: Any) -> Any:
+            self.dials_in_progress -= 1
+            connection.dial = None
+            return result
+
+        def failed(failure: Failure) -> None:
+            stream = connection.stream
+            if failure.check(neterror.ConnectingCancelledError) or stream is None or (
+                    stream.finished):
+                return
+            reason = reason_for_dial_failure(failure)
+            message = f"cannot connect to {target}: {failure.getErrorMessage()}"
+            self.log.warn("[{index}] Stream to {target}: {message}", index=index, target=target,
+                          message=message)
+            stream.finished = True
+            link.reject_stream(stream_id, reason, message)
+            connection._finish(f"failed to open ({reason.name})")
+
+        dial.addBoth(done).addErrback(failed)
+
+    def stream_ended(self, connection: SpliceProtocol, how: str) -> None:
+        """One log event per finished stream."""
+        assert isinstance(connection, TargetConnection)
+        stream = connection.stream
+        self.log.info(
+            "[{index}] Stream from Proxy-Server #{origin} to {target} ended after "
+            "{duration:.3f} s: {how}; {sent} bytes sent, {received} bytes received",
+            index=self.config.index, origin=connection.request.origin, target=connection.target,
+            duration=self.reactor.seconds() - connection.started, how=how,
+            sent=stream.bytes_out if stream else 0, received=stream.bytes_in if stream else 0,
+        )

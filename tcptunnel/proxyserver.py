@@ -1,0 +1,125 @@
+"""The Proxy-Server role: listen on each Binding, turn each connection into a stream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from tcptunnel._frames import StreamError
+from tcptunnel.config import BindingConfig, ProxyConfig, StartupError, format_address
+from tcptunnel.proxy import ProxyService
+from tcptunnel.splice import SpliceProtocol
+
+
+class BindingConnection(SpliceProtocol):
+    """An accepted local connection: kept paused until its stream is open."""
+
+    def __init__(self, proxy: ProxyServerService, binding: BindingConfig) -> None:
+        super().__init__(on_end=proxy.stream_ended)
+        self.proxy = proxy
+        self.binding = binding
+        self.started = proxy.reactor.seconds()
+
+    @property
+    def target(self) -> str:
+        """host:port of the target."""
+        return format_address(self.binding.target_host, self.binding.target_port)
+
+    def connectionMade(self) -> None:  # noqa: N802
+        """Open a stream for this connection, or refuse it at once."""
+        transport = self.transport
+        assert transport is not None
+        transport.pauseProducing()  # type: ignore[attr-defined]
+        link = self.proxy.link
+        peer = transport.getPeer()
+        self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        if link is None or not self.proxy.partner_available:
+            why = "no link to the Gateway" if link is None else "no Proxy-Client in the session"
+            self.proxy.log.warn("[{index}] Connection from {client} to {target} refused: {why}",
+                                index=self.proxy.config.index, client=self.client,
+                                target=self.target, why=why)
+            self._finish(f"refused here ({why})")
+            transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        try:
+            self.stream = link.open_stream(self.binding.target_host, self.binding.target_port,
+                                           self)
+        except StreamError as e:
+            self.proxy.log.warn("[{index}] Connection from {client} to {target} refused: {why}",
+                                index=self.proxy.config.index, client=self.client,
+                                target=self.target, why=e.message)
+            self._finish(f"refused here ({e.message})")
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+    def stream_opened(self) -> None:
+        """The far end connected to the target: start moving bytes."""
+        if self.stream is not None:
+            self.attach(self.stream)
+
+
+class BindingFactory(ServerFactory):
+    """Accepts connections of one Binding."""
+
+    def __init__(self, proxy: ProxyServerService, binding: BindingConfig) -> None:
+        self.proxy = proxy
+        self.binding = binding
+
+    def buildProtocol(self, addr: Any) -> BindingConnection:  # noqa: N802
+        """A connection to tunnel."""
+        return BindingConnection(self.proxy, self.binding)
+
+
+class ProxyServerService(ProxyService):
+    """A Proxy-Server instance: Bindings plus the link to the Gateway."""
+
+    log = Logger()
+
+    def __init__(self, config: ProxyConfig, reactor: Any) -> None:
+        super().__init__(config, reactor)
+        self.ports: list[Any] = []
+
+    def startService(self) -> None:  # noqa: N802
+        """Listen on every Binding first (a failure stops start-up), then connect."""
+        from twisted.internet.error import CannotListenError
+
+        for binding in self.config.bindings:
+            interface = binding.listen_ip if binding.listen_ip is not None else "::"
+            try:
+                port = self.reactor.listenTCP(binding.listen_port, BindingFactory(self, binding),
+                                              interface=interface)
+            except CannotListenError as e:
+                for opened in self.ports:
+                    opened.stopListening()
+                self.ports.clear()
+                raise StartupError(
+                    f"[{self.config.index}] Could not listen on "
+                    f"{format_address(binding.listen_ip, binding.listen_port)} "
+                    f"({binding.location}): {e.socketError}") from None
+            self.ports.append(port)
+            self.log.info("[{index}] Binding {listen} -> {target} listening",
+                          index=self.config.index,
+                          listen=format_address(binding.listen_ip, port.getHost().port),
+                          target=format_address(binding.target_host, binding.target_port))
+        super().startService()
+
+    def stream_ended(self, connection: SpliceProtocol, how: str) -> None:
+        """One log event per finished stream."""
+        assert isinstance(connection, BindingConnection)
+        stream = connection.stream
+        self.log.info(
+            "[{index}] Stream {client} -> {target} ended after {duration:.3f} s: {how}; "
+            "{sent} bytes sent, {received} bytes received",
+            index=self.config.index, client=getattr(connection, "client", "?"),
+            target=connection.target, duration=self.reactor.seconds() - connection.started,
+            how=how, sent=stream.bytes_out if stream else 0,
+            received=stream.bytes_in if stream else 0,
+        )
+
+    def stopService(self) -> Any:  # noqa: N802
+        """Stop listening, then close the link."""
+        for port in self.ports:
+            port.stopListening()
+        self.ports = []
+        return super().stopService()

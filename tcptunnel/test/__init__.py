@@ -1,0 +1,1 @@
+"""Tests for tcptunnel (run with ``trial tcptunnel``)."""

@@ -1,0 +1,257 @@
+"""Tests for tcptunnel.config: samples load, and every class of error is precise."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tcptunnel.config import (
+    ConfigError,
+    GatewayConfig,
+    ProxyConfig,
+    load_settings,
+    parse_settings,
+)
+
+NS = 'xmlns="https://github.com/kpreisser/TcpTunnel"'
+
+ORIGINAL_SAMPLE = f"""<?xml version="1.0" encoding="utf-8"?>
+<Settings {NS}>
+  <Instance type="gateway">
+    <Listener port="25201" certificatePfxFilePath="c.pfx" />
+    <Session id="123" proxyClientPassword="a" proxyServerPassword="b" />
+  </Instance>
+  <Instance type="proxy-server" host="gw.example.org" port="25201" useSsl="1">
+    <Session id="123" password="b">
+      <Binding listenPort="5920" targetHost="192.168.40.80" targetPort="5900" />
+    </Session>
+  </Instance>
+  <Instance type="Proxy-Client" host="gw.example.org" port="25201" useSsl="yes">
+    <Session id="-7" password="a" />
+    <AllowedTargetEndpoints>
+      <Endpoint host="Host.Example.ORG." port="5900" />
+    </AllowedTargetEndpoints>
+  </Instance>
+</Settings>
+"""
+
+
+def settings_with(body: str) -> bytes:
+    """A settings document with ``body`` inside <Settings>, starting on line 2."""
+    return f'<?xml version="1.0"?>\n<Settings {NS}>\n{body}\n</Settings>\n'.encode()
+
+
+class SampleTests(SynchronousTestCase):
+    """Valid files load to the expected objects."""
+
+    def test_original_sample(self) -> None:
+        """The original program's sample layout loads unchanged, in file order."""
+        settings = parse_settings(ORIGINAL_SAMPLE.encode(), "/etc/t/settings.xml")
+        gateway, server, client = settings.instances
+        assert isinstance(gateway, GatewayConfig)
+        self.assertEqual(gateway.index, 0)
+        self.assertEqual(gateway.listeners[0].port, 25201)
+        self.assertIsNone(gateway.listeners[0].ip)
+        assert gateway.listeners[0].tls is not None
+        self.assertEqual(gateway.listeners[0].tls.pfx_file, "/etc/t/c.pfx")
+        self.assertEqual(gateway.sessions[0].id, 123)
+        self.assertEqual(gateway.sessions[0].proxy_client.cleartext, "a")
+        assert isinstance(server, ProxyConfig)
+        self.assertEqual(server.role, "proxy-server")
+        self.assertTrue(server.use_tls)
+        self.assertEqual(server.bindings[0].target_host, "192.168.40.80")
+        self.assertEqual(server.bindings[0].listen_port, 5920)
+        self.assertIsNone(server.allowed_targets)
+        assert isinstance(client, ProxyConfig)
+        self.assertEqual(client.role, "proxy-client")
+        self.assertEqual(client.session_id, -7)
+        assert client.allowed_targets is not None
+        self.assertEqual(client.allowed_targets[0].host, "host.example.org")
+
+    def test_conf_samples(self) -> None:
+        """Every sample in conf/ loads."""
+        conf = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
+        names = [n for n in os.listdir(conf) if n.endswith(".xml")]
+        self.assertIn("demo.xml", names)
+        for name in names:
+            settings = load_settings(os.path.join(conf, name))
+            self.assertTrue(settings.instances, name)
+
+    def test_empty_allow_list(self) -> None:
+        """A present but empty AllowedTargetEndpoints means nothing is allowed (empty tuple)."""
+        settings = parse_settings(settings_with(
+            '<Instance type="proxy-client" host="h" port="1"><Session id="1" password="p"/>'
+            "<AllowedTargetEndpoints/></Instance>"))
+        instance = settings.instances[0]
+        assert isinstance(instance, ProxyConfig)
+        self.assertEqual(instance.allowed_targets, ())
+
+    def test_use_ssl_spellings(self) -> None:
+        """useSsl accepts 1/true/yes (any case) as true and 0/false/no as false."""
+        for text, expected in [("1", True), ("TRUE", True), ("Yes", True), ("0", False),
+                               ("false", False), ("no", False)]:
+            settings = parse_settings(settings_with(
+                f'<Instance type="proxy-client" host="h" port="1" useSsl="{text}">'
+                '<Session id="1" password="p"/></Instance>'))
+            instance = settings.instances[0]
+            assert isinstance(instance, ProxyConfig)
+            self.assertEqual(instance.use_tls, expected, text)
+
+    def test_password_from_env_and_file(self) -> None:
+        """A proxy password may come from an environment variable or a file."""
+        os.environ["TCPTUNNEL_TEST_PW"] = "from-env"
+        self.addCleanup(os.environ.pop, "TCPTUNNEL_TEST_PW")
+        settings = parse_settings(settings_with(
+            '<Instance type="proxy-client" host="h" port="1">'
+            '<Session id="1" passwordEnv="TCPTUNNEL_TEST_PW"/></Instance>'))
+        instance = settings.instances[0]
+        assert isinstance(instance, ProxyConfig)
+        self.assertEqual(instance.password.cleartext, "from-env")
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("from-file\n")
+        settings = parse_settings(settings_with(
+            f'<Instance type="proxy-client" host="h" port="1">'
+            f'<Session id="1" passwordFile="{os.path.abspath(path)}"/></Instance>'))
+        instance = settings.instances[0]
+        assert isinstance(instance, ProxyConfig)
+        self.assertEqual(instance.password.cleartext, "from-file")
+
+    def test_secrets_not_in_repr(self) -> None:
+        """Passwords never show up in the repr of a parsed configuration."""
+        settings = parse_settings(ORIGINAL_SAMPLE.encode())
+        self.assertNotIn("password='a'", repr(settings))
+        self.assertNotIn("'b'", repr(settings.instances[1]))
+
+
+class ErrorTests(SynchronousTestCase):
+    """Each class of error names file, line, element and attribute."""
+
+    def assertError(self, body: str, *fragments: str) -> str:  # noqa: N802
+        with self.assertRaises(ConfigError) as raised:
+            parse_settings(settings_with(body), "s.xml")
+        message = str(raised.exception)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        return message
+
+    def test_missing_attribute(self) -> None:
+        """A missing required attribute is named with its element and line."""
+        self.assertError('<Instance type="gateway">\n<Listener />\n</Instance>',
+                         "s.xml:4:", "<Listener>", "'port'")
+
+    def test_unknown_attribute(self) -> None:
+        """A typo in an attribute name is an error, not silently ignored."""
+        self.assertError('<Instance type="gateway"><Listener port="1" ipp="::1"/></Instance>',
+                         "s.xml:3:", "<Listener>", "unknown attribute 'ipp'")
+        self.assertError('<Instance type="gateway"><Listener prot="1"/></Instance>',
+                         "s.xml:3:", "missing required attribute 'port'", "'prot' a typo")
+
+    def test_unknown_element(self) -> None:
+        """An unknown element is an error naming what is allowed there."""
+        self.assertError('<Instance type="gateway">\n\n<Listner port="1"/></Instance>',
+                         "s.xml:5:", "<Listner>", "<Listener>")
+
+    def test_bad_port(self) -> None:
+        """Ports outside 1-65535 (0 only for listeners) are refused with the value."""
+        self.assertError('<Instance type="gateway"><Listener port="70000"/></Instance>',
+                         "'port'", "70000", "0 to 65535")
+        self.assertError('<Instance type="proxy-client" host="h" port="0">'
+                         '<Session id="1" password="p"/></Instance>', "'port'", "1 to 65535")
+        self.assertError('<Instance type="proxy-server" host="h" port="1"><Session id="1" '
+                         'password="p"><Binding listenPort="1" targetHost="t" targetPort="x"/>'
+                         "</Session></Instance>", "<Binding>", "'targetPort'", "'x'")
+
+    def test_bad_ip(self) -> None:
+        """A listen address must be an IP literal."""
+        self.assertError('<Instance type="gateway"><Listener ip="localhost" port="1"/></Instance>',
+                         "'ip'", "'localhost'", "IPv4 or IPv6")
+
+    def test_duplicate_session(self) -> None:
+        """Two sessions with one id are refused, naming both lines."""
+        self.assertError(
+            '<Instance type="gateway">\n'
+            '<Session id="5" proxyClientPassword="a" proxyServerPassword="b"/>\n'
+            '<Session id="5" proxyClientPassword="a" proxyServerPassword="b"/>\n</Instance>',
+            "s.xml:5:", "duplicate session id 5", "s.xml:4")
+
+    def test_two_bindings_same_address(self) -> None:
+        """Two Bindings on one address (or any-address and a specific one) clash."""
+        self.assertError(
+            '<Instance type="proxy-server" host="h" port="1"><Session id="1" password="p">\n'
+            '<Binding listenPort="80" targetHost="t" targetPort="1"/>\n'
+            '<Binding listenIp="127.0.0.1" listenPort="80" targetHost="t" targetPort="2"/>\n'
+            "</Session></Instance>", "s.xml:5:", "port 80", "s.xml:4")
+
+    def test_wrong_root(self) -> None:
+        """A wrong root element names the expected one."""
+        with self.assertRaises(ConfigError) as raised:
+            parse_settings(f"<Config {NS}/>".encode(), "s.xml")
+        self.assertIn("root element must be <Settings", str(raised.exception))
+
+    def test_wrong_namespace(self) -> None:
+        """Elements outside the TcpTunnel namespace are refused with a hint."""
+        with self.assertRaises(ConfigError) as raised:
+            parse_settings(b"<Settings/>", "s.xml")
+        self.assertIn("namespace", str(raised.exception))
+
+    def test_unknown_type(self) -> None:
+        """An unknown instance type lists the valid ones."""
+        self.assertError('<Instance type="relay"/>', "'relay'", "gateway, proxy-client")
+
+    def test_windows_store(self) -> None:
+        """certificateHash explains that the Windows store is not supported."""
+        self.assertError('<Instance type="gateway"><Listener port="1" certificateHash="ab"/>'
+                         "</Instance>", "Windows certificate store is not supported",
+                         "PEM or PFX")
+
+    def test_pem_without_key(self) -> None:
+        """A PEM certificate needs its key file."""
+        self.assertError('<Instance type="gateway"><Listener port="1" '
+                         'certificatePemFilePath="c.pem"/></Instance>', "certificatePemKeyFilePath")
+
+    def test_xml_bomb(self) -> None:
+        """Entity expansion (billion laughs) is refused before it expands."""
+        bomb = (b'<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol">'
+                b'<!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;">]>\n'
+                b'<Settings xmlns="https://github.com/kpreisser/TcpTunnel">&lol2;</Settings>')
+        with self.assertRaises(ConfigError) as raised:
+            parse_settings(bomb, "s.xml")
+        self.assertIn("DTD", str(raised.exception))
+
+    def test_external_entity(self) -> None:
+        """External entities are refused."""
+        xxe = (b'<?xml version="1.0"?>\n<!DOCTYPE s [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+               b'<Settings xmlns="https://github.com/kpreisser/TcpTunnel">&x;</Settings>')
+        with self.assertRaises(ConfigError):
+            parse_settings(xxe, "s.xml")
+
+    def test_not_well_formed(self) -> None:
+        """Broken XML reports its line."""
+        with self.assertRaises(ConfigError) as raised:
+            parse_settings(f"<Settings {NS}>\n<Instance>\n</Settings>".encode(), "s.xml")
+        self.assertIn("s.xml:3:", str(raised.exception))
+        self.assertIn("not well-formed", str(raised.exception))
+
+    def test_unreadable_file(self) -> None:
+        """A missing file is one clear message."""
+        with self.assertRaises(ConfigError) as raised:
+            load_settings("/nonexistent/settings.xml")
+        self.assertIn("cannot read the settings file", str(raised.exception))
+
+    def test_missing_session(self) -> None:
+        """A proxy without <Session> is refused."""
+        self.assertError('<Instance type="proxy-client" host="h" port="1"/>',
+                         "missing required child element <Session")
+
+    def test_missing_env_variable(self) -> None:
+        """passwordEnv naming an unset variable is an error naming it."""
+        self.assertError('<Instance type="proxy-client" host="h" port="1">'
+                         '<Session id="1" passwordEnv="TCPTUNNEL_SURELY_UNSET"/></Instance>',
+                         "TCPTUNNEL_SURELY_UNSET", "not set")
+
+    def test_bad_verifier(self) -> None:
+        """A malformed ...PasswordHash is refused with the expected format."""
+        self.assertError('<Instance type="gateway"><Session id="1" proxyClientPasswordHash="x" '
+                         'proxyServerPassword="b"/></Instance>', "SCRAM-SHA-256$")

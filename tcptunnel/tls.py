@@ -1,0 +1,147 @@
+"""TLS for links: server certificates from PEM or PKCS#12, client verification.
+
+Servers: TLS 1.2 minimum and Twisted's modern cipher defaults.  A
+certificate that cannot be used (missing file, wrong password, a key that
+does not match, expired) raises :class:`TlsSetupError` with a message that
+names the file.  Clients verify the Gateway against the system trust store
+by default, or a CA file, or a SHA-256 pin of its certificate; never
+nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
+
+from tcptunnel.config import TlsFiles
+
+
+class TlsSetupError(Exception):
+    """A certificate or key cannot be used; the message says which and why."""
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TlsSetupError(f"cannot read the {what} {path!r}: {e.strerror}") from None
+
+
+def load_server_identity(
+    files: TlsFiles, now: datetime.datetime | None = None
+) -> tuple[Any, Any, list[Any]]:
+    """(private key, certificate, chain) as cryptography objects, checked."""
+    if files.pfx_file is not None:
+        data = _read(files.pfx_file, "PKCS#12 file")
+        password = files.pfx_password.encode("utf-8") if files.pfx_password else None
+        try:
+            key, certificate, chain = pkcs12.load_key_and_certificates(data, password)
+        except ValueError as e:
+            raise TlsSetupError(
+                f"cannot open the PKCS#12 file {files.pfx_file!r}: wrong password or not a "
+                f"PKCS#12 file ({e})"
+            ) from None
+        if key is None or certificate is None:
+            raise TlsSetupError(f"the PKCS#12 file {files.pfx_file!r} holds no key and certificate")
+        where = files.pfx_file
+        extra = list(chain)
+    else:
+        assert files.pem_certificate is not None and files.pem_key is not None
+        cert_data = _read(files.pem_certificate, "certificate file")
+        key_data = _read(files.pem_key, "key file")
+        try:
+            certificates = x509.load_pem_x509_certificates(cert_data)
+        except ValueError:
+            raise TlsSetupError(
+                f"{files.pem_certificate!r} holds no PEM certificate") from None
+        try:
+            key = serialization.load_pem_private_key(key_data, password=None)
+        except (ValueError, TypeError) as e:
+            raise TlsSetupError(f"cannot load the private key {files.pem_key!r}: {e}") from None
+        certificate, extra = certificates[0], certificates[1:]
+        where = files.pem_certificate
+    public_of_key = key.public_key().public_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public_of_cert = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if public_of_key != public_of_cert:
+        raise TlsSetupError(f"the private key does not match the certificate in {where!r}")
+    now = now or datetime.datetime.now(datetime.UTC)
+    if certificate.not_valid_after_utc < now:
+        raise TlsSetupError(
+            f"the certificate in {where!r} expired on {certificate.not_valid_after_utc:%Y-%m-%d}")
+    return key, certificate, extra
+
+
+def server_context_factory(files: TlsFiles) -> ssl.CertificateOptions:
+    """CertificateOptions for a Gateway listener (TLS 1.2 minimum)."""
+    key, certificate, chain = load_server_identity(files)
+    options = ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(certificate),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+    options.getContext()  # fail now, not at the first connection
+    return options
+
+
+def certificate_pin(certificate_der: bytes) -> bytes:
+    """The SHA-256 pin of a DER certificate."""
+    return hashlib.sha256(certificate_der).digest()
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _PinnedClientCreator:
+    """Accept exactly the Gateway certificate whose SHA-256 is the pin."""
+
+    def __init__(self, pin: bytes, server_name: str) -> None:
+        self._pin = pin
+        self._server_name = server_name.encode("idna")
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_verify(SSL.VERIFY_PEER, self._verify)
+        self._context = context
+
+    def _verify(self, connection: SSL.Connection, certificate: crypto.X509, errno: int,
+                depth: int, ok: int) -> bool:
+        if depth != 0:
+            return True  # the chain does not matter; the leaf must match the pin
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate)
+        return certificate_pin(der) == self._pin
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_tlsext_host_name(self._server_name)
+        return connection
+
+
+def client_connection_creator(
+    server_name: str, ca_file: str | None, pin: bytes | None
+) -> IOpenSSLClientConnectionCreator:
+    """How a proxy verifies the Gateway: pin, CA file + hostname, or system store + hostname."""
+    if pin is not None:
+        return _PinnedClientCreator(pin, server_name)
+    trust_root: Any = None
+    if ca_file is not None:
+        data = _read(ca_file, "CA file")
+        try:
+            certificates = x509.load_pem_x509_certificates(data)
+        except ValueError:
+            raise TlsSetupError(f"{ca_file!r} holds no PEM certificate") from None
+        trust_root = ssl.trustRootFromCertificates(
+            [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certificates])
+    return ssl.optionsForClientTLS(
+        server_name, trustRoot=trust_root, extraCertificateOptions={
+            "raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
