@@ -343,8 +343,9 @@ class MuxConnection(LinkCore):
         if self.opener:
             raise LinkError(GoAway.PROTOCOL_ERROR, "OPEN sent to the end that opens streams")
         if stream_id <= self._last_peer_stream_id:
-            raise LinkError(GoAway.PROTOCOL_ERROR,
-                            f"OPEN with stream id {stream_id} not above {self._last_peer_stream_id}")
+            raise LinkError(
+                GoAway.PROTOCOL_ERROR,
+                f"OPEN with stream id {stream_id} not above {self._last_peer_stream_id}")
         self._last_peer_stream_id = stream_id
         try:
             request = fr.parse_open(frame.payload)

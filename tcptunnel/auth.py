@@ -91,7 +91,7 @@ def scram_username(session_id: int, role: int) -> str:
     return f"{session_id}:{role}"
 
 
-class LoginFailed(Exception):
+class LoginFailed(Exception):  # noqa: N818 - reads better at the raise sites
     """A SCRAM exchange failed; the message is for the log only."""
 
 

@@ -240,7 +240,7 @@ class _TreeBuilder(xml.sax.handler.ContentHandler):
         self._locator = locator
 
     def _line(self) -> int:
-        return self._locator.getLineNumber() if self._locator is not None else 0
+        return int(self._locator.getLineNumber() or 0) if self._locator is not None else 0
 
     def startElementNS(  # noqa: N802
         self,
@@ -627,7 +627,7 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
     defaults = ProxyConfig.__dataclass_fields__
     timing: dict[str, float] = {
         name: element.get(attr, _positive_seconds, "a number of seconds greater than 0")
-        or defaults[name].default
+        or float(defaults[name].default)  # type: ignore[arg-type]
         for attr, name in (
             ("keepaliveInterval", "keepalive_interval"),
             ("keepaliveTimeout", "keepalive_timeout"),
@@ -650,7 +650,8 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
             # one would be ignored there, so we refuse it rather than guess.
             if session_element is not None:
                 raise child.error(
-                    f"a proxy has exactly one <Session> (the first is at {session_element.location})"
+                    "a proxy has exactly one <Session> "
+                    f"(the first is at {session_element.location})"
                 )
             session_element = child
         else:

@@ -23,10 +23,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcptunnel import _frames as fr
-from tcptunnel.auth import FailureThrottle, GatewayAuth, LoginFailed, auth_info_for, same_password
-from tcptunnel.auth import scram_username
 from tcptunnel._frames import Frame, FrameType, GoAway, LinkError, Reason, StreamError
 from tcptunnel._link import AuthFrameReceived, LinkCore, LinkState
+from tcptunnel.auth import (
+    FailureThrottle,
+    GatewayAuth,
+    LoginFailed,
+    auth_info_for,
+    same_password,
+    scram_username,
+)
 from tcptunnel.config import GatewayConfig, GatewayLimits, StartupError, format_address
 from tcptunnel.mux import LinkProtocol
 

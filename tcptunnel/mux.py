@@ -10,7 +10,7 @@ producer for one local TCP connection (see :mod:`tcptunnel.splice`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet import interfaces
@@ -159,7 +159,7 @@ class LinkProtocol(Protocol):
             return
         frames = self.core.data_to_send(limit=0)
         self._closing = True
-        transport = self.transport
+        transport: Any = self.transport
         transport.unregisterProducer()
         if frames:
             transport.writeSequence(frames)
@@ -168,8 +168,9 @@ class LinkProtocol(Protocol):
         self.clock.callLater(10.0, self._abort_if_open)
 
     def _abort_if_open(self) -> None:
-        if self.transport is not None and getattr(self.transport, "connected", False):
-            self.transport.abortConnection()
+        transport: Any = self.transport
+        if transport is not None and getattr(transport, "connected", False):
+            transport.abortConnection()
 
     def handle_events(self, events: list[object]) -> None:
         """Hook for subclasses."""
@@ -292,7 +293,7 @@ class MuxStream:
             self._producer_paused = True
             self.producer.pauseProducing()
 
-    def writeSequence(self, data: list[bytes]) -> None:  # noqa: N802
+    def writeSequence(self, data: Iterable[bytes]) -> None:  # noqa: N802
         """Send several byte strings."""
         self.write(b"".join(data))
 
@@ -326,7 +327,7 @@ class MuxStream:
 
     # -- IConsumer ----------------------------------------------------------
 
-    def registerProducer(self, producer: interfaces.IPushProducer, streaming: bool) -> None:  # noqa: N802
+    def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
         """Take the local socket as the producer of this stream's outgoing bytes."""
         self.producer = producer
 

@@ -120,13 +120,13 @@ class ProxyLinkFactory(ReconnectingClientFactory):
     """Reconnects with capped exponential backoff and jitter."""
 
     log = Logger()
-    initialDelay = 1.0
+    initialDelay = 1.0  # noqa: N815 - Twisted attribute names
     factor = 2.0
     jitter = 0.2
 
     def __init__(self, proxy: ProxyService) -> None:
         self.proxy = proxy
-        self.maxDelay = proxy.config.max_retry_delay
+        self.maxDelay = proxy.config.max_retry_delay  # type: ignore[assignment]
         self.clock = proxy.reactor
         self.delay = self.initialDelay
 

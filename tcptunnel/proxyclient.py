@@ -58,7 +58,7 @@ class TargetConnection(SpliceProtocol):
             # The stream was reset while we dialled.
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
-        stream.mux.accept_stream(stream.stream_id)  # type: ignore[attr-defined]
+        stream.mux.accept_stream(stream.stream_id)
         self.attach(stream)
 
     def stream_reset(self, reason: Reason, message: str, remote: bool) -> None:

@@ -11,6 +11,7 @@ link aborts the local socket (TCP RST), never a clean EOF.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import interfaces
 from twisted.internet.protocol import Protocol
@@ -45,11 +46,11 @@ class SpliceProtocol(Protocol, StreamEndpoint):
     def attach(self, stream: MuxStream) -> None:
         """Bind to a stream and register producers both ways; reading starts now."""
         self.stream = stream
-        transport = self.transport
+        transport: Any = self.transport
         assert transport is not None
-        stream.registerProducer(transport, True)  # type: ignore[arg-type]
+        stream.registerProducer(transport, True)
         transport.registerProducer(stream, True)
-        transport.resumeProducing()  # type: ignore[attr-defined]
+        transport.resumeProducing()
 
     # -- local socket -> stream ----------------------------------------------
 
@@ -92,11 +93,11 @@ class SpliceProtocol(Protocol, StreamEndpoint):
     def stream_ended(self) -> None:
         """FIN from the far end: half-close the local socket."""
         self._remote_eof = True
-        transport = self.transport
+        transport: Any = self.transport
         if transport is not None and not self._done:
             # loseWriteConnection waits for a registered producer to go away.
             transport.unregisterProducer()
-            transport.loseWriteConnection()  # type: ignore[attr-defined]
+            transport.loseWriteConnection()
         self._close_if_done()
 
     def stream_closed(self) -> None:

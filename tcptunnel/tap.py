@@ -23,7 +23,7 @@ class Options(usage.Options):
     synopsis = "[--config settings.xml]"
     longdesc = ("Run the Gateway / Proxy-Server / Proxy-Client instances of a TcpTunnel "
                 "settings.xml file (see docs/configuration.md).")
-    optParameters = [
+    optParameters = [  # noqa: N815 - Twisted attribute name
         ["config", "c", "settings.xml", "Path of the settings file."],
     ]
 

@@ -70,7 +70,7 @@ def load_server_identity(
             raise TlsSetupError(f"cannot load the private key {files.pem_key!r}: {e}") from None
         certificate, extra = certificates[0], certificates[1:]
         where = files.pem_certificate
-    public_of_key = key.public_key().public_bytes(  # type: ignore[union-attr]
+    public_of_key = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     public_of_cert = certificate.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

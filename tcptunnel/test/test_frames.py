@@ -1,0 +1,147 @@
+"""Tests for the frame codec (tcptunnel._frames)."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from tcptunnel import _frames as fr
+from tcptunnel._frames import FrameDecoder, FrameType, GoAway, LinkError, Reason, StreamError
+
+FUZZ_EXAMPLES = int(os.environ.get("TCPTUNNEL_FUZZ_EXAMPLES", "200"))
+
+
+def sample_frames() -> list[bytes]:
+    """One frame of every type."""
+    return [
+        fr.build_goaway(GoAway.REPLACED, "newer client"),
+        fr.build_ping(b"12345678"),
+        fr.build_ping(b"abcdefgh", pong=True),
+        fr.build_partner(3),
+        fr.build_auth_start(fr.ROLE_PROXY_SERVER, -5, "n,,n=x,r=abc"),
+        fr.build_auth_message(FrameType.AUTH_CHALLENGE, "r=abc,s=QQ==,i=4096"),
+        fr.build_auth_result(True, "v=xyz"),
+        fr.build_open(7, fr.OpenRequest(393216, 2, "example.org", 22)),
+        fr.build_open_result(7, Reason.DENIED, 0, "not allowed"),
+        fr.encode(FrameType.DATA, 7, b"hello", fr.FLAG_BLOCKED),
+        fr.build_window_update(7, 1000),
+        fr.build_fin(7),
+        fr.build_reset(7, Reason.CANCELLED, "bye"),
+    ]
+
+
+class CodecTests(SynchronousTestCase):
+    """Encode / decode round trips and validation."""
+
+    def test_round_trip_every_type(self) -> None:
+        """Each frame type decodes to what was encoded."""
+        stream = fr.build_hello() + b"".join(sample_frames())
+        frames = FrameDecoder().feed(stream)
+        self.assertEqual([f.type for f in frames],
+                         [FrameType.HELLO] + [f[3] for f in sample_frames()])
+        self.assertEqual(fr.parse_goaway(frames[1].payload), (GoAway.REPLACED, "newer client"))
+        self.assertEqual(fr.parse_partner(frames[4].payload), 3)
+        self.assertEqual(fr.parse_auth_start(frames[5].payload),
+                         (fr.ROLE_PROXY_SERVER, -5, "n,,n=x,r=abc"))
+        self.assertEqual(fr.parse_auth_result(frames[7].payload), (True, "v=xyz"))
+        self.assertEqual(fr.parse_open(frames[8].payload),
+                         fr.OpenRequest(393216, 2, "example.org", 22))
+        self.assertEqual(frames[8].stream_id, 7)
+        self.assertEqual(fr.parse_open_result(frames[9].payload),
+                         (Reason.DENIED, 0, "not allowed"))
+        self.assertEqual((frames[10].payload, frames[10].flags), (b"hello", fr.FLAG_BLOCKED))
+        self.assertEqual(fr.parse_window_update(frames[11].payload), 1000)
+        self.assertEqual(fr.parse_reset(frames[13].payload), (Reason.CANCELLED, "bye"))
+
+    def test_byte_by_byte(self) -> None:
+        """Feeding one byte at a time yields the same frames."""
+        stream = fr.build_hello() + b"".join(sample_frames())
+        whole = FrameDecoder().feed(stream)
+        decoder = FrameDecoder()
+        pieces = []
+        for i in range(len(stream)):
+            pieces.extend(decoder.feed(stream[i : i + 1]))
+        self.assertEqual(pieces, whole)
+        self.assertEqual(decoder.buffered, 0)
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(st.lists(st.integers(min_value=1, max_value=64), max_size=200))
+    def test_random_splits(self, cuts: list[int]) -> None:
+        """Any split of the byte stream yields the same frames."""
+        stream = fr.build_hello() + b"".join(sample_frames())
+        whole = FrameDecoder().feed(stream)
+        decoder = FrameDecoder()
+        got, offset = [], 0
+        for cut in cuts:
+            got.extend(decoder.feed(stream[offset : offset + cut]))
+            offset += cut
+        got.extend(decoder.feed(stream[offset:]))
+        self.assertEqual(got, whole)
+
+    def test_huge_length_refused_from_header(self) -> None:
+        """A header announcing a huge frame is refused before its payload arrives."""
+        decoder = FrameDecoder(max_payload=fr.MAX_PAYLOAD_BEFORE_LOGIN)
+        header = fr.encode_header(FrameType.DATA, 0, 1, 10_000_000)
+        with self.assertRaises(LinkError) as raised:
+            decoder.feed(fr.MAGIC + header)
+        self.assertEqual(raised.exception.code, GoAway.FRAME_TOO_LARGE)
+
+    def test_bad_magic_descriptions(self) -> None:
+        """A TLS ClientHello, SSH or HTTP instead of the magic is named as such."""
+        cases = [
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01", "speaks TLS"),
+            (b"SSH-2.0-OpenSSH_9.2", "SSH server"),
+            (b"GET / HTTP/1.1\r\n", "HTTP"),
+            (b"\x00\x00\x01\x00garbage", "not a tcptunnel peer"),
+        ]
+        for data, expected in cases:
+            with self.assertRaises(LinkError) as raised:
+                FrameDecoder().feed(data)
+            self.assertIn(expected, raised.exception.message)
+
+    def test_open_validation(self) -> None:
+        """OPEN refuses bad hosts and ports with INVALID_TARGET, bad windows with FLOW_CONTROL."""
+        for host, port in [("", 22), ("a" * 254, 22), ("a b", 22), ("x", 0), ("x", 70000)]:
+            with self.assertRaises(StreamError) as raised:
+                fr.validate_target(host, port)
+            self.assertEqual(raised.exception.reason, Reason.INVALID_TARGET)
+        payload = fr._OPEN.pack(0, 0, 22, 1) + b"x"
+        with self.assertRaises(StreamError) as raised:
+            fr.parse_open(payload)
+        self.assertEqual(raised.exception.reason, Reason.FLOW_CONTROL)
+        with self.assertRaises(StreamError):
+            fr.parse_open(fr._OPEN.pack(1, 0, 22, 5) + b"x")  # host length mismatch
+
+    def test_window_update_bounds(self) -> None:
+        """WINDOW_UPDATE of 0 or above 2^31-1 is a flow-control error."""
+        for value in (0, 2**31):
+            with self.assertRaises(StreamError):
+                fr.parse_window_update(value.to_bytes(4, "big"))
+
+    def test_reason_text_capped(self) -> None:
+        """Reason texts are capped at 1,024 bytes without splitting a character."""
+        frame = fr.build_reset(1, Reason.INTERNAL, "é" * 2000)
+        decoded = FrameDecoder(expect_magic=False).feed(frame)[0]
+        reason, message = fr.parse_reset(decoded.payload)
+        self.assertLessEqual(len(message.encode()), fr.MAX_REASON_BYTES)
+        self.assertEqual(set(message), {"é"})
+
+    def test_unknown_codes(self) -> None:
+        """Codes from a newer version decode as UNKNOWN instead of failing."""
+        self.assertEqual(Reason.parse(200), Reason.UNKNOWN)
+        self.assertEqual(GoAway.parse(200), GoAway.UNKNOWN)
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(st.binary(max_size=2000))
+    def test_fuzz_decoder(self, data: bytes) -> None:
+        """Random bytes after the magic either decode or raise LinkError, nothing else."""
+        decoder = FrameDecoder(max_payload=fr.MAX_PAYLOAD_BEFORE_LOGIN)
+        try:
+            frames = decoder.feed(fr.MAGIC + data)
+        except LinkError:
+            return
+        for frame in frames:
+            self.assertLessEqual(len(frame.payload), fr.MAX_PAYLOAD_BEFORE_LOGIN)
