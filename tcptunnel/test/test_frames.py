@@ -125,7 +125,7 @@ class CodecTests(SynchronousTestCase):
         """Reason texts are capped at 1,024 bytes without splitting a character."""
         frame = fr.build_reset(1, Reason.INTERNAL, "é" * 2000)
         decoded = FrameDecoder(expect_magic=False).feed(frame)[0]
-        reason, message = fr.parse_reset(decoded.payload)
+        _reason, message = fr.parse_reset(decoded.payload)
         self.assertLessEqual(len(message.encode()), fr.MAX_REASON_BYTES)
         self.assertEqual(set(message), {"é"})
 
