@@ -59,6 +59,7 @@ class LinkProtocol(Protocol):
         self.bytes_sent = 0
         self._ping_sent_at: dict[bytes, float] = {}
         self._keepalive_call: interfaces.IDelayedCall | None = None
+        self._abort_call: interfaces.IDelayedCall | None = None
         self.close_reason = "connection lost"
         self.peer_description = "?"
 
@@ -101,9 +102,10 @@ class LinkProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: N802, B008
         """Stop timers; subclasses reset their streams."""
         self._closing = True
-        if self._keepalive_call is not None and self._keepalive_call.active():
-            self._keepalive_call.cancel()
-        self._keepalive_call = None
+        for call in (self._keepalive_call, self._abort_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._keepalive_call = self._abort_call = None
 
     # -- IPushProducer ------------------------------------------------------
 
@@ -165,9 +167,10 @@ class LinkProtocol(Protocol):
             transport.writeSequence(frames)
         transport.loseConnection()
         # A peer that never reads must not keep the socket open for ever.
-        self.clock.callLater(10.0, self._abort_if_open)
+        self._abort_call = self.clock.callLater(10.0, self._abort_if_open)
 
     def _abort_if_open(self) -> None:
+        self._abort_call = None
         transport: Any = self.transport
         if transport is not None and getattr(transport, "connected", False):
             transport.abortConnection()

@@ -1,0 +1,250 @@
+"""End-to-end harness: Gateway, Proxy-Servers and Proxy-Clients in one process on loopback.
+
+Everything listens on 127.0.0.1 port 0; configurations go through the real
+settings parser.  Local test applications (echo targets, clients that
+record how their connection ended) live here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from tcptunnel.config import GatewayConfig, ProxyConfig, parse_settings
+from tcptunnel.gateway import GatewayService
+from tcptunnel.proxyclient import ProxyClientService
+from tcptunnel.proxyserver import ProxyServerService
+from tcptunnel.test._certs import CertFiles, mint
+
+NS = 'xmlns="https://github.com/kpreisser/TcpTunnel"'
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
+                     what: str = "condition") -> None:
+    """Poll ``predicate`` on the real reactor until true; fail after ``timeout`` seconds."""
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    while not predicate():
+        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await task.deferLater(reactor, 0.01, lambda: None)  # type: ignore[arg-type]
+
+
+def sleep(seconds: float) -> defer.Deferred[None]:
+    """A Deferred that fires after ``seconds`` on the real reactor."""
+    return task.deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+
+
+class Tunnel:
+    """Builds and tears down tunnel roles for one test."""
+
+    def __init__(self, test: TestCase, tls: bool = False,
+                 sessions: tuple[tuple[int, str, str], ...] = ((1, "client-pw", "server-pw"),),
+                 gateway_attributes: str = "") -> None:
+        self.test = test
+        self.tls = tls
+        self.sessions = sessions
+        self.gateway_attributes = gateway_attributes
+        self.certs: CertFiles | None = mint(os.path.abspath(test.mktemp())) if tls else None
+        self.gateway: GatewayService | None = None
+        self.gateway_port = 0
+        self.services: list[Any] = []
+
+    # -- roles ----------------------------------------------------------------
+
+    def gateway_xml(self, port: int) -> str:
+        """The gateway instance of this tunnel's settings."""
+        tls = ""
+        if self.certs is not None:
+            tls = (f'certificatePemFilePath="{self.certs.cert}" '
+                   f'certificatePemKeyFilePath="{self.certs.key}"')
+        sessions = "".join(
+            f'<Session id="{sid}" proxyClientPassword="{pc}" proxyServerPassword="{ps}"/>'
+            for sid, pc, ps in self.sessions)
+        return (f'<Instance type="gateway" {self.gateway_attributes}>'
+                f'<Listener ip="127.0.0.1" port="{port}" {tls}/>{sessions}</Instance>')
+
+    def start_gateway(self, port: int = 0) -> GatewayService:
+        """Start (or restart, on the same port) the Gateway."""
+        config = self._parse(self.gateway_xml(port or self.gateway_port))
+        assert isinstance(config, GatewayConfig)
+        service = GatewayService(config, reactor)
+        service.startService()
+        self.gateway = service
+        self.gateway_port = service.ports[0].getHost().port
+        self.services.append(service)
+        return service
+
+    async def stop_gateway(self) -> None:
+        """Stop the Gateway (links are closed with GOAWAY)."""
+        assert self.gateway is not None
+        await self._stop(self.gateway)
+        self.gateway = None
+
+    def _proxy_attributes(self, extra: str) -> str:
+        tls = ""
+        if self.certs is not None:
+            tls = f'useSsl="true" caFile="{self.certs.ca}" serverName="localhost"'
+        return (f'host="127.0.0.1" port="{self.gateway_port}" {tls} '
+                f'maxRetryDelay="1" {extra}')
+
+    def start_proxy_client(self, session: int = 1, password: str | None = None,
+                           allowed: str | None = None, extra: str = "") -> ProxyClientService:
+        """Start a Proxy-Client; ``allowed`` is the inner XML of AllowedTargetEndpoints."""
+        password = password or self._password(session, 1)
+        allow = (f"<AllowedTargetEndpoints>{allowed}</AllowedTargetEndpoints>"
+                 if allowed is not None else "")
+        config = self._parse(
+            f'<Instance type="proxy-client" {self._proxy_attributes(extra)}>'
+            f'<Session id="{session}" password="{password}"/>{allow}</Instance>')
+        assert isinstance(config, ProxyConfig)
+        service = ProxyClientService(config, reactor)
+        service.startService()
+        self.services.append(service)
+        return service
+
+    def start_proxy_server(self, targets: list[tuple[str, int]], session: int = 1,
+                           password: str | None = None, extra: str = "") -> ProxyServerService:
+        """Start a Proxy-Server with one Binding (port 0) per target."""
+        password = password or self._password(session, 2)
+        bindings = "".join(
+            f'<Binding listenIp="127.0.0.1" listenPort="0" targetHost="{h}" targetPort="{p}"/>'
+            for h, p in targets)
+        config = self._parse(
+            f'<Instance type="proxy-server" {self._proxy_attributes(extra)}>'
+            f'<Session id="{session}" password="{password}">{bindings}</Session></Instance>')
+        assert isinstance(config, ProxyConfig)
+        service = ProxyServerService(config, reactor)
+        service.startService()
+        self.services.append(service)
+        return service
+
+    async def ready(self, *proxies: Any, timeout: float = 15.0) -> None:
+        """Wait until every given proxy is logged in and sees a partner."""
+        await wait_until(lambda: all(p.partner_available for p in proxies), timeout,
+                         "proxies to log in and see their partner")
+
+    def _password(self, session: int, which: int) -> str:
+        for sid, pc, ps in self.sessions:
+            if sid == session:
+                return pc if which == 1 else ps
+        return "unknown"
+
+    def _parse(self, instance_xml: str) -> Any:
+        path = os.path.join(os.path.abspath(self.test.mktemp()) + ".xml")
+        settings = parse_settings(f"<Settings {NS}>{instance_xml}</Settings>".encode(), path)
+        return settings.instances[0]
+
+    async def _stop(self, service: Any) -> None:
+        if service.running:
+            await defer.maybeDeferred(service.stopService)
+        # Let GOAWAYs and closes go out before the next step.
+        await sleep(0.05)
+
+    async def stop(self, service: Any) -> None:
+        """Stop one role."""
+        await self._stop(service)
+
+    async def close(self) -> None:
+        """Stop everything (test cleanup)."""
+        for service in reversed(self.services):
+            await self._stop(service)
+        await sleep(0.1)
+
+
+# -- local applications ----------------------------------------------------------
+
+
+@implementer(IHalfCloseableProtocol)
+class EchoProtocol(Protocol):
+    """Echo everything; on EOF, half-close back (after echoing all)."""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:  # noqa: N802
+        self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@implementer(IHalfCloseableProtocol)
+class AnswerAfterEofProtocol(Protocol):
+    """Read until EOF, then answer with the SHA-256 of what arrived and a 1 MiB body."""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.received = hashlib.sha256()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received.update(data)
+
+    def readConnectionLost(self) -> None:  # noqa: N802
+        self.transport.write(self.received.hexdigest().encode() + b"\n")  # type: ignore[union-attr]
+        self.transport.write(b"z" * (1024 * 1024))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        pass
+
+
+async def listen(test: TestCase, protocol: Callable[[], Protocol]) -> int:
+    """Start a local target server on 127.0.0.1; return its port."""
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(protocol))
+    test.addCleanup(port.stopListening)
+    return int(port.getHost().port)
+
+
+@implementer(IHalfCloseableProtocol)
+class RecordingClient(Protocol):
+    """A local application: records bytes and how the connection ended."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.eof = False
+        self.ended: defer.Deferred[str] = defer.Deferred()
+        self.how: str | None = None
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+
+    def readConnectionLost(self) -> None:  # noqa: N802
+        self.eof = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802, B008
+        # "clean": EOF then close; "closed": closed without EOF first; "reset": TCP RST.
+        if reason.check(ConnectionDone) and self.eof:
+            self.how = "clean"
+        elif reason.check(ConnectionDone):
+            self.how = "closed"
+        else:
+            self.how = "reset"
+        self.ended.callback(self.how)
+
+
+async def connect(port: int) -> RecordingClient:
+    """Connect a RecordingClient to 127.0.0.1:port."""
+    client = RecordingClient()
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+        Factory.forProtocol(lambda: client))
+    return client
+
+
+def binding_port(proxy_server: ProxyServerService, index: int = 0) -> int:
+    """The actual port of a Proxy-Server binding started on port 0."""
+    return int(proxy_server.ports[index].getHost().port)
