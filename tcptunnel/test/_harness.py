@@ -33,16 +33,16 @@ NS = 'xmlns="https://github.com/kpreisser/TcpTunnel"'
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
                      what: str = "condition") -> None:
     """Poll ``predicate`` on the real reactor until true; fail after ``timeout`` seconds."""
-    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    deadline = reactor.seconds() + timeout
     while not predicate():
-        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+        if reactor.seconds() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await task.deferLater(reactor, 0.01, lambda: None)  # type: ignore[arg-type]
+        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 def sleep(seconds: float) -> defer.Deferred[None]:
     """A Deferred that fires after ``seconds`` on the real reactor."""
-    return task.deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+    return task.deferLater(reactor, seconds, lambda: None)
 
 
 class Tunnel:
@@ -210,6 +210,8 @@ async def listen(test: TestCase, protocol: Callable[[], Protocol]) -> int:
 class RecordingClient(Protocol):
     """A local application: records bytes and how the connection ended."""
 
+    transport: Any
+
     def __init__(self) -> None:
         self.received = bytearray()
         self.eof = False
@@ -221,7 +223,7 @@ class RecordingClient(Protocol):
 
     def readConnectionLost(self) -> None:  # noqa: N802
         self.eof = True
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:  # noqa: N802
         pass

@@ -45,8 +45,8 @@ class TunnelTestsMixin:
         _tunnel, port = await self.echo_tunnel()
         client = await connect(port)
         payload = os.urandom(10 * 1024 * 1024)
-        client.transport.write(payload)  # type: ignore[union-attr]
-        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        client.transport.write(payload)
+        client.transport.loseWriteConnection()
         how = await client.ended
         self.assertEqual(how, "clean")  # type: ignore[attr-defined]
         self.assertEqual(hashlib.sha256(client.received).hexdigest(),  # type: ignore[attr-defined]
@@ -57,7 +57,7 @@ class TunnelTestsMixin:
         _tunnel, port = await self.echo_tunnel()
         clients = await defer.gatherResults([defer.ensureDeferred(connect(port))
                                              for _ in range(100)])
-        expected = {}
+        expected: dict[int, bytes] = {}
         for round_ in range(3):
             for i, client in enumerate(clients):
                 chunk = f"[{i}:{round_}]".encode() * (50 + i)
@@ -80,8 +80,8 @@ class TunnelTestsMixin:
         await tunnel.ready(pc, ps)
         client = await connect(binding_port(ps))
         request = os.urandom(300_000)
-        client.transport.write(request)  # type: ignore[union-attr]
-        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        client.transport.write(request)
+        client.transport.loseWriteConnection()
         how = await client.ended
         self.assertEqual(how, "clean")  # type: ignore[attr-defined]
         digest, _, body = bytes(client.received).partition(b"\n")
@@ -108,7 +108,7 @@ class TunnelTestsMixin:
         ps = tunnel.start_proxy_server([("127.0.0.1", echo)])
         await tunnel.ready(pc, ps)
         client = await connect(binding_port(ps))
-        client.transport.write(b"never delivered")  # type: ignore[union-attr]
+        client.transport.write(b"never delivered")
         how = await client.ended
         self.assertEqual(how, "reset")  # type: ignore[attr-defined]
         self.assertEqual(bytes(client.received), b"")  # type: ignore[attr-defined]
@@ -122,10 +122,10 @@ class TunnelTestsMixin:
         ps2 = tunnel.start_proxy_server([("127.0.0.1", echo)])
         await tunnel.ready(pc, ps1, ps2)
         a, b = await connect(binding_port(ps1)), await connect(binding_port(ps2))
-        a.transport.write(b"from one")  # type: ignore[union-attr]
-        b.transport.write(b"from two")  # type: ignore[union-attr]
-        a.transport.loseWriteConnection()  # type: ignore[union-attr]
-        b.transport.loseWriteConnection()  # type: ignore[union-attr]
+        a.transport.write(b"from one")
+        b.transport.write(b"from two")
+        a.transport.loseWriteConnection()
+        b.transport.loseWriteConnection()
         await defer.gatherResults([a.ended, b.ended])
         self.assertEqual((bytes(a.received), bytes(b.received)),  # type: ignore[attr-defined]
                          (b"from one", b"from two"))
@@ -138,7 +138,7 @@ class TunnelTestsMixin:
         ps = tunnel.start_proxy_server([("127.0.0.1", echo)])
         await tunnel.ready(pc, ps)
         open_client = await connect(binding_port(ps))
-        open_client.transport.write(b"x")  # type: ignore[union-attr]
+        open_client.transport.write(b"x")
         await wait_until(lambda: bool(open_client.received), what="echo")
         await tunnel.stop_gateway()
         how = await open_client.ended
@@ -147,8 +147,8 @@ class TunnelTestsMixin:
         tunnel.start_gateway()
         await tunnel.ready(pc, ps, timeout=20)
         client = await connect(binding_port(ps))
-        client.transport.write(b"after restart")  # type: ignore[union-attr]
-        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        client.transport.write(b"after restart")
+        client.transport.loseWriteConnection()
         self.assertEqual(await client.ended, "clean")  # type: ignore[attr-defined]
         self.assertEqual(bytes(client.received), b"after restart")  # type: ignore[attr-defined]
 
@@ -166,8 +166,8 @@ class TunnelTestsMixin:
         pc2 = tunnel.start_proxy_client()
         await tunnel.ready(pc2, ps)
         client = await connect(binding_port(ps))
-        client.transport.write(b"back")  # type: ignore[union-attr]
-        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        client.transport.write(b"back")
+        client.transport.loseWriteConnection()
         self.assertEqual(await client.ended, "clean")  # type: ignore[attr-defined]
         self.assertEqual(bytes(client.received), b"back")  # type: ignore[attr-defined]
 
