@@ -104,6 +104,10 @@ class ProxyLink(MuxProtocol):
         """Log why the Gateway closes the link."""
         if event.code is GoAway.AUTH_FAILED:
             self.proxy.login_rejected()
+        elif event.code is GoAway.REPLACED:
+            # Another Proxy-Client took the session.  Coming straight back
+            # would only throw it out again: wait the longest delay.
+            self.proxy.factory.delay = self.proxy.factory.maxDelay
         self.log.warn("[{index}] The Gateway closes the link: {code} ({message})",
                       index=self.proxy.config.index, code=event.code.name, message=event.message)
 

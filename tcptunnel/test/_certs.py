@@ -50,7 +50,7 @@ def mint(directory: str, hostname: str = "localhost", days: int = 30,
     cert = (
         x509.CertificateBuilder().subject_name(_name(hostname)).issuer_name(ca_cert.subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=2))
+        .not_valid_before(min(now, not_after or now) - datetime.timedelta(days=2))
         .not_valid_after(not_after or now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName([
             x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),

@@ -21,6 +21,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from tcptunnel import _frames as fr
+from tcptunnel.auth import ProxyAuth
 from tcptunnel.config import GatewayConfig, ProxyConfig, parse_settings
 from tcptunnel.gateway import GatewayService
 from tcptunnel.proxyclient import ProxyClientService
@@ -95,8 +97,8 @@ class Tunnel:
         tls = ""
         if self.certs is not None:
             tls = f'useSsl="true" caFile="{self.certs.ca}" serverName="localhost"'
-        return (f'host="127.0.0.1" port="{self.gateway_port}" {tls} '
-                f'maxRetryDelay="1" {extra}')
+        retry = "" if "maxRetryDelay" in extra else 'maxRetryDelay="1"'
+        return f'host="127.0.0.1" port="{self.gateway_port}" {tls} {retry} {extra}'
 
     def start_proxy_client(self, session: int = 1, password: str | None = None,
                            allowed: str | None = None, extra: str = "") -> ProxyClientService:
@@ -250,3 +252,62 @@ async def connect(port: int) -> RecordingClient:
 def binding_port(proxy_server: ProxyServerService, index: int = 0) -> int:
     """The actual port of a Proxy-Server binding started on port 0."""
     return int(proxy_server.ports[index].getHost().port)
+
+
+class RawPeer(Protocol):
+    """A hand-driven link to the Gateway: sends any bytes, decodes every frame it gets."""
+
+    transport: Any
+
+    def __init__(self) -> None:
+        self.decoder = fr.FrameDecoder(expect_magic=True, max_payload=fr.MAX_PAYLOAD)
+        self.frames: list[fr.Frame] = []
+        self.closed: defer.Deferred[str] = defer.Deferred()
+        self.bad_bytes = False
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        try:
+            self.frames.extend(self.decoder.feed(data))
+        except fr.LinkError:
+            self.bad_bytes = True
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802, B008
+        self.closed.callback(reason.getErrorMessage())
+
+    def closed_called(self) -> bool:
+        """Whether the connection has ended."""
+        return bool(self.closed.called)
+
+    def of_type(self, frame_type: int) -> list[fr.Frame]:
+        """Received frames of one type."""
+        return [f for f in self.frames if f.type == frame_type]
+
+    def goaway(self) -> tuple[fr.GoAway, str] | None:
+        """The GOAWAY received, if any."""
+        frames = self.of_type(fr.FrameType.GOAWAY)
+        return fr.parse_goaway(frames[0].payload) if frames else None
+
+    async def login(self, session: int, role: int, password: str) -> bool:
+        """Send HELLO and run SCRAM; True when the Gateway accepted the login."""
+        auth = ProxyAuth(session, role, password)
+        self.transport.write(fr.build_hello() + fr.build_auth_start(role, session, auth.start()))
+        await wait_until(lambda: bool(self.of_type(fr.FrameType.AUTH_CHALLENGE)
+                                      or self.closed.called), what="AUTH_CHALLENGE")
+        if self.closed.called:
+            return False
+        challenge = self.of_type(fr.FrameType.AUTH_CHALLENGE)[0].payload.decode()
+        self.transport.write(fr.build_auth_message(fr.FrameType.AUTH_PROOF,
+                                                   auth.proof(challenge)))
+        await wait_until(lambda: bool(self.of_type(fr.FrameType.AUTH_RESULT)), what="AUTH_RESULT")
+        ok, server_final = fr.parse_auth_result(self.of_type(fr.FrameType.AUTH_RESULT)[0].payload)
+        if ok:
+            auth.verify(server_final)
+        return ok
+
+
+async def raw_peer(port: int) -> RawPeer:
+    """Connect a RawPeer to 127.0.0.1:port (plain TCP)."""
+    peer = RawPeer()
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+        Factory.forProtocol(lambda: peer))
+    return peer

@@ -1,0 +1,413 @@
+"""Tests for the Gateway: login, limits, hostile input, routing, isolation, memory bounds."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tcptunnel import _frames as fr
+from tcptunnel._frames import FrameType, GoAway, Reason
+from tcptunnel.auth import FailureThrottle, ProxyAuth, format_verifier, make_auth_info
+from tcptunnel.config import GatewayConfig, parse_settings
+from tcptunnel.gateway import Gateway, GatewayLink
+from tcptunnel.test._harness import (
+    NS,
+    EchoProtocol,
+    Tunnel,
+    binding_port,
+    connect,
+    listen,
+    raw_peer,
+    sleep,
+    wait_until,
+)
+
+
+def gateway_config(extra: str = "", session: str = "") -> GatewayConfig:
+    """A gateway config with session 1 (passwords pc / ps) unless ``session`` is given."""
+    session = session or '<Session id="1" proxyClientPassword="pc" proxyServerPassword="ps"/>'
+    settings = parse_settings(
+        f'<Settings {NS}><Instance type="gateway" {extra}>'
+        f'<Listener ip="127.0.0.1" port="0"/>{session}</Instance></Settings>'.encode())
+    config = settings.instances[0]
+    assert isinstance(config, GatewayConfig)
+    return config
+
+
+class LoginUnitTests(SynchronousTestCase):
+    """The login state machine with a Clock and StringTransport."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.gateway = Gateway(gateway_config('loginTimeout="5"'), self.clock)
+
+    def connect(self, host: str = "192.0.2.1") -> tuple[GatewayLink, StringTransport]:
+        link = GatewayLink(self.gateway)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 4000))
+        link.makeConnection(transport)
+        return link, transport
+
+    def frames(self, transport: StringTransport) -> list[fr.Frame]:
+        return fr.FrameDecoder().feed(transport.value())
+
+    def login(self, link: GatewayLink, transport: StringTransport, password: str,
+              role: int = fr.ROLE_PROXY_CLIENT, session: int = 1) -> bool:
+        auth = ProxyAuth(session, role, password)
+        link.dataReceived(fr.build_hello() + fr.build_auth_start(role, session, auth.start()))
+        challenges = [f for f in self.frames(transport) if f.type == FrameType.AUTH_CHALLENGE]
+        if not challenges:
+            return False
+        link.dataReceived(fr.build_auth_message(FrameType.AUTH_PROOF,
+                                                auth.proof(challenges[0].payload.decode())))
+        results = [f for f in self.frames(transport) if f.type == FrameType.AUTH_RESULT]
+        ok, final = fr.parse_auth_result(results[0].payload)
+        if ok:
+            auth.verify(final)
+        return ok
+
+    def test_login_each_role(self) -> None:
+        """Each role logs in with its own password and is told about its partner."""
+        link, transport = self.connect()
+        self.assertTrue(self.login(link, transport, "pc", fr.ROLE_PROXY_CLIENT))
+        self.assertEqual(link.role_name, "proxy-client")
+        link2, transport2 = self.connect()
+        self.assertTrue(self.login(link2, transport2, "ps", fr.ROLE_PROXY_SERVER))
+        partner = [f for f in self.frames(transport2) if f.type == FrameType.PARTNER]
+        self.assertEqual(fr.parse_partner(partner[0].payload), 1)
+
+    def test_wrong_role_password(self) -> None:
+        """The Proxy-Server password does not log in as Proxy-Client (uniform failure)."""
+        link, transport = self.connect()
+        self.assertFalse(self.login(link, transport, "ps", fr.ROLE_PROXY_CLIENT))
+        goaway = [f for f in self.frames(transport) if f.type == FrameType.GOAWAY]
+        self.assertEqual(fr.parse_goaway(goaway[0].payload)[0], GoAway.AUTH_FAILED)
+        self.assertTrue(transport.disconnecting)
+
+    def test_unknown_session_looks_the_same(self) -> None:
+        """An unknown session id gets a challenge and the same failure as a wrong password."""
+        link, transport = self.connect()
+        self.assertFalse(self.login(link, transport, "pc", session=999))
+        types = [f.type for f in self.frames(transport)]
+        self.assertEqual(types, [FrameType.HELLO, FrameType.AUTH_CHALLENGE,
+                                 FrameType.AUTH_RESULT, FrameType.GOAWAY])
+
+    def test_hashed_password(self) -> None:
+        """A ...PasswordHash verifier in the config authenticates the same password."""
+        verifier = format_verifier(make_auth_info("secret-pc"))
+        self.gateway = Gateway(gateway_config(session=(
+            f'<Session id="1" proxyClientPasswordHash="{verifier}" proxyServerPassword="x"/>')),
+            self.clock)
+        link, transport = self.connect()
+        self.assertTrue(self.login(link, transport, "secret-pc"))
+        link, transport = self.connect()
+        self.assertFalse(self.login(link, transport, "wrong"))
+
+    def test_login_deadline(self) -> None:
+        """A link that does not log in within the deadline is closed with LOGIN_TIMEOUT."""
+        _link, transport = self.connect()
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        goaway = [f for f in self.frames(transport) if f.type == FrameType.GOAWAY]
+        self.assertEqual(fr.parse_goaway(goaway[0].payload)[0], GoAway.LOGIN_TIMEOUT)
+
+    def test_non_login_frame_before_login(self) -> None:
+        """Any frame but the login sequence before login closes the link."""
+        for frame in (fr.build_open(1, fr.OpenRequest(100, 0, "h", 1)), fr.build_partner(1),
+                      fr.encode(0x0E, 0, b"?")):
+            link, transport = self.connect()
+            link.dataReceived(fr.build_hello() + frame)
+            self.assertTrue(transport.disconnecting)
+            self.assertEqual(fr.parse_goaway(self.frames(transport)[-1].payload)[0],
+                             GoAway.PROTOCOL_ERROR)
+
+    def test_big_frame_before_login(self) -> None:
+        """Before login a frame header over 4 KiB closes the link at once."""
+        link, transport = self.connect()
+        link.dataReceived(fr.build_hello() + fr.encode_header(FrameType.AUTH_START, 0, 0, 5000))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(fr.parse_goaway(self.frames(transport)[-1].payload)[0],
+                         GoAway.FRAME_TOO_LARGE)
+
+    def test_failed_logins_slow_down(self) -> None:
+        """After repeated failures from one address the next challenge is delayed."""
+        for _ in range(4):
+            link, transport = self.connect("198.51.100.7")
+            self.assertFalse(self.login(link, transport, "nope"))
+        link, transport = self.connect("198.51.100.7")
+        auth = ProxyAuth(1, fr.ROLE_PROXY_CLIENT, "pc")
+        link.dataReceived(fr.build_hello() + fr.build_auth_start(0, 1, auth.start()))
+        self.assertNotIn(FrameType.AUTH_CHALLENGE, [f.type for f in self.frames(transport)])
+        self.clock.advance(2.1)
+        self.assertIn(FrameType.AUTH_CHALLENGE, [f.type for f in self.frames(transport)])
+        # Another address is not slowed down.
+        link, transport = self.connect("198.51.100.8")
+        self.assertTrue(self.login(link, transport, "pc"))
+
+    def test_unauthenticated_limit(self) -> None:
+        """Links beyond the unauthenticated limit are closed with LIMIT at once."""
+        self.gateway = Gateway(gateway_config('maxUnauthenticatedLinks="2"'), self.clock)
+        (_, t1), (_, t2), (_, t3) = self.connect(), self.connect(), self.connect()
+        self.assertFalse(t1.disconnecting or t2.disconnecting)
+        self.assertTrue(t3.disconnecting)
+
+    def test_same_password_warning(self) -> None:
+        """Equal passwords for both roles produce a start-up warning naming the session."""
+        gateway = Gateway(gateway_config(session=(
+            '<Session id="4" proxyClientPassword="same" proxyServerPassword="same"/>')),
+            self.clock)
+        (warning,) = gateway.warnings()
+        self.assertIn("session 4", warning)
+
+
+class ThrottleTests(SynchronousTestCase):
+    """FailureThrottle: growing delay, bounded memory."""
+
+    def test_growth_and_cap(self) -> None:
+        """Delays double after the free failures and stop at the maximum."""
+        throttle = FailureThrottle(free=2, max_delay=8)
+        delays = []
+        for _ in range(8):
+            delays.append(throttle.delay_for("a"))
+            throttle.failed("a")
+        self.assertEqual(delays, [0, 0, 1, 2, 4, 8, 8, 8])
+        throttle.succeeded("a")
+        self.assertEqual(throttle.delay_for("a"), 0)
+
+    def test_bounded(self) -> None:
+        """At most ``capacity`` addresses are remembered."""
+        throttle = FailureThrottle(capacity=100)
+        for i in range(1000):
+            throttle.failed(f"10.0.{i // 256}.{i % 256}")
+        self.assertEqual(len(throttle), 100)
+
+
+class NeverReads(Protocol):
+    """A target that sends forever: fills any tunnel that lets it."""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.chunk = os.urandom(65536)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self._paused = False
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self._paused = True
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._paused = False
+        while not self._paused and self.transport is not None and self.transport.connected:  # type: ignore[attr-defined]
+            self.transport.write(self.chunk)
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self._paused = True
+
+
+class GatewayNetworkTests(TestCase):
+    """Hostile and unusual peers on real sockets, while a healthy session keeps working."""
+
+    timeout = 60
+
+    async def healthy(self) -> tuple[Tunnel, int]:
+        echo = await listen(self, EchoProtocol)
+        tunnel = Tunnel(self, sessions=((1, "pc", "ps"), (2, "pc2", "ps2")))
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        pc = tunnel.start_proxy_client()
+        ps = tunnel.start_proxy_server([("127.0.0.1", echo)])
+        await tunnel.ready(pc, ps)
+        return tunnel, binding_port(ps)
+
+    async def assert_echo_works(self, port: int, size: int = 200_000) -> None:
+        client = await connect(port)
+        payload = os.urandom(size)
+        client.transport.write(payload)
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.ended, "clean")
+        self.assertEqual(bytes(client.received), payload)
+
+    async def test_garbage_and_wrong_protocols(self) -> None:
+        """Random bytes, a TLS ClientHello, HTTP and truncated frames are closed; the
+        healthy session keeps working."""
+        tunnel, port = await self.healthy()
+        inputs = [
+            os.urandom(3000),
+            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + os.urandom(100),
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            fr.build_hello() + fr.encode(FrameType.AUTH_START, 0, b"\x00\x00\x00\x00\x01n,,")[:7],
+            fr.build_hello() + fr.encode_header(FrameType.DATA, 0, 1, 16_000_000),
+        ]
+        peers = []
+        for data in inputs:
+            peer = await raw_peer(tunnel.gateway_port)
+            peer.transport.write(data)
+            peers.append(peer)
+        await self.assert_echo_works(port)
+        # All but the truncated frame are closed at once; that one at the login deadline.
+        for i, peer in enumerate(peers):
+            if i != 3:
+                await wait_until(peer.closed_called, what=f"input {i} to be closed")
+        peers[3].transport.loseConnection()
+
+    async def test_login_deadline_real(self) -> None:
+        """A silent connection is closed at the login deadline."""
+        tunnel = Tunnel(self, gateway_attributes='loginTimeout="0.5"')
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        peer = await raw_peer(tunnel.gateway_port)
+        started = reactor.seconds()
+        await peer.closed
+        self.assertLess(reactor.seconds() - started, 5)
+        goaway = peer.goaway()
+        self.assertEqual(goaway[0] if goaway else None, GoAway.LOGIN_TIMEOUT)
+
+    async def test_proxy_client_replaced(self) -> None:
+        """A second Proxy-Client replaces the first: old link GOAWAY REPLACED and its streams
+        reset; new streams go through the new one."""
+        echo = await listen(self, EchoProtocol)
+        tunnel = Tunnel(self)
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        pc1 = tunnel.start_proxy_client(extra='maxRetryDelay="60"')
+        ps = tunnel.start_proxy_server([("127.0.0.1", echo)])
+        await tunnel.ready(pc1, ps)
+        old_client = await connect(binding_port(ps))
+        old_client.transport.write(b"ping")
+        await wait_until(lambda: bytes(old_client.received) == b"ping", what="echo")
+        old_link = pc1.link
+        pc2 = tunnel.start_proxy_client()
+        await wait_until(lambda: pc2.link is not None and pc1.link is None, what="replacement")
+        self.assertEqual(await old_client.ended, "reset")
+        assert old_link is not None
+        self.assertIn("REPLACED", old_link.close_reason)
+        await tunnel.ready(ps, pc2)
+        await self.assert_echo_works(binding_port(ps))
+        assert tunnel.gateway is not None
+        session = tunnel.gateway.gateway.sessions[1]
+        assert session.client is not None and pc2.link is not None
+        link_transport: Any = pc2.link.transport
+        self.assertTrue(session.client.peer_description.endswith(
+            f":{link_transport.getHost().port}"))
+
+    async def test_foreign_stream_ids_are_ignored(self) -> None:
+        """A peer of another session sending frames for stream ids in use elsewhere cannot
+        touch those streams."""
+        tunnel, port = await self.healthy()
+        client = await connect(port)
+        client.transport.write(b"first half ")
+        await wait_until(lambda: bytes(client.received) == b"first half ", what="echo")
+        attacker = await raw_peer(tunnel.gateway_port)
+        self.assertTrue(await attacker.login(2, fr.ROLE_PROXY_SERVER, "ps2"))
+        for stream_id in range(1, 5):
+            attacker.transport.write(
+                fr.encode(FrameType.DATA, stream_id, b"INJECTED")
+                + fr.build_window_update(stream_id, 1000)
+                + fr.build_reset(stream_id, Reason.CANCELLED)
+                + fr.build_fin(stream_id))
+        await sleep(0.2)
+        client.transport.write(b"second half")
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.ended, "clean")
+        self.assertEqual(bytes(client.received), b"first half second half")
+        attacker.transport.loseConnection()
+
+    async def test_window_violation_resets_only_that_stream(self) -> None:
+        """DATA beyond the window from a peer resets that stream; the link survives."""
+        echo = await listen(self, EchoProtocol)
+        tunnel = Tunnel(self)
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        pc = tunnel.start_proxy_client()
+        pc.initial_window = 16_384  # the window the Proxy-Client grants per stream
+        await wait_until(lambda: pc.link is not None, what="login")
+        peer = await raw_peer(tunnel.gateway_port)
+        self.assertTrue(await peer.login(1, fr.ROLE_PROXY_SERVER, "server-pw"))
+        peer.transport.write(fr.build_open(1, fr.OpenRequest(65536, 0, "127.0.0.1", echo)))
+        await wait_until(lambda: bool(peer.of_type(FrameType.OPEN_RESULT)), what="OPEN_RESULT")
+        reason, window, _ = fr.parse_open_result(peer.of_type(FrameType.OPEN_RESULT)[0].payload)
+        self.assertEqual((reason, window), (Reason.OK, 16_384))
+        peer.transport.write(fr.encode(FrameType.DATA, 1, b"x" * 16_000)
+                             + fr.encode(FrameType.DATA, 1, b"x" * 16_000))
+        await wait_until(lambda: bool(peer.of_type(FrameType.RESET)), what="RESET")
+        self.assertEqual(fr.parse_reset(peer.of_type(FrameType.RESET)[0].payload)[0],
+                         Reason.FLOW_CONTROL)
+        self.assertFalse(peer.closed.called)
+        peer.transport.loseConnection()
+
+    async def test_stalled_proxy_server_is_bounded(self) -> None:
+        """A Proxy-Server that stops reading holds at most its granted window at the Gateway,
+        while another Proxy-Server of the session keeps flowing."""
+        source = await listen(self, NeverReads)
+        echo = await listen(self, EchoProtocol)
+        tunnel = Tunnel(self)
+        self.addCleanup(tunnel.close)
+        gateway = tunnel.start_gateway()
+        pc = tunnel.start_proxy_client()
+        ps = tunnel.start_proxy_server([("127.0.0.1", echo)])
+        await tunnel.ready(pc, ps)
+        stalled = await raw_peer(tunnel.gateway_port)
+        self.assertTrue(await stalled.login(1, fr.ROLE_PROXY_SERVER, "server-pw"))
+        window = 256 * 1024
+        stalled.transport.write(fr.build_open(1, fr.OpenRequest(window, 0, "127.0.0.1",
+                                                                source)))
+        await wait_until(lambda: bool(stalled.of_type(FrameType.OPEN_RESULT)), what="open")
+        stalled.transport.pauseProducing()  # stop reading: the kernel buffers fill up
+        await sleep(0.5)
+        await self.assert_echo_works(binding_port(ps), size=3_000_000)
+        link = next(lk for lk in gateway.gateway.links if lk.role == fr.ROLE_PROXY_SERVER
+                    and lk.peer_description.endswith(str(stalled.transport.getHost().port)))
+        self.assertLessEqual(link.core.queued_bytes, window + 64 * fr.HEADER_SIZE)
+        stalled.transport.resumeProducing()
+        stalled.transport.loseConnection()
+
+    async def test_stream_limit(self) -> None:
+        """OPEN beyond the per-link stream limit is answered LIMIT."""
+        echo = await listen(self, EchoProtocol)
+        tunnel = Tunnel(self, gateway_attributes='maxStreamsPerLink="2"')
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        pc = tunnel.start_proxy_client()
+        await wait_until(lambda: pc.link is not None, what="login")
+        peer = await raw_peer(tunnel.gateway_port)
+        self.assertTrue(await peer.login(1, fr.ROLE_PROXY_SERVER, "server-pw"))
+        for stream_id in (1, 2, 3):
+            peer.transport.write(fr.build_open(stream_id, fr.OpenRequest(65536, 0, "127.0.0.1",
+                                                                         echo)))
+        await wait_until(lambda: len(peer.of_type(FrameType.OPEN_RESULT)) == 3, what="results")
+        reasons = {f.stream_id: fr.parse_open_result(f.payload)[0]
+                   for f in peer.of_type(FrameType.OPEN_RESULT)}
+        self.assertEqual(reasons, {1: Reason.OK, 2: Reason.OK, 3: Reason.LIMIT})
+        peer.transport.loseConnection()
+
+    async def test_two_sessions_are_isolated(self) -> None:
+        """Streams of each session reach that session's Proxy-Client only."""
+        echo = await listen(self, EchoProtocol)
+        tunnel = Tunnel(self, sessions=((1, "a1", "b1"), (2, "a2", "b2")))
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        pcs = [tunnel.start_proxy_client(session=s) for s in (1, 2)]
+        pss = [tunnel.start_proxy_server([("127.0.0.1", echo)], session=s) for s in (1, 2)]
+        await tunnel.ready(*pcs, *pss)
+        opened = {1: 0, 2: 0}
+        for session, pc in zip((1, 2), pcs, strict=True):
+            original = pc.open_requested
+
+            def counting(link, stream_id, request, _s=session, _o=original):
+                opened[_s] += 1
+                _o(link, stream_id, request)
+
+            pc.open_requested = counting  # type: ignore[method-assign]
+            assert pc.link is not None
+            pc.link_ready(pc.link)
+        await defer.gatherResults([defer.ensureDeferred(self.assert_echo_works(
+            binding_port(pss[0]), 1000)) for _ in range(3)])
+        await self.assert_echo_works(binding_port(pss[1]), 1000)
+        self.assertEqual(opened, {1: 3, 2: 1})
