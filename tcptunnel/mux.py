@@ -60,6 +60,7 @@ class LinkProtocol(Protocol):
         self._ping_sent_at: dict[bytes, float] = {}
         self._keepalive_call: interfaces.IDelayedCall | None = None
         self._abort_call: interfaces.IDelayedCall | None = None
+        self._pinged_for = -1.0  # last_received value of the idle period we pinged in
         self.close_reason = "connection lost"
         self.peer_description = "?"
 
@@ -184,9 +185,13 @@ class LinkProtocol(Protocol):
     # -- keepalive ----------------------------------------------------------
 
     def _schedule_keepalive(self) -> None:
-        self._keepalive_call = self.clock.callLater(
-            min(self.keepalive_interval, self.keepalive_timeout) / 2, self._keepalive_tick
-        )
+        """Wake up exactly when the next keepalive decision is due."""
+        now = self.clock.seconds()
+        if self._pinged_for == self.last_received:
+            due = self.last_received + self.keepalive_interval + self.keepalive_timeout
+        else:
+            due = self.last_received + self.keepalive_interval
+        self._keepalive_call = self.clock.callLater(max(0.01, due - now), self._keepalive_tick)
 
     def _keepalive_tick(self) -> None:
         self._keepalive_call = None
@@ -197,7 +202,9 @@ class LinkProtocol(Protocol):
             self.fail(GoAway.KEEPALIVE_TIMEOUT,
                       f"nothing received for {idle:.0f} s (keepalive timeout)")
             return
-        if idle >= self.keepalive_interval and self.core.state is not LinkState.HELLO:
+        if idle >= self.keepalive_interval and self._pinged_for != self.last_received:
+            # One PING per idle period; any frame from the peer ends the period.
+            self._pinged_for = self.last_received
             self.send_ping()
         self._schedule_keepalive()
 
@@ -475,6 +482,7 @@ class MuxProtocol(LinkProtocol):
         self.core.reset_all(reason, message)
         for stream_id in list(self.streams):
             self._finish(stream_id, (reason, message, False))
+        self.flush()
 
     def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: N802, B008
         """The link is gone: every stream is reset (never a clean EOF)."""
