@@ -14,7 +14,15 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from tcptunnel.config import ConfigError, GatewayConfig, InstanceConfig, Settings, load_settings
+from tcptunnel.config import (
+    ConfigError,
+    GatewayConfig,
+    InstanceConfig,
+    Settings,
+    StartupError,
+    load_settings,
+)
+from tcptunnel.tls import TlsSetupError
 
 
 class Options(usage.Options):
@@ -76,11 +84,14 @@ class TunnelService(service.MultiService):
         for child in self:
             try:
                 child.startService()
-            except Exception:
+            except (StartupError, TlsSetupError) as e:
                 for done in reversed(started):
                     done.stopService()
                 self.running = False
-                raise
+                self.log.critical("Start-up failed: {error}", error=str(e))
+                # twistd has not started the reactor yet: exit with the message
+                # alone rather than a traceback.
+                raise SystemExit(f"tcptunnel: start-up failed: {e}") from None
             started.append(child)
             self.log.info("[{name}] started", name=child.name)
         self.log.info("Started. Send SIGTERM or press Ctrl+C to stop.")
@@ -95,4 +106,7 @@ def makeService(options: Options) -> service.IService:  # noqa: N802
     """The twistd entry point."""
     from twisted.internet import reactor
 
-    return TunnelService(options.settings, reactor)
+    try:
+        return TunnelService(options.settings, reactor)
+    except TlsSetupError as e:
+        raise SystemExit(f"tcptunnel: {options.settings.path}: {e}") from None
