@@ -54,7 +54,7 @@ fuzz: $(STAMP)
 	TCPTUNNEL_FUZZ_EXAMPLES=20000 $(VENV)/bin/trial tcptunnel.test.test_fuzz
 
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) bench/mux_bench.py
 
 clean:
 	rm -rf $(VENV) _trial_temp* .trial-output.txt twisted/plugins/dropin.cache .mypy_cache .ruff_cache .hypothesis *.egg-info

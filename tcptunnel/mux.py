@@ -10,6 +10,8 @@ producer for one local TCP connection (see :mod:`tcptunnel.splice`).
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -226,17 +228,26 @@ def _describe_address(address: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# Unsent bytes the kernel may hold for a link socket.  Beyond this, data
+# waits in our own queues, where control frames and other streams can
+# overtake it; without it a bulk stream could park megabytes in the kernel
+# ahead of a keystroke.
+LINK_NOTSENT_LOWAT = 128 * 1024
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform == "linux" else None)
+
+
 def _set_socket_options(transport: Any) -> None:
-    """TCP_NODELAY (latency of small frames) and SO_KEEPALIVE on a TCP transport."""
-    for target in (transport, getattr(transport, "transport", None)):
-        if target is None:
-            continue
-        try:
-            target.setTcpNoDelay(True)
-            target.setTcpKeepAlive(True)
-        except (AttributeError, OSError):
-            continue
-        return
+    """TCP_NODELAY, SO_KEEPALIVE and TCP_NOTSENT_LOWAT on a link's TCP socket."""
+    # Under TLS the TCP transport is the wrapper's own transport.
+    tcp = getattr(transport, "transport", None) or transport
+    try:
+        tcp.setTcpNoDelay(True)
+        tcp.setTcpKeepAlive(True)
+        handle = tcp.getHandle()
+        if _TCP_NOTSENT_LOWAT is not None and isinstance(handle, socket.socket):
+            handle.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, LINK_NOTSENT_LOWAT)
+    except (AttributeError, OSError):
+        pass  # not a TCP socket (tests, other transports)
 
 
 class StreamEndpoint:
