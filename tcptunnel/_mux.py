@@ -25,6 +25,10 @@ MIN_WINDOW = 16 * 1024
 DEFAULT_MAX_STREAMS = 1024
 
 
+class StreamIdsExhaustedError(StreamError):
+    """Every stream id of this link was used: the link must be replaced."""
+
+
 class StreamState(enum.Enum):
     """States of a stream at one end (``docs/protocol.md`` §5)."""
 
@@ -110,6 +114,7 @@ class _Stream:
         "recv_window",
         "send_buffer",
         "send_buffered",
+        "send_offset",
         "send_window",
         "state",
     )
@@ -120,6 +125,7 @@ class _Stream:
         self.send_window = 0
         self.send_buffer: deque[bytes] = deque()
         self.send_buffered = 0
+        self.send_offset = 0  # bytes of send_buffer[0] already framed
         self.local_fin = False  # end_stream() was called
         self.fin_sent = False
         self.fin_received = False
@@ -184,6 +190,7 @@ class MuxConnection(LinkCore):
         self.drained.discard(stream.id)
         stream.send_buffer.clear()
         stream.send_buffered = 0
+        stream.send_offset = 0
 
     def _reset(self, stream: _Stream, reason: Reason, message: str) -> None:
         self.queue_control(fr.build_reset(stream.id, reason, message))
@@ -205,7 +212,7 @@ class MuxConnection(LinkCore):
         fr.validate_target(host, port)
         stream_id = self._next_stream_id
         if stream_id > fr.STREAM_ID_MASK:
-            raise StreamError(Reason.LIMIT, "stream ids of this link are used up")
+            raise StreamIdsExhaustedError(Reason.LIMIT, "stream ids of this link are used up")
         self._next_stream_id += 1
         stream = self._add_stream(stream_id, StreamState.OPENING)
         self.queue_control(
@@ -398,26 +405,35 @@ class MuxConnection(LinkCore):
         size = 0
         amount = min(budget, stream.send_window, stream.send_buffered)
         if amount > 0:
+            # Cut chunks out of the buffered writes through memoryviews and an offset
+            # into the first one, so a huge write costs one copy, not one per chunk.
             buffer = stream.send_buffer
+            offset = stream.send_offset
             first = buffer[0]
-            if len(first) == amount:
+            if offset == 0 and len(first) == amount:
                 payload = buffer.popleft()
-            elif len(first) > amount:
-                payload = first[:amount]
-                buffer[0] = first[amount:]
+            elif len(first) - offset >= amount:
+                payload = bytes(memoryview(first)[offset : offset + amount])
+                offset += amount
+                if offset == len(first):
+                    buffer.popleft()
+                    offset = 0
             else:
                 parts = []
                 need = amount
                 while need:
-                    piece = buffer[0]
+                    piece = memoryview(buffer[0])[offset:]
                     if len(piece) <= need:
-                        parts.append(buffer.popleft())
+                        parts.append(piece)
+                        buffer.popleft()
+                        offset = 0
                         need -= len(piece)
                     else:
                         parts.append(piece[:need])
-                        buffer[0] = piece[need:]
+                        offset += need
                         need = 0
                 payload = b"".join(parts)
+            stream.send_offset = offset
             stream.send_buffered -= amount
             stream.send_window -= amount
             blocked = stream.send_window == 0 and stream.send_buffered > 0

@@ -30,7 +30,7 @@ from tcptunnel._link import GoAwayReceived, LinkCore, LinkState, PongReceived
 _UNKNOWN_ADDRESS = IPv4Address("TCP", "0.0.0.0", 0)
 
 
-@implementer(interfaces.IPushProducer)
+@implementer(interfaces.IPushProducer, interfaces.IHandshakeListener)
 class LinkProtocol(Protocol):
     """Drive a :class:`LinkCore` from a Twisted transport.
 
@@ -65,6 +65,7 @@ class LinkProtocol(Protocol):
         self._pinged_for = -1.0  # last_received value of the idle period we pinged in
         self.close_reason = "connection lost"
         self.peer_description = "?"
+        self.tls_description = ""
 
     # -- IProtocol ----------------------------------------------------------
 
@@ -74,7 +75,7 @@ class LinkProtocol(Protocol):
         peer = self.transport.getPeer() if self.transport is not None else None
         self.peer_description = _describe_address(peer)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
-        _set_socket_options(self.transport)
+        set_socket_options(self.transport)
         self._schedule_keepalive()
         self.flush()
 
@@ -109,6 +110,17 @@ class LinkProtocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._keepalive_call = self._abort_call = None
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        """TLS is up: log its version and cipher."""
+        connection: Any = getattr(self.transport, "getHandle", lambda: None)()
+        try:
+            version, cipher = connection.get_protocol_version_name(), connection.get_cipher_name()
+        except AttributeError:
+            return
+        self.tls_description = f"{version}, {cipher}"
+        self.log.info("Link {peer}: TLS established ({version}, {cipher})",
+                      peer=self.peer_description, version=version, cipher=cipher)
 
     # -- IPushProducer ------------------------------------------------------
 
@@ -236,8 +248,8 @@ LINK_NOTSENT_LOWAT = 128 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform == "linux" else None)
 
 
-def _set_socket_options(transport: Any) -> None:
-    """TCP_NODELAY, SO_KEEPALIVE and TCP_NOTSENT_LOWAT on a link's TCP socket."""
+def set_socket_options(transport: Any) -> None:
+    """TCP_NODELAY, SO_KEEPALIVE and TCP_NOTSENT_LOWAT on a TCP socket (link or local)."""
     # Under TLS the TCP transport is the wrapper's own transport.
     tcp = getattr(transport, "transport", None) or transport
     try:
@@ -408,7 +420,12 @@ class MuxProtocol(LinkProtocol):
 
     def open_stream(self, host: str, port: int, endpoint: StreamEndpoint) -> MuxStream:
         """Open a stream to host:port; raises StreamError (e.g. LIMIT)."""
-        stream_id = self.core.open_stream(host, port)
+        try:
+            stream_id = self.core.open_stream(host, port)
+        except _mux.StreamIdsExhaustedError:
+            # Ids never repeat on a link: start a new one (the proxy reconnects).
+            self.fail(GoAway.NORMAL, "stream ids of this link are used up; reconnecting")
+            raise
         stream = MuxStream(self, stream_id, endpoint)
         self.streams[stream_id] = stream
         self.flush()

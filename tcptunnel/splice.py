@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcptunnel._frames import Reason
-from tcptunnel.mux import MuxStream, StreamEndpoint
+from tcptunnel.mux import MuxStream, StreamEndpoint, set_socket_options
 
 
 @implementer(interfaces.IHalfCloseableProtocol)
@@ -48,6 +48,7 @@ class SpliceProtocol(Protocol, StreamEndpoint):
         self.stream = stream
         transport: Any = self.transport
         assert transport is not None
+        set_socket_options(transport)
         stream.registerProducer(transport, True)
         transport.registerProducer(stream, True)
         transport.resumeProducing()
