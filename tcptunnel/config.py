@@ -97,7 +97,7 @@ class ListenerConfig:
     ip: str | None
     port: int
     tls: TlsFiles | None
-    location: Location
+    location: Location = field(compare=False)
 
     def describe(self) -> str:
         """Human-readable address, as used in log lines and errors."""
@@ -111,7 +111,7 @@ class GatewaySessionConfig:
     id: int
     proxy_client: Secret
     proxy_server: Secret
-    location: Location
+    location: Location = field(compare=False)
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class GatewayConfig:
     listeners: tuple[ListenerConfig, ...]
     sessions: tuple[GatewaySessionConfig, ...]
     limits: GatewayLimits
-    location: Location
+    location: Location = field(compare=False)
     role: Role = "gateway"
 
 
@@ -144,7 +144,7 @@ class BindingConfig:
     listen_port: int
     target_host: str
     target_port: int
-    location: Location
+    location: Location = field(compare=False)
 
     def describe(self) -> str:
         """``listen -> target`` for log lines."""
@@ -160,7 +160,7 @@ class EndpointConfig:
 
     host: str
     port: int
-    location: Location
+    location: Location = field(compare=False)
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ class ProxyConfig:
     ca_file: str | None
     server_name: str | None
     certificate_pin: bytes | None
-    location: Location
+    location: Location = field(compare=False)
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 30.0
     connect_timeout: float = 10.0

@@ -33,7 +33,13 @@ from tcptunnel.auth import (
     same_password,
     scram_username,
 )
-from tcptunnel.config import GatewayConfig, GatewayLimits, StartupError, format_address
+from tcptunnel.config import (
+    GatewayConfig,
+    GatewayLimits,
+    ListenerConfig,
+    StartupError,
+    format_address,
+)
 from tcptunnel.mux import LinkProtocol
 
 ROLE_NAMES = {fr.ROLE_PROXY_CLIENT: "proxy-client", fr.ROLE_PROXY_SERVER: "proxy-server"}
@@ -513,6 +519,8 @@ class Router:
 class Gateway:
     """Sessions, limits and secrets of one gateway instance (shared by its listeners)."""
 
+    log = Logger()
+
     def __init__(self, config: GatewayConfig, clock: interfaces.IReactorTime) -> None:
         self.config = config
         self.clock = clock
@@ -529,6 +537,38 @@ class Gateway:
         self.unauthenticated: set[GatewayLink] = set()
         self.links: set[GatewayLink] = set()
         self.router = Router(self)
+
+    def update(self, new: GatewayConfig) -> None:
+        """Apply reloaded sessions and limits; close links of removed or changed sessions."""
+        old = {s.id: s for s in self.config.sessions}
+        fresh = {s.id: s for s in new.sessions}
+        for session_id, session_config in old.items():
+            replacement = fresh.get(session_id)
+            if replacement is not None and (
+                    replacement.proxy_client == session_config.proxy_client
+                    and replacement.proxy_server == session_config.proxy_server):
+                continue
+            why = "removed" if replacement is None else "given new passwords"
+            self.log.info("[{index}] Session {session} {why} on reload: closing its links",
+                          index=new.index, session=session_id, why=why)
+            session = self.sessions.pop(session_id, None)
+            for role in (fr.ROLE_PROXY_CLIENT, fr.ROLE_PROXY_SERVER):
+                self.auth_infos.pop((session_id, role), None)
+            if session is not None:
+                links = [*session.servers.values(), *([session.client] if session.client else [])]
+                for link in links:
+                    link.fail(GoAway.SESSION_CLOSED, f"session {session_id} was {why}")
+        for session_id, session_config in fresh.items():
+            if session_id not in self.sessions:
+                self.sessions[session_id] = Session(session_id)
+                self.auth_infos[(session_id, fr.ROLE_PROXY_CLIENT)] = auth_info_for(
+                    session_config.proxy_client)
+                self.auth_infos[(session_id, fr.ROLE_PROXY_SERVER)] = auth_info_for(
+                    session_config.proxy_server)
+        self.config = new
+        self.limits = new.limits
+        for warning in self.warnings():
+            self.log.warn("[{index}] {warning}", index=new.index, warning=warning)
 
     def warnings(self) -> list[str]:
         """Configuration risks worth a warning at start-up."""
@@ -559,62 +599,128 @@ class GatewayFactory(ServerFactory):
         return GatewayLink(self.gateway)
 
 
+class _ServerTls:
+    """The TLS context of a listener, replaceable on reload (renewed certificates apply to
+    new links; established links keep theirs)."""
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def getContext(self) -> Any:  # noqa: N802
+        """The current certificate's context."""
+        return self.options.getContext()
+
+
+ListenerKey = tuple[str | None, int]
+
+
 class GatewayService(service.Service):
     """One gateway instance: a listening port per Listener, sharing one Gateway."""
 
     log = Logger()
 
     def __init__(self, config: GatewayConfig, reactor: Any) -> None:
-        from tcptunnel.tls import server_context_factory
-
         self.config = config
         self.reactor = reactor
         self.gateway = Gateway(config, reactor)
         self.factory = GatewayFactory(self.gateway)
-        self.ports: list[Any] = []
+        self._listening: dict[ListenerKey, tuple[Any, _ServerTls | None]] = {}
         # Load certificates now so that a bad one fails start-up with its name.
-        self._contexts = [
-            server_context_factory(listener.tls) if listener.tls is not None else None
-            for listener in config.listeners
-        ]
+        self._tls = self._load_tls(config)
 
-    def startService(self) -> None:  # noqa: N802
-        """Listen on every Listener; a bind failure fails start-up naming the address."""
+    @property
+    def ports(self) -> list[Any]:
+        """Listening ports, in the order of the Listeners."""
+        return [self._listening[key][0] for key in self._keys(self.config)
+                if key in self._listening]
+
+    @staticmethod
+    def _keys(config: GatewayConfig) -> list[ListenerKey]:
+        return [(listener.ip, listener.port) for listener in config.listeners]
+
+    @staticmethod
+    def _load_tls(config: GatewayConfig) -> dict[ListenerKey, Any]:
+        from tcptunnel.tls import server_context_factory
+
+        return {(listener.ip, listener.port): server_context_factory(listener.tls)
+                for listener in config.listeners if listener.tls is not None}
+
+    def _listen(self, listener: ListenerConfig, options: Any) -> None:
         from twisted.internet.error import CannotListenError
 
         index = self.config.index
+        interface = listener.ip if listener.ip is not None else "::"
+        tls = _ServerTls(options) if options is not None else None
+        try:
+            if tls is not None:
+                port = self.reactor.listenSSL(listener.port, self.factory, tls,
+                                              interface=interface)
+            else:
+                port = self.reactor.listenTCP(listener.port, self.factory, interface=interface)
+        except CannotListenError as e:
+            raise StartupError(
+                f"[{index}] Gateway could not listen on {listener.describe()} "
+                f"({listener.location}): {e.socketError}") from None
+        self._listening[(listener.ip, listener.port)] = (port, tls)
+        self.log.info("[{index}] Gateway listener started on {address} (TLS: {tls})",
+                      index=index, address=format_address(listener.ip, port.getHost().port),
+                      tls="on" if tls is not None else "off")
+        if tls is None:
+            self.log.warn("[{index}] Listener {address} is plain TCP: links through it are "
+                          "not encrypted", index=index, address=listener.describe())
+
+    def startService(self) -> None:  # noqa: N802
+        """Listen on every Listener; a bind failure fails start-up naming the address."""
         for warning in self.gateway.warnings():
-            self.log.warn("[{index}] {warning}", index=index, warning=warning)
-        for listener, context in zip(self.config.listeners, self._contexts, strict=True):
-            interface = listener.ip if listener.ip is not None else "::"
-            try:
-                if context is not None:
-                    port = self.reactor.listenSSL(listener.port, self.factory, context,
-                                                  interface=interface)
-                else:
-                    port = self.reactor.listenTCP(listener.port, self.factory,
-                                                  interface=interface)
-            except CannotListenError as e:
-                for opened in self.ports:
-                    opened.stopListening()
-                self.ports.clear()
-                raise StartupError(
-                    f"[{index}] Gateway could not listen on {listener.describe()} "
-                    f"({listener.location}): {e.socketError}") from None
-            self.ports.append(port)
-            self.log.info("[{index}] Gateway listener started on {address} (TLS: {tls})",
-                          index=index, address=format_address(listener.ip, port.getHost().port),
-                          tls="on" if context is not None else "off")
-            if context is None:
-                self.log.warn("[{index}] Listener {address} is plain TCP: links through it are "
-                              "not encrypted", index=index, address=listener.describe())
+            self.log.warn("[{index}] {warning}", index=self.config.index, warning=warning)
+        try:
+            for listener in self.config.listeners:
+                self._listen(listener, self._tls.get((listener.ip, listener.port)))
+        except StartupError:
+            for port, _tls in self._listening.values():
+                port.stopListening()
+            self._listening.clear()
+            raise
         super().startService()
+
+    def apply_config(self, new: GatewayConfig) -> bool:
+        """Reload: sessions, limits, listeners and certificates change in place.
+
+        Certificates are re-read even when the settings are unchanged (renewals).  Raises
+        TlsSetupError before changing anything when a certificate cannot be used.
+        """
+        tls = self._load_tls(new)
+        self.gateway.update(new)
+        old_keys, new_keys = set(self._keys(self.config)), set(self._keys(new))
+        self.config = new
+        for key in old_keys - new_keys:
+            port, _ = self._listening.pop(key)
+            port.stopListening()
+            self.log.info("[{index}] Listener {address} removed", index=new.index,
+                          address=format_address(*key))
+        for listener in new.listeners:
+            key = (listener.ip, listener.port)
+            if key not in self._listening:
+                try:
+                    self._listen(listener, tls.get(key))
+                except StartupError as e:
+                    self.log.error("{error}", error=str(e))
+                continue
+            _port, holder = self._listening[key]
+            if (holder is None) != (key not in tls):
+                self.log.warn("[{index}] Listener {address}: switching TLS on or off needs a "
+                              "restart", index=new.index, address=listener.describe())
+            elif holder is not None:
+                holder.options = tls[key]
+        self._tls = tls
+        return True
 
     def stopService(self) -> Any:  # noqa: N802
         """Close every link (GOAWAY), then stop listening."""
         super().stopService()
         self.gateway.close_all()
-        ports, self.ports = self.ports, []
+        ports = [port for port, _ in self._listening.values()]
+        self._listening.clear()
         from twisted.internet.defer import gatherResults, maybeDeferred
 
         return gatherResults([maybeDeferred(p.stopListening) for p in ports])

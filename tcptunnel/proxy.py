@@ -209,6 +209,19 @@ class ProxyService(service.MultiService):
             self.log.warn("[{index}] Link to the Gateway lost ({why}); reconnecting",
                           index=self.config.index, why=why)
 
+    # What a reload cannot change without a new link to the Gateway.
+    _LINK_SETTINGS = ("host", "port", "use_tls", "session_id", "password", "ca_file",
+                      "server_name", "certificate_pin", "keepalive_interval",
+                      "keepalive_timeout", "connect_timeout", "max_retry_delay")
+
+    def apply_config(self, new: ProxyConfig) -> bool:
+        """Reload in place if the link settings are unchanged; False asks for a restart."""
+        if any(getattr(self.config, name) != getattr(new, name)
+               for name in self._LINK_SETTINGS):
+            return False
+        self.config = new
+        return True
+
     def stopService(self) -> Any:  # noqa: N802
         """Stop retrying, close the link with GOAWAY (streams reset), stop children."""
         self.factory.stopTrying()

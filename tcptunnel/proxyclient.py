@@ -75,9 +75,20 @@ class ProxyClientService(ProxyService):
 
     def __init__(self, config: ProxyConfig, reactor: Any) -> None:
         super().__init__(config, reactor)
-        allowed = config.allowed_targets
-        self.allowed = None if allowed is None else {(e.host, e.port) for e in allowed}
+        self.allowed = self._allowed_set(config)
         self.dials_in_progress = 0
+
+    @staticmethod
+    def _allowed_set(config: ProxyConfig) -> set[tuple[str, int]] | None:
+        allowed = config.allowed_targets
+        return None if allowed is None else {(e.host, e.port) for e in allowed}
+
+    def apply_config(self, new: ProxyConfig) -> bool:
+        """Reload: a changed allow-list applies to new streams."""
+        if not super().apply_config(new):
+            return False
+        self.allowed = self._allowed_set(new)
+        return True
 
     def link_ready(self, link: Any) -> None:
         """Take stream requests from this link."""

@@ -78,31 +78,63 @@ class ProxyServerService(ProxyService):
 
     def __init__(self, config: ProxyConfig, reactor: Any) -> None:
         super().__init__(config, reactor)
-        self.ports: list[Any] = []
+        self._listening: dict[tuple[str | None, int], tuple[Any, BindingFactory]] = {}
+
+    @property
+    def ports(self) -> list[Any]:
+        """Listening ports, in the order of the Bindings."""
+        return [self._listening[(b.listen_ip, b.listen_port)][0] for b in self.config.bindings
+                if (b.listen_ip, b.listen_port) in self._listening]
+
+    def _listen(self, binding: BindingConfig) -> None:
+        from twisted.internet.error import CannotListenError
+
+        interface = binding.listen_ip if binding.listen_ip is not None else "::"
+        factory = BindingFactory(self, binding)
+        try:
+            port = self.reactor.listenTCP(binding.listen_port, factory, interface=interface)
+        except CannotListenError as e:
+            raise StartupError(
+                f"[{self.config.index}] Could not listen on "
+                f"{format_address(binding.listen_ip, binding.listen_port)} "
+                f"({binding.location}): {e.socketError}") from None
+        self._listening[(binding.listen_ip, binding.listen_port)] = (port, factory)
+        self.log.info("[{index}] Binding {listen} -> {target} listening",
+                      index=self.config.index,
+                      listen=format_address(binding.listen_ip, port.getHost().port),
+                      target=format_address(binding.target_host, binding.target_port))
 
     def startService(self) -> None:  # noqa: N802
         """Listen on every Binding first (a failure stops start-up), then connect."""
-        from twisted.internet.error import CannotListenError
-
-        for binding in self.config.bindings:
-            interface = binding.listen_ip if binding.listen_ip is not None else "::"
-            try:
-                port = self.reactor.listenTCP(binding.listen_port, BindingFactory(self, binding),
-                                              interface=interface)
-            except CannotListenError as e:
-                for opened in self.ports:
-                    opened.stopListening()
-                self.ports.clear()
-                raise StartupError(
-                    f"[{self.config.index}] Could not listen on "
-                    f"{format_address(binding.listen_ip, binding.listen_port)} "
-                    f"({binding.location}): {e.socketError}") from None
-            self.ports.append(port)
-            self.log.info("[{index}] Binding {listen} -> {target} listening",
-                          index=self.config.index,
-                          listen=format_address(binding.listen_ip, port.getHost().port),
-                          target=format_address(binding.target_host, binding.target_port))
+        try:
+            for binding in self.config.bindings:
+                self._listen(binding)
+        except StartupError:
+            for port, _factory in self._listening.values():
+                port.stopListening()
+            self._listening.clear()
+            raise
         super().startService()
+
+    def apply_config(self, new: ProxyConfig) -> bool:
+        """Reload: Bindings are added, removed or re-targeted; open streams are untouched."""
+        if not super().apply_config(new):
+            return False
+        wanted = {(b.listen_ip, b.listen_port): b for b in new.bindings}
+        for key in set(self._listening) - set(wanted):
+            port, _factory = self._listening.pop(key)
+            port.stopListening()
+            self.log.info("[{index}] Binding on {listen} removed", index=new.index,
+                          listen=format_address(*key))
+        for key, binding in wanted.items():
+            if key in self._listening:
+                self._listening[key][1].binding = binding  # new target for new connections
+                continue
+            try:
+                self._listen(binding)
+            except StartupError as e:
+                self.log.error("{error}", error=str(e))
+        return True
 
     def stream_ended(self, connection: SpliceProtocol, how: str) -> None:
         """One log event per finished stream."""
@@ -118,8 +150,10 @@ class ProxyServerService(ProxyService):
         )
 
     def stopService(self) -> Any:  # noqa: N802
-        """Stop listening, then close the link."""
-        for port in self.ports:
-            port.stopListening()
-        self.ports = []
-        return super().stopService()
+        """Stop listening, then close the link; fires when the ports are closed."""
+        from twisted.internet.defer import gatherResults, maybeDeferred
+
+        closing = [maybeDeferred(port.stopListening) for port, _ in self._listening.values()]
+        self._listening.clear()
+        closing.append(maybeDeferred(super().stopService))
+        return gatherResults(closing)

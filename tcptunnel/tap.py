@@ -8,9 +8,12 @@ in that order and stop in reverse.
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -63,17 +66,85 @@ def make_instance_service(instance: InstanceConfig, reactor: Any) -> service.ISe
 
 
 class TunnelService(service.MultiService):
-    """All instances of one settings file."""
+    """All instances of one settings file; SIGHUP reloads it."""
 
     log = Logger()
 
     def __init__(self, settings: Settings, reactor: Any) -> None:
         super().__init__()
         self.settings = settings
+        self.reactor = reactor
+        self._previous_sighup: Any = None
         for instance in settings.instances:
-            child = make_instance_service(instance, reactor)
-            child.setName(f"{instance.index}:{instance.role}")
-            child.setServiceParent(self)
+            self._add_instance(instance)
+
+    def _add_instance(self, instance: InstanceConfig) -> Any:
+        child = make_instance_service(instance, self.reactor)
+        child.setName(f"{instance.index}:{instance.role}")
+        child.setServiceParent(self)
+        return child
+
+    @defer.inlineCallbacks
+    def reload(self) -> Any:
+        """Re-read the settings file and apply what changed (see docs/operations.md).
+
+        An invalid file is logged and ignored: everything keeps running as it was.
+        Instances are matched by position and role; unchanged parts keep their links and
+        streams.  Fires with True when the new settings were applied.
+        """
+        path = self.settings.path
+        self.log.info("Reloading {path}", path=path)
+        try:
+            settings = load_settings(path)
+        except ConfigError as e:
+            self.log.error("Reload failed, keeping the running configuration: {error}",
+                           error=str(e))
+            return False
+        current = {(child.config.index, child.config.role): child for child in self}
+        for instance in settings.instances:
+            child = current.pop((instance.index, instance.role), None)
+            name = f"{instance.index}:{instance.role}"
+            try:
+                if child is None:
+                    self.log.info("[{name}] added", name=name)
+                    self._add_instance(instance)
+                elif not child.apply_config(instance):
+                    self.log.info("[{name}] link settings changed: restarting it", name=name)
+                    yield defer.maybeDeferred(child.disownServiceParent)
+                    child = None
+                    self._add_instance(instance)
+            except (StartupError, TlsSetupError) as e:
+                state = "not changed" if child is not None else "could not be started"
+                self.log.error("[{name}] {state}: {error}", name=name, state=state,
+                               error=str(e))
+        for child in current.values():
+            self.log.info("[{name}] removed", name=child.name)
+            yield defer.maybeDeferred(child.disownServiceParent)
+        self.settings = settings
+        self.log.info("Reloaded {path}", path=path)
+        return True
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def _install_log_reopen(self) -> None:
+        """Make SIGUSR1 reopen twistd's log file, as logrotate expects.
+
+        twistd's own SIGUSR1 handler rotates the file itself (and does nothing once
+        logrotate has moved it away); the LogFile it rotates is in that handler's closure.
+        """
+        handler = signal.getsignal(signal.SIGUSR1)
+        cells = getattr(handler, "__closure__", None) or ()
+        log_file = next((c.cell_contents for c in cells
+                         if callable(getattr(c.cell_contents, "reopen", None))), None)
+        if log_file is None:
+            return  # logging to stdout or syslog: nothing to reopen
+        reactor = self.reactor
+
+        def reopen(signum: int, frame: Any) -> None:
+            reactor.callFromThread(log_file.reopen)
+
+        signal.signal(signal.SIGUSR1, reopen)
 
     def startService(self) -> None:  # noqa: N802
         """Start the instances in file order; if one fails, stop those already started."""
@@ -94,11 +165,21 @@ class TunnelService(service.MultiService):
                 raise SystemExit(f"tcptunnel: start-up failed: {e}") from None
             started.append(child)
             self.log.info("[{name}] started", name=child.name)
-        self.log.info("Started. Send SIGTERM or press Ctrl+C to stop.")
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+            self._install_log_reopen()
+        self.log.info("Started. Send SIGHUP to reload, SIGTERM or Ctrl+C to stop.")
 
     def stopService(self) -> Any:  # noqa: N802
         """Stop the instances in reverse order."""
         self.log.info("Stopping")
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        # twistd ends itself with the signal that stopped it; a stop on SIGTERM is our
+        # normal, graceful shutdown, and process managers should see exit status 0.
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
         return super().stopService()
 
 
