@@ -78,6 +78,20 @@ class SampleTests(SynchronousTestCase):
             settings = load_settings(os.path.join(conf, name))
             self.assertTrue(settings.instances, name)
 
+    def test_samples_match_schema(self) -> None:
+        """Every sample in conf/ validates against conf/settings.xsd, and the schema rejects
+        an obvious mistake."""
+        import xmlschema
+
+        conf = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
+        schema = xmlschema.XMLSchema(os.path.join(conf, "settings.xsd"))
+        samples = [n for n in os.listdir(conf) if n.endswith(".xml")]
+        self.assertGreaterEqual(len(samples), 4)
+        for name in samples:
+            schema.validate(os.path.join(conf, name))
+        self.assertFalse(schema.is_valid(settings_with('<Instance type="gateway">'
+                                                       '<Listener port="99999"/></Instance>')))
+
     def test_empty_allow_list(self) -> None:
         """A present but empty AllowedTargetEndpoints means nothing is allowed (empty tuple)."""
         settings = parse_settings(settings_with(
