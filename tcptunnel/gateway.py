@@ -193,6 +193,7 @@ class GatewayLink(LinkProtocol):
 
     def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: N802, B008
         """Unregister from the session; reset every route through this link."""
+        closed_here = self._closing
         super().connectionLost(reason)
         if self._login_call is not None and self._login_call.active():
             self._login_call.cancel()
@@ -205,7 +206,7 @@ class GatewayLink(LinkProtocol):
             index=self.gateway.config.index, peer=self.peer_description, role=self.role_name,
             session=self.session.id if self.session else "-", duration=duration,
             received=self.core.bytes_received, sent=self.bytes_sent,
-            why=self.close_reason if self._closing else reason.getErrorMessage(),
+            why=self.close_reason if closed_here else reason.getErrorMessage(),
         )
         self.gateway.router.link_gone(self)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.application import internet, service
 from twisted.internet import interfaces
 from twisted.internet.protocol import ReconnectingClientFactory
@@ -115,9 +116,17 @@ class ProxyLink(MuxProtocol):
         """Reset every stream and let the factory reconnect."""
         if self._login_call is not None and self._login_call.active():
             self._login_call.cancel()
+        closed_here = self._closing
         super().connectionLost(reason)
-        self.proxy.link_lost(self, self.close_reason if self._closing
-                             else reason.getErrorMessage())
+        if closed_here:
+            why = self.close_reason
+        elif reason.check(SSL.Error) is not None:
+            why = (f"TLS handshake with the Gateway failed ({reason.getErrorMessage()}): the "
+                   "Gateway did not answer with TLS (plain Listener?) or its certificate did "
+                   "not verify (check caFile, serverName, certificatePin)")
+        else:
+            why = reason.getErrorMessage()
+        self.proxy.link_lost(self, why)
 
 
 class ProxyLinkFactory(ReconnectingClientFactory):
