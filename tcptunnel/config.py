@@ -26,7 +26,7 @@ import xml.sax
 import xml.sax.handler
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import defusedxml
 import defusedxml.sax
@@ -186,6 +186,10 @@ class ProxyConfig:
     keepalive_timeout: float = 30.0
     connect_timeout: float = 10.0
     max_retry_delay: float = 30.0
+    # Flow control of the streams this proxy receives (ours): the window granted
+    # per stream at open, and how far it may grow for a fast reader on a long path.
+    initial_window: int = 384 * 1024
+    max_window: int = 16 * 1024 * 1024
 
 
 InstanceConfig = GatewayConfig | ProxyConfig
@@ -625,7 +629,7 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
     pin = element.get("certificatePin", _sha256_pin,
                       "a SHA-256 fingerprint (64 hex digits, colons allowed, or sha256/<base64>)")
     defaults = ProxyConfig.__dataclass_fields__
-    timing: dict[str, float] = {
+    timing: dict[str, Any] = {
         name: element.get(attr, _positive_seconds, "a number of seconds greater than 0")
         or float(defaults[name].default)  # type: ignore[arg-type]
         for attr, name in (
@@ -635,6 +639,14 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
             ("maxRetryDelay", "max_retry_delay"),
         )
     }
+    initial_window = element.get("initialWindow", _int_in(16384, 2**31 - 1),
+                                 "a number of bytes from 16384 to 2147483647")
+    max_window = element.get("maxWindow", _int_in(16384, 2**31 - 1),
+                             "a number of bytes from 16384 to 2147483647")
+    initial_window = initial_window or ProxyConfig.initial_window
+    max_window = max_window or ProxyConfig.max_window
+    if max_window < initial_window:
+        raise element.error("maxWindow must not be smaller than initialWindow", "maxWindow")
     element.check_unknown_attributes()
     if not use_tls and (ca_file or server_name or pin):
         raise element.error("caFile, serverName and certificatePin need useSsl=\"true\"")
@@ -707,6 +719,8 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
         server_name=server_name,
         certificate_pin=pin,
         location=element.location,
+        initial_window=initial_window,
+        max_window=max_window,
         **timing,
     )
 

@@ -34,7 +34,8 @@ class ProxyLink(MuxProtocol):
     def __init__(self, proxy: ProxyService) -> None:
         config = proxy.config
         core = _mux.MuxConnection(opener=config.role == "proxy-server",
-                                  initial_window=proxy.initial_window)
+                                  initial_window=proxy.initial_window,
+                                  max_window=config.max_window)
         super().__init__(core, proxy.reactor, config.keepalive_interval, config.keepalive_timeout)
         self.proxy = proxy
         role = fr.ROLE_PROXY_SERVER if config.role == "proxy-server" else fr.ROLE_PROXY_CLIENT
@@ -165,11 +166,11 @@ class ProxyService(service.MultiService):
     """What both proxy roles share: the link to the Gateway and its state."""
 
     log = Logger()
-    initial_window = _mux.INITIAL_WINDOW
 
     def __init__(self, config: ProxyConfig, reactor: Any) -> None:
         super().__init__()
         self.config = config
+        self.initial_window = config.initial_window
         self.reactor = reactor
         self.gateway_address = format_address(config.host, config.port)
         self.link: ProxyLink | None = None
@@ -221,7 +222,8 @@ class ProxyService(service.MultiService):
     # What a reload cannot change without a new link to the Gateway.
     _LINK_SETTINGS = ("host", "port", "use_tls", "session_id", "password", "ca_file",
                       "server_name", "certificate_pin", "keepalive_interval",
-                      "keepalive_timeout", "connect_timeout", "max_retry_delay")
+                      "keepalive_timeout", "connect_timeout", "max_retry_delay",
+                      "initial_window", "max_window")
 
     def apply_config(self, new: ProxyConfig) -> bool:
         """Reload in place if the link settings are unchanged; False asks for a restart."""

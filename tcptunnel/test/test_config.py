@@ -132,6 +132,20 @@ class SampleTests(SynchronousTestCase):
         assert isinstance(instance, ProxyConfig)
         self.assertEqual(instance.password.cleartext, "from-file")
 
+    def test_windows(self) -> None:
+        """initialWindow / maxWindow are read, defaulted, and checked against each other."""
+        settings = parse_settings(settings_with(
+            '<Instance type="proxy-client" host="h" port="1" initialWindow="65536" '
+            'maxWindow="65536"><Session id="1" password="p"/></Instance>'))
+        instance = settings.instances[0]
+        assert isinstance(instance, ProxyConfig)
+        self.assertEqual((instance.initial_window, instance.max_window), (65536, 65536))
+        with self.assertRaises(ConfigError) as raised:
+            parse_settings(settings_with(
+                '<Instance type="proxy-client" host="h" port="1" initialWindow="65536" '
+                'maxWindow="20000"><Session id="1" password="p"/></Instance>'))
+        self.assertIn("maxWindow must not be smaller", str(raised.exception))
+
     def test_secrets_not_in_repr(self) -> None:
         """Passwords never show up in the repr of a parsed configuration."""
         settings = parse_settings(ORIGINAL_SAMPLE.encode())
