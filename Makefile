@@ -53,8 +53,18 @@ lint: $(STAMP)
 fuzz: $(STAMP)
 	TCPTUNNEL_FUZZ_EXAMPLES=20000 $(VENV)/bin/trial tcptunnel.test.test_fuzz
 
+# Debian's openssh, socat and iperf3 are what the benchmark compares against and drives.
 bench: $(STAMP)
-	$(PY) bench/mux_bench.py
+	@for tool in sshd socat iperf3; do \
+	  command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -q openssh-server openssh-client socat iperf3 || \
+	     (apt-get update -q && apt-get install -y -q openssh-server openssh-client socat iperf3)) >/dev/null; \
+	  else sudo apt-get install -y openssh-server openssh-client socat iperf3; fi; fi
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]' --config-settings editable_mode=compat
+	$(PY) bench/mux_bench.py --json bench-mux.json >/dev/null && echo "mux micro-benchmark: bench-mux.json"
+	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) _trial_temp* .trial-output.txt twisted/plugins/dropin.cache .mypy_cache .ruff_cache .hypothesis *.egg-info

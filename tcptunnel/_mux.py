@@ -107,8 +107,10 @@ class _Stream:
         "fin_received",
         "fin_sent",
         "id",
+        "last_update",
         "local_fin",
-        "paused_since_update",
+        "paused_at",
+        "paused_total",
         "recv_available",
         "recv_to_ack",
         "recv_window",
@@ -133,7 +135,9 @@ class _Stream:
         self.recv_available = recv_window
         self.recv_to_ack = 0
         self.blocked_seen = False
-        self.paused_since_update = False
+        self.last_update = 0.0  # time of the last credit update (or the open)
+        self.paused_at: float | None = None  # since when the local socket is paused
+        self.paused_total = 0.0  # paused time since the last credit update
 
 
 class MuxConnection(LinkCore):
@@ -277,13 +281,27 @@ class MuxConnection(LinkCore):
             self._reset(self.streams[stream_id], reason, message)
         return ids
 
-    def set_consumer_paused(self, stream_id: int, paused: bool) -> None:
-        """The local socket of a stream stopped (or resumed) taking data."""
+    def set_consumer_paused(self, stream_id: int, paused: bool, now: float = 0.0) -> None:
+        """The local socket of a stream stopped (or resumed) taking data at time ``now``."""
         stream = self.streams.get(stream_id)
-        if stream is not None and paused:
-            stream.paused_since_update = True
+        if stream is None:
+            return
+        if paused and stream.paused_at is None:
+            stream.paused_at = now
+        elif not paused and stream.paused_at is not None:
+            stream.paused_total += now - stream.paused_at
+            stream.paused_at = None
 
-    def data_consumed(self, stream_id: int, count: int) -> None:
+    def _consumer_keeps_up(self, stream: _Stream, now: float) -> bool:
+        """Whether the local socket was paused for at most half the time since the last
+        credit update.  A window arriving in one burst pauses a fast socket briefly; a slow
+        reader is paused most of the time, and more window would only buffer more."""
+        paused = stream.paused_total
+        if stream.paused_at is not None:
+            paused += now - stream.paused_at
+        return paused <= 0.5 * (now - stream.last_update)
+
+    def data_consumed(self, stream_id: int, count: int, now: float = 0.0) -> None:
         """``count`` received bytes were taken by the local socket: maybe return credit."""
         stream = self.streams.get(stream_id)
         if stream is None or stream.fin_received or count <= 0:
@@ -292,7 +310,7 @@ class MuxConnection(LinkCore):
         if stream.recv_to_ack * 4 < stream.recv_window and not stream.blocked_seen:
             return
         increment = stream.recv_to_ack
-        if stream.blocked_seen and not stream.paused_since_update:
+        if stream.blocked_seen and self._consumer_keeps_up(stream, now):
             room = self.receive_budget - self.granted_total
             grown = min(stream.recv_window * 2, self.max_window, stream.recv_window + room)
             if grown > stream.recv_window:
@@ -300,7 +318,10 @@ class MuxConnection(LinkCore):
                 self.granted_total += grown - stream.recv_window
                 stream.recv_window = grown
         stream.blocked_seen = False
-        stream.paused_since_update = False
+        stream.paused_total = 0.0
+        if stream.paused_at is not None:
+            stream.paused_at = now
+        stream.last_update = now
         stream.recv_to_ack = 0
         stream.recv_available += increment
         self.queue_control(fr.build_window_update(stream_id, increment))

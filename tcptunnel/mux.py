@@ -380,15 +380,17 @@ class MuxStream:
         """The local socket stopped taking data: withhold credit."""
         if not self._consumer_paused:
             self._consumer_paused = True
-            self.mux.core.set_consumer_paused(self.stream_id, True)
+            self.mux.core.set_consumer_paused(self.stream_id, True, self.mux.clock.seconds())
 
     def resumeProducing(self) -> None:  # noqa: N802
         """The local socket drained: return the withheld credit."""
         if self._consumer_paused:
             self._consumer_paused = False
+            now = self.mux.clock.seconds()
+            self.mux.core.set_consumer_paused(self.stream_id, False, now)
             if self._unacknowledged and not self.finished:
                 count, self._unacknowledged = self._unacknowledged, 0
-                self.mux.core.data_consumed(self.stream_id, count)
+                self.mux.core.data_consumed(self.stream_id, count, now)
                 self.mux.flush()
 
     def stopProducing(self) -> None:  # noqa: N802
@@ -404,7 +406,7 @@ class MuxStream:
         if self._consumer_paused:
             self._unacknowledged += len(data)
         elif not self.finished:
-            self.mux.core.data_consumed(self.stream_id, len(data))
+            self.mux.core.data_consumed(self.stream_id, len(data), self.mux.clock.seconds())
 
 
 class MuxProtocol(LinkProtocol):

@@ -336,15 +336,35 @@ class FlowControlTests(SynchronousTestCase):
         """A slow local reader does not make the window grow."""
         pair = Pair(initial_window=20_000, max_window=80_000)
         sid = pair.open()
+        now = 0.0
         for _ in range(4):
             pair.server.send_data(sid, b"b" * 100_000)
             pair.pump()
-            pair.client.set_consumer_paused(sid, True)
+            pair.client.set_consumer_paused(sid, True, now + 0.1)  # paused 90% of the time
+            now += 1.0
+            pair.client.set_consumer_paused(sid, False, now)
             got = len(data_of(pair.client_events, sid))
             pair.client_events.clear()
-            pair.client.data_consumed(sid, got)
+            pair.client.data_consumed(sid, got, now)
             pair.pump()
         self.assertEqual(pair.client.streams[sid].recv_window, 20_000)
+
+    def test_growth_despite_short_pauses(self) -> None:
+        """A window that arrives in one burst pauses a fast reader briefly; it still grows."""
+        pair = Pair(initial_window=20_000, max_window=80_000)
+        sid = pair.open()
+        now = 0.0
+        for _ in range(4):
+            pair.server.send_data(sid, b"b" * 100_000)
+            pair.pump()
+            pair.client.set_consumer_paused(sid, True, now + 0.08)  # paused 2% of the time
+            now += 0.1
+            pair.client.set_consumer_paused(sid, False, now - 0.018)
+            got = len(data_of(pair.client_events, sid))
+            pair.client_events.clear()
+            pair.client.data_consumed(sid, got, now)
+            pair.pump()
+        self.assertEqual(pair.client.streams[sid].recv_window, 80_000)
 
     def test_budget_bounds_growth_and_initial_windows(self) -> None:
         """The link budget caps the sum of windows; streams beyond it get the minimum."""
@@ -426,9 +446,11 @@ class FlowControlTests(SynchronousTestCase):
             elif action == "pause":
                 paused = True
                 for sid in sids:
-                    pair.client.set_consumer_paused(sid, True)
+                    pair.client.set_consumer_paused(sid, True, counter)
             elif action == "resume":
                 paused = False
+                for sid in sids:
+                    pair.client.set_consumer_paused(sid, False, counter)
             else:
                 pair.pump(limit=n)
                 collect()

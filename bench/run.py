@@ -1,0 +1,746 @@
+"""tcptunnel benchmarks, side by side with OpenSSH and socat, on loopback.
+
+``make bench`` runs this: it starts, in temporary folders and on free loopback ports,
+
+* the targets: an iperf3 server and a TCP echo server;
+* the systems, each giving an entrance port per target:
+  direct (no tunnel), tcptunnel over TLS and over plain TCP (three twistd processes each),
+  OpenSSH (a private sshd, ``ssh -R`` from the target side and ``ssh -L`` from the user side:
+  three hops, two encrypted links) and a three-hop socat relay;
+
+and measures throughput (iperf3, 1 and 8 streams), 1-byte ping-pong latency idle and under 8
+bulk streams, connection rate (sequential and 50 in parallel), tcptunnel's memory, and one
+stream over a simulated long path (a delay relay on each link) with and without window growth.
+Every figure is min / median / max over repeats, and tcptunnel's are also given as ratios to
+OpenSSH's from the same run. Results: ``docs/benchmarks.md`` and ``docs/benchmarks.png``.
+
+The same file also holds the small helper programs it runs (``--role ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+PY = sys.executable
+
+# ---------------------------------------------------------------------------------------------
+# Helper programs (run as separate processes so that the measuring client, the targets and the
+# systems under test do not share an interpreter).
+
+
+def role_echo_server(port: int) -> None:
+    """A TCP echo server (asyncio)."""
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP,
+                                                          socket.TCP_NODELAY, 1)
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Echo, "127.0.0.1", port,
+                                                                backlog=4096)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def role_delay_relay(listen: int, target: int, delay: float) -> None:
+    """Forward TCP connections to ``target``, delaying each direction by ``delay`` seconds."""
+    limit = 64 * 1024 * 1024
+
+    class Half(asyncio.Protocol):
+        peer: Half | None = None
+
+        def __init__(self) -> None:
+            self.queue: deque[tuple[float, bytes]] = deque()
+            self.queued = 0
+            self.scheduled = False
+            self.transport: Any = None
+            self.pending: list[bytes] = []
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP,
+                                                          socket.TCP_NODELAY, 1)
+
+        def data_received(self, data: bytes) -> None:
+            assert self.peer is not None
+            self.peer.send_later(data, self)
+
+        def send_later(self, data: bytes, source: Half) -> None:
+            loop = asyncio.get_running_loop()
+            self.queue.append((loop.time() + delay, data))
+            self.queued += len(data)
+            if self.queued > limit:
+                source.transport.pause_reading()
+            if not self.scheduled:
+                self.scheduled = True
+                loop.call_at(self.queue[0][0], self.drain, source)
+
+        def drain(self, source: Half) -> None:
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            while self.queue and self.queue[0][0] <= now:
+                _, data = self.queue.popleft()
+                self.queued -= len(data)
+                if self.transport is not None:
+                    self.transport.write(data)
+                else:
+                    self.pending.append(data)
+            if self.queued <= limit // 2:
+                source.transport.resume_reading()
+            if self.queue:
+                loop.call_at(self.queue[0][0], self.drain, source)
+            else:
+                self.scheduled = False
+
+        def connection_lost(self, exc: Any) -> None:
+            if self.peer is not None and self.peer.transport is not None:
+                self.peer.transport.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        class Front(Half):
+            def connection_made(self, transport: Any) -> None:
+                super().connection_made(transport)
+                back = Half()
+                back.peer = self
+                self.peer = back
+                transport.pause_reading()
+
+                async def connect() -> None:
+                    await loop.create_connection(lambda: back, "127.0.0.1", target)
+                    for data in back.pending:
+                        back.transport.write(data)
+                    transport.resume_reading()
+
+                self.connecting = loop.create_task(connect())
+
+        server = await loop.create_server(Front, "127.0.0.1", listen, backlog=1024)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def role_pingpong(port: int, count: int) -> None:
+    """1-byte round trips on one connection; prints JSON latencies in seconds."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    samples = []
+    for i in range(count + 50):
+        started = time.perf_counter()
+        sock.sendall(b"x")
+        if not sock.recv(1):
+            raise SystemExit("connection closed")
+        if i >= 50:  # warm-up
+            samples.append(time.perf_counter() - started)
+    sock.close()
+    print(json.dumps(samples))
+
+
+def role_connrate(port: int, seconds: float, parallel: int) -> None:
+    """Connect, echo 1 byte, close, for ``seconds`` with ``parallel`` workers; prints JSON
+    {"count": n, "errors": e, "seconds": s}."""
+    done = 0
+    errors = 0
+
+    async def worker(deadline: float) -> None:
+        nonlocal done, errors
+        while time.perf_counter() < deadline:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"x")
+                await writer.drain()
+                if await reader.read(1) != b"x":
+                    raise ConnectionError("no echo")
+                writer.close()
+                await writer.wait_closed()
+                done += 1
+            except OSError:
+                errors += 1
+
+    async def main() -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(started + seconds) for _ in range(parallel)))
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(main())
+    print(json.dumps({"count": done, "errors": errors, "seconds": elapsed}))
+
+
+def role_hold(port: int, count: int) -> None:
+    """Open ``count`` connections that each echo one byte, say READY, hold them until stdin
+    closes."""
+
+    async def main() -> None:
+        connections = []
+        for _ in range(count):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"h")
+            await writer.drain()
+            await reader.read(1)
+            connections.append(writer)
+        print("READY", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        for writer in connections:
+            writer.close()
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def wait_echo(port: int, timeout: float = 30.0) -> None:
+    """Wait until a 1-byte echo works through ``port`` (a tunnel is up end to end)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.sendall(b"?")
+                if s.recv(1) == b"?":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"no echo through port {port}")
+
+
+@dataclass
+class Processes:
+    """Background processes to stop at the end."""
+
+    items: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(argv, stdout=kwargs.pop("stdout", subprocess.DEVNULL),
+                                   stderr=kwargs.pop("stderr", subprocess.DEVNULL), **kwargs)
+        self.items.append(process)
+        return process
+
+    def helper(self, *args: Any) -> subprocess.Popen[bytes]:
+        return self.start([PY, __file__, "--role", *map(str, args)])
+
+    def stop_all(self) -> None:
+        for process in reversed(self.items):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.items:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.items.clear()
+
+
+@dataclass
+class System:
+    """A way from an entrance port to each target."""
+
+    name: str
+    bulk_port: int
+    echo_port: int
+    pids: dict[str, int] = field(default_factory=dict)
+
+
+NS = 'xmlns="https://github.com/kpreisser/TcpTunnel"'
+
+
+def start_tcptunnel(procs: Processes, work: str, tls: bool, iperf: int, echo: int,
+                    delay: float = 0.0, max_window: int | None = None,
+                    name: str | None = None) -> System:
+    """Gateway, Proxy-Client and Proxy-Server as three twistd processes."""
+    from tcptunnel.test._certs import mint
+
+    os.makedirs(work, exist_ok=True)
+    gateway_port = free_port()
+    bulk, echo_entrance = free_port(), free_port()
+    listener = f'ip="127.0.0.1" port="{gateway_port}"'
+    proxy_tls = ""
+    if tls:
+        certs = mint(os.path.join(work, "certs"))
+        listener += (f' certificatePemFilePath="{certs.cert}" '
+                     f'certificatePemKeyFilePath="{certs.key}"')
+        proxy_tls = f'useSsl="true" caFile="{certs.ca}" serverName="localhost"'
+    ports = {"proxy-client": gateway_port, "proxy-server": gateway_port}
+    if delay:
+        for role in ports:
+            ports[role] = free_port()
+            procs.helper("delay-relay", ports[role], gateway_port, delay)
+    window = f'maxWindow="{max_window}"' if max_window else ""
+    files = {
+        "gateway": f'<Instance type="gateway"><Listener {listener}/>'
+                   '<Session id="1" proxyClientPassword="a" proxyServerPassword="b"/></Instance>',
+        "proxy-client": f'<Instance type="proxy-client" host="127.0.0.1" '
+                        f'port="{ports["proxy-client"]}" {proxy_tls} {window} maxRetryDelay="1">'
+                        '<Session id="1" password="a"/></Instance>',
+        "proxy-server": f'<Instance type="proxy-server" host="127.0.0.1" '
+                        f'port="{ports["proxy-server"]}" {proxy_tls} {window} maxRetryDelay="1">'
+                        f'<Session id="1" password="b">'
+                        f'<Binding listenIp="127.0.0.1" listenPort="{bulk}" '
+                        f'targetHost="127.0.0.1" targetPort="{iperf}"/>'
+                        f'<Binding listenIp="127.0.0.1" listenPort="{echo_entrance}" '
+                        f'targetHost="127.0.0.1" targetPort="{echo}"/></Session></Instance>',
+    }
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    pids = {}
+    for role, body in files.items():
+        path = os.path.join(work, f"{role}.xml")
+        with open(path, "w") as f:
+            f.write(f"<Settings {NS}>{body}</Settings>")
+        process = procs.start(
+            [PY, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+             "--logfile", os.path.join(work, f"{role}.log"), "tcptunnel", "--config", path],
+            env=env, cwd=work)
+        pids[role] = process.pid
+        if role == "gateway":
+            wait_port(gateway_port)
+    wait_echo(echo_entrance)
+    return System(name or ("tcptunnel TLS" if tls else "tcptunnel plain"), bulk, echo_entrance,
+                  pids)
+
+
+def start_openssh(procs: Processes, work: str, iperf: int, echo: int) -> System:
+    """A private sshd, ssh -R from the target side and ssh -L from the user side."""
+    os.makedirs(work, exist_ok=True)
+    os.makedirs("/run/sshd", exist_ok=True)
+    for key in ("host", "user"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        os.path.join(work, key)], check=True)
+    shutil.copy(os.path.join(work, "user.pub"), os.path.join(work, "authorized_keys"))
+    sshd_port = free_port()
+    config = os.path.join(work, "sshd_config")
+    with open(config, "w") as f:
+        f.write(f"Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {work}/host\n"
+                f"PidFile {work}/sshd.pid\nAuthorizedKeysFile {work}/authorized_keys\n"
+                "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
+                "AllowTcpForwarding yes\nMaxSessions 1000\nMaxStartups 1000\nLogLevel ERROR\n")
+    sshd = procs.start(["/usr/sbin/sshd", "-D", "-e", "-f", config])
+    wait_port(sshd_port)
+    remote_bulk, remote_echo, bulk, echo_entrance = (free_port() for _ in range(4))
+    common = ["ssh", "-N", "-p", str(sshd_port), "-i", os.path.join(work, "user"),
+              "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+              "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR"]
+    user = f"{os.environ.get('USER') or 'root'}@127.0.0.1"
+    target_side = procs.start([*common, "-R", f"127.0.0.1:{remote_bulk}:127.0.0.1:{iperf}",
+                               "-R", f"127.0.0.1:{remote_echo}:127.0.0.1:{echo}", user])
+    wait_port(remote_echo)
+    user_side = procs.start([*common, "-L", f"127.0.0.1:{bulk}:127.0.0.1:{remote_bulk}",
+                             "-L", f"127.0.0.1:{echo_entrance}:127.0.0.1:{remote_echo}", user])
+    wait_echo(echo_entrance)
+    return System("OpenSSH", bulk, echo_entrance,
+                  {"sshd": sshd.pid, "ssh -R": target_side.pid, "ssh -L": user_side.pid})
+
+
+def start_socat(procs: Processes, iperf: int, echo: int) -> System:
+    """Three chained socat relays per target (no encryption)."""
+    entrances = []
+    for target in (iperf, echo):
+        hops = [free_port(), free_port(), free_port()]
+        for listen, forward in zip(hops, [*hops[1:], target], strict=True):
+            procs.start(["socat", f"TCP-LISTEN:{listen},bind=127.0.0.1,fork,reuseaddr,nodelay",
+                         f"TCP:127.0.0.1:{forward},nodelay"])
+        wait_port(hops[0])
+        entrances.append(hops[0])
+    wait_echo(entrances[1])
+    return System("socat 3 hops", entrances[0], entrances[1])
+
+
+def iperf(port: int, seconds: float, streams: int) -> float:
+    """Throughput in MB/s (received) of an iperf3 run through ``port``."""
+    result = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
+                             "-P", str(streams), "-J"], capture_output=True, text=True,
+                            timeout=seconds + 30, check=False)
+    data = json.loads(result.stdout)
+    if "error" in data:
+        raise RuntimeError(data["error"])
+    return float(data["end"]["sum_received"]["bits_per_second"]) / 8 / 1e6
+
+
+def helper_output(*args: Any, timeout: float = 120) -> Any:
+    result = subprocess.run([PY, __file__, "--role", *map(str, args)], capture_output=True,
+                            text=True, timeout=timeout, check=True)
+    return json.loads(result.stdout)
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def measure(label: str, repeats: int, run: Callable[[], float]) -> dict[str, float]:
+    values = [run() for _ in range(repeats)]
+    result = spread(values)
+    print(f"  {label}: median {result['median']:.3f} (min {result['min']:.3f}, "
+          f"max {result['max']:.3f})", flush=True)
+    return result
+
+
+def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    procs = Processes()
+    work = tempfile.mkdtemp(prefix="tcptunnel-bench-")
+    results: dict[str, Any] = {"systems": {}, "started": datetime.datetime.now(
+        datetime.UTC).isoformat(timespec="seconds")}
+    try:
+        iperf_port, echo_port = free_port(), free_port()
+        procs.start(["iperf3", "-s", "-p", str(iperf_port)])
+        procs.helper("echo-server", echo_port)
+        wait_port(iperf_port)
+        wait_port(echo_port)
+        systems = [System("direct", iperf_port, echo_port),
+                   start_tcptunnel(procs, os.path.join(work, "tls"), True, iperf_port, echo_port),
+                   start_tcptunnel(procs, os.path.join(work, "plain"), False, iperf_port,
+                                   echo_port),
+                   start_openssh(procs, os.path.join(work, "ssh"), iperf_port, echo_port),
+                   start_socat(procs, iperf_port, echo_port)]
+        for system in systems:
+            print(f"{system.name}:", flush=True)
+            out: dict[str, Any] = {}
+            out["throughput_1_MBps"] = measure(
+                "throughput, 1 stream (MB/s)", args.repeats,
+                lambda s=system: iperf(s.bulk_port, args.seconds, 1))
+            out["throughput_8_MBps"] = measure(
+                "throughput, 8 streams (MB/s)", args.repeats,
+                lambda s=system: iperf(s.bulk_port, args.seconds, 8))
+            pings: list[list[float]] = [helper_output("pingpong", system.echo_port, args.pings)
+                                        for _ in range(args.repeats)]
+            out["ping_p50_ms"] = spread([percentile(p, 0.5) * 1e3 for p in pings])
+            out["ping_p99_ms"] = spread([percentile(p, 0.99) * 1e3 for p in pings])
+            print(f"  ping-pong p50 {out['ping_p50_ms']['median']:.3f} ms, "
+                  f"p99 {out['ping_p99_ms']['median']:.3f} ms", flush=True)
+            loaded = []
+            for _ in range(args.repeats):
+                bulk = subprocess.Popen(["iperf3", "-c", "127.0.0.1", "-p",
+                                         str(system.bulk_port), "-t", "30", "-P", "8"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
+                loaded.append(helper_output("pingpong", system.echo_port, args.pings // 2))
+                bulk.terminate()
+                bulk.wait(10)
+                time.sleep(0.5)
+            out["loaded_ping_p50_ms"] = spread([percentile(p, 0.5) * 1e3 for p in loaded])
+            out["loaded_ping_p99_ms"] = spread([percentile(p, 0.99) * 1e3 for p in loaded])
+            print(f"  under 8 bulk streams: p50 {out['loaded_ping_p50_ms']['median']:.3f} ms, "
+                  f"p99 {out['loaded_ping_p99_ms']['median']:.3f} ms", flush=True)
+            for parallel, key in ((1, "connrate_seq"), (50, "connrate_50")):
+                rates = []
+                for _ in range(args.repeats):
+                    r = helper_output("connrate", system.echo_port, args.seconds, parallel)
+                    rates.append(r["count"] / r["seconds"])
+                out[key] = spread(rates)
+                print(f"  connections/s ({parallel} at a time): {out[key]['median']:.0f}",
+                      flush=True)
+            if system.name.startswith("tcptunnel") or system.name == "OpenSSH":
+                out["memory_MiB"] = memory(system, args)
+            results["systems"][system.name] = out
+        results["long_path"] = long_path(procs, work, iperf_port, echo_port, args)
+    finally:
+        procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def memory(system: System, args: argparse.Namespace) -> dict[str, Any]:
+    """RSS of each process: idle, with N idle tunneled connections, during bulk."""
+    idle = {name: rss_mib(pid) for name, pid in system.pids.items()}
+    holder = subprocess.Popen([PY, __file__, "--role", "hold", str(system.echo_port),
+                               str(args.idle_connections)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdin is not None
+    holder.stdout.readline()
+    time.sleep(1.0)
+    held = {name: rss_mib(pid) for name, pid in system.pids.items()}
+    holder.stdin.close()
+    holder.wait(30)
+    peak: dict[str, float] = dict.fromkeys(system.pids, 0.0)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for name, pid in system.pids.items():
+                peak[name] = max(peak[name], rss_mib(pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    iperf(system.bulk_port, args.seconds, 8)
+    stop.set()
+    sampler.join()
+    per_connection = {name: (held[name] - idle[name]) * 1024 * 1024 / args.idle_connections
+                      for name in system.pids}
+    print(f"  memory MiB idle {idle}, with {args.idle_connections} idle connections {held}, "
+          f"bulk peak {peak}", flush=True)
+    return {"idle": idle, "idle_connections": held, "bulk_peak": peak,
+            "bytes_per_idle_connection": per_connection}
+
+
+def long_path(procs: Processes, work: str, iperf_port: int, echo_port: int,
+              args: argparse.Namespace) -> dict[str, Any]:
+    """One stream through tcptunnel (TLS) with a delay relay on each link."""
+    out: dict[str, Any] = {"delay_each_way_ms": args.delay * 1e3}
+    print(f"long path ({args.delay * 1e3:.0f} ms each way on each link):", flush=True)
+    for label, max_window in (("window growth (default)", None),
+                              ("fixed 384 KiB window", 384 * 1024)):
+        system = start_tcptunnel(procs, os.path.join(work, f"long-{max_window}"), True,
+                                 iperf_port, echo_port, delay=args.delay, max_window=max_window,
+                                 name=label)
+        out[label] = measure(f"{label}, 1 stream (MB/s)", args.repeats,
+                             lambda s=system: iperf(s.bulk_port, args.long_seconds, 1))
+    out["ratio"] = (out["window growth (default)"]["median"]
+                    / out["fixed 384 KiB window"]["median"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def versions() -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, check=False)
+            return (result.stdout or result.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+
+    import tcptunnel
+    import twisted
+
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "machine": f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}",
+        "python": platform.python_version(), "twisted": twisted.__version__,
+        "tcptunnel": tcptunnel.__version__, "openssh": first_line(["ssh", "-V"]),
+        "iperf3": first_line(["iperf3", "--version"]), "socat": first_line(["socat", "-V"]),
+    }
+
+
+TARGETS = [
+    ("throughput_1_MBps", "bulk throughput, 1 stream", ">=", 1.0, "ratio"),
+    ("throughput_8_MBps", "bulk throughput, 8 streams", ">=", 1.0, "ratio"),
+    ("ping_p50_ms", "ping-pong p50", "<=", 1.25, "ratio"),
+    ("loaded_ping_p99_ms", "ping-pong p99 under 8 bulk streams", "<=", 5.0, "ms"),
+    ("connrate_seq", "connections per second, sequential", ">=", 1000.0, "absolute"),
+]
+
+
+def report(results: dict[str, Any], path_md: str, path_png: str) -> None:
+    systems = results["systems"]
+    ssh = systems["OpenSSH"]
+    rows = [("throughput_1_MBps", "throughput, 1 stream (MB/s)"),
+            ("throughput_8_MBps", "throughput, 8 streams (MB/s)"),
+            ("ping_p50_ms", "ping-pong p50 (ms)"), ("ping_p99_ms", "ping-pong p99 (ms)"),
+            ("loaded_ping_p50_ms", "ping-pong p50 under 8 bulk streams (ms)"),
+            ("loaded_ping_p99_ms", "ping-pong p99 under 8 bulk streams (ms)"),
+            ("connrate_seq", "connections/s, sequential"),
+            ("connrate_50", "connections/s, 50 in parallel")]
+    names = list(systems)
+    lines = ["# Benchmarks", "",
+             f"Measured {results['started']} by `make bench` ({results['versions']['machine']}; "
+             f"Python {results['versions']['python']}, Twisted {results['versions']['twisted']}, "
+             f"{results['versions']['openssh']}, {results['versions']['iperf3']}).", "",
+             "All on loopback, the same client and targets for every system. Each cell: median "
+             "(min-max) over repeats; `x` is tcptunnel's median over OpenSSH's from the same run. "
+             "The machine is shared and noisy: read ratios, not absolute numbers.", "",
+             "| figure | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]
+    for key, label in rows:
+        cells = []
+        for name in names:
+            value = systems[name][key]
+            cell = f"{value['median']:.3g} ({value['min']:.3g}-{value['max']:.3g})"
+            if name.startswith("tcptunnel"):
+                cell += f" {value['median'] / ssh[key]['median']:.2f}x"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## Memory (resident, MiB)", "",
+              "| process | idle | with idle connections | bulk peak | bytes per idle connection |",
+              "|---|---|---|---|---|"]
+    for name in names:
+        memory_result = systems[name].get("memory_MiB")
+        if not memory_result:
+            continue
+        for process in memory_result["idle"]:
+            lines.append(
+                f"| {name}: {process} | {memory_result['idle'][process]:.1f} | "
+                f"{memory_result['idle_connections'][process]:.1f} | "
+                f"{memory_result['bulk_peak'][process]:.1f} | "
+                f"{memory_result['bytes_per_idle_connection'][process]:.0f} |")
+    long = results["long_path"]
+    lines += ["", f"## Long path ({long['delay_each_way_ms']:.0f} ms each way on both links, "
+              "1 stream, tcptunnel TLS)", "",
+              "| window | MB/s |", "|---|---|"]
+    for label in ("window growth (default)", "fixed 384 KiB window"):
+        value = long[label]
+        lines.append(f"| {label} | {value['median']:.3g} ({value['min']:.3g}-"
+                     f"{value['max']:.3g}) |")
+    lines.append(f"\nWindow growth gives {long['ratio']:.1f}x the fixed window.")
+    lines += ["", "## Targets (tcptunnel TLS against OpenSSH, medians)", "",
+              "| target | value | goal | met |", "|---|---|---|---|"]
+    tls = systems["tcptunnel TLS"]
+    for key, label, op, goal, kind in TARGETS:
+        value = tls[key]["median"]
+        if kind == "ratio":
+            value /= ssh[key]["median"]
+            shown, goal_text = f"{value:.2f}x", f"{op} {goal}x"
+        else:
+            shown, goal_text = f"{value:.3g}", f"{op} {goal:g}" + (" ms" if kind == "ms" else "")
+        met = value >= goal if op == ">=" else value <= goal
+        lines.append(f"| {label} | {shown} | {goal_text} | {'yes' if met else 'NO'} |")
+    worst = max(tls["memory_MiB"]["idle_connections"].values())
+    lines.append(f"| RSS per process with idle connections | {worst:.1f} MiB | <= 50 MiB | "
+                 f"{'yes' if worst <= 50 else 'NO'} |")
+    lines.append(f"| long path, growth over fixed window | {long['ratio']:.1f}x | >= 4x | "
+                 f"{'yes' if long['ratio'] >= 4 else 'NO'} |")
+    lines += ["", "![benchmark chart](benchmarks.png)", "", "## What bounds the figures", "",
+              NOTES, ""]
+    with open(path_md, "w") as f:
+        f.write("\n".join(lines))
+    chart(results, path_png)
+
+
+NOTES = """\
+* Every system here shares two cores with iperf3's client and server and the echo target, so
+  CPU, not the network, bounds throughput. tcptunnel runs three single-threaded Python
+  processes; each byte is read, framed, encrypted and decrypted twice, and relayed by the
+  Gateway, in Python code that does no per-byte work (frames of up to 32 KiB, memoryview
+  slicing, one copy per frame). A profile of the Gateway during bulk transfer is dominated by
+  the TLS record layer (pyOpenSSL) and the kernel's send/recv; the frame handling is a minor
+  part.
+* Latency under load is bounded by what is already queued ahead of a keystroke: link sockets
+  keep at most 128 KiB unsent in the kernel (TCP_NOTSENT_LOWAT), control frames go first and
+  streams are served round-robin in 32 KiB chunks.
+* The connection rate is bounded by the per-stream round trips (OPEN to the Proxy-Client and
+  its OPEN_RESULT back through the Gateway) and by Twisted's per-connection setup cost."""
+
+
+def chart(results: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = results["systems"]
+    names = list(systems)
+    panels = [("throughput_1_MBps", "1 stream, MB/s (higher is better)"),
+              ("throughput_8_MBps", "8 streams, MB/s (higher is better)"),
+              ("ping_p50_ms", "ping-pong p50, ms (lower is better)"),
+              ("loaded_ping_p99_ms", "p99 under 8 bulk streams, ms (lower)"),
+              ("connrate_seq", "connections/s sequential (higher)"),
+              ("connrate_50", "connections/s, 50 parallel (higher)")]
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
+    colors = ["#888888", "#1f77b4", "#6baed6", "#d62728", "#2ca02c"]
+    for axis, (key, title) in zip(axes.flat, panels, strict=True):
+        medians = [systems[n][key]["median"] for n in names]
+        lows = [m - systems[n][key]["min"] for m, n in zip(medians, names, strict=True)]
+        highs = [systems[n][key]["max"] - m for m, n in zip(medians, names, strict=True)]
+        axis.bar(range(len(names)), medians, yerr=[lows, highs], color=colors[:len(names)],
+                 capsize=4)
+        axis.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        axis.set_title(title, fontsize=10)
+    figure.suptitle(f"tcptunnel vs OpenSSH and socat on loopback ({results['started']})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--long-seconds", type=float, default=6.0)
+    parser.add_argument("--pings", type=int, default=2000)
+    parser.add_argument("--idle-connections", type=int, default=1000)
+    parser.add_argument("--delay", type=float, default=0.020)
+    parser.add_argument("--output", default=os.path.join(ROOT, "docs"))
+    args = parser.parse_args()
+    if args.role:
+        name, *rest = args.role
+        roles: dict[str, Callable[..., None]] = {
+            "echo-server": lambda p: role_echo_server(int(p)),
+            "delay-relay": lambda a, b, d: role_delay_relay(int(a), int(b), float(d)),
+            "pingpong": lambda p, n: role_pingpong(int(p), int(n)),
+            "connrate": lambda p, s, n: role_connrate(int(p), float(s), int(n)),
+            "hold": lambda p, n: role_hold(int(p), int(n)),
+        }
+        roles[name](*rest)
+        return
+    started = time.monotonic()
+    results = run_benchmarks(args)
+    results["versions"] = versions()
+    results["duration_s"] = time.monotonic() - started
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "benchmarks.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    report(results, os.path.join(args.output, "benchmarks.md"),
+           os.path.join(args.output, "benchmarks.png"))
+    print(f"wrote {args.output}/benchmarks.md and benchmarks.png in "
+          f"{results['duration_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
