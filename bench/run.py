@@ -392,13 +392,18 @@ def start_socat(procs: Processes, iperf: int, echo: int) -> System:
 
 def iperf(port: int, seconds: float, streams: int) -> float:
     """Throughput in MB/s (received) of an iperf3 run through ``port``."""
-    result = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
-                             "-P", str(streams), "-J"], capture_output=True, text=True,
-                            timeout=seconds + 30, check=False)
-    data = json.loads(result.stdout)
-    if "error" in data:
-        raise RuntimeError(data["error"])
-    return float(data["end"]["sum_received"]["bits_per_second"]) / 8 / 1e6
+    for _attempt in range(40):
+        result = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t",
+                                 str(seconds), "-P", str(streams), "-J"], capture_output=True,
+                                text=True, timeout=seconds + 30, check=False)
+        data = json.loads(result.stdout)
+        if "busy" in data.get("error", ""):
+            time.sleep(0.5)  # the server still winds down the previous test
+            continue
+        if "error" in data:
+            raise RuntimeError(data["error"])
+        return float(data["end"]["sum_received"]["bits_per_second"]) / 8 / 1e6
+    raise RuntimeError("the iperf3 server stayed busy")
 
 
 def helper_output(*args: Any, timeout: float = 120) -> Any:

@@ -122,6 +122,8 @@ class GatewayLimits:
     max_unauthenticated_links: int = 256
     max_links_per_session: int = 64
     max_streams_per_link: int = 1024
+    keepalive_interval: float = 15.0
+    keepalive_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -523,6 +525,10 @@ def _gateway(index: int, element: _Element) -> GatewayConfig:
         max_streams_per_link=element.get(
             "maxStreamsPerLink", _int_in(1, 1_000_000), "a whole number from 1"
         ) or defaults.max_streams_per_link,
+        keepalive_interval=element.get("keepaliveInterval", _positive_seconds,
+                                       "a number of seconds") or defaults.keepalive_interval,
+        keepalive_timeout=element.get("keepaliveTimeout", _positive_seconds,
+                                      "a number of seconds") or defaults.keepalive_timeout,
     )
     element.check_unknown_attributes()
     listeners: list[ListenerConfig] = []

@@ -147,7 +147,8 @@ class GatewayLink(LinkProtocol):
     core: GatewayLinkCore
 
     def __init__(self, gateway: Gateway) -> None:
-        super().__init__(GatewayLinkCore(), gateway.clock)
+        super().__init__(GatewayLinkCore(), gateway.clock, gateway.limits.keepalive_interval,
+                         gateway.limits.keepalive_timeout)
         self.gateway = gateway
         self.session: Session | None = None
         self.role: int | None = None
@@ -637,16 +638,19 @@ class GatewayService(service.Service):
 
     @staticmethod
     def _keys(config: GatewayConfig) -> list[ListenerKey]:
-        return [(listener.ip, listener.port) for listener in config.listeners]
+        """What identifies each Listener across reloads: its address.  Listeners on port 0
+        (any free port) have no stable address; each is its own."""
+        return [(listener.ip, listener.port or -1 - i)
+                for i, listener in enumerate(config.listeners)]
 
-    @staticmethod
-    def _load_tls(config: GatewayConfig) -> dict[ListenerKey, Any]:
+    def _load_tls(self, config: GatewayConfig) -> dict[ListenerKey, Any]:
         from tcptunnel.tls import server_context_factory
 
-        return {(listener.ip, listener.port): server_context_factory(listener.tls)
-                for listener in config.listeners if listener.tls is not None}
+        return {key: server_context_factory(listener.tls)
+                for listener, key in zip(config.listeners, self._keys(config), strict=True)
+                if listener.tls is not None}
 
-    def _listen(self, listener: ListenerConfig, options: Any) -> None:
+    def _listen(self, listener: ListenerConfig, key: ListenerKey, options: Any) -> None:
         from twisted.internet.error import CannotListenError
 
         index = self.config.index
@@ -662,7 +666,7 @@ class GatewayService(service.Service):
             raise StartupError(
                 f"[{index}] Gateway could not listen on {listener.describe()} "
                 f"({listener.location}): {e.socketError}") from None
-        self._listening[(listener.ip, listener.port)] = (port, tls)
+        self._listening[key] = (port, tls)
         self.log.info("[{index}] Gateway listener started on {address} (TLS: {tls})",
                       index=index, address=format_address(listener.ip, port.getHost().port),
                       tls="on" if tls is not None else "off")
@@ -675,8 +679,9 @@ class GatewayService(service.Service):
         for warning in self.gateway.warnings():
             self.log.warn("[{index}] {warning}", index=self.config.index, warning=warning)
         try:
-            for listener in self.config.listeners:
-                self._listen(listener, self._tls.get((listener.ip, listener.port)))
+            for listener, key in zip(self.config.listeners, self._keys(self.config),
+                                     strict=True):
+                self._listen(listener, key, self._tls.get(key))
         except StartupError:
             for port, _tls in self._listening.values():
                 port.stopListening()
@@ -698,12 +703,11 @@ class GatewayService(service.Service):
             port, _ = self._listening.pop(key)
             port.stopListening()
             self.log.info("[{index}] Listener {address} removed", index=new.index,
-                          address=format_address(*key))
-        for listener in new.listeners:
-            key = (listener.ip, listener.port)
+                          address=format_address(key[0], max(key[1], 0)))
+        for listener, key in zip(new.listeners, self._keys(new), strict=True):
             if key not in self._listening:
                 try:
-                    self._listen(listener, tls.get(key))
+                    self._listen(listener, key, tls.get(key))
                 except StartupError as e:
                     self.log.error("{error}", error=str(e))
                 continue

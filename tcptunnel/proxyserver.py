@@ -80,13 +80,19 @@ class ProxyServerService(ProxyService):
         super().__init__(config, reactor)
         self._listening: dict[tuple[str | None, int], tuple[Any, BindingFactory]] = {}
 
+    @staticmethod
+    def _keys(config: ProxyConfig) -> list[tuple[str | None, int]]:
+        """What identifies each Binding across reloads: its address.  Bindings on port 0
+        (any free port) have no stable address; each is its own."""
+        return [(b.listen_ip, b.listen_port or -1 - i) for i, b in enumerate(config.bindings)]
+
     @property
     def ports(self) -> list[Any]:
         """Listening ports, in the order of the Bindings."""
-        return [self._listening[(b.listen_ip, b.listen_port)][0] for b in self.config.bindings
-                if (b.listen_ip, b.listen_port) in self._listening]
+        return [self._listening[key][0] for key in self._keys(self.config)
+                if key in self._listening]
 
-    def _listen(self, binding: BindingConfig) -> None:
+    def _listen(self, binding: BindingConfig, key: tuple[str | None, int]) -> None:
         from twisted.internet.error import CannotListenError
 
         interface = binding.listen_ip if binding.listen_ip is not None else "::"
@@ -98,7 +104,7 @@ class ProxyServerService(ProxyService):
                 f"[{self.config.index}] Could not listen on "
                 f"{format_address(binding.listen_ip, binding.listen_port)} "
                 f"({binding.location}): {e.socketError}") from None
-        self._listening[(binding.listen_ip, binding.listen_port)] = (port, factory)
+        self._listening[key] = (port, factory)
         self.log.info("[{index}] Binding {listen} -> {target} listening",
                       index=self.config.index,
                       listen=format_address(binding.listen_ip, port.getHost().port),
@@ -107,8 +113,8 @@ class ProxyServerService(ProxyService):
     def startService(self) -> None:  # noqa: N802
         """Listen on every Binding first (a failure stops start-up), then connect."""
         try:
-            for binding in self.config.bindings:
-                self._listen(binding)
+            for binding, key in zip(self.config.bindings, self._keys(self.config), strict=True):
+                self._listen(binding, key)
         except StartupError:
             for port, _factory in self._listening.values():
                 port.stopListening()
@@ -120,18 +126,18 @@ class ProxyServerService(ProxyService):
         """Reload: Bindings are added, removed or re-targeted; open streams are untouched."""
         if not super().apply_config(new):
             return False
-        wanted = {(b.listen_ip, b.listen_port): b for b in new.bindings}
+        wanted = dict(zip(self._keys(new), new.bindings, strict=True))
         for key in set(self._listening) - set(wanted):
             port, _factory = self._listening.pop(key)
             port.stopListening()
             self.log.info("[{index}] Binding on {listen} removed", index=new.index,
-                          listen=format_address(*key))
+                          listen=format_address(key[0], max(key[1], 0)))
         for key, binding in wanted.items():
             if key in self._listening:
                 self._listening[key][1].binding = binding  # new target for new connections
                 continue
             try:
-                self._listen(binding)
+                self._listen(binding, key)
             except StartupError as e:
                 self.log.error("{error}", error=str(e))
         return True

@@ -214,9 +214,11 @@ class RecordingClient(Protocol):
 
     transport: Any
 
-    def __init__(self) -> None:
+    def __init__(self, close_on_eof: bool = True) -> None:
+        self.close_on_eof = close_on_eof
         self.received = bytearray()
         self.eof = False
+        self.write_closed = False
         self.ended: defer.Deferred[str] = defer.Deferred()
         self.how: str | None = None
 
@@ -225,10 +227,13 @@ class RecordingClient(Protocol):
 
     def readConnectionLost(self) -> None:  # noqa: N802
         self.eof = True
-        self.transport.loseConnection()
+        if self.close_on_eof or self.write_closed:
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:  # noqa: N802
-        pass
+        self.write_closed = True
+        if self.eof:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802, B008
         # "clean": EOF then close; "closed": closed without EOF first; "reset": TCP RST.
@@ -241,9 +246,9 @@ class RecordingClient(Protocol):
         self.ended.callback(self.how)
 
 
-async def connect(port: int) -> RecordingClient:
-    """Connect a RecordingClient to 127.0.0.1:port."""
-    client = RecordingClient()
+async def connect(port: int, close_on_eof: bool = True) -> RecordingClient:
+    """Connect a RecordingClient to 127.0.0.1:port (by default it closes on EOF)."""
+    client = RecordingClient(close_on_eof)
     await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
         Factory.forProtocol(lambda: client))
     return client

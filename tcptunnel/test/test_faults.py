@@ -1,0 +1,471 @@
+"""Faults: killed processes, silent links, misbehaving targets and clients, churn, floods.
+
+Each test says what the local application sees and what recovers. Processes that must die are
+real ``twistd -n tcptunnel`` processes; the rest runs in this process on loopback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from tcptunnel import _frames as fr
+from tcptunnel._frames import FrameType, Reason
+from tcptunnel.test._harness import (
+    EchoProtocol,
+    RecordingClient,
+    Tunnel,
+    binding_port,
+    connect,
+    listen,
+    raw_peer,
+    sleep,
+    wait_until,
+)
+from tcptunnel.test.test_tap import TwistdProcess, child_environment, free_port, twistd_command
+
+NS = 'xmlns="https://github.com/kpreisser/TcpTunnel"'
+
+
+def open_fds(pid: int) -> int:
+    """Number of open file descriptors of a process."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+class ThreeProcesses:
+    """Gateway, Proxy-Client and Proxy-Server as separate twistd processes."""
+
+    def __init__(self, test: TestCase, target: int) -> None:
+        self.test = test
+        self.work = os.path.abspath(test.mktemp())
+        os.makedirs(self.work)
+        self.gateway_port = free_port()
+        self.binding = free_port()
+        timing = 'keepaliveInterval="1" keepaliveTimeout="2"'
+        proxy = (f'host="127.0.0.1" port="{self.gateway_port}" maxRetryDelay="2" {timing}')
+        self.files = {
+            "gateway": f'<Instance type="gateway" {timing}><Listener ip="127.0.0.1" '
+                       f'port="{self.gateway_port}"/><Session id="1" proxyClientPassword="a" '
+                       'proxyServerPassword="b"/></Instance>',
+            "proxy-client": f'<Instance type="proxy-client" {proxy}><Session id="1" '
+                            'password="a"/></Instance>',
+            "proxy-server": f'<Instance type="proxy-server" {proxy}><Session id="1" '
+                            f'password="b"><Binding listenIp="127.0.0.1" '
+                            f'listenPort="{self.binding}" targetHost="127.0.0.1" '
+                            f'targetPort="{target}"/></Session></Instance>',
+        }
+        self.processes: dict[str, TwistdProcess] = {}
+        for role in self.files:
+            self.start(role)
+
+    def start(self, role: str) -> TwistdProcess:
+        path = os.path.join(self.work, f"{role}.xml")
+        with open(path, "w") as f:
+            f.write(f"<Settings {NS}>{self.files[role]}</Settings>")
+        process = TwistdProcess()
+        reactor.spawnProcess(
+            process, twistd_command()[0],
+            twistd_command("-n", "--pidfile=", "--logfile=-", "tcptunnel", "--config", path),
+            env=child_environment(), path=self.work)
+        self.test.addCleanup(process.kill)
+        self.processes[role] = process
+        return process
+
+    def pid(self, role: str) -> int:
+        return int(self.processes[role].transport.pid)  # type: ignore[union-attr]
+
+    async def kill(self, role: str) -> None:
+        process = self.processes[role]
+        process.transport.signalProcess("KILL")  # type: ignore[union-attr]
+        await process.ended
+
+    async def working(self, timeout: float = 30.0) -> float:
+        """Wait until a connection through the tunnel echoes; return the seconds it took."""
+        started = time.monotonic()
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            try:
+                client = await connect(self.binding)
+            except Exception:  # the binding is not listening yet
+                await sleep(0.1)
+                continue
+            client.transport.write(b"probe")
+            client.transport.loseWriteConnection()
+            if await client.ended == "clean" and bytes(client.received) == b"probe":
+                return time.monotonic() - started
+            await sleep(0.1)
+        raise AssertionError("the tunnel did not come back:\n" + "\n".join(
+            f"--- {role}\n{p.log()[-3000:]}" for role, p in self.processes.items()))
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {r}\n{p.log()[-2000:]}" for r, p in self.processes.items())
+
+
+class KillTests(TestCase):
+    """A role killed with SIGKILL and restarted."""
+
+    timeout = 120
+
+    async def bulk_clients(self, port: int, count: int, size: int) -> list[tuple[Any, bytes]]:
+        clients = []
+        for _ in range(count):
+            client = await connect(port)
+            payload = os.urandom(size)
+            client.transport.write(payload)
+            clients.append((client, payload))
+        return clients
+
+    def assert_no_truncation(self, clients: list[tuple[Any, bytes]]) -> None:
+        """Every connection is either complete (clean close, exact bytes) or reset; what it
+        received is always an exact prefix of what was sent."""
+        for client, payload in clients:
+            received = bytes(client.received)
+            self.assertEqual(received, payload[: len(received)], "corrupted bytes")
+            if client.how == "clean":
+                self.assertEqual(len(received), len(payload), "clean EOF with truncated data")
+            else:
+                self.assertEqual(client.how, "reset")
+
+    async def kill_and_restart(self, role: str) -> None:
+        echo = await listen(self, EchoProtocol)
+        tunnel = ThreeProcesses(self, echo)
+        await tunnel.working()
+        watched = [r for r in ("gateway", "proxy-client", "proxy-server") if r != role]
+        await sleep(0.5)
+        before = {r: (open_fds(tunnel.pid(r)), rss_mib(tunnel.pid(r))) for r in watched}
+        clients = await self.bulk_clients(tunnel.binding, 20, 4 * 1024 * 1024)
+        await sleep(0.3)
+        await tunnel.kill(role)
+        for client, _ in clients:
+            client.transport.loseWriteConnection()
+        await wait_until(lambda: all(c.ended.called for c, _ in clients), 20, "clients to end")
+        self.assert_no_truncation(clients)
+        self.assertTrue(any(c.how == "reset" for c, _ in clients), "nothing was interrupted")
+        await sleep(2.0)
+        tunnel.start(role)
+        took = await tunnel.working(timeout=30)
+        self.assertLess(took, 15, tunnel.logs())
+        await sleep(1.0)
+        for r in watched:
+            fds, rss = open_fds(tunnel.pid(r)), rss_mib(tunnel.pid(r))
+            self.assertLessEqual(fds, before[r][0] + 2, f"{r} leaks file descriptors")
+            self.assertLess(rss, before[r][1] + 40, f"{r} grew from {before[r][1]:.0f} MiB")
+
+    async def test_gateway_killed(self) -> None:
+        """Gateway SIGKILLed during 20 bulk transfers and restarted 2 s later: interrupted
+        connections are reset, never cut cleanly; both proxies reconnect; no fd leak."""
+        await self.kill_and_restart("gateway")
+
+    async def test_proxy_client_killed(self) -> None:
+        """The same with the Proxy-Client killed and restarted."""
+        await self.kill_and_restart("proxy-client")
+
+    async def test_proxy_server_killed(self) -> None:
+        """Proxy-Server killed: its local clients see resets; after a restart it works."""
+        echo = await listen(self, EchoProtocol)
+        tunnel = ThreeProcesses(self, echo)
+        await tunnel.working()
+        clients = await self.bulk_clients(tunnel.binding, 5, 2 * 1024 * 1024)
+        await tunnel.kill("proxy-server")
+        await wait_until(lambda: all(c.ended.called for c, _ in clients), 20, "clients to end")
+        self.assert_no_truncation(clients)
+        await sleep(0.5)
+        tunnel.start("proxy-server")
+        self.assertLess(await tunnel.working(timeout=30), 15)
+
+
+class Freezer(Protocol):
+    """One direction-pair of a relay that can stop forwarding without closing."""
+
+    peer: Freezer | None = None
+    frozen = False
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if not Freezer.frozen and self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.loseConnection()
+
+
+async def freezing_relay(test: TestCase, target: int) -> tuple[int, list[Freezer]]:
+    """A relay to ``target`` whose connections can all be frozen (Freezer.frozen = True)."""
+    fronts: list[Freezer] = []
+
+    def build() -> Freezer:
+        front = Freezer()
+        fronts.append(front)
+
+        async def dial() -> None:
+            back = Freezer()
+            back.peer = front
+            front.peer = back
+            await TCP4ClientEndpoint(reactor, "127.0.0.1", target).connect(
+                Factory.forProtocol(lambda: back))
+
+        front.dialing = defer.ensureDeferred(dial())  # type: ignore[attr-defined]
+        return front
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(build))
+    test.addCleanup(port.stopListening)
+    return port.getHost().port, fronts
+
+
+class SilentLinkTests(TestCase):
+    """A link that stops carrying bytes without closing."""
+
+    timeout = 60
+
+    async def test_silent_link_detected(self) -> None:
+        """Keepalive detects a frozen link within interval + timeout at both ends; the proxy
+        reconnects and the tunnel works again."""
+        echo = await listen(self, EchoProtocol)
+        tunnel = Tunnel(self, gateway_attributes='keepaliveInterval="1" keepaliveTimeout="1"')
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        relay, fronts = await freezing_relay(self, tunnel.gateway_port)
+        real_port = tunnel.gateway_port
+        tunnel.gateway_port = relay  # the Proxy-Server goes through the relay
+        ps = tunnel.start_proxy_server([("127.0.0.1", echo)],
+                                       extra='keepaliveInterval="1" keepaliveTimeout="1"')
+        tunnel.gateway_port = real_port
+        pc = tunnel.start_proxy_client()
+        await tunnel.ready(pc, ps)
+        first_link = ps.link
+        client = await connect(binding_port(ps))
+        Freezer.frozen = True
+        self.addCleanup(setattr, Freezer, "frozen", False)
+        started = time.monotonic()
+        await wait_until(lambda: ps.link is not first_link, 10, "the frozen link to be dropped")
+        detected = time.monotonic() - started
+        self.assertLess(detected, 4.5)
+        self.assertEqual(await client.ended, "reset")
+        assert first_link is not None
+        self.assertIn("KEEPALIVE_TIMEOUT", first_link.close_reason)
+        Freezer.frozen = False
+        await tunnel.ready(pc, ps, timeout=15)
+        again = await connect(binding_port(ps))
+        again.transport.write(b"back")
+        again.transport.loseWriteConnection()
+        self.assertEqual(await again.ended, "clean")
+        self.assertGreaterEqual(len(fronts), 2)
+        assert tunnel.gateway is not None
+        gateway = tunnel.gateway.gateway
+        await wait_until(lambda: len(gateway.links) == 2, 10, "the Gateway to drop the old link")
+
+
+@implementer(IHalfCloseableProtocol)
+class Misbehaving(Protocol):
+    """Targets that misbehave in one of several ways, chosen by the first byte received."""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.mode: bytes | None = None
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        transport: Any = self.transport
+        if self.mode is None:
+            self.mode = data[:1]
+            if self.mode == b"N":  # never read again
+                transport.pauseProducing()
+            elif self.mode == b"R":  # send 1 MiB, then reset
+                transport.write(RESET_PAYLOAD)
+                reactor.callLater(0.2, transport.abortConnection)
+            elif self.mode == b"H":  # answer and half-close first
+                transport.write(b"early answer")
+                transport.loseWriteConnection()
+            data = data[1:]
+        if self.mode == b"H":
+            self.received = getattr(self, "received", b"") + data
+
+    def readConnectionLost(self) -> None:  # noqa: N802
+        if self.mode == b"H":
+            HALF_CLOSE_RESULTS.append(getattr(self, "received", b""))
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        pass
+
+
+RESET_PAYLOAD = os.urandom(1024 * 1024)
+HALF_CLOSE_RESULTS: list[bytes] = []
+
+
+class StreamFaultTests(TestCase):
+    """Faults of one stream touch only that stream."""
+
+    timeout = 60
+
+    async def tunnel(self) -> tuple[Tunnel, int, int]:
+        bad = await listen(self, Misbehaving)
+        echo = await listen(self, EchoProtocol)
+        tunnel = Tunnel(self)
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        pc = tunnel.start_proxy_client()
+        ps = tunnel.start_proxy_server([("127.0.0.1", bad), ("127.0.0.1", echo)])
+        await tunnel.ready(pc, ps)
+        return tunnel, binding_port(ps, 0), binding_port(ps, 1)
+
+    async def echo_works(self, port: int) -> None:
+        client = await connect(port)
+        payload = os.urandom(500_000)
+        client.transport.write(payload)
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.ended, "clean")
+        self.assertEqual(hashlib.sha256(client.received).digest(),
+                         hashlib.sha256(payload).digest())
+
+    async def test_target_never_reads(self) -> None:
+        """A target that never reads stalls only its stream; closing the client resets it."""
+        _tunnel, bad, echo = await self.tunnel()
+        stuck = await connect(bad)
+        stuck.transport.write(b"N" + b"x" * 8_000_000)
+        await sleep(0.5)
+        await self.echo_works(echo)
+        stuck.transport.abortConnection()
+        await stuck.ended
+
+    async def test_target_resets_mid_transfer(self) -> None:
+        """A target that resets mid-transfer: the client sees a reset; what it got is an exact
+        prefix of what the target sent."""
+        _tunnel, bad, echo = await self.tunnel()
+        client = await connect(bad)
+        client.transport.write(b"R")
+        self.assertEqual(await client.ended, "reset")
+        received = bytes(client.received)
+        self.assertEqual(received, RESET_PAYLOAD[: len(received)])
+        await self.echo_works(echo)
+
+    async def test_target_half_closes_first(self) -> None:
+        """A target that half-closes first: the client gets the answer and EOF and can still
+        send; the target receives it all."""
+        _tunnel, bad, _echo = await self.tunnel()
+        client = await connect(bad, close_on_eof=False)
+        client.transport.write(b"H")
+        await wait_until(lambda: client.eof, 10, "EOF from the target")
+        self.assertEqual(bytes(client.received), b"early answer")
+        HALF_CLOSE_RESULTS.clear()
+        client.transport.write(b"late request")
+        client.transport.loseWriteConnection()
+        await wait_until(lambda: bool(HALF_CLOSE_RESULTS), 10, "the target to get EOF")
+        self.assertEqual(HALF_CLOSE_RESULTS, [b"late request"])
+        self.assertEqual(await client.ended, "clean")
+
+    async def test_client_disappears(self) -> None:
+        """A local client that aborts mid-transfer resets its stream only."""
+        _tunnel, _bad, echo = await self.tunnel()
+        leaving = await connect(echo)
+        leaving.transport.write(os.urandom(3_000_000))
+        await sleep(0.1)
+        leaving.transport.abortConnection()
+        await self.echo_works(echo)
+
+    async def test_churn_leaves_nothing_behind(self) -> None:
+        """500 connections opened and closed: stream tables and file descriptors return to
+        their idle values."""
+        tunnel, _bad, echo = await self.tunnel()
+        await self.echo_works(echo)
+        await sleep(0.3)
+        fds_before = len(os.listdir("/proc/self/fd"))
+        for batch in range(10):
+            clients: list[RecordingClient] = await defer.gatherResults(
+                [defer.ensureDeferred(connect(echo)) for _ in range(50)])
+            for i, client in enumerate(clients):
+                client.transport.write(b"%d-%d" % (batch, i))
+                if i % 3 == 0:
+                    client.transport.abortConnection()
+                else:
+                    client.transport.loseWriteConnection()
+            await defer.gatherResults([c.ended for c in clients])
+        await sleep(0.5)
+        assert tunnel.gateway is not None
+        for link in tunnel.gateway.gateway.links:
+            self.assertEqual(link.routes, {})
+        for service in tunnel.services[1:]:
+            assert service.link is not None
+            self.assertEqual(service.link.streams, {})
+            self.assertEqual(service.link.core.streams, {})
+        self.assertLessEqual(len(os.listdir("/proc/self/fd")), fds_before + 2)
+
+
+class FloodTests(TestCase):
+    """Floods at the Gateway while a healthy session keeps working."""
+
+    timeout = 60
+
+    async def test_silent_connections(self) -> None:
+        """300 connections that never speak: those beyond the unauthenticated limit are closed
+        at once, the rest at the login deadline; a healthy session works throughout."""
+        echo = await listen(self, EchoProtocol)
+        tunnel = Tunnel(self, gateway_attributes='loginTimeout="1.5" maxUnauthenticatedLinks="200"')
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        pc = tunnel.start_proxy_client()
+        ps = tunnel.start_proxy_server([("127.0.0.1", echo)])
+        await tunnel.ready(pc, ps)
+        peers = [await raw_peer(tunnel.gateway_port) for _ in range(300)]
+        await sleep(0.3)
+        closed_at_once = sum(p.closed.called for p in peers)
+        self.assertGreaterEqual(closed_at_once, 100)
+        client = await connect(binding_port(ps))
+        client.transport.write(b"still fine")
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.ended, "clean")
+        await wait_until(lambda: all(p.closed.called for p in peers), 5, "the login deadline")
+
+    async def test_data_after_fin_resets_stream(self) -> None:
+        """An authenticated peer sending DATA after its FIN gets that stream reset."""
+        echo = await listen(self, EchoProtocol)
+        tunnel = Tunnel(self)
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        pc = tunnel.start_proxy_client()
+        await wait_until(lambda: pc.link is not None, what="login")
+        peer = await raw_peer(tunnel.gateway_port)
+        self.assertTrue(await peer.login(1, fr.ROLE_PROXY_SERVER, "server-pw"))
+        peer.transport.write(fr.build_open(1, fr.OpenRequest(65536, 0, "127.0.0.1", echo)))
+        await wait_until(lambda: bool(peer.of_type(FrameType.OPEN_RESULT)), what="open")
+        peer.transport.write(fr.build_fin(1) + fr.encode(FrameType.DATA, 1, b"late"))
+        await wait_until(lambda: bool(peer.of_type(FrameType.RESET)), what="RESET")
+        self.assertEqual(fr.parse_reset(peer.of_type(FrameType.RESET)[0].payload)[0],
+                         Reason.PROTOCOL_ERROR)
+        self.assertFalse(peer.closed.called)
+        peer.transport.loseConnection()
+
+    async def test_plain_bytes_on_tls_listener(self) -> None:
+        """Plain tcptunnel bytes on a TLS listener are closed; TLS links keep working."""
+        echo = await listen(self, EchoProtocol)
+        tunnel = Tunnel(self, tls=True)
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        pc = tunnel.start_proxy_client()
+        ps = tunnel.start_proxy_server([("127.0.0.1", echo)])
+        await tunnel.ready(pc, ps)
+        peer = await raw_peer(tunnel.gateway_port)
+        peer.transport.write(fr.build_hello() + b"\x00" * 100)
+        await wait_until(peer.closed_called, 10, "the plain peer to be closed")
+        client = await connect(binding_port(ps))
+        client.transport.write(b"tls ok")
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.ended, "clean")
+
