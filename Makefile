@@ -32,6 +32,7 @@ venv: $(STAMP)
 run: $(STAMP)
 	@echo "Starting the loopback demo (conf/demo.xml): Gateway, Proxy-Client and Proxy-Server in one process."
 	@echo "A test web server answers on 127.0.0.1:18080; the tunnel entrance is 127.0.0.1:18022."
+	@echo "Status page: http://127.0.0.1:18090/  (metrics: /metrics, JSON: /status)"
 	@echo ""
 	@echo "    Try, in another terminal:   curl http://127.0.0.1:18022/"
 	@echo ""
@@ -40,7 +41,13 @@ run: $(STAMP)
 	  trap 'kill $$web 2>/dev/null' EXIT INT TERM; \
 	  $(VENV)/bin/twistd -n --pidfile= tcptunnel --config conf/demo.xml
 
+# The status page test drives Debian's headless Chromium; install it when we may
+# (the test says clearly that it skipped if this was not possible).
 test: $(STAMP)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { echo "installing Debian's chromium for the status page test"; \
+	    (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) \
+	    >/dev/null 2>&1 || echo "could not install chromium"; }; } || true
 	@rm -rf _trial_temp
 	@set -o pipefail 2>/dev/null; $(VENV)/bin/trial --jobs=2 tcptunnel 2>&1 | tee .trial-output.txt; \
 	  status=$${PIPESTATUS[0]}; $(PY) .ci/trial-summary .trial-output.txt; exit $$status

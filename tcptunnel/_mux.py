@@ -173,6 +173,7 @@ class MuxConnection(LinkCore):
         # Streams that became CLOSED because our FIN went out (in data_to_send),
         # for the adapter to collect.
         self.closed_by_send: list[int] = []
+        self.blocked_sent = 0  # DATA frames that spent the window with more waiting
 
     # -- helpers ----------------------------------------------------------
 
@@ -458,6 +459,7 @@ class MuxConnection(LinkCore):
             stream.send_buffered -= amount
             stream.send_window -= amount
             blocked = stream.send_window == 0 and stream.send_buffered > 0
+            self.blocked_sent += blocked
             out.append(fr.encode_header(FrameType.DATA, fr.FLAG_BLOCKED if blocked else 0,
                                         stream_id, amount))
             out.append(payload)

@@ -198,11 +198,21 @@ InstanceConfig = GatewayConfig | ProxyConfig
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    """``<Status>`` (ours): where the process serves /metrics, /status and its status page."""
+
+    listen_ip: str
+    listen_port: int
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True)
 class Settings:
-    """A whole settings file: its instances in file order."""
+    """A whole settings file: its instances in file order, and the optional status server."""
 
     path: str
     instances: tuple[InstanceConfig, ...] = field(default_factory=tuple)
+    status: StatusConfig | None = None
 
 
 def format_address(host: str | None, port: int) -> str:
@@ -746,7 +756,22 @@ def parse_settings(data: bytes, path: str = "settings.xml") -> Settings:
     settings = _Element(path, root)
     settings.check_unknown_attributes()
     instances: list[InstanceConfig] = []
-    for index, element in enumerate(settings.children({"Instance": ""})):
+    status: StatusConfig | None = None
+    index = 0
+    for element in settings.children({"Instance": "", "Status": ""}):
+        if element.node.name == "Status":
+            if status is not None:
+                raise element.error(f"only one <Status> is allowed (the first is at "
+                                    f"{status.location})")
+            status = StatusConfig(
+                listen_ip=element.get("listenIp", _ip_literal, _IP_WHAT) or "127.0.0.1",
+                listen_port=element.get_required("listenPort", _PORT_OR_ZERO,
+                                                 _PORT_OR_ZERO_WHAT),
+                location=element.location,
+            )
+            element.check_unknown_attributes()
+            _no_children(element)
+            continue
         type_text = element.required("type")
         role = type_text.strip().lower()
         if role == "gateway":
@@ -759,7 +784,8 @@ def parse_settings(data: bytes, path: str = "settings.xml") -> Settings:
                 "proxy-server)",
                 "type",
             )
-    return Settings(path=path, instances=tuple(instances))
+        index += 1
+    return Settings(path=path, instances=tuple(instances), status=status)
 
 
 def load_settings(path: str) -> Settings:

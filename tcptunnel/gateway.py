@@ -12,7 +12,7 @@ its own streams (``docs/protocol.md`` §6).
 from __future__ import annotations
 
 import os
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,6 +182,7 @@ class GatewayLink(LinkProtocol):
                           "reached; closing", index=gateway.config.index,
                           peer=self.peer_description,
                           limit=gateway.limits.max_unauthenticated_links)
+            gateway.stats["limits_hit", "unauthenticated_links"] += 1
             self.fail(GoAway.LIMIT, "too many unauthenticated links")
             return
         self._login_call = self.clock.callLater(gateway.limits.login_timeout, self._login_timeout)
@@ -275,6 +276,7 @@ class GatewayLink(LinkProtocol):
     def _login_failed(self, why: str) -> None:
         gateway = self.gateway
         gateway.throttle.failed(self.peer_host)
+        gateway.stats["logins_failed", ROLE_NAMES.get(self._auth_role, "?")] += 1
         self.log.warn(
             "[{index}] Link {peer}: login failed for session {session} as {role}: {why}",
             index=gateway.config.index, peer=self.peer_description,
@@ -294,10 +296,12 @@ class GatewayLink(LinkProtocol):
             self.log.warn("[{index}] Link {peer}: session {session} already has {n} links "
                           "(limit)", index=gateway.config.index, peer=self.peer_description,
                           session=session.id, n=session.links)
+            gateway.stats["limits_hit", "links_per_session"] += 1
             self.core.queue_control(fr.build_auth_result(False))
             self.fail(GoAway.LIMIT, f"session {session.id} has too many links")
             return
         gateway.throttle.succeeded(self.peer_host)
+        gateway.stats["logins_ok", ROLE_NAMES.get(self._auth_role, "?")] += 1
         if self._login_call is not None and self._login_call.active():
             self._login_call.cancel()
         self._login_call = None
@@ -421,6 +425,7 @@ class Router:
             return
         client = session.client
         if client is None:
+            self.gateway.stats["streams_refused", session.id, "NO_PARTNER"] += 1
             link.send_control(fr.build_open_result(stream_id, Reason.NO_PARTNER, 0,
                                                    "the session has no Proxy-Client"))
             return
@@ -429,6 +434,7 @@ class Router:
             self.log.warn("[{index}] Session {session}: stream limit {limit} reached",
                           index=self.gateway.config.index, session=session.id,
                           limit=limits.max_streams_per_link)
+            self.gateway.stats["limits_hit", "streams_per_link"] += 1
             link.send_control(fr.build_open_result(stream_id, Reason.LIMIT, 0,
                                                    "too many streams on this link"))
             return
@@ -439,6 +445,7 @@ class Router:
                       credit_to_server=request.window)
         link.routes[stream_id] = route
         client.routes[client_id] = route
+        self.gateway.stats["streams_opened", session.id] += 1
         client.send_control(fr.build_open(
             client_id, fr.OpenRequest(request.window, link.number, request.host, request.port)))
 
@@ -460,6 +467,9 @@ class Router:
                 if size > route.credit_to_server:
                     raise StreamError(Reason.FLOW_CONTROL, "DATA beyond the window")
                 route.credit_to_server -= size
+            session_id = link.session.id if link.session is not None else 0
+            self.gateway.stats["bytes", session_id,
+                               "to_client" if from_server else "to_server"] += size
             other.core.forward(other_id, frame_type, frame.flags, frame.payload)
             other.flush()
             if other.core.queued_bytes > MAX_QUEUED_BYTES_PER_LINK:
@@ -484,9 +494,11 @@ class Router:
             other.core.forward(other_id, frame_type, 0, b"")
             other.flush()
             if route.fin_from_server and route.fin_from_client:
+                self.gateway.stats["streams_closed",] += 1
                 self._forget(route)
         elif frame_type == FrameType.RESET:
             reason, message = fr.parse_reset(frame.payload)
+            self.gateway.stats["streams_reset", reason.name] += 1
             self._forget(route)
             other.core.drop_stream(other_id)
             other.send_control(fr.build_reset(other_id, reason, message))
@@ -508,6 +520,7 @@ class Router:
 
     def _reset_route(self, route: Route, reason: Reason, message: str) -> None:
         """A violation on a route: reset it towards both proxies."""
+        self.gateway.stats["streams_reset", reason.name] += 1
         self._forget(route)
         for link, stream_id in ((route.server_link, route.server_stream),
                                 (route.client_link, route.client_stream)):
@@ -535,6 +548,8 @@ class Gateway:
             self.auth_infos[(session.id, fr.ROLE_PROXY_SERVER)] = auth_info_for(
                 session.proxy_server)
         self.decoy_secret = os.urandom(32)
+        # Event counters for /metrics: (name, label...) -> count.
+        self.stats: Counter[tuple[str | int, ...]] = Counter()
         self.throttle = FailureThrottle()
         self.unauthenticated: set[GatewayLink] = set()
         self.links: set[GatewayLink] = set()

@@ -8,6 +8,7 @@ successful login, and a rejected login waits the longest delay.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from OpenSSL import SSL
@@ -174,6 +175,9 @@ class ProxyService(service.MultiService):
         self.reactor = reactor
         self.gateway_address = format_address(config.host, config.port)
         self.link: ProxyLink | None = None
+        self.link_since = 0.0
+        # Event counters for /metrics: (name, label...) -> count.
+        self.stats: Counter[tuple[str, ...]] = Counter()
         self.factory = ProxyLinkFactory(self)
         client: service.Service
         if config.use_tls:
@@ -196,10 +200,13 @@ class ProxyService(service.MultiService):
     def link_ready(self, link: ProxyLink) -> None:
         """Login succeeded: reset the backoff."""
         self.link = link
+        self.link_since = self.reactor.seconds()
+        self.stats["logins_ok",] += 1
         self.factory.resetDelay()
 
     def login_rejected(self) -> None:
         """Wait the longest delay before the next try."""
+        self.stats["logins_failed",] += 1
         self.factory.delay = self.factory.maxDelay
         self.log.error("[{index}] Authentication failed for session {session}: check the "
                        "session id and password (retrying in {delay:g} s)",
@@ -215,6 +222,8 @@ class ProxyService(service.MultiService):
         """Forget the link; the factory reconnects."""
         if self.link is link:
             self.link = None
+            self.stats["links_lost",] += 1
+            self.stats["window_stalls",] += link.core.blocked_sent
         if self.running:
             self.log.warn("[{index}] Link to the Gateway lost ({why}); reconnecting",
                           index=self.config.index, why=why)
@@ -232,6 +241,12 @@ class ProxyService(service.MultiService):
             return False
         self.config = new
         return True
+
+    def count_stream(self, how: str, sent: int, received: int) -> None:
+        """Count a finished stream for /metrics: outcome and bytes."""
+        self.stats["streams_ended", how.split(" (")[0]] += 1
+        self.stats["bytes_sent",] += sent
+        self.stats["bytes_received",] += received
 
     def stopService(self) -> Any:  # noqa: N802
         """Stop retrying, close the link with GOAWAY (streams reset), stop children."""

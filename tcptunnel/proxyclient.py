@@ -165,10 +165,13 @@ class ProxyClientService(ProxyService):
         """One log event per finished stream."""
         assert isinstance(connection, TargetConnection)
         stream = connection.stream
+        sent, received = (stream.bytes_out, stream.bytes_in) if stream else (0, 0)
+        self.count_stream(how, sent, received)
         self.log.info(
-            "[{index}] Stream from Proxy-Server #{origin} to {target} ended after "
-            "{duration:.3f} s: {how}; {sent} bytes sent, {received} bytes received",
-            index=self.config.index, origin=connection.request.origin, target=connection.target,
-            duration=self.reactor.seconds() - connection.started, how=how,
-            sent=stream.bytes_out if stream else 0, received=stream.bytes_in if stream else 0,
+            "[{index}] Stream from Proxy-Server #{origin} to {target} (session {session}) "
+            "ended after {duration:.3f} s: {how}; {sent} bytes sent, {received} bytes received",
+            index=self.config.index, session=self.config.session_id,
+            origin=connection.request.origin, target=connection.target,
+            duration=self.reactor.seconds() - connection.started, how=how, sent=sent,
+            received=received, event="stream_ended",
         )

@@ -146,13 +146,15 @@ class ProxyServerService(ProxyService):
         """One log event per finished stream."""
         assert isinstance(connection, BindingConnection)
         stream = connection.stream
+        sent, received = (stream.bytes_out, stream.bytes_in) if stream else (0, 0)
+        self.count_stream(how, sent, received)
         self.log.info(
-            "[{index}] Stream {client} -> {target} ended after {duration:.3f} s: {how}; "
-            "{sent} bytes sent, {received} bytes received",
-            index=self.config.index, client=getattr(connection, "client", "?"),
-            target=connection.target, duration=self.reactor.seconds() - connection.started,
-            how=how, sent=stream.bytes_out if stream else 0,
-            received=stream.bytes_in if stream else 0,
+            "[{index}] Stream {client} -> {target} (session {session}) ended after "
+            "{duration:.3f} s: {how}; {sent} bytes sent, {received} bytes received",
+            index=self.config.index, session=self.config.session_id,
+            client=getattr(connection, "client", "?"), target=connection.target,
+            duration=self.reactor.seconds() - connection.started, how=how, sent=sent,
+            received=received, event="stream_ended",
         )
 
     def stopService(self) -> Any:  # noqa: N802

@@ -77,6 +77,12 @@ class TunnelService(service.MultiService):
         self._previous_sighup: Any = None
         for instance in settings.instances:
             self._add_instance(instance)
+        if settings.status is not None:
+            from tcptunnel.status import StatusService
+
+            status = StatusService(settings.status, self, reactor)
+            status.setName("status")
+            status.setServiceParent(self)
 
     def _add_instance(self, instance: InstanceConfig) -> Any:
         child = make_instance_service(instance, self.reactor)
@@ -100,7 +106,10 @@ class TunnelService(service.MultiService):
             self.log.error("Reload failed, keeping the running configuration: {error}",
                            error=str(e))
             return False
-        current = {(child.config.index, child.config.role): child for child in self}
+        current = {(child.config.index, child.config.role): child for child in self
+                   if child.name != "status"}
+        if settings.status != self.settings.status:
+            self.log.warn("<Status> changed: that takes effect at the next restart")
         for instance in settings.instances:
             child = current.pop((instance.index, instance.role), None)
             name = f"{instance.index}:{instance.role}"

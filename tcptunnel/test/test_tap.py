@@ -19,6 +19,7 @@ from tcptunnel import tap
 from tcptunnel.gateway import GatewayService
 from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
+from tcptunnel.status import StatusService
 from tcptunnel.test._certs import mint
 from tcptunnel.test._harness import EchoProtocol, connect, listen, sleep
 
@@ -84,15 +85,16 @@ class PluginTests(SynchronousTestCase):
         self.assertIn("'port'", str(raised.exception))
 
     def test_make_service_children(self) -> None:
-        """makeService builds one child per Instance, in file order, named index:role."""
+        """makeService builds one child per Instance, in file order, named index:role, and
+        the status server when <Status> is given (conf/demo.xml has one)."""
         options = tap.Options()
         options.parseOptions(["--config", os.path.join(CONF, "demo.xml")])
         service = tap.makeService(options)
         children = list(service)  # type: ignore[call-overload]
         self.assertEqual([c.name for c in children],
-                         ["0:gateway", "1:proxy-client", "2:proxy-server"])
+                         ["0:gateway", "1:proxy-client", "2:proxy-server", "status"])
         self.assertEqual([type(c) for c in children],
-                         [GatewayService, ProxyClientService, ProxyServerService])
+                         [GatewayService, ProxyClientService, ProxyServerService, StatusService])
 
 
 class TwistdProcessTests(TestCase):
