@@ -41,6 +41,7 @@ from tcptunnel.config import (
     format_address,
 )
 from tcptunnel.mux import LinkProtocol
+from tcptunnel.ports import listen
 
 ROLE_NAMES = {fr.ROLE_PROXY_CLIENT: "proxy-client", fr.ROLE_PROXY_SERVER: "proxy-server"}
 MAX_QUEUED_BYTES_PER_LINK = 64 * 1024 * 1024
@@ -666,21 +667,10 @@ class GatewayService(service.Service):
                 if listener.tls is not None}
 
     def _listen(self, listener: ListenerConfig, key: ListenerKey, options: Any) -> None:
-        from twisted.internet.error import CannotListenError
-
         index = self.config.index
-        interface = listener.ip if listener.ip is not None else "::"
         tls = _ServerTls(options) if options is not None else None
-        try:
-            if tls is not None:
-                port = self.reactor.listenSSL(listener.port, self.factory, tls,
-                                              interface=interface)
-            else:
-                port = self.reactor.listenTCP(listener.port, self.factory, interface=interface)
-        except CannotListenError as e:
-            raise StartupError(
-                f"[{index}] Gateway could not listen on {listener.describe()} "
-                f"({listener.location}): {e.socketError}") from None
+        port = listen(self.reactor, listener.ip, listener.port, self.factory,
+                      f"[{index}] Gateway", listener.location, tls)
         self._listening[key] = (port, tls)
         self.log.info("[{index}] Gateway listener started on {address} (TLS: {tls})",
                       index=index, address=format_address(listener.ip, port.getHost().port),

@@ -242,11 +242,25 @@ class ProxyService(service.MultiService):
         self.config = new
         return True
 
-    def count_stream(self, how: str, sent: int, received: int) -> None:
-        """Count a finished stream for /metrics: outcome and bytes."""
+    def stream_ended(self, connection: Any, how: str) -> None:
+        """One structured log event per finished stream, and its counts for /metrics.
+
+        ``connection`` is the local side (a SpliceProtocol subclass) with ``describe()``,
+        ``started`` and ``stream``.
+        """
+        stream = connection.stream
+        sent, received = (stream.bytes_out, stream.bytes_in) if stream else (0, 0)
         self.stats["streams_ended", how.split(" (")[0]] += 1
         self.stats["bytes_sent",] += sent
         self.stats["bytes_received",] += received
+        self.log.info(
+            "[{index}] Stream {stream} (session {session}) ended after {duration:.3f} s: "
+            "{how}; {sent} bytes sent, {received} bytes received",
+            index=self.config.index, session=self.config.session_id,
+            stream=connection.describe(), target=connection.target,
+            duration=self.reactor.seconds() - connection.started, how=how, sent=sent,
+            received=received, event="stream_ended",
+        )
 
     def stopService(self) -> Any:  # noqa: N802
         """Stop retrying, close the link with GOAWAY (streams reset), stop children."""

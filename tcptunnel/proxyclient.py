@@ -69,6 +69,10 @@ class TargetConnection(SpliceProtocol):
         """host:port of the target."""
         return format_address(self.request.host, self.request.port)
 
+    def describe(self) -> str:
+        """``from Proxy-Server #n to target``, for the stream's log event."""
+        return f"from Proxy-Server #{self.request.origin} to {self.target}"
+
     def connectionMade(self) -> None:  # noqa: N802
         """Connected: accept the stream and start moving bytes."""
         stream = self.stream
@@ -160,18 +164,3 @@ class ProxyClientService(ProxyService):
             connection._finish(f"failed to open ({reason.name})")
 
         dial.addBoth(done).addErrback(failed)
-
-    def stream_ended(self, connection: SpliceProtocol, how: str) -> None:
-        """One log event per finished stream."""
-        assert isinstance(connection, TargetConnection)
-        stream = connection.stream
-        sent, received = (stream.bytes_out, stream.bytes_in) if stream else (0, 0)
-        self.count_stream(how, sent, received)
-        self.log.info(
-            "[{index}] Stream from Proxy-Server #{origin} to {target} (session {session}) "
-            "ended after {duration:.3f} s: {how}; {sent} bytes sent, {received} bytes received",
-            index=self.config.index, session=self.config.session_id,
-            origin=connection.request.origin, target=connection.target,
-            duration=self.reactor.seconds() - connection.started, how=how, sent=sent,
-            received=received, event="stream_ended",
-        )

@@ -9,6 +9,7 @@ from twisted.logger import Logger
 
 from tcptunnel._frames import StreamError
 from tcptunnel.config import BindingConfig, ProxyConfig, StartupError, format_address
+from tcptunnel.ports import listen
 from tcptunnel.proxy import ProxyService
 from tcptunnel.splice import SpliceProtocol
 
@@ -26,6 +27,10 @@ class BindingConnection(SpliceProtocol):
     def target(self) -> str:
         """host:port of the target."""
         return format_address(self.binding.target_host, self.binding.target_port)
+
+    def describe(self) -> str:
+        """``client -> target``, for the stream's log event."""
+        return f"{getattr(self, 'client', '?')} -> {self.target}"
 
     def connectionMade(self) -> None:  # noqa: N802
         """Open a stream for this connection, or refuse it at once."""
@@ -93,17 +98,9 @@ class ProxyServerService(ProxyService):
                 if key in self._listening]
 
     def _listen(self, binding: BindingConfig, key: tuple[str | None, int]) -> None:
-        from twisted.internet.error import CannotListenError
-
-        interface = binding.listen_ip if binding.listen_ip is not None else "::"
         factory = BindingFactory(self, binding)
-        try:
-            port = self.reactor.listenTCP(binding.listen_port, factory, interface=interface)
-        except CannotListenError as e:
-            raise StartupError(
-                f"[{self.config.index}] Could not listen on "
-                f"{format_address(binding.listen_ip, binding.listen_port)} "
-                f"({binding.location}): {e.socketError}") from None
+        port = listen(self.reactor, binding.listen_ip, binding.listen_port, factory,
+                      f"[{self.config.index}] Binding", binding.location)
         self._listening[key] = (port, factory)
         self.log.info("[{index}] Binding {listen} -> {target} listening",
                       index=self.config.index,
@@ -141,21 +138,6 @@ class ProxyServerService(ProxyService):
             except StartupError as e:
                 self.log.error("{error}", error=str(e))
         return True
-
-    def stream_ended(self, connection: SpliceProtocol, how: str) -> None:
-        """One log event per finished stream."""
-        assert isinstance(connection, BindingConnection)
-        stream = connection.stream
-        sent, received = (stream.bytes_out, stream.bytes_in) if stream else (0, 0)
-        self.count_stream(how, sent, received)
-        self.log.info(
-            "[{index}] Stream {client} -> {target} (session {session}) ended after "
-            "{duration:.3f} s: {how}; {sent} bytes sent, {received} bytes received",
-            index=self.config.index, session=self.config.session_id,
-            client=getattr(connection, "client", "?"), target=connection.target,
-            duration=self.reactor.seconds() - connection.started, how=how, sent=sent,
-            received=received, event="stream_ended",
-        )
 
     def stopService(self) -> Any:  # noqa: N802
         """Stop listening, then close the link; fires when the ports are closed."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -25,6 +25,7 @@ from twisted.web.server import Request, Site
 from tcptunnel import _frames as fr
 from tcptunnel.config import StatusConfig, format_address
 from tcptunnel.gateway import GatewayService
+from tcptunnel.ports import listen
 from tcptunnel.proxy import ProxyService
 
 
@@ -260,30 +261,22 @@ def render_page(status: dict[str, Any]) -> str:
     return PAGE.format(body="\n".join(parts))
 
 
-class _StatusJson(Resource):
+class _SnapshotResource(Resource):
+    """Renders the current snapshot with ``render`` as ``content_type``."""
+
     isLeaf = True  # noqa: N815 - Twisted attribute name
 
-    def __init__(self, tunnel: service.MultiService, clock: Any) -> None:
+    def __init__(self, tunnel: service.MultiService, clock: Any, content_type: bytes,
+                 render: Callable[[dict[str, Any]], str]) -> None:
         super().__init__()
         self.tunnel = tunnel
         self.clock = clock
+        self.content_type = content_type
+        self.render_snapshot = render
 
     def render_GET(self, request: Request) -> bytes:  # noqa: N802
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(snapshot(self.tunnel, self.clock.seconds()), indent=1).encode()
-
-
-class _StatusPage(Resource):
-    isLeaf = True  # noqa: N815 - Twisted attribute name
-
-    def __init__(self, tunnel: service.MultiService, clock: Any) -> None:
-        super().__init__()
-        self.tunnel = tunnel
-        self.clock = clock
-
-    def render_GET(self, request: Request) -> bytes:  # noqa: N802
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return render_page(snapshot(self.tunnel, self.clock.seconds())).encode()
+        request.setHeader(b"content-type", self.content_type)
+        return self.render_snapshot(snapshot(self.tunnel, self.clock.seconds())).encode()
 
 
 class StatusService(service.Service):
@@ -297,27 +290,19 @@ class StatusService(service.Service):
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(TunnelCollector(tunnel))
         root = Resource()
-        page = _StatusPage(tunnel, reactor)
-        root.putChild(b"", page)
+        root.putChild(b"", _SnapshotResource(tunnel, reactor, b"text/html; charset=utf-8",
+                                             render_page))
         root.putChild(b"metrics", MetricsResource(registry=self.registry))
-        root.putChild(b"status", _StatusJson(tunnel, reactor))
+        root.putChild(b"status", _SnapshotResource(
+            tunnel, reactor, b"application/json", lambda data: json.dumps(data, indent=1)))
         self.site = Site(root)
         self.site.displayTracebacks = False
         self.port: Any = None
 
     def startService(self) -> None:  # noqa: N802
         """Listen (loopback unless configured otherwise)."""
-        from twisted.internet.error import CannotListenError
-
-        from tcptunnel.config import StartupError
-
-        try:
-            self.port = self.reactor.listenTCP(self.config.listen_port, self.site,
-                                               interface=self.config.listen_ip)
-        except CannotListenError as e:
-            raise StartupError(f"Status page could not listen on "
-                               f"{format_address(self.config.listen_ip, self.config.listen_port)}"
-                               f" ({self.config.location}): {e.socketError}") from None
+        self.port = listen(self.reactor, self.config.listen_ip, self.config.listen_port,
+                           self.site, "The status page", self.config.location)
         address = format_address(self.config.listen_ip, self.port.getHost().port)
         self.log.info("Status page on http://{address}/ (metrics at /metrics)",
                       address=address)

@@ -411,3 +411,32 @@ class GatewayNetworkTests(TestCase):
             binding_port(pss[0]), 1000)) for _ in range(3)])
         await self.assert_echo_works(binding_port(pss[1]), 1000)
         self.assertEqual(opened, {1: 3, 2: 1})
+
+
+class BindFailureTests(TestCase):
+    """Start-up fails clearly when an address is taken."""
+
+    async def test_port_in_use(self) -> None:
+        """A Listener or Binding on a port in use fails start-up naming address and line."""
+        from tcptunnel.config import ProxyConfig, StartupError
+        from tcptunnel.gateway import GatewayService
+        from tcptunnel.proxyserver import ProxyServerService
+
+        blocker = await listen(self, EchoProtocol)
+        settings = parse_settings(
+            f'<Settings {NS}>\n<Instance type="gateway"><Listener ip="127.0.0.1" '
+            f'port="{blocker}"/></Instance>\n<Instance type="proxy-server" host="h" port="1">'
+            f'<Session id="1" password="p">\n<Binding listenIp="127.0.0.1" '
+            f'listenPort="{blocker}" targetHost="t" targetPort="1"/></Session></Instance>'
+            "</Settings>".encode(), "s.xml")
+        gateway_config, server_config = settings.instances
+        assert isinstance(gateway_config, GatewayConfig)
+        assert isinstance(server_config, ProxyConfig)
+        with self.assertRaises(StartupError) as raised:
+            GatewayService(gateway_config, reactor).startService()
+        self.assertIn(f"Gateway could not listen on 127.0.0.1:{blocker} (s.xml:2)",
+                      str(raised.exception))
+        with self.assertRaises(StartupError) as raised:
+            ProxyServerService(server_config, reactor).startService()
+        self.assertIn(f"Binding could not listen on 127.0.0.1:{blocker} (s.xml:4)",
+                      str(raised.exception))

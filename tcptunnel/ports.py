@@ -1,0 +1,25 @@
+"""Listening sockets whose start-up errors name the address and the settings line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import CannotListenError
+
+from tcptunnel.config import Location, StartupError, format_address
+
+
+def listen(reactor: Any, ip: str | None, port: int, factory: Any, what: str,
+           location: Location, tls: Any = None) -> Any:
+    """Listen on ip:port (all addresses, dual-stack, when ``ip`` is None), TLS if given.
+
+    Raises StartupError "<what> could not listen on <address> (<file:line>): <reason>".
+    """
+    interface = ip if ip is not None else "::"
+    try:
+        if tls is not None:
+            return reactor.listenSSL(port, factory, tls, interface=interface)
+        return reactor.listenTCP(port, factory, interface=interface)
+    except CannotListenError as e:
+        raise StartupError(f"{what} could not listen on {format_address(ip, port)} "
+                           f"({location}): {e.socketError}") from None
