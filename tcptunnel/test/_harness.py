@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from zope.interface import implementer
 
 from tcptunnel import _frames as fr
 from tcptunnel.auth import ProxyAuth
-from tcptunnel.config import GatewayConfig, ProxyConfig, parse_settings
+from tcptunnel.config import GatewayConfig, ProxyConfig, StartupError, parse_settings
 from tcptunnel.gateway import GatewayService
 from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
@@ -81,7 +82,16 @@ class Tunnel:
         config = self._parse(self.gateway_xml(port or self.gateway_port))
         assert isinstance(config, GatewayConfig)
         service = GatewayService(config, reactor)
-        service.startService()
+        for attempt in range(50):
+            try:
+                service.startService()
+                break
+            except StartupError:
+                # On restart the old port may be taken for a moment as another test's
+                # ephemeral client port; a real Gateway's fixed port is outside that range.
+                if attempt == 49 or not self.gateway_port:
+                    raise
+                time.sleep(0.1)
         self.gateway = service
         self.gateway_port = service.ports[0].getHost().port
         self.services.append(service)
