@@ -235,3 +235,64 @@ class SystemdUnitTests(SynchronousTestCase):
                     if "tcptunnel" in line and "Command" not in line and "not executable"
                     not in line and "No such file" not in line]
         self.assertEqual(relevant, [])
+
+
+class CertificateRenewalTests(TestCase):
+    """A renewed certificate applies to new links on reload; established links stay."""
+
+    timeout = 60
+
+    async def test_renewed_certificate(self) -> None:
+        """After the certificate files are replaced and the settings reloaded, a proxy that
+        pins the new certificate logs in, while the link made with the old one keeps
+        working."""
+        from tcptunnel.test._certs import mint
+
+        echo = await listen(self, EchoProtocol)
+        work = os.path.abspath(self.mktemp())
+        old, new = mint(os.path.join(work, "old")), mint(os.path.join(work, "new"))
+        cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
+        shutil.copy(old.cert, cert)
+        shutil.copy(old.key, key)
+        gateway, bind_old, bind_new = free_port(), free_port(), free_port()
+
+        def proxy_server(pin: str, bind: int) -> str:
+            return (f'<Instance type="proxy-server" host="127.0.0.1" port="{gateway}" '
+                    f'useSsl="1" certificatePin="{pin}" maxRetryDelay="1"><Session id="1" '
+                    f'password="ps"><Binding listenIp="127.0.0.1" listenPort="{bind}" '
+                    f'targetHost="127.0.0.1" targetPort="{echo}"/></Session></Instance>')
+
+        def settings(*proxy_servers: str) -> str:
+            return (f'<Settings {NS}><Instance type="gateway"><Listener ip="127.0.0.1" '
+                    f'port="{gateway}" certificatePemFilePath="{cert}" '
+                    f'certificatePemKeyFilePath="{key}"/><Session id="1" '
+                    f'proxyClientPassword="pc" proxyServerPassword="ps"/></Instance>'
+                    f'<Instance type="proxy-client" host="127.0.0.1" port="{gateway}" '
+                    f'useSsl="1" certificatePin="{old.pin_hex}"><Session id="1" '
+                    f'password="pc"/></Instance>{"".join(proxy_servers)}</Settings>')
+
+        path = os.path.join(work, "settings.xml")
+        with open(path, "w") as f:
+            f.write(settings(proxy_server(old.pin_hex, bind_old)))
+        service = TunnelService(load_settings(path), reactor)
+        service.startService()
+        self.addCleanup(lambda: defer.maybeDeferred(service.stopService))
+        await wait_until(lambda: all(getattr(c, "partner_available", True) for c in service),
+                         15, "login with the old certificate")
+        live = await connect(bind_old)
+        live.transport.write(b"old ")
+        await wait_until(lambda: bytes(live.received) == b"old ", what="echo")
+
+        shutil.copy(new.cert, cert)
+        shutil.copy(new.key, key)
+        with open(path, "w") as f:
+            f.write(settings(proxy_server(old.pin_hex, bind_old),
+                             proxy_server(new.pin_hex, bind_new)))
+        self.assertTrue(await service.reload())
+        newcomer = list(service)[3]
+        await wait_until(lambda: newcomer.partner_available, 15,
+                         "login with the renewed certificate")
+        live.transport.write(b"link")
+        live.transport.loseWriteConnection()
+        self.assertEqual(await live.ended, "clean")
+        self.assertEqual(bytes(live.received), b"old link")
