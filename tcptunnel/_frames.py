@@ -221,10 +221,9 @@ _OPEN_RESULT = struct.Struct(">BI")
 _AUTH_START = struct.Struct(">Bi")
 
 
-def _text(payload: bytes, what: str, error: type[Exception] = LinkError) -> str:
-    if len(payload) > MAX_REASON_BYTES:
-        payload = payload[:MAX_REASON_BYTES]
-    return payload.decode("utf-8", errors="replace")
+def _reason_text(payload: bytes) -> str:
+    """A peer's reason text: capped, and lenient about bad UTF-8 (it is only logged)."""
+    return payload[:MAX_REASON_BYTES].decode("utf-8", errors="replace")
 
 
 def _reason_bytes(message: str) -> bytes:
@@ -260,7 +259,7 @@ def parse_goaway(payload: bytes) -> tuple[GoAway, str]:
     """(code, reason) of a GOAWAY."""
     if not payload:
         raise LinkError(GoAway.PROTOCOL_ERROR, "empty GOAWAY")
-    return GoAway.parse(payload[0]), _text(payload[1:], "GOAWAY reason")
+    return GoAway.parse(payload[0]), _reason_text(payload[1:])
 
 
 def build_ping(opaque: bytes, pong: bool = False) -> bytes:
@@ -398,7 +397,7 @@ def parse_open_result(payload: bytes) -> tuple[Reason, int, str]:
     reason = Reason.parse(code)
     if reason is Reason.OK and not 0 < window <= MAX_WINDOW:
         raise StreamError(Reason.FLOW_CONTROL, f"OPEN_RESULT with window {window}")
-    return reason, window, _text(payload[_OPEN_RESULT.size :], "OPEN_RESULT reason")
+    return reason, window, _reason_text(payload[_OPEN_RESULT.size :])
 
 
 def build_window_update(stream_id: int, increment: int) -> bytes:
@@ -430,4 +429,4 @@ def parse_reset(payload: bytes) -> tuple[Reason, str]:
     """(reason, message) of a RESET; an empty payload counts as UNKNOWN."""
     if not payload:
         return Reason.UNKNOWN, ""
-    return Reason.parse(payload[0]), _text(payload[1:], "RESET reason")
+    return Reason.parse(payload[0]), _reason_text(payload[1:])

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcptunnel import _frames as fr
-from tcptunnel._frames import Frame, FrameType, GoAway, LinkError, Reason, StreamError
+from tcptunnel._frames import Frame, FrameType, GoAway, Reason, StreamError
 from tcptunnel._link import AuthFrameReceived, LinkCore, LinkState
 from tcptunnel.auth import (
     FailureThrottle,
@@ -249,9 +249,8 @@ class GatewayLink(LinkProtocol):
                 return
             self._login_ok(server_final)
         else:
-            raise_link = LinkError(GoAway.PROTOCOL_ERROR,
-                                   f"unexpected {FrameType(frame.type).name} during login")
-            self.fail(raise_link.code, raise_link.message)
+            self.fail(GoAway.PROTOCOL_ERROR,
+                      f"unexpected {FrameType(frame.type).name} during login")
 
     @property
     def peer_host(self) -> str:

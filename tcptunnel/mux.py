@@ -163,10 +163,10 @@ class LinkProtocol(Protocol):
         if self._closing:
             return
         self.close_reason = f"{code.name}: {message}"
-        self.log.warn(
-            "Link {peer}: closing ({code}): {message}",
-            peer=self.peer_description, code=code.name, message=message,
-        )
+        # A normal close (shutdown) is news, not a problem.
+        emit = self.log.info if code is GoAway.NORMAL else self.log.warn
+        emit("Link {peer}: closing ({code}): {message}",
+             peer=self.peer_description, code=code.name, message=message)
         self.core.go_away(code, message)
         self._close_transport()
 
