@@ -41,6 +41,9 @@ def hash_password(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> in
 def describe_settings(settings: Settings) -> list[str]:
     """A summary of what a settings file runs, without secrets."""
     lines = [f"{settings.path}: {len(settings.instances)} instance(s)"]
+    if settings.status is not None:
+        lines.append(f"status page, /metrics and /status on http://"
+                     f"{format_address(settings.status.listen_ip, settings.status.listen_port)}/")
     for instance in settings.instances:
         if isinstance(instance, GatewayConfig):
             lines.append(f"[{instance.index}] gateway (line {instance.location.line})")
