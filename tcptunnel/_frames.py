@@ -22,6 +22,9 @@ MAX_WINDOW = 2**31 - 1
 STREAM_ID_MASK = 0x7FFFFFFF
 
 FLAG_BLOCKED = 0x01
+# Bytes the opener may send on a stream before its OPEN_RESULT arrives (early data): every
+# acceptor can take this much while it dials, so a first request costs no extra round trip.
+EARLY_WINDOW = 16 * 1024
 
 
 class FrameType(enum.IntEnum):

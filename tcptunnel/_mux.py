@@ -21,7 +21,7 @@ from tcptunnel._link import DEFAULT_CHUNK, LinkCore
 INITIAL_WINDOW = 384 * 1024
 MAX_STREAM_WINDOW = 16 * 1024 * 1024
 LINK_RECEIVE_BUDGET = 32 * 1024 * 1024
-MIN_WINDOW = 16 * 1024
+MIN_WINDOW = fr.EARLY_WINDOW  # a stream's window always covers its early data
 DEFAULT_MAX_STREAMS = 1024
 
 
@@ -220,6 +220,7 @@ class MuxConnection(LinkCore):
             raise StreamIdsExhaustedError(Reason.LIMIT, "stream ids of this link are used up")
         self._next_stream_id += 1
         stream = self._add_stream(stream_id, StreamState.OPENING)
+        stream.send_window = fr.EARLY_WINDOW  # early data, before OPEN_RESULT
         self.queue_control(
             fr.build_open(stream_id, OpenRequest(stream.recv_window, 0, host, port))
         )
@@ -230,7 +231,9 @@ class MuxConnection(LinkCore):
         stream = self.streams.get(stream_id)
         if stream is None or stream.state is not StreamState.OPENING:
             return
-        stream.state = StreamState.OPEN
+        self._settle(stream)
+        # Until now the opener could only send its early data.
+        stream.recv_available += stream.recv_window - fr.EARLY_WINDOW
         self.queue_control(fr.build_open_result(stream_id, Reason.OK, stream.recv_window))
 
     def reject_stream(self, stream_id: int, reason: Reason, message: str = "") -> None:
@@ -246,8 +249,8 @@ class MuxConnection(LinkCore):
         stream = self.streams.get(stream_id)
         if stream is None or stream.local_fin or not data:
             return
-        if stream.state is StreamState.OPENING:
-            raise RuntimeError("data before the stream is open")
+        if stream.state is StreamState.OPENING and not self.opener:
+            raise RuntimeError("data before the stream is accepted")
         stream.send_buffer.append(data)
         stream.send_buffered += len(data)
         if stream.send_window > 0:
@@ -261,13 +264,23 @@ class MuxConnection(LinkCore):
     def end_stream(self, stream_id: int) -> None:
         """Half-close: FIN goes out after the buffered data."""
         stream = self.streams.get(stream_id)
-        if stream is None or stream.local_fin or stream.state is StreamState.OPENING:
+        if stream is None or stream.local_fin or (
+                stream.state is StreamState.OPENING and not self.opener):
             return
         stream.local_fin = True
-        stream.state = (
-            StreamState.HALF_CLOSED_LOCAL if not stream.fin_received else StreamState.CLOSED
-        )
+        if stream.state is not StreamState.OPENING:
+            self._settle(stream)
         self._mark_ready_stream(stream_id)
+
+    @staticmethod
+    def _settle(stream: _Stream) -> None:
+        """The state an accepted stream is in, from its FIN flags."""
+        if stream.local_fin:
+            stream.state = (StreamState.CLOSED if stream.fin_received
+                            else StreamState.HALF_CLOSED_LOCAL)
+        else:
+            stream.state = (StreamState.HALF_CLOSED_REMOTE if stream.fin_received
+                            else StreamState.OPEN)
 
     def reset_stream(self, stream_id: int, reason: Reason, message: str = "") -> None:
         """End a stream abruptly in both directions."""
@@ -351,12 +364,11 @@ class MuxConnection(LinkCore):
             elif frame_type == FrameType.OPEN_RESULT:
                 self._on_open_result(stream, frame, events)
             elif frame_type == FrameType.FIN:
-                if stream.fin_received or stream.state is StreamState.OPENING:
+                if stream.fin_received or (stream.state is StreamState.OPENING and self.opener):
                     raise StreamError(Reason.PROTOCOL_ERROR, "FIN in the wrong state")
                 stream.fin_received = True
-                stream.state = (
-                    StreamState.HALF_CLOSED_REMOTE if not stream.local_fin else StreamState.CLOSED
-                )
+                if stream.state is not StreamState.OPENING:
+                    self._settle(stream)
                 events.append(StreamEnded(stream_id))
                 self._maybe_closed(stream, events)
             elif frame_type == FrameType.RESET:
@@ -387,6 +399,7 @@ class MuxConnection(LinkCore):
             return
         stream = self._add_stream(stream_id, StreamState.OPENING)
         stream.send_window = request.window
+        stream.recv_available = fr.EARLY_WINDOW  # all the opener may send before we accept
         events.append(StreamOpenRequested(stream_id, request))
 
     def _on_open_result(self, stream: _Stream, frame: Frame, events: list[object]) -> None:
@@ -394,16 +407,22 @@ class MuxConnection(LinkCore):
             raise StreamError(Reason.PROTOCOL_ERROR, "OPEN_RESULT for a stream that is open")
         reason, window, message = fr.parse_open_result(frame.payload)
         if reason is Reason.OK:
-            stream.state = StreamState.OPEN
-            stream.send_window = window
+            if window < fr.EARLY_WINDOW:
+                raise StreamError(Reason.FLOW_CONTROL,
+                                  f"OPEN_RESULT window {window} below the early-data window")
+            self._settle(stream)
+            # The early window is part of the acceptor's window.
+            stream.send_window += window - fr.EARLY_WINDOW
+            if stream.send_buffered or (stream.local_fin and not stream.fin_sent):
+                self._mark_ready_stream(stream.id)
             events.append(StreamOpened(stream.id))
         else:
             self._remove(stream, StreamState.RESET)
             events.append(StreamOpenFailed(stream.id, reason, message))
 
     def _on_data(self, stream: _Stream, frame: Frame, events: list[object]) -> None:
-        if stream.state is StreamState.OPENING:
-            raise StreamError(Reason.PROTOCOL_ERROR, "DATA before the stream was open")
+        if stream.state is StreamState.OPENING and self.opener:
+            raise StreamError(Reason.PROTOCOL_ERROR, "DATA before OPEN_RESULT")
         if stream.fin_received:
             raise StreamError(Reason.PROTOCOL_ERROR, "DATA after FIN")
         size = len(frame.payload)

@@ -442,7 +442,7 @@ class Router:
         client.next_stream_id += 1
         route = Route(link, stream_id, client, client_id,
                       target=f"{request.host}:{request.port}",
-                      credit_to_server=request.window)
+                      credit_to_server=request.window, credit_to_client=fr.EARLY_WINDOW)
         link.routes[stream_id] = route
         client.routes[client_id] = route
         self.gateway.stats["streams_opened", session.id] += 1
@@ -454,8 +454,8 @@ class Router:
         other, other_id = route.other(link)
         frame_type = frame.type
         if frame_type == FrameType.DATA:
-            if not route.open:
-                raise StreamError(Reason.PROTOCOL_ERROR, "DATA before the stream was open")
+            if not route.open and not from_server:  # the opener's early data is fine
+                raise StreamError(Reason.PROTOCOL_ERROR, "DATA before OPEN_RESULT")
             if route.fin_from_server if from_server else route.fin_from_client:
                 raise StreamError(Reason.PROTOCOL_ERROR, "DATA after FIN")
             size = len(frame.payload)
@@ -507,10 +507,14 @@ class Router:
                 raise StreamError(Reason.PROTOCOL_ERROR, "unexpected OPEN_RESULT")
             reason, window, message = fr.parse_open_result(frame.payload)
             if reason is Reason.OK:
+                if window < fr.EARLY_WINDOW:
+                    raise StreamError(Reason.FLOW_CONTROL, "OPEN_RESULT window below the "
+                                      "early-data window")
                 route.open = True
-                route.credit_to_client = window
+                route.credit_to_client += window - fr.EARLY_WINDOW
             else:
                 self._forget(route)
+                link.core.drop_stream(route.client_stream)  # early data it will not take
             other.send_control(fr.build_open_result(other_id, reason, window, message))
         # Unknown stream frame types are ignored (docs/protocol.md §5).
 

@@ -63,6 +63,8 @@ class TargetConnection(SpliceProtocol):
         self.request = request
         self.started = proxy.reactor.seconds()
         self.dial: Deferred[Any] | None = None
+        # Early data that arrived while we dialled (at most EARLY_WINDOW bytes).
+        self.early: list[bytes] = []
 
     @property
     def target(self) -> str:
@@ -74,14 +76,29 @@ class TargetConnection(SpliceProtocol):
         return f"from Proxy-Server #{self.request.origin} to {self.target}"
 
     def connectionMade(self) -> None:  # noqa: N802
-        """Connected: accept the stream and start moving bytes."""
+        """Connected: accept the stream, hand over the early data, start moving bytes."""
         stream = self.stream
+        transport: Any = self.transport
         if stream is None or stream.finished:
             # The stream was reset while we dialled.
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            transport.abortConnection()
             return
         stream.mux.accept_stream(stream.stream_id)
         self.attach(stream)
+        early, self.early = self.early, []
+        for data in early:
+            transport.write(data)
+        if self._remote_eof:  # the opener's FIN came with its early data
+            self._remote_eof = False
+            self.stream_ended()
+        stream.resumeProducing()  # acknowledges the early data (the target took it)
+
+    def stream_data(self, data: bytes) -> None:
+        """Keep early data until the target is connected."""
+        if self.transport is None:
+            self.early.append(data)
+        else:
+            super().stream_data(data)
 
     def stream_reset(self, reason: Reason, message: str, remote: bool) -> None:
         """Also cancel a dial in progress."""
@@ -139,10 +156,14 @@ class ProxyClientService(ProxyService):
             return
         connection = TargetConnection(self, request)
         connection.stream = link.attach_stream(stream_id, connection)
+        # Nothing is consumed (no credit returned) until the target is connected.
+        connection.stream.pauseProducing()
         endpoint = target_endpoint(self.reactor, request.host, request.port,
                                    self.config.connect_timeout)
         self.dials_in_progress += 1
-        dial = endpoint.connect(Factory.forProtocol(lambda: connection))
+        factory = Factory.forProtocol(lambda: connection)
+        factory.noisy = False  # no "Starting factory" log lines for every stream
+        dial = endpoint.connect(factory)
         connection.dial = dial
 
         def done(result: Any) -> Any:

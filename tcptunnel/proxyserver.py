@@ -51,6 +51,8 @@ class BindingConnection(SpliceProtocol):
         try:
             self.stream = link.open_stream(self.binding.target_host, self.binding.target_port,
                                            self)
+            # Read at once: the first bytes travel as early data with the OPEN.
+            self.attach(self.stream)
         except StreamError as e:
             self.proxy.log.warn("[{index}] Connection from {client} to {target} refused: {why}",
                                 index=self.proxy.config.index, client=self.client,
@@ -58,10 +60,6 @@ class BindingConnection(SpliceProtocol):
             self._finish(f"refused here ({e.message})")
             transport.abortConnection()  # type: ignore[attr-defined]
 
-    def stream_opened(self) -> None:
-        """The far end connected to the target: start moving bytes."""
-        if self.stream is not None:
-            self.attach(self.stream)
 
 
 class BindingFactory(ServerFactory):

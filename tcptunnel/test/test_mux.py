@@ -473,3 +473,61 @@ class FlowControlTests(SynchronousTestCase):
                 unconsumed[sid] = 0
         for sid in sids:
             self.assertEqual(bytes(delivered[sid]), bytes(written[sid]))
+
+
+class EarlyDataTests(SynchronousTestCase):
+    """The opener's first bytes travel with the OPEN (docs/protocol.md §5)."""
+
+    def test_early_data_and_fin_before_accept(self) -> None:
+        """Up to EARLY_WINDOW bytes and a FIN reach the acceptor before it accepts; the rest
+        follows the OPEN_RESULT."""
+        pair = Pair()
+        sid = pair.server.open_stream("target", 22)
+        pair.server.send_data(sid, b"e" * (fr.EARLY_WINDOW + 5000))
+        pair.pump()
+        self.assertEqual(len(data_of(pair.client_events, sid)), fr.EARLY_WINDOW)
+        self.assertEqual(pair.client.streams[sid].state, _mux.StreamState.OPENING)
+        pair.client.accept_stream(sid)
+        pair.pump()
+        self.assertEqual(len(data_of(pair.client_events, sid)), fr.EARLY_WINDOW + 5000)
+        self.assertIn(_mux.StreamOpened, types_of(pair.server_events))
+
+    def test_early_fin(self) -> None:
+        """A request and FIN sent before the OPEN_RESULT arrive in order; the answer flows."""
+        pair = Pair()
+        sid = pair.server.open_stream("target", 22)
+        pair.server.send_data(sid, b"GET / HTTP/1.0\r\n\r\n")
+        pair.server.end_stream(sid)
+        pair.pump()
+        self.assertEqual(types_of(pair.client_events),
+                         [_mux.StreamOpenRequested, _mux.DataReceived, _mux.StreamEnded])
+        pair.client.accept_stream(sid)
+        pair.client.send_data(sid, b"HTTP/1.0 200 OK\r\n\r\n")
+        pair.client.end_stream(sid)
+        pair.pump()
+        self.assertEqual(data_of(pair.server_events, sid), b"HTTP/1.0 200 OK\r\n\r\n")
+        self.assertEqual(pair.server.streams, {})
+        self.assertEqual(pair.client.streams, {})
+
+    def test_too_much_early_data(self) -> None:
+        """More than EARLY_WINDOW bytes before the OPEN_RESULT resets the stream."""
+        pair = Pair()
+        sid = pair.server.open_stream("target", 22)
+        pair.pump()
+        events = pair.client.receive_data(
+            fr.encode(FrameType.DATA, sid, b"x" * fr.EARLY_WINDOW)
+            + fr.encode(FrameType.DATA, sid, b"y"))
+        self.assertEqual(types_of(events), [_mux.DataReceived, _mux.StreamReset])
+        self.assertEqual(events[1].reason, Reason.FLOW_CONTROL)  # type: ignore[attr-defined]
+
+    def test_rejected_early_data_dropped(self) -> None:
+        """A refused OPEN drops the early data buffered at the opener."""
+        pair = Pair()
+        sid = pair.server.open_stream("target", 22)
+        pair.server.send_data(sid, b"z" * 100_000)
+        pair.pump()
+        pair.client.reject_stream(sid, Reason.DENIED, "no")
+        pair.pump()
+        self.assertEqual(types_of(pair.server_events), [_mux.StreamOpenFailed])
+        self.assertEqual(pair.server.streams, {})
+        self.assertEqual(pair.client.streams, {})
