@@ -253,6 +253,7 @@ class _TreeBuilder(xml.sax.handler.ContentHandler):
         self._locator: xml.sax.xmlreader.Locator | None = None
 
     def setDocumentLocator(self, locator: xml.sax.xmlreader.Locator) -> None:  # noqa: N802
+        """Keep the locator: it gives each element's line number."""
         self._locator = locator
 
     def _line(self) -> int:
@@ -264,6 +265,7 @@ class _TreeBuilder(xml.sax.handler.ContentHandler):
         qname: str | None,
         attrs: xml.sax.xmlreader.AttributesNSImpl,
     ) -> None:
+        """Record an element with its attributes and line; refuse foreign namespaces."""
         uri, local = name
         line = self._line()
         if uri != NAMESPACE:
@@ -290,6 +292,7 @@ class _TreeBuilder(xml.sax.handler.ContentHandler):
         self._stack.append(node)
 
     def endElementNS(self, name: tuple[str | None, str], qname: str | None) -> None:  # noqa: N802
+        """Close the current element."""
         self._stack.pop()
 
 
@@ -342,10 +345,12 @@ class _Element:
         return ConfigError(f"{self.location}: {where}: {message}")
 
     def raw(self, name: str) -> str | None:
+        """An attribute's text, or None; marks it as known."""
         self._used.add(name)
         return self.node.attributes.get(name)
 
     def required(self, name: str) -> str:
+        """An attribute's text; missing is an error (with a typo hint)."""
         value = self.raw(name)
         if value is None:
             typo = difflib.get_close_matches(name, list(self.node.attributes), n=1)
@@ -354,6 +359,8 @@ class _Element:
         return value
 
     def get(self, name: str, convert: Callable[[str], _T], what: str) -> _T | None:
+        """An optional attribute converted; a bad value is an error saying ``what`` was
+        expected."""
         value = self.raw(name)
         if value is None:
             return None
@@ -363,12 +370,14 @@ class _Element:
             raise self.error(f"expected {what}, got {value!r}", name) from None
 
     def get_required(self, name: str, convert: Callable[[str], _T], what: str) -> _T:
+        """A required attribute converted."""
         self.required(name)
         result = self.get(name, convert, what)
         assert result is not None
         return result
 
     def check_unknown_attributes(self) -> None:
+        """Refuse attributes that no getter asked for (typos)."""
         unknown = sorted(set(self.node.attributes) - self._used)
         if unknown:
             raise self.error(

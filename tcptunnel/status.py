@@ -275,6 +275,7 @@ class _SnapshotResource(Resource):
         self.render_snapshot = render
 
     def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        """The snapshot, rendered."""
         request.setHeader(b"content-type", self.content_type)
         return self.render_snapshot(snapshot(self.tunnel, self.clock.seconds())).encode()
 

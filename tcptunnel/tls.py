@@ -121,6 +121,7 @@ class _PinnedClientCreator:
         return certificate_pin(der) == self._pin
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803
+        """A client connection sending the server name (SNI) and checking the pin."""
         connection = SSL.Connection(self._context, None)
         connection.set_app_data(tlsProtocol)
         connection.set_tlsext_host_name(self._server_name)
