@@ -9,6 +9,7 @@ in that order and stop in reverse.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -44,10 +45,13 @@ class Options(usage.Options):
         """Load the settings file; any problem is a UsageError naming file and line."""
         try:
             self.settings = load_settings(self["config"])
+            if not self.settings.instances:
+                raise ConfigError(f"{self['config']}: the file defines no <Instance>")
         except ConfigError as e:
+            # twistd prints usage errors, with the whole help text, on stdout; put the one
+            # line that matters on stderr too, where scripts and service managers look.
+            sys.stderr.write(f"tcptunnel: {e}\n")
             raise usage.UsageError(str(e)) from None
-        if not self.settings.instances:
-            raise usage.UsageError(f"{self['config']}: the file defines no <Instance>")
 
 
 def make_instance_service(instance: InstanceConfig, reactor: Any) -> service.IService:
