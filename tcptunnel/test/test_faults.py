@@ -475,3 +475,52 @@ class FloodTests(TestCase):
         client.transport.loseWriteConnection()
         self.assertEqual(await client.ended, "clean")
 
+
+
+class AcceptErrorTests(TestCase):
+    """Running out of file descriptors at the Gateway."""
+
+    timeout = 60
+
+    async def test_emfile_does_not_spin_or_kill_the_listener(self) -> None:
+        """With its descriptor limit exhausted by idle connections, the Gateway neither spins
+        the CPU nor stops listening: once they go away, a proxy logs in again."""
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        port = free_port()
+        path = os.path.join(work, "gateway.xml")
+        with open(path, "w") as f:
+            f.write(f'<Settings {NS}><Instance type="gateway" loginTimeout="30" '
+                    f'maxUnauthenticatedLinks="1000"><Listener ip="127.0.0.1" port="{port}"/>'
+                    '<Session id="1" proxyClientPassword="a" proxyServerPassword="b"/>'
+                    "</Instance></Settings>")
+        starter = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (80, 80)); "
+                   "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()")
+        process = TwistdProcess()
+        reactor.spawnProcess(
+            process, twistd_command()[0],
+            [twistd_command()[0], "-c", starter, "-n", "--pidfile=", "--logfile=-",
+             "tcptunnel", "--config", path], env=child_environment(), path=work)
+        self.addCleanup(process.kill)
+        await wait_until(lambda: b"Gateway listener started" in process.output, 20, "start")
+        pid = int(process.transport.pid)  # type: ignore[union-attr]
+        hogs = []
+        for _ in range(120):  # more than the 80 descriptors the Gateway may open
+            hogs.append(await raw_peer(port))
+        await sleep(0.5)
+
+        def cpu_seconds() -> float:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        self.assertIn(b"EMFILE", process.output, "the test did not exhaust the descriptors")
+        before = cpu_seconds()
+        await sleep(2.0)
+        self.assertLess(cpu_seconds() - before, 0.5, "the Gateway spins on accept errors")
+        for hog in hogs:
+            hog.transport.abortConnection()
+        await sleep(0.5)
+        peer = await raw_peer(port)
+        self.assertTrue(await peer.login(1, fr.ROLE_PROXY_CLIENT, "a"))
+        peer.transport.loseConnection()
