@@ -500,6 +500,8 @@ class Router:
             reason, message = fr.parse_reset(frame.payload)
             self.gateway.stats["streams_reset", reason.name] += 1
             self._forget(route)
+            # Neither side takes more of this stream: drop what waits for either.
+            link.core.drop_stream(route.own_id(link))
             other.core.drop_stream(other_id)
             other.send_control(fr.build_reset(other_id, reason, message))
         elif frame_type == FrameType.OPEN_RESULT:
