@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from tcptunnel import _frames as fr
 from tcptunnel._frames import Frame, FrameType, GoAway, Reason, StreamError
-from tcptunnel._link import AuthFrameReceived, LinkCore, LinkState
+from tcptunnel._link import MAX_QUEUED_CONTROL_FRAMES, AuthFrameReceived, LinkCore, LinkState
 from tcptunnel.auth import (
     FailureThrottle,
     GatewayAuth,
@@ -107,7 +107,6 @@ class Route:
     server_stream: int
     client_link: GatewayLink
     client_stream: int
-    target: str
     open: bool = False
     # Credit for DATA travelling towards each side (granted by that side).
     credit_to_server: int = 0
@@ -225,7 +224,7 @@ class GatewayLink(LinkProtocol):
                 self._auth_frame(event.frame)
             if self._closing:
                 return
-        if self.core.queued_control_frames > 1024 or (
+        if self.core.queued_control_frames > MAX_QUEUED_CONTROL_FRAMES or (
                 self.core.queued_bytes > MAX_QUEUED_BYTES_PER_LINK):
             self.fail(GoAway.TOO_SLOW, "the peer does not read what it asked for")
 
@@ -441,7 +440,6 @@ class Router:
         client_id = client.next_stream_id
         client.next_stream_id += 1
         route = Route(link, stream_id, client, client_id,
-                      target=f"{request.host}:{request.port}",
                       credit_to_server=request.window, credit_to_client=fr.EARLY_WINDOW)
         link.routes[stream_id] = route
         client.routes[client_id] = route

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from tcptunnel import _frames as fr
 from tcptunnel import _mux
-from tcptunnel._frames import GoAway, LinkError, Reason, StreamError
+from tcptunnel._frames import GoAway, LinkError, Reason
 from tcptunnel._link import GoAwayReceived, LinkCore, LinkState, PongReceived
 
 _UNKNOWN_ADDRESS = IPv4Address("TCP", "0.0.0.0", 0)
@@ -518,6 +518,3 @@ class MuxProtocol(LinkProtocol):
         """The link is gone: every stream is reset (never a clean EOF)."""
         super().connectionLost(reason)
         self.reset_all_streams(Reason.LINK_LOST, "the link to the Gateway was lost")
-
-
-__all__ = ["LinkProtocol", "MuxProtocol", "MuxStream", "StreamEndpoint", "StreamError"]
