@@ -288,7 +288,9 @@ class System:
     fresh_rss: dict[str, float] = field(default_factory=dict)  # right after start-up
 
 
-NS = 'xmlns="https://github.com/kpreisser/TcpTunnel"'
+from tcptunnel.config import NAMESPACE  # noqa: E402
+
+NS = f'xmlns="{NAMESPACE}"'
 
 
 def start_tcptunnel(procs: Processes, work: str, tls: bool, iperf: int, echo: int,

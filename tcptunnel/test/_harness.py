@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -24,13 +27,36 @@ from zope.interface import implementer
 
 from tcptunnel import _frames as fr
 from tcptunnel.auth import ProxyAuth
-from tcptunnel.config import GatewayConfig, ProxyConfig, StartupError, parse_settings
+from tcptunnel.config import NAMESPACE, GatewayConfig, ProxyConfig, StartupError, parse_settings
 from tcptunnel.gateway import GatewayService
 from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
 from tcptunnel.test._certs import CertFiles, mint
 
-NS = 'xmlns="https://github.com/kpreisser/TcpTunnel"'
+NS = f'xmlns="{NAMESPACE}"'
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CONF = os.path.join(ROOT, "conf")
+
+
+def twistd_command(*args: str) -> list[str]:
+    """argv running twistd with this checkout's code and plugin."""
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args]
+
+
+def child_environment() -> dict[str, str]:
+    """The environment for child processes: this checkout first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
@@ -326,3 +352,39 @@ async def raw_peer(port: int) -> RawPeer:
     await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
         Factory.forProtocol(lambda: peer))
     return peer
+
+
+class TwistdProcess(protocol.ProcessProtocol):
+    """A child twistd: collects its output and exit code."""
+
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self.exit_code: int | None = None
+        self.exit_signal: int | None = None
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802
+        self.output += data
+
+    errReceived = outReceived  # noqa: N815
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802
+        self.exit_code = reason.value.exitCode
+        self.exit_signal = reason.value.signal
+        self.ended.callback(None)
+
+    def log(self) -> str:
+        """What the process printed, without timestamps."""
+        return re.sub(r"(?m)^\S+ ", "", self.output.decode(errors="replace"))
+
+    def stop(self) -> None:
+        """SIGTERM."""
+        if not self.ended.called:
+            self.transport.signalProcess("TERM")  # type: ignore[union-attr]
+
+    def kill(self) -> defer.Deferred[None] | None:
+        """SIGKILL (cleanup) and wait for the exit."""
+        if not self.ended.called:
+            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+            return self.ended
+        return None

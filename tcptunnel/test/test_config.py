@@ -13,8 +13,7 @@ from tcptunnel.config import (
     load_settings,
     parse_settings,
 )
-
-NS = 'xmlns="https://github.com/kpreisser/TcpTunnel"'
+from tcptunnel.test._harness import CONF, NS
 
 ORIGINAL_SAMPLE = f"""<?xml version="1.0" encoding="utf-8"?>
 <Settings {NS}>
@@ -71,7 +70,7 @@ class SampleTests(SynchronousTestCase):
 
     def test_conf_samples(self) -> None:
         """Every sample in conf/ loads."""
-        conf = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
+        conf = CONF
         names = [n for n in os.listdir(conf) if n.endswith(".xml")]
         self.assertIn("demo.xml", names)
         for name in names:
@@ -83,7 +82,7 @@ class SampleTests(SynchronousTestCase):
         an obvious mistake."""
         import xmlschema
 
-        conf = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
+        conf = CONF
         schema = xmlschema.XMLSchema(os.path.join(conf, "settings.xsd"))
         samples = [n for n in os.listdir(conf) if n.endswith(".xml")]
         self.assertGreaterEqual(len(samples), 4)

@@ -21,19 +21,21 @@ from zope.interface import implementer
 from tcptunnel import _frames as fr
 from tcptunnel._frames import FrameType, Reason
 from tcptunnel.test._harness import (
+    NS,
     EchoProtocol,
     RecordingClient,
     Tunnel,
+    TwistdProcess,
     binding_port,
+    child_environment,
     connect,
+    free_port,
     listen,
     raw_peer,
     sleep,
+    twistd_command,
     wait_until,
 )
-from tcptunnel.test.test_tap import TwistdProcess, child_environment, free_port, twistd_command
-
-NS = 'xmlns="https://github.com/kpreisser/TcpTunnel"'
 
 
 def open_fds(pid: int) -> int:

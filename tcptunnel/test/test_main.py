@@ -10,9 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from tcptunnel.__main__ import main
 from tcptunnel.auth import GatewayAuth, ProxyAuth, parse_verifier, scram_username
 from tcptunnel.config import TlsFiles
+from tcptunnel.test._harness import CONF
 from tcptunnel.tls import server_context_factory
-
-CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "conf")
 
 
 class CommandTests(SynchronousTestCase):

@@ -334,37 +334,32 @@ class FlowControlTests(SynchronousTestCase):
 
     def test_no_growth_when_consumer_paused(self) -> None:
         """A slow local reader does not make the window grow."""
-        pair = Pair(initial_window=20_000, max_window=80_000)
-        sid = pair.open()
-        now = 0.0
-        for _ in range(4):
-            pair.server.send_data(sid, b"b" * 100_000)
-            pair.pump()
-            pair.client.set_consumer_paused(sid, True, now + 0.1)  # paused 90% of the time
-            now += 1.0
-            pair.client.set_consumer_paused(sid, False, now)
-            got = len(data_of(pair.client_events, sid))
-            pair.client_events.clear()
-            pair.client.data_consumed(sid, got, now)
-            pair.pump()
-        self.assertEqual(pair.client.streams[sid].recv_window, 20_000)
+        # Rounds of 1 s in which the reader is paused from 0.1 s to the end: 90 %.
+        self.assertEqual(self.window_after_paused_rounds(1.0, 0.1, 1.0), 20_000)
 
     def test_growth_despite_short_pauses(self) -> None:
         """A window that arrives in one burst pauses a fast reader briefly; it still grows."""
+        # Rounds of 0.1 s with a pause from 0.08 s to 0.082 s: 2 %.
+        self.assertEqual(self.window_after_paused_rounds(0.1, 0.08, 0.082), 80_000)
+
+    def window_after_paused_rounds(self, round_length: float, pause_at: float,
+                                   resume_at: float) -> int:
+        """The receive window after four window-limited rounds in which the local reader is
+        paused from ``pause_at`` to ``resume_at`` seconds into each round."""
         pair = Pair(initial_window=20_000, max_window=80_000)
         sid = pair.open()
-        now = 0.0
+        start = 0.0
         for _ in range(4):
             pair.server.send_data(sid, b"b" * 100_000)
             pair.pump()
-            pair.client.set_consumer_paused(sid, True, now + 0.08)  # paused 2% of the time
-            now += 0.1
-            pair.client.set_consumer_paused(sid, False, now - 0.018)
+            pair.client.set_consumer_paused(sid, True, start + pause_at)
+            pair.client.set_consumer_paused(sid, False, start + resume_at)
+            start += round_length
             got = len(data_of(pair.client_events, sid))
             pair.client_events.clear()
-            pair.client.data_consumed(sid, got, now)
+            pair.client.data_consumed(sid, got, start)
             pair.pump()
-        self.assertEqual(pair.client.streams[sid].recv_window, 80_000)
+        return pair.client.streams[sid].recv_window
 
     def test_budget_bounds_growth_and_initial_windows(self) -> None:
         """The link budget caps the sum of windows; streams beyond it get the minimum."""

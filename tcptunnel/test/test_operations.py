@@ -15,17 +15,20 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcptunnel.config import load_settings
 from tcptunnel.tap import TunnelService
-from tcptunnel.test._harness import EchoProtocol, connect, listen, sleep, wait_until
-from tcptunnel.test.test_tap import (
+from tcptunnel.test._harness import (
     CONF,
+    NS,
     ROOT,
+    EchoProtocol,
     TwistdProcess,
     child_environment,
+    connect,
     free_port,
+    listen,
+    sleep,
     twistd_command,
+    wait_until,
 )
-
-NS = 'xmlns="https://github.com/kpreisser/TcpTunnel"'
 
 
 def settings_text(gateway_port: int, bindings: list[tuple[int, int]], allowed: list[int],

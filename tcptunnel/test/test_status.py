@@ -16,10 +16,17 @@ from twisted.web.client import Agent, readBody
 
 from tcptunnel.config import load_settings, parse_settings
 from tcptunnel.tap import TunnelService
-from tcptunnel.test._harness import EchoProtocol, connect, listen, wait_until
-from tcptunnel.test.test_tap import free_port
-
-NS = 'xmlns="https://github.com/kpreisser/TcpTunnel"'
+from tcptunnel.test._harness import (
+    NS,
+    EchoProtocol,
+    TwistdProcess,
+    child_environment,
+    connect,
+    free_port,
+    listen,
+    twistd_command,
+    wait_until,
+)
 
 
 async def get(url: str) -> tuple[int, bytes]:
@@ -200,7 +207,6 @@ class JsonLogTests(TestCase):
 
     async def test_twistd_logger_option(self) -> None:
         """twistd --logger tcptunnel.jsonlog.observer runs and logs JSON."""
-        from tcptunnel.test.test_tap import TwistdProcess, child_environment, twistd_command
 
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:

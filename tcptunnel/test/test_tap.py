@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import re
-import socket
 import sys
-from typing import Any
 
 from twisted.application.service import IServiceMaker
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -21,30 +18,18 @@ from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
 from tcptunnel.status import StatusService
 from tcptunnel.test._certs import mint
-from tcptunnel.test._harness import EchoProtocol, connect, listen, sleep
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-CONF = os.path.join(ROOT, "conf")
-
-
-def twistd_command(*args: str) -> list[str]:
-    """argv running twistd with this checkout's code and plugin."""
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args]
-
-
-def child_environment() -> dict[str, str]:
-    """The environment for child processes: this checkout first on the path."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def free_port() -> int:
-    """A port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tcptunnel.test._harness import (
+    CONF,
+    ROOT,
+    EchoProtocol,
+    TwistdProcess,
+    child_environment,
+    connect,
+    free_port,
+    listen,
+    sleep,
+    twistd_command,
+)
 
 
 class PluginTests(SynchronousTestCase):
@@ -185,40 +170,3 @@ class TwistdProcessTests(TestCase):
             env=child_environment(), path=work)
         self.addCleanup(process.kill)
         return process
-
-
-class TwistdProcess(protocol.ProcessProtocol):
-    """A child twistd: collects its output and exit code."""
-
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended: defer.Deferred[None] = defer.Deferred()
-        self.exit_code: int | None = None
-        self.exit_signal: int | None = None
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
-        self.output += data
-
-    errReceived = outReceived  # noqa: N815
-
-    def processEnded(self, reason: Any) -> None:  # noqa: N802
-        self.exit_code = reason.value.exitCode
-        self.exit_signal = reason.value.signal
-        self.ended.callback(None)
-
-    def log(self) -> str:
-        """What the process printed, without timestamps."""
-        return re.sub(r"(?m)^\S+ ", "", self.output.decode(errors="replace"))
-
-    def stop(self) -> None:
-        """SIGTERM."""
-        if not self.ended.called:
-            self.transport.signalProcess("TERM")  # type: ignore[union-attr]
-
-    def kill(self) -> defer.Deferred[None] | None:
-        """SIGKILL (cleanup) and wait for the exit."""
-        if not self.ended.called:
-            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
-            return self.ended
-        return None
-
