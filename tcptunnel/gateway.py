@@ -41,7 +41,7 @@ from tcptunnel.config import (
     format_address,
 )
 from tcptunnel.mux import LinkProtocol
-from tcptunnel.ports import listen
+from tcptunnel.ports import AddressKey, address_keys, listen
 
 ROLE_NAMES = {fr.ROLE_PROXY_CLIENT: "proxy-client", fr.ROLE_PROXY_SERVER: "proxy-server"}
 MAX_QUEUED_BYTES_PER_LINK = 64 * 1024 * 1024
@@ -632,7 +632,7 @@ class _ServerTls:
         return self.options.getContext()
 
 
-ListenerKey = tuple[str | None, int]
+ListenerKey = AddressKey
 
 
 class GatewayService(service.Service):
@@ -657,10 +657,7 @@ class GatewayService(service.Service):
 
     @staticmethod
     def _keys(config: GatewayConfig) -> list[ListenerKey]:
-        """What identifies each Listener across reloads: its address.  Listeners on port 0
-        (any free port) have no stable address; each is its own."""
-        return [(listener.ip, listener.port or -1 - i)
-                for i, listener in enumerate(config.listeners)]
+        return address_keys([(listener.ip, listener.port) for listener in config.listeners])
 
     def _load_tls(self, config: GatewayConfig) -> dict[ListenerKey, Any]:
         from tcptunnel.tls import server_context_factory

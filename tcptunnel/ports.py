@@ -8,6 +8,14 @@ from twisted.internet.error import CannotListenError
 
 from tcptunnel.config import Location, StartupError, format_address
 
+AddressKey = tuple[str | None, int]
+
+
+def address_keys(addresses: list[tuple[str | None, int]]) -> list[AddressKey]:
+    """What identifies each configured listening address across reloads: the address
+    itself.  Addresses on port 0 (any free port) have no stable identity; each is its own."""
+    return [(ip, port or -1 - i) for i, (ip, port) in enumerate(addresses)]
+
 
 def listen(reactor: Any, ip: str | None, port: int, factory: Any, what: str,
            location: Location, tls: Any = None) -> Any:

@@ -9,7 +9,7 @@ from twisted.logger import Logger
 
 from tcptunnel._frames import StreamError
 from tcptunnel.config import BindingConfig, ProxyConfig, StartupError, format_address
-from tcptunnel.ports import listen
+from tcptunnel.ports import address_keys, listen
 from tcptunnel.proxy import ProxyService
 from tcptunnel.splice import SpliceProtocol
 
@@ -85,9 +85,7 @@ class ProxyServerService(ProxyService):
 
     @staticmethod
     def _keys(config: ProxyConfig) -> list[tuple[str | None, int]]:
-        """What identifies each Binding across reloads: its address.  Bindings on port 0
-        (any free port) have no stable address; each is its own."""
-        return [(b.listen_ip, b.listen_port or -1 - i) for i, b in enumerate(config.bindings)]
+        return address_keys([(b.listen_ip, b.listen_port) for b in config.bindings])
 
     @property
     def ports(self) -> list[Any]:
