@@ -26,7 +26,11 @@ from tcptunnel.config import (
     StartupError,
     load_settings,
 )
+from tcptunnel.heap import HeapTrimmer, glibc_allocator
 from tcptunnel.tls import TlsSetupError
+
+# Children of TunnelService that are not Instances (no config, not reloaded).
+AUXILIARY_SERVICES = frozenset({"status", "heap-trimmer"})
 
 
 class Options(usage.Options):
@@ -87,6 +91,9 @@ class TunnelService(service.MultiService):
             status = StatusService(settings.status, self, reactor)
             status.setName("status")
             status.setServiceParent(self)
+        trimmer = HeapTrimmer(reactor, glibc_allocator())
+        trimmer.setName("heap-trimmer")
+        trimmer.setServiceParent(self)
 
     def _add_instance(self, instance: InstanceConfig) -> Any:
         child = make_instance_service(instance, self.reactor)
@@ -111,7 +118,7 @@ class TunnelService(service.MultiService):
                            error=str(e))
             return False
         current = {(child.config.index, child.config.role): child for child in self
-                   if child.name != "status"}
+                   if child.name not in AUXILIARY_SERVICES}
         if settings.status != self.settings.status:
             self.log.warn("<Status> changed: that takes effect at the next restart")
         for instance in settings.instances:

@@ -292,7 +292,7 @@ class CertificateRenewalTests(TestCase):
             f.write(settings(proxy_server(old.pin_hex, bind_old),
                              proxy_server(new.pin_hex, bind_new)))
         self.assertTrue(await service.reload())
-        newcomer = list(service)[3]
+        newcomer = service.getServiceNamed("3:proxy-server")
         await wait_until(lambda: newcomer.partner_available, 15,
                          "login with the renewed certificate")
         live.transport.write(b"link")

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcptunnel import tap
 from tcptunnel.gateway import GatewayService
+from tcptunnel.heap import HeapTrimmer
 from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
 from tcptunnel.status import StatusService
@@ -71,15 +72,18 @@ class PluginTests(SynchronousTestCase):
 
     def test_make_service_children(self) -> None:
         """makeService builds one child per Instance, in file order, named index:role, and
-        the status server when <Status> is given (conf/demo.xml has one)."""
+        the status server when <Status> is given (conf/demo.xml has one), then the heap
+        trimmer."""
         options = tap.Options()
         options.parseOptions(["--config", os.path.join(CONF, "demo.xml")])
         service = tap.makeService(options)
         children = list(service)  # type: ignore[call-overload]
         self.assertEqual([c.name for c in children],
-                         ["0:gateway", "1:proxy-client", "2:proxy-server", "status"])
+                         ["0:gateway", "1:proxy-client", "2:proxy-server", "status",
+                          "heap-trimmer"])
         self.assertEqual([type(c) for c in children],
-                         [GatewayService, ProxyClientService, ProxyServerService, StatusService])
+                         [GatewayService, ProxyClientService, ProxyServerService, StatusService,
+                          HeapTrimmer])
 
 
 class TwistdProcessTests(TestCase):
