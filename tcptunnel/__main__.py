@@ -34,7 +34,12 @@ def hash_password(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> in
     if not password:
         print("The password is empty.", file=sys.stderr)
         return 1
-    print(format_verifier(make_auth_info(password, args.iterations)), file=stdout)
+    try:
+        info = make_auth_info(password, args.iterations)
+    except ValueError as e:
+        print(f"Cannot use this password: {e}.", file=sys.stderr)
+        return 1
+    print(format_verifier(info), file=stdout)
     return 0
 
 

@@ -31,6 +31,8 @@ from typing import Any, Literal, TypeVar
 import defusedxml
 import defusedxml.sax
 
+from tcptunnel._saslprep import saslprep
+
 NAMESPACE = "https://github.com/kpreisser/TcpTunnel"
 # Attributes in the XML Schema instance namespace (xsi:schemaLocation) are
 # there for editors, not for us; they are accepted and ignored.
@@ -480,7 +482,17 @@ def _secret(element: _Element, clear_name: str, hash_name: str) -> Secret:
         raise element.error(f"missing required attribute {clear_name!r} (or {hash_name!r})")
     if cleartext == "":
         raise element.error("a password must not be empty", clear_name)
+    if cleartext is not None:
+        _check_password(element, cleartext, clear_name)
     return Secret(cleartext=cleartext, verifier=verifier)
+
+
+def _check_password(element: _Element, password: str, attribute: str) -> None:
+    """A password SCRAM cannot use (control or unassigned characters) is a config error."""
+    try:
+        saslprep(password)
+    except ValueError as e:
+        raise element.error(f"{e} (SASLprep, RFC 4013)", attribute) from None
 
 
 def _listener(element: _Element) -> ListenerConfig:
@@ -641,6 +653,7 @@ def _proxy_password(session: _Element) -> Secret:
         password = inline
     if not password:
         raise session.error("the password is empty", given[0])
+    _check_password(session, password, given[0])
     return Secret(cleartext=password)
 
 

@@ -163,6 +163,17 @@ class ErrorTests(SynchronousTestCase):
             self.assertIn(fragment, message)
         return message
 
+    def test_password_scram_cannot_use(self) -> None:
+        """A password with a control character (SASLprep prohibits it) is refused where
+        it is written, for the Gateway and for a proxy."""
+        self.assertError('<Instance type="gateway"><Listener port="1"/>'
+                         '<Session id="1" proxyClientPassword="a&#127;b" '
+                         'proxyServerPassword="x"/></Instance>',
+                         "s.xml:3:", "<Session>", "'proxyClientPassword'", "control character")
+        self.assertError('<Instance type="proxy-client" host="h" port="1">'
+                         '<Session id="1" password="\u0627 1"/></Instance>',
+                         "s.xml:3:", "'password'", "right-to-left")
+
     def test_missing_attribute(self) -> None:
         """A missing required attribute is named with its element and line."""
         self.assertError('<Instance type="gateway">\n<Listener />\n</Instance>',
