@@ -440,6 +440,10 @@ def measure(label: str, repeats: int, run: Callable[[], float]) -> dict[str, flo
     return result
 
 
+SYSTEMS = ("direct", "tls", "plain", "openssh", "socat")
+FIGURES = ("throughput", "ping", "loaded", "connrate", "memory", "longpath")
+
+
 def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
@@ -453,72 +457,114 @@ def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
         procs.helper("echo-server", echo_port)
         wait_port(iperf_port)
         wait_port(echo_port)
-        systems = [System("direct", iperf_port, echo_port),
-                   start_tcptunnel(procs, os.path.join(work, "tls"), True, iperf_port, echo_port),
-                   start_tcptunnel(procs, os.path.join(work, "plain"), False, iperf_port,
-                                   echo_port),
-                   start_openssh(procs, os.path.join(work, "ssh"), iperf_port, echo_port),
-                   start_socat(procs, iperf_port, echo_port)]
+        starters: dict[str, Callable[[], System]] = {
+            "direct": lambda: System("direct", iperf_port, echo_port),
+            "tls": lambda: start_tcptunnel(procs, os.path.join(work, "tls"), True, iperf_port,
+                                           echo_port),
+            "plain": lambda: start_tcptunnel(procs, os.path.join(work, "plain"), False,
+                                             iperf_port, echo_port),
+            "openssh": lambda: start_openssh(procs, os.path.join(work, "ssh"), iperf_port,
+                                             echo_port),
+            "socat": lambda: start_socat(procs, iperf_port, echo_port),
+        }
+        systems = [start() for key, start in starters.items() if key in args.systems]
         time.sleep(1.0)
         for system in systems:
             system.fresh_rss = {name: rss_mib(pid) for name, pid in system.pids.items()}
         for system in systems:
             print(f"{system.name}:", flush=True)
             out: dict[str, Any] = {}
-            out["throughput_1_MBps"] = measure(
-                "throughput, 1 stream (MB/s)", args.repeats,
-                lambda s=system: iperf(s.bulk_port, args.seconds, 1))
-            out["throughput_8_MBps"] = measure(
-                "throughput, 8 streams (MB/s)", args.repeats,
-                lambda s=system: iperf(s.bulk_port, args.seconds, 8))
-            pings: list[list[float]] = [helper_output("pingpong", system.echo_port, args.pings)
-                                        for _ in range(args.repeats)]
-            out["ping_p50_ms"] = spread([percentile(p, 0.5) * 1e3 for p in pings])
-            out["ping_p99_ms"] = spread([percentile(p, 0.99) * 1e3 for p in pings])
-            print(f"  ping-pong p50 {out['ping_p50_ms']['median']:.3f} ms, "
-                  f"p99 {out['ping_p99_ms']['median']:.3f} ms", flush=True)
-            loaded = []
-            for _ in range(args.repeats):
-                bulk = subprocess.Popen(["iperf3", "-c", "127.0.0.1", "-p",
-                                         str(system.bulk_port), "-t", "30", "-P", "8"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(1.0)
-                loaded.append(helper_output("pingpong", system.echo_port, args.pings // 2))
-                bulk.terminate()
-                bulk.wait(10)
-                time.sleep(0.5)
-            out["loaded_ping_p50_ms"] = spread([percentile(p, 0.5) * 1e3 for p in loaded])
-            out["loaded_ping_p99_ms"] = spread([percentile(p, 0.99) * 1e3 for p in loaded])
-            print(f"  under 8 bulk streams: p50 {out['loaded_ping_p50_ms']['median']:.3f} ms, "
-                  f"p99 {out['loaded_ping_p99_ms']['median']:.3f} ms", flush=True)
-            for parallel, key in ((1, "connrate_seq"), (50, "connrate_50")):
-                rates = []
-                for _ in range(args.repeats):
-                    r = helper_output("connrate", system.echo_port, args.seconds, parallel)
-                    rates.append(r["count"] / r["seconds"])
-                out[key] = spread(rates)
-                print(f"  connections/s ({parallel} at a time): {out[key]['median']:.0f}",
-                      flush=True)
-            if system.name.startswith("tcptunnel") or system.name == "OpenSSH":
+            if "throughput" in args.figures:
+                out.update(throughput(system, args))
+            if "ping" in args.figures:
+                out.update(ping(system, args))
+            if "loaded" in args.figures:
+                out.update(loaded_ping(system, args))
+            if "connrate" in args.figures:
+                out.update(connection_rate(system, args))
+            if "memory" in args.figures and (system.name.startswith("tcptunnel")
+                                             or system.name == "OpenSSH"):
                 out["memory_MiB"] = memory(system, args)
             results["systems"][system.name] = out
-        results["long_path"] = long_path(procs, work, iperf_port, echo_port, args)
+        if "longpath" in args.figures:
+            results["long_path"] = long_path(procs, work, iperf_port, echo_port, args)
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
     return results
 
 
+def throughput(system: System, args: argparse.Namespace) -> dict[str, Any]:
+    """iperf3 with one stream and with eight."""
+    out: dict[str, Any] = {}
+    out["throughput_1_MBps"] = measure(
+                "throughput, 1 stream (MB/s)", args.repeats,
+                lambda s=system: iperf(s.bulk_port, args.seconds, 1))
+    out["throughput_8_MBps"] = measure(
+        "throughput, 8 streams (MB/s)", args.repeats,
+        lambda s=system: iperf(s.bulk_port, args.seconds, 8))
+    return out
+
+
+def ping(system: System, args: argparse.Namespace) -> dict[str, Any]:
+    """1-byte ping-pong on an idle path."""
+    pings: list[list[float]] = [helper_output("pingpong", system.echo_port, args.pings)
+                                for _ in range(args.repeats)]
+    out = {"ping_p50_ms": spread([percentile(p, 0.5) * 1e3 for p in pings]),
+           "ping_p99_ms": spread([percentile(p, 0.99) * 1e3 for p in pings])}
+    print(f"  ping-pong p50 {out['ping_p50_ms']['median']:.3f} ms, "
+          f"p99 {out['ping_p99_ms']['median']:.3f} ms", flush=True)
+    return out
+
+
+def loaded_ping(system: System, args: argparse.Namespace) -> dict[str, Any]:
+    """1-byte ping-pong while eight iperf3 streams run through the same path."""
+    loaded = []
+    for _ in range(args.repeats):
+        bulk = subprocess.Popen(["iperf3", "-c", "127.0.0.1", "-p",
+                                 str(system.bulk_port), "-t", "30", "-P", "8"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        loaded.append(helper_output("pingpong", system.echo_port, args.pings // 2))
+        bulk.terminate()
+        bulk.wait(10)
+        time.sleep(0.5)
+    out = {"loaded_ping_p50_ms": spread([percentile(p, 0.5) * 1e3 for p in loaded]),
+           "loaded_ping_p99_ms": spread([percentile(p, 0.99) * 1e3 for p in loaded])}
+    print(f"  under 8 bulk streams: p50 {out['loaded_ping_p50_ms']['median']:.3f} ms, "
+          f"p99 {out['loaded_ping_p99_ms']['median']:.3f} ms", flush=True)
+    return out
+
+
+def connection_rate(system: System, args: argparse.Namespace) -> dict[str, Any]:
+    """Connect, 1-byte echo, close: one at a time and 50 at a time."""
+    out: dict[str, Any] = {}
+    for parallel, key in ((1, "connrate_seq"), (50, "connrate_50")):
+        rates = []
+        for _ in range(args.repeats):
+            r = helper_output("connrate", system.echo_port, args.seconds, parallel)
+            rates.append(r["count"] / r["seconds"])
+        out[key] = spread(rates)
+        print(f"  connections/s ({parallel} at a time): {out[key]['median']:.0f}",
+              flush=True)
+    return out
+
+
 def memory(system: System, args: argparse.Namespace) -> dict[str, Any]:
     """RSS of each process: fresh, idle after the other runs, with N idle tunneled
-    connections, during bulk."""
+    connections, during bulk.  Idle figures are read after one heap-trim interval of
+    quiet (tcptunnel.heap), as a long-running idle process would show them."""
+    from tcptunnel.heap import DEFAULT_INTERVAL
+
+    settle = DEFAULT_INTERVAL + 1.0
+    time.sleep(settle)
     idle = {name: rss_mib(pid) for name, pid in system.pids.items()}
     holder = subprocess.Popen([PY, __file__, "--role", "hold", str(system.echo_port),
                                str(args.idle_connections)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE)
     assert holder.stdout is not None and holder.stdin is not None
     holder.stdout.readline()
-    time.sleep(1.0)
+    time.sleep(settle)
     held = {name: rss_mib(pid) for name, pid in system.pids.items()}
     holder.stdin.close()
     holder.wait(30)
@@ -755,6 +801,10 @@ def main() -> None:
     parser.add_argument("--idle-connections", type=int, default=1000)
     parser.add_argument("--delay", type=float, default=0.020)
     parser.add_argument("--output", default=os.path.join(ROOT, "docs"))
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS,
+                        help="measure only these (a partial run prints, and writes no report)")
+    parser.add_argument("--figures", nargs="+", default=list(FIGURES), choices=FIGURES,
+                        help="measure only these (a partial run prints, and writes no report)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report and chart from benchmarks.json")
     args = parser.parse_args()
@@ -777,6 +827,9 @@ def main() -> None:
         return
     started = time.monotonic()
     results = run_benchmarks(args)
+    if set(args.systems) != set(SYSTEMS) or set(args.figures) != set(FIGURES):
+        print(json.dumps(results, indent=1))
+        return
     results["versions"] = versions()
     results["idle_connections"] = args.idle_connections
     results["duration_s"] = time.monotonic() - started

@@ -99,7 +99,7 @@ class GatewayLinkCore(LinkCore):
         return size, True
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # one per tunneled connection: no per-instance dict
 class Route:
     """One stream across the Gateway: (Proxy-Server link, id) <-> (Proxy-Client link, id)."""
 

@@ -296,6 +296,10 @@ class MuxStream:
     producer and pauses it when the window is spent.
     """
 
+    # One per tunneled connection: no per-instance dict.
+    __slots__ = ("_consumer_paused", "_producer_paused", "_unacknowledged", "bytes_in",
+                 "bytes_out", "endpoint", "finished", "mux", "producer", "stream_id")
+
     def __init__(self, mux: MuxProtocol, stream_id: int, endpoint: StreamEndpoint) -> None:
         self.mux = mux
         self.stream_id = stream_id

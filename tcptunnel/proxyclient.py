@@ -6,13 +6,8 @@ import ipaddress
 from typing import Any
 
 from twisted.internet import error as neterror
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
-from twisted.internet.protocol import Factory
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -41,17 +36,53 @@ def reason_for_dial_failure(failure: Failure) -> Reason:
     return Reason.REFUSED
 
 
-def target_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
-    """How to dial a target: IP literals directly, names through the resolver
-    (HostnameEndpoint: all addresses, happy eyeballs).  Skipping the resolver for
-    literals saves a thread-pool round trip per stream."""
+class _DirectDial(ClientFactory):
+    """Dial an IP literal with ``connectTCP``: no resolver, and, unlike an endpoint, no
+    wrapping protocol between the socket and the splice for the life of the stream."""
+
+    noisy = False  # no "Starting factory" log lines for every stream
+
+    def __init__(self, connection: Protocol) -> None:
+        self.connection = connection
+        self.connector: Any = None
+        self.cancelled = False
+        self.deferred: Deferred[Protocol] = Deferred(self._cancel)
+
+    def _cancel(self, deferred: Deferred[Protocol]) -> None:
+        # Deferred.cancel() then errbacks with CancelledError; the UserError that
+        # stopConnecting() reports is not a failure to connect.
+        self.cancelled = True
+        self.connector.stopConnecting()
+
+    def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802
+        """The splice's own protocol is the socket's protocol."""
+        self.deferred.callback(self.connection)
+        return self.connection
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:  # noqa: N802
+        """Refused, unreachable, timed out (or cancelled: already reported)."""
+        if not self.cancelled and not self.deferred.called:
+            self.deferred.errback(reason)
+
+
+def dial_target(reactor: Any, host: str, port: int, timeout: float,
+                connection: Protocol) -> Deferred[Any]:
+    """Connect ``connection`` to a target: IP literals directly, names through the
+    resolver (HostnameEndpoint: all addresses, happy eyeballs).  Skipping the resolver
+    for literals saves a thread-pool round trip per stream."""
     try:
-        address = ipaddress.ip_address(host)
+        ipaddress.ip_address(host)
     except ValueError:
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if address.version == 6:
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        factory = Factory.forProtocol(lambda: connection)
+        factory.noisy = False
+        dial: Deferred[Any] = HostnameEndpoint(reactor, host, port,
+                                               timeout=timeout).connect(factory)
+        return dial
+    direct = _DirectDial(connection)
+    direct.connector = reactor.connectTCP(host, port, direct, timeout=timeout)
+    return direct.deferred
 
 
 class TargetConnection(SpliceProtocol):
@@ -158,12 +189,9 @@ class ProxyClientService(ProxyService):
         connection.stream = link.attach_stream(stream_id, connection)
         # Nothing is consumed (no credit returned) until the target is connected.
         connection.stream.pauseProducing()
-        endpoint = target_endpoint(self.reactor, request.host, request.port,
-                                   self.config.connect_timeout)
         self.dials_in_progress += 1
-        factory = Factory.forProtocol(lambda: connection)
-        factory.noisy = False  # no "Starting factory" log lines for every stream
-        dial = endpoint.connect(factory)
+        dial = dial_target(self.reactor, request.host, request.port,
+                           self.config.connect_timeout, connection)
         connection.dial = dial
 
         def done(result: Any) -> Any:
@@ -173,7 +201,8 @@ class ProxyClientService(ProxyService):
 
         def failed(failure: Failure) -> None:
             stream = connection.stream
-            if failure.check(neterror.ConnectingCancelledError) or stream is None or (
+            if failure.check(CancelledError, neterror.ConnectingCancelledError) or (
+                    stream is None) or (
                     stream.finished):
                 return
             reason = reason_for_dial_failure(failure)
