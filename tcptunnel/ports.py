@@ -26,7 +26,9 @@ def listen(reactor: Any, ip: str | None, port: int, factory: Any, what: str,
     interface = ip if ip is not None else "::"
     try:
         if tls is not None:
-            return reactor.listenSSL(port, factory, tls, interface=interface)
+            from tcptunnel.tls import tls_factory
+
+            factory = tls_factory(tls, factory, is_client=False)
         return reactor.listenTCP(port, factory, interface=interface)
     except CannotListenError as e:
         raise StartupError(f"{what} could not listen on {format_address(ip, port)} "

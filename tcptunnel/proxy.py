@@ -179,17 +179,17 @@ class ProxyService(service.MultiService):
         # Event counters for /metrics: (name, label...) -> count.
         self.stats: Counter[tuple[str, ...]] = Counter()
         self.factory = ProxyLinkFactory(self)
-        client: service.Service
+        factory: Any
         if config.use_tls:
-            from tcptunnel.tls import client_connection_creator
+            from tcptunnel.tls import client_connection_creator, tls_factory
 
             creator = client_connection_creator(config.server_name or config.host,
                                                 config.ca_file, config.certificate_pin)
-            client = internet.SSLClient(config.host, config.port, self.factory, creator,
-                                        timeout=config.connect_timeout, reactor=reactor)
+            factory = tls_factory(creator, self.factory, is_client=True)
         else:
-            client = internet.TCPClient(config.host, config.port, self.factory,
-                                        timeout=config.connect_timeout, reactor=reactor)
+            factory = self.factory
+        client = internet.TCPClient(config.host, config.port, factory,
+                                    timeout=config.connect_timeout, reactor=reactor)
         client.setServiceParent(self)
 
     @property

@@ -19,10 +19,30 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from tcptunnel.config import TlsFiles
+
+
+class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
+    """TLS without Twisted's small-write aggregation.
+
+    ``listenSSL`` / ``connectSSL`` use BufferingTLSTransport, which holds every write
+    until a ``callLater(0)`` in the next reactor iteration, and only then encrypts
+    it.  A link already writes one batch of frames per flush, so that costs a reactor
+    iteration per hop and direction (tens of microseconds of latency) and a copy,
+    for nothing.
+    """
+
+    protocol = TLSMemoryBIOProtocol
+
+
+def tls_factory(creator: Any, wrapped: IProtocolFactory, is_client: bool) -> Any:
+    """Wrap ``wrapped`` in TLS for listenTCP / connectTCP; ``creator`` is a context
+    factory (server) or an IOpenSSLClientConnectionCreator (client)."""
+    return _UnbufferedTLSFactory(creator, is_client, wrapped)
 
 
 class TlsSetupError(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcptunnel.config import TlsFiles
@@ -96,6 +97,15 @@ class VerificationTests(TestCase):
         client.transport.loseWriteConnection()
         self.assertEqual(await client.ended, "clean")
         self.assertEqual(bytes(client.received), b"pinned")
+        # Both ends of the links write through TLS without Twisted's write aggregation,
+        # which would hold each batch of frames for a reactor iteration.
+        assert tunnel.gateway is not None
+        links = [pc.link, ps.link, *tunnel.gateway.gateway.links]  # type: ignore[attr-defined]
+        self.assertEqual(len(links), 4)
+        for link in links:
+            transport = link.transport
+            self.assertIsInstance(transport, TLSMemoryBIOProtocol)
+            self.assertNotIsInstance(transport, BufferingTLSTransport)
 
     async def test_wrong_pin_never_logs_in(self) -> None:
         """A proxy whose pin does not match never logs in."""
