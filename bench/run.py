@@ -420,10 +420,12 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """Resident MiB of a process; ``field="RssFile"``: the file-backed part (code and
+    shared libraries, shared with other processes using them)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -566,6 +568,7 @@ def memory(system: System, args: argparse.Namespace) -> dict[str, Any]:
     holder.stdout.readline()
     time.sleep(settle)
     held = {name: rss_mib(pid) for name, pid in system.pids.items()}
+    held_files = {name: rss_mib(pid, "RssFile") for name, pid in system.pids.items()}
     holder.stdin.close()
     holder.wait(30)
     peak: dict[str, float] = dict.fromkeys(system.pids, 0.0)
@@ -587,7 +590,8 @@ def memory(system: System, args: argparse.Namespace) -> dict[str, Any]:
     print(f"  memory MiB idle {idle}, with {args.idle_connections} idle connections {held}, "
           f"bulk peak {peak}", flush=True)
     return {"fresh": system.fresh_rss, "idle": idle, "idle_connections": held,
-            "bulk_peak": peak, "bytes_per_idle_connection": per_connection}
+            "idle_connections_file_backed": held_files, "bulk_peak": peak,
+            "bytes_per_idle_connection": per_connection}
 
 
 def long_path(procs: Processes, work: str, iperf_port: int, echo_port: int,
@@ -675,18 +679,20 @@ def report(results: dict[str, Any], path_md: str, path_png: str) -> None:
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Memory (resident, MiB)", "",
-              "| process | fresh | idle after the runs above | with idle connections | "
-              "bulk peak | bytes per idle connection |",
+              "| process | fresh | idle after the runs above | with idle connections "
+              "(of which code and shared libraries) | bulk peak | bytes per idle connection |",
               "|---|---|---|---|---|---|"]
     for name in names:
         memory_result = systems[name].get("memory_MiB")
         if not memory_result:
             continue
+        files = memory_result.get("idle_connections_file_backed", {})
         for process in memory_result["idle"]:
+            shared = f" ({files[process]:.1f})" if process in files else ""
             lines.append(
                 f"| {name}: {process} | {memory_result['fresh'].get(process, 0):.1f} | "
                 f"{memory_result['idle'][process]:.1f} | "
-                f"{memory_result['idle_connections'][process]:.1f} | "
+                f"{memory_result['idle_connections'][process]:.1f}{shared} | "
                 f"{memory_result['bulk_peak'][process]:.1f} | "
                 f"{memory_result['bytes_per_idle_connection'][process]:.0f} |")
     long = results["long_path"]
@@ -735,30 +741,52 @@ NOTES = """\
   Twisted's TLS protocol (which hands each 16 KiB TLS record to the protocol separately) and,
   a minor part, our frame decoding and routing (no per-byte Python work: frames of up to
   32 KiB, one copy per frame, memoryview slicing of large writes). Over TLS, tcptunnel and
-  OpenSSH are level: their min-max ranges overlap, and the 1-stream median ratio moved
-  between 0.92x and 1.14x across the runs made while writing this.
-* **Ping-pong latency** (idle) is about 100 µs per process and direction: one epoll round,
-  a TLS record in and out and the frame handling, three times each way. OpenSSH does the same
-  hops in C. Sending written bytes at once instead of on the next reactor iteration was tried
-  and measured no gain, so it was not kept.
-* **Latency under load** is bound by the bytes in flight ahead of a keystroke: control frames
-  go first and streams are served round-robin in 32 KiB chunks, and link sockets keep at most
-  128 KiB unsent in the kernel (TCP_NOTSENT_LOWAT), but data already sent sits in the
-  slowest process's (the Gateway's) socket buffer. On a CPU-bound loopback path the senders
-  are often blocked by their windows, so windows grow and more data is in flight. A proxy with
-  `maxWindow` equal to `initialWindow` trades long-path throughput for lower latency under load.
-* **Connection rate** (sequential) is one round trip through the three processes (the first
-  bytes travel as early data with the OPEN, which took the rate from about 450 to 560 per
-  second) plus, in each process, accepting or dialling a socket and setting up and tearing
-  down a stream; with 50 connections in parallel these overlap (about 2,000 per second).
-  Measured with and without window growth, latency under load drops only about a quarter
-  without it (p99 ~20 ms instead of ~27 ms): the in-flight data of eight 384 KiB windows
-  alone is several milliseconds at these rates.
-* **Memory**: an idle process is about 50 MiB before any link: the interpreter, Twisted,
-  pyOpenSSL and cryptography. Each idle tunneled connection costs a few KiB (table below), so
-  1,000 of them stay far inside the budget; after bulk transfer the allocator keeps the freed
-  buffers (up to the windows that were in flight), which is what the "idle" column shows for
-  processes measured after the throughput runs."""
+  OpenSSH are level: the 1-stream median ratio moved between 0.92x and 1.14x across runs.
+* **Ping-pong latency** (idle): per round trip the Gateway spends about 160 µs of user CPU
+  and 60 µs in the kernel, each proxy about 110-130 µs and 30-50 µs (measured from
+  `/proc/<pid>/stat` over 5,000 pings). A cProfile of all three roles shows our own code
+  (framing, routing, scheduling) at a sixth of that; the rest is Twisted's per-event dispatch
+  (`callWithLogger` / `callWithContext` around every read and write, an `epoll` modify to
+  start and stop writing) and pyOpenSSL's wrappers (a `WantReadError` raised and caught on
+  every read). Links used Twisted's `BufferingTLSTransport` (via `listenSSL` / `connectSSL`),
+  which delays every write by a `callLater(0)`; they now use the unbuffered
+  `TLSMemoryBIOProtocol`, one reactor iteration fewer per hop (p50 about 0.61-0.65 ms against
+  0.65-0.68 ms in an A/B). Sending the bytes a read handler wrote before returning to the
+  reactor (rather than at the next writable event) was tried twice and measured no gain and
+  10 % less throughput, so it was not kept. OpenSSH does the same hops in C.
+* **Latency under load** is bound by the bytes in flight ahead of a keystroke on a CPU-bound
+  path. `ss -tn` during the 8-stream run shows them in the kernel's receive queues of the busy
+  receivers: up to 1.25 MB at the Gateway (from the Proxy-Server) and 1.5 MB at the
+  Proxy-Client, about 10 ms at these rates, which is the p50. Our own queues are not the
+  problem: control frames go first, streams are served round-robin in 32 KiB chunks, and link
+  sockets keep at most 128 KiB unsent (TCP_NOTSENT_LOWAT). Capping the link sockets' receive
+  buffers at 128 KiB moved the queue into our round-robin and measured p50 8 ms / p99 13 ms
+  instead of 11 / 30, but a fixed receive buffer caps a real link at buffer / RTT (128 KiB
+  over 50 ms is 2.6 MB/s), so the kernel's autotuning stays. The p99 has a floor on this
+  machine: socat, with no shared link and no Python, shows p99 of 12-23 ms under the same load
+  (two cores saturated, every hop waits for a CPU), so 5 ms is out of reach here for any relay
+  of three processes. A proxy with `maxWindow` equal to `initialWindow` trades long-path
+  throughput for lower latency under load (p99 ~20 ms instead of ~27 ms in an earlier run).
+* **Connection rate** (sequential): each connection costs about 0.5 ms of CPU in the Gateway
+  and 0.6-0.7 ms in each proxy (0.15 ms of it in the kernel), one after the other along one
+  round trip: accept or dial, about a dozen reactor events per process (OPEN with early data,
+  OPEN_RESULT, DATA, FIN each way, the socket closes), stream set-up and teardown, and one
+  structured log event per finished stream in each proxy (about 8 % of the rate: 607-617 per
+  second without it against 547-569 with it). The first bytes travel with the OPEN (early
+  data), which took the rate from about 450 to 560 per second; with 50 connections in
+  parallel the round trips overlap (about 2,000 per second).
+* **Memory**: twistd, the reactor, plugin discovery, pyOpenSSL and cryptography take
+  45.8 MiB before any tcptunnel code (measured by importing them alone); the part in brackets
+  above is code and shared libraries, which the three processes share.
+  tcptunnel's own modules add about 2 MiB: SCRAM is now written over `hashlib`/`hmac`
+  (scramp pulled in asn1crypto and importlib.metadata: 1.5 MiB), and status-page code is
+  imported only with `<Status>`. An OpenSSL context adds about 2 MiB. A heap trimmer
+  (`malloc_trim` when glibc holds 1 MiB or more of freed memory, checked every 5 s) gives
+  back what bulk transfer leaves behind: processes measured after the runs sat at 56-84 MiB
+  before it. Each idle tunneled connection costs a few hundred bytes to 2.5 KiB per process
+  (a Twisted TCP transport and protocol, the stream's state with `__slots__`): 1,000 of them
+  add under 1 MiB to the processes above and about 2.5 MiB to a freshly started proxy, so
+  the budget is spent by the runtime, not by connections."""
 
 
 def chart(results: dict[str, Any], path: str) -> None:
