@@ -253,7 +253,9 @@ class ProxyAuth:
         if not nonce.startswith(self._client_nonce) or nonce == self._client_nonce:
             raise LoginFailed("malformed challenge from the Gateway: the nonce does not "
                               "extend ours")
-        if not iterations_text.isdigit() or not 1 <= int(iterations_text) <= MAX_ITERATIONS:
+        # isdigit() alone accepts digits int() refuses, such as superscripts.
+        if not (iterations_text.isascii() and iterations_text.isdigit()) or not (
+                1 <= int(iterations_text) <= MAX_ITERATIONS):
             raise LoginFailed(f"the Gateway asks for {iterations_text!r} PBKDF2 iterations "
                               f"(at most {MAX_ITERATIONS})")
         salt = _unb64(salt_text, "the Gateway's salt")

@@ -143,6 +143,7 @@ class ExchangeTests(SynchronousTestCase):
         client = ProxyAuth(7, 0, "pw", nonce="abc")
         for server_first in ("", "r=abc,s=AAAA,i=4096", "r=xyzdef,s=AAAA,i=4096",
                              f"r=abcdef,s=AAAA,i={MAX_ITERATIONS + 1}", "r=abcdef,s=AAAA,i=-1",
+                             "r=abcdef,s=AAAA,i=4\u00b2",
                              "r=abcdef,s=A!,i=4096", "s=AAAA,r=abcdef,i=4096"):
             with self.assertRaises(LoginFailed, msg=server_first):
                 client.proof(server_first)

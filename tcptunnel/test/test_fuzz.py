@@ -118,3 +118,56 @@ class MuxFuzzTests(SynchronousTestCase):
         except LinkError as e:
             self.assertIsInstance(e.code, fr.GoAway)
             self.assertTrue(e.message)
+
+
+# Pieces SCRAM messages are made of, valid and hostile, so that generated messages get past
+# the first checks often enough to reach the later ones.
+_scram_pieces = st.sampled_from([
+    "n", "y", "p=tls-unique", "", ",", "=", "==", "n=7:0", "n=7=2C0", "n==3D", "r=", "r=abc",
+    "c=biws", "c=eSws", "c=", "p=", "p=AAAA", "p=" + "A" * 44, "s=", "s=AAAA", "s=!!", "i=1",
+    "i=0", "i=-1", "i=4096", "i=x", "v=", "v=" + "A" * 44, "e=other-error", "m=ext", "a=admin",
+    "\x00", "é",
+])
+scram_messages = st.one_of(
+    st.lists(st.one_of(_scram_pieces, st.text(max_size=12)), max_size=8).map("".join),
+    st.text(max_size=80),
+)
+
+
+class ScramFuzzTests(SynchronousTestCase):
+    """Hostile SCRAM messages on either side fail with LoginFailed and nothing else: any
+    other exception would escape the link's frame handler."""
+
+    def setUp(self) -> None:
+        from tcptunnel.auth import make_auth_info
+
+        self.info = make_auth_info("pw", iterations=1)
+
+    @settings(max_examples=EXAMPLES * 2, deadline=None)
+    @given(client_first=scram_messages, client_final=scram_messages,
+           prefix=st.booleans())
+    def test_gateway_side(self, client_first: str, client_final: str, prefix: bool) -> None:
+        """Any client-first, then any client-final (or one that starts like the real one)."""
+        from tcptunnel.auth import GatewayAuth, LoginFailed, scram_username
+
+        server = GatewayAuth(self.info, scram_username(7, 0), b"k" * 32, nonce="SRV")
+        with contextlib.suppress(LoginFailed):
+            server.challenge(client_first)
+            if prefix:
+                client_final = f"c=biws,r={client_first.rpartition('r=')[2]}SRV," + client_final
+            server.finish(client_final)
+
+    @settings(max_examples=EXAMPLES * 2, deadline=None)
+    @given(nonce_suffix=st.text(max_size=10), salt=st.sampled_from(["AAAA", "", "!!", "QUJD"]),
+           iterations=st.one_of(st.integers(-3, 3000).map(str), st.text(max_size=6)),
+           extra=scram_messages, server_final=scram_messages)
+    def test_proxy_side(self, nonce_suffix: str, salt: str, iterations: str, extra: str,
+                        server_final: str) -> None:
+        """Any server-first built around our nonce, then any server-final."""
+        from tcptunnel.auth import LoginFailed, ProxyAuth
+
+        client = ProxyAuth(7, 0, "pw", nonce="CLI")
+        with contextlib.suppress(LoginFailed):
+            client.proof(f"r=CLI{nonce_suffix},s={salt},i={iterations}{extra}")
+        with contextlib.suppress(LoginFailed):
+            client.verify(server_final)
