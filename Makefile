@@ -55,7 +55,7 @@ SHELL := /bin/bash
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tcptunnel twisted bench
-	$(VENV)/bin/mypy tcptunnel twisted/plugins
+	$(VENV)/bin/mypy tcptunnel twisted/plugins bench
 
 fuzz: $(STAMP)
 	TCPTUNNEL_FUZZ_EXAMPLES=20000 $(VENV)/bin/trial tcptunnel.test.test_fuzz

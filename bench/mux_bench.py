@@ -17,7 +17,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
@@ -141,8 +141,9 @@ async def mux_pair() -> tuple[MuxProtocol, MuxProtocol, Any]:
 
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
         Factory.forProtocol(build))
-    opener = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
-        Factory.forProtocol(lambda: MuxProtocol(_mux.MuxConnection(True), reactor)))
+    opener = cast(MuxProtocol, await TCP4ClientEndpoint(
+        reactor, "127.0.0.1", port.getHost().port).connect(
+        Factory.forProtocol(lambda: MuxProtocol(_mux.MuxConnection(True), reactor))))
     while not acceptors or acceptors[0].core.peer_version is None or (
             opener.core.peer_version is None):
         await task.deferLater(reactor, 0.001, lambda: None)  # HELLOs exchanged
@@ -200,6 +201,7 @@ async def mux_bulk(size: int) -> float:
     while sink.count < size:
         await task.deferLater(reactor, 0.001, lambda: None)
     elapsed = time.perf_counter() - started
+    assert opener.transport is not None
     opener.transport.loseConnection()
     await port.stopListening()
     return elapsed
@@ -221,10 +223,16 @@ class PlainEcho(Protocol):
 async def plain_bulk(size: int) -> float:
     """Seconds to move ``size`` bytes over a plain Twisted TCP connection (baseline)."""
     sinks: list[PlainSink] = []
+
+    def new_sink() -> PlainSink:
+        sinks.append(PlainSink())
+        return sinks[-1]
+
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        Factory.forProtocol(lambda: sinks.append(PlainSink()) or sinks[-1]))
-    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
-        Factory.forProtocol(Protocol))
+        Factory.forProtocol(new_sink))
+    client = cast(Protocol, await TCP4ClientEndpoint(
+        reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(Protocol)))
+    assert client.transport is not None
     while not sinks:
         await task.deferLater(reactor, 0.001, lambda: None)
     started = time.perf_counter()
@@ -277,6 +285,7 @@ async def mux_pingpong(count: int, bulk_streams: int) -> list[float]:
     for source in sources:
         source.remaining = 0
         source.paused = True
+    assert opener.transport is not None
     opener.transport.loseConnection()
     await port.stopListening()
     return pinger.samples
@@ -326,12 +335,12 @@ def main() -> None:
         outcome.update(await run(args.repeats, args.size_mib * 1024 * 1024, args.pings))
 
     def finish(result: Any) -> Any:
-        reactor.stop()  # type: ignore[attr-defined]
+        reactor.stop()
         return result
 
-    reactor.callWhenRunning(  # type: ignore[attr-defined]
+    reactor.callWhenRunning(
         lambda: defer.ensureDeferred(go()).addErrback(lambda f: f.printTraceback()).addBoth(finish))
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     print(json.dumps(outcome, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import json
 import os
 import platform
@@ -500,11 +501,11 @@ def throughput(system: System, args: argparse.Namespace) -> dict[str, Any]:
     """iperf3 with one stream and with eight."""
     out: dict[str, Any] = {}
     out["throughput_1_MBps"] = measure(
-                "throughput, 1 stream (MB/s)", args.repeats,
-                lambda s=system: iperf(s.bulk_port, args.seconds, 1))
+        "throughput, 1 stream (MB/s)", args.repeats,
+        lambda: iperf(system.bulk_port, args.seconds, 1))
     out["throughput_8_MBps"] = measure(
         "throughput, 8 streams (MB/s)", args.repeats,
-        lambda s=system: iperf(s.bulk_port, args.seconds, 8))
+        lambda: iperf(system.bulk_port, args.seconds, 8))
     return out
 
 
@@ -605,7 +606,7 @@ def long_path(procs: Processes, work: str, iperf_port: int, echo_port: int,
                                  iperf_port, echo_port, delay=args.delay, max_window=max_window,
                                  name=label)
         out[label] = measure(f"{label}, 1 stream (MB/s)", args.repeats,
-                             lambda s=system: iperf(s.bulk_port, args.long_seconds, 1))
+                             functools.partial(iperf, system.bulk_port, args.long_seconds, 1))
     out["ratio"] = (out["window growth (default)"]["median"]
                     / out["fixed 384 KiB window"]["median"])
     return out
