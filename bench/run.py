@@ -509,15 +509,20 @@ def throughput(system: System, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def latency_percentiles(runs: list[list[float]], prefix: str, label: str) -> dict[str, Any]:
+    """p50 and p99 in ms of each run of round-trip samples (seconds), spread over runs."""
+    out = {f"{prefix}_p50_ms": spread([percentile(p, 0.5) * 1e3 for p in runs]),
+           f"{prefix}_p99_ms": spread([percentile(p, 0.99) * 1e3 for p in runs])}
+    print(f"  {label}: p50 {out[f'{prefix}_p50_ms']['median']:.3f} ms, "
+          f"p99 {out[f'{prefix}_p99_ms']['median']:.3f} ms", flush=True)
+    return out
+
+
 def ping(system: System, args: argparse.Namespace) -> dict[str, Any]:
     """1-byte ping-pong on an idle path."""
     pings: list[list[float]] = [helper_output("pingpong", system.echo_port, args.pings)
                                 for _ in range(args.repeats)]
-    out = {"ping_p50_ms": spread([percentile(p, 0.5) * 1e3 for p in pings]),
-           "ping_p99_ms": spread([percentile(p, 0.99) * 1e3 for p in pings])}
-    print(f"  ping-pong p50 {out['ping_p50_ms']['median']:.3f} ms, "
-          f"p99 {out['ping_p99_ms']['median']:.3f} ms", flush=True)
-    return out
+    return latency_percentiles(pings, "ping", "ping-pong")
 
 
 def loaded_ping(system: System, args: argparse.Namespace) -> dict[str, Any]:
@@ -532,11 +537,7 @@ def loaded_ping(system: System, args: argparse.Namespace) -> dict[str, Any]:
         bulk.terminate()
         bulk.wait(10)
         time.sleep(0.5)
-    out = {"loaded_ping_p50_ms": spread([percentile(p, 0.5) * 1e3 for p in loaded]),
-           "loaded_ping_p99_ms": spread([percentile(p, 0.99) * 1e3 for p in loaded])}
-    print(f"  under 8 bulk streams: p50 {out['loaded_ping_p50_ms']['median']:.3f} ms, "
-          f"p99 {out['loaded_ping_p99_ms']['median']:.3f} ms", flush=True)
-    return out
+    return latency_percentiles(loaded, "loaded_ping", "under 8 bulk streams")
 
 
 def connection_rate(system: System, args: argparse.Namespace) -> dict[str, Any]:
