@@ -17,7 +17,6 @@ nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from typing import Any, Protocol
 
 from twisted.application import service
@@ -71,11 +70,10 @@ class GlibcAllocator:
 
 def glibc_allocator() -> GlibcAllocator | None:
     """The running glibc's allocator, or None on another C library."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
     try:
-        libc = ctypes.CDLL(name)
+        # The symbols already loaded into this process, libc's among them (no
+        # ctypes.util.find_library: it runs ldconfig in a subprocess).
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
         return GlibcAllocator(libc)
     except (OSError, AttributeError):

@@ -41,12 +41,14 @@ class _DirectDial(ClientFactory):
     wrapping protocol between the socket and the splice for the life of the stream."""
 
     noisy = False  # no "Starting factory" log lines for every stream
+    # The connector keeps its factory for the life of the connection: keep it small.
+    __slots__ = ("cancelled", "connection", "connector", "deferred")
 
     def __init__(self, connection: Protocol) -> None:
-        self.connection = connection
+        self.connection: Protocol | None = connection
         self.connector: Any = None
         self.cancelled = False
-        self.deferred: Deferred[Protocol] = Deferred(self._cancel)
+        self.deferred: Deferred[Protocol] | None = Deferred(self._cancel)
 
     def _cancel(self, deferred: Deferred[Protocol]) -> None:
         # Deferred.cancel() then errbacks with CancelledError; the UserError that
@@ -56,13 +58,17 @@ class _DirectDial(ClientFactory):
 
     def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802
         """The splice's own protocol is the socket's protocol."""
-        self.deferred.callback(self.connection)
-        return self.connection
+        connection, deferred = self.connection, self.deferred
+        assert connection is not None and deferred is not None
+        self.connection = self.deferred = None  # the dialler holds the Deferred
+        deferred.callback(connection)
+        return connection
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:  # noqa: N802
         """Refused, unreachable, timed out (or cancelled: already reported)."""
-        if not self.cancelled and not self.deferred.called:
-            self.deferred.errback(reason)
+        deferred, self.deferred, self.connection = self.deferred, None, None
+        if not self.cancelled and deferred is not None and not deferred.called:
+            deferred.errback(reason)
 
 
 def dial_target(reactor: Any, host: str, port: int, timeout: float,
@@ -77,16 +83,20 @@ def dial_target(reactor: Any, host: str, port: int, timeout: float,
 
         factory = Factory.forProtocol(lambda: connection)
         factory.noisy = False
-        dial: Deferred[Any] = HostnameEndpoint(reactor, host, port,
-                                               timeout=timeout).connect(factory)
-        return dial
+        resolved: Deferred[Any] = HostnameEndpoint(reactor, host, port,
+                                                   timeout=timeout).connect(factory)
+        return resolved
     direct = _DirectDial(connection)
+    dial = direct.deferred
+    assert dial is not None
     direct.connector = reactor.connectTCP(host, port, direct, timeout=timeout)
-    return direct.deferred
+    return dial
 
 
 class TargetConnection(SpliceProtocol):
     """The connection to a target, spliced to the stream that asked for it."""
+
+    __slots__ = ("dial", "early", "proxy", "request", "started")
 
     def __init__(self, proxy: ProxyClientService, request: OpenRequest) -> None:
         super().__init__(on_end=proxy.stream_ended)

@@ -17,6 +17,8 @@ from tcptunnel.splice import SpliceProtocol
 class BindingConnection(SpliceProtocol):
     """An accepted local connection: kept paused until its stream is open."""
 
+    __slots__ = ("binding", "client", "proxy", "started")
+
     def __init__(self, proxy: ProxyServerService, binding: BindingConfig) -> None:
         super().__init__(on_end=proxy.stream_ended)
         self.proxy = proxy

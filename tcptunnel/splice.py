@@ -32,6 +32,9 @@ class SpliceProtocol(Protocol, StreamEndpoint):
     """
 
     log = Logger()
+    # One per tunneled connection: attributes in slots (Twisted's own, such as
+    # ``transport``, still go to the instance dict of Protocol).
+    __slots__ = ("_done", "_local_eof", "_on_end", "_remote_eof", "end_description", "stream")
 
     def __init__(self, on_end: Callable[[SpliceProtocol, str], None] | None = None) -> None:
         self.stream: MuxStream | None = None
