@@ -71,6 +71,8 @@ bench: $(STAMP)
 	  else sudo apt-get install -y openssh-server openssh-client socat iperf3; fi; fi
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]' --config-settings editable_mode=compat
 	$(PY) bench/mux_bench.py --json bench-mux.json >/dev/null && echo "mux micro-benchmark: bench-mux.json"
+	@# .opt-2.pyc files for the PYTHONOPTIMIZE=2 run, as the install instructions make them
+	$(PY) -OO -m compileall -q $(VENV)/lib tcptunnel twisted/plugins >/dev/null || true
 	$(PY) bench/run.py
 
 clean:

@@ -108,7 +108,8 @@ class TwistdProcessTests(TestCase):
 
     async def test_sample_configs_forward(self) -> None:
         """conf/gateway.xml, proxy-client.xml and proxy-server.xml, each run by its own twistd
-        with minted certificates, forward a real connection."""
+        with minted certificates and PYTHONOPTIMIZE=2 (as the systemd units run them: no
+        docstrings, no asserts), forward a real connection."""
         work = os.path.abspath(self.mktemp())
         certs = mint(os.path.join(work, "certs"))
         echo = await listen(self, EchoProtocol)
@@ -167,10 +168,12 @@ class TwistdProcessTests(TestCase):
             self.assertNotIn("Traceback", process.log())
 
     def spawn(self, config: str, work: str) -> TwistdProcess:
+        """twistd with PYTHONOPTIMIZE=2, as conf/tcptunnel.service runs it."""
         process = TwistdProcess()
+        env = dict(child_environment(), PYTHONOPTIMIZE="2")
         reactor.spawnProcess(
             process, sys.executable,
             twistd_command("-n", "--pidfile=", "--logfile=-", "tcptunnel", "--config", config),
-            env=child_environment(), path=work)
+            env=env, path=work)
         self.addCleanup(process.kill)
         return process
