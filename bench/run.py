@@ -796,7 +796,7 @@ NOTES = """\
   tcptunnel's own modules add about 2 MiB: SCRAM is now written over `hashlib`/`hmac`
   (scramp pulled in asn1crypto and importlib.metadata: 1.5 MiB), and status-page code is
   imported only with `<Status>`. An OpenSSL context adds about 2 MiB. A heap trimmer
-  (`malloc_trim` when glibc holds 1 MiB or more of freed memory, checked every 5 s) gives
+  (`malloc_trim` when glibc holds 256 KiB or more of freed memory, checked every 5 s) gives
   back what bulk transfer leaves behind: processes measured after the runs sat at 56-84 MiB
   before it. Each idle tunneled connection costs a few hundred bytes to 2.5 KiB per process
   (a Twisted TCP transport and protocol, the stream's state with `__slots__`): 1,000 of them

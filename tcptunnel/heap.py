@@ -8,7 +8,7 @@ of bulk transfer a process stays 20-30 MiB above its idle size for ever.
 trimmer checks, every few seconds, how much freed memory glibc holds
 (``mallinfo2``, ~20 µs) and trims when that exceeds a threshold: one trim per
 interval at most, ~2 ms for a heap holding 20 MiB of freed memory and ~0.2 ms
-when it was trimmed before.
+when it was trimmed before (so a low threshold costs nothing worth counting).
 
 On other C libraries (musl, macOS) nothing is loaded and the service does
 nothing.
@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 DEFAULT_INTERVAL = 5.0
-DEFAULT_THRESHOLD = 1024 * 1024
+DEFAULT_THRESHOLD = 256 * 1024
 
 
 class _MallInfo2(ctypes.Structure):

@@ -16,7 +16,6 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import pkcs12
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory
@@ -64,6 +63,8 @@ def load_server_identity(
     if files.pfx_file is not None:
         data = _read(files.pfx_file, "PKCS#12 file")
         password = files.pfx_password.encode("utf-8") if files.pfx_password else None
+        from cryptography.hazmat.primitives.serialization import pkcs12  # PFX listeners only
+
         try:
             key, certificate, chain = pkcs12.load_key_and_certificates(data, password)
         except ValueError as e:
