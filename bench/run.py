@@ -790,7 +790,8 @@ NOTES = """\
 * **Memory**: "tcptunnel TLS -OO" is the same as "tcptunnel TLS" run with
   `PYTHONOPTIMIZE=2`, as the shipped systemd units run it (no docstrings, no asserts; the
   test suite runs the sample configurations that way): about 2 MiB less per process, the
-  same speed. twistd, the reactor, plugin discovery, pyOpenSSL and cryptography take
+  same speed (A/B runs of the two: equal within the noise; one full run may differ by 15 %
+  either way). twistd, the reactor, plugin discovery, pyOpenSSL and cryptography take
   45.8 MiB before any tcptunnel code (measured by importing them alone); the part in brackets
   above is code and shared libraries, which the three processes share.
   tcptunnel's own modules add about 2 MiB: SCRAM is now written over `hashlib`/`hmac`
