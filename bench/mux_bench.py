@@ -338,9 +338,15 @@ def main() -> None:
         reactor.stop()
         return result
 
+    def failed(failure: Any) -> None:
+        failure.printTraceback(file=sys.stderr)
+        outcome["error"] = failure.getErrorMessage()
+
     reactor.callWhenRunning(
-        lambda: defer.ensureDeferred(go()).addErrback(lambda f: f.printTraceback()).addBoth(finish))
+        lambda: defer.ensureDeferred(go()).addErrback(failed).addBoth(finish))
     reactor.run()
+    if "error" in outcome:
+        raise SystemExit(f"mux benchmark failed: {outcome['error']}")
     print(json.dumps(outcome, indent=2))
     if args.json:
         with open(args.json, "w") as f:

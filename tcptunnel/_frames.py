@@ -186,22 +186,26 @@ class FrameDecoder:
         offset = 0
         available = len(buffer)
         unpack = HEADER.unpack_from
-        while available - offset >= HEADER_SIZE:
-            word, flags, stream_id = unpack(buffer, offset)
-            length = word >> 8
-            if length > self.max_payload:
-                raise LinkError(
-                    GoAway.FRAME_TOO_LARGE,
-                    f"frame of {length} bytes announced; the limit here is {self.max_payload}",
+        # Payloads are copied once, out of a view (slicing the bytearray would copy twice);
+        # the view is released before the buffer is resized.
+        with memoryview(buffer) as view:
+            while available - offset >= HEADER_SIZE:
+                word, flags, stream_id = unpack(buffer, offset)
+                length = word >> 8
+                if length > self.max_payload:
+                    raise LinkError(
+                        GoAway.FRAME_TOO_LARGE,
+                        f"frame of {length} bytes announced; the limit here is "
+                        f"{self.max_payload}",
+                    )
+                end = offset + HEADER_SIZE + length
+                if end > available:
+                    break
+                frames.append(
+                    Frame(word & 0xFF, flags, stream_id & STREAM_ID_MASK,
+                          bytes(view[offset + HEADER_SIZE : end]))
                 )
-            end = offset + HEADER_SIZE + length
-            if end > available:
-                break
-            frames.append(
-                Frame(word & 0xFF, flags, stream_id & STREAM_ID_MASK,
-                      bytes(buffer[offset + HEADER_SIZE : end]))
-            )
-            offset = end
+                offset = end
         if offset:
             del buffer[:offset]
         return frames
