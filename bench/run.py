@@ -796,8 +796,8 @@ NOTES = """\
   varies is how much of CPython's small-object arenas the earlier runs left partly used
   (they are returned only when completely empty; 1,000 connections closed again leave about
   1 MiB of them behind in each proxy). twistd, the reactor, plugin discovery, pyOpenSSL and
-  cryptography take 45.8 MiB before any tcptunnel code (measured by importing them alone); the part in brackets
-  above is code and shared libraries, which the three processes share.
+  cryptography take 45.8 MiB before any tcptunnel code (measured by importing them alone);
+  the part in brackets above is code and shared libraries, which the three processes share.
   tcptunnel's own modules add about 2 MiB: SCRAM is now written over `hashlib`/`hmac`
   (scramp pulled in asn1crypto and importlib.metadata: 1.5 MiB), and status-page code is
   imported only with `<Status>`. An OpenSSL context adds about 2 MiB. A heap trimmer
