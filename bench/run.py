@@ -773,8 +773,9 @@ NOTES = """\
   problem: control frames go first, streams are served round-robin in 32 KiB chunks, and link
   sockets keep at most 128 KiB unsent (TCP_NOTSENT_LOWAT). Capping the link sockets' receive
   buffers at 128 KiB moved the queue into our round-robin and measured p50 8 ms / p99 13 ms
-  instead of 11 / 30, but a fixed receive buffer caps a real link at buffer / RTT (128 KiB
-  over 50 ms is 2.6 MB/s), so the kernel's autotuning stays. The p99 has a floor on this
+  instead of 11 / 30 (256 KiB: p50 8.5-9.4 / p99 15-20 ms, but 8-15 % less throughput in an
+  A/B here), and a fixed receive buffer caps a real link at buffer / RTT (128 KiB over
+  50 ms is 2.6 MB/s), so the kernel's autotuning stays. The p99 has a floor on this
   machine: socat, with no shared link and no Python, shows p99 of 12-23 ms under the same load
   (two cores saturated, every hop waits for a CPU), so 5 ms is out of reach here for any relay
   of three processes. A proxy with `maxWindow` equal to `initialWindow` trades long-path
