@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
@@ -29,9 +29,12 @@ from tcptunnel import _frames as fr
 from tcptunnel.auth import ProxyAuth
 from tcptunnel.config import NAMESPACE, GatewayConfig, ProxyConfig, StartupError, parse_settings
 from tcptunnel.gateway import GatewayService
+from tcptunnel.proxy import ProxyService
 from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
 from tcptunnel.test._certs import CertFiles, mint
+
+_P = TypeVar("_P", bound=ProxyService)
 
 NS = f'xmlns="{NAMESPACE}"'
 
@@ -142,14 +145,10 @@ class Tunnel:
         password = password or self._password(session, 1)
         allow = (f"<AllowedTargetEndpoints>{allowed}</AllowedTargetEndpoints>"
                  if allowed is not None else "")
-        config = self._parse(
+        return self._start_proxy(
+            ProxyClientService,
             f'<Instance type="proxy-client" {self._proxy_attributes(extra)}>'
             f'<Session id="{session}" password="{password}"/>{allow}</Instance>')
-        assert isinstance(config, ProxyConfig)
-        service = ProxyClientService(config, reactor)
-        service.startService()
-        self.services.append(service)
-        return service
 
     def start_proxy_server(self, targets: list[tuple[str, int]], session: int = 1,
                            password: str | None = None, extra: str = "") -> ProxyServerService:
@@ -158,11 +157,16 @@ class Tunnel:
         bindings = "".join(
             f'<Binding listenIp="127.0.0.1" listenPort="0" targetHost="{h}" targetPort="{p}"/>'
             for h, p in targets)
-        config = self._parse(
+        return self._start_proxy(
+            ProxyServerService,
             f'<Instance type="proxy-server" {self._proxy_attributes(extra)}>'
             f'<Session id="{session}" password="{password}">{bindings}</Session></Instance>')
+
+    def _start_proxy(self, kind: type[_P], instance_xml: str) -> _P:
+        """Parse one proxy Instance, start it as ``kind``, and stop it at cleanup."""
+        config = self._parse(instance_xml)
         assert isinstance(config, ProxyConfig)
-        service = ProxyServerService(config, reactor)
+        service = kind(config, reactor)
         service.startService()
         self.services.append(service)
         return service
