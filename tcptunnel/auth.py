@@ -239,8 +239,8 @@ class ProxyAuth:
                  nonce: str | None = None, username: str | None = None) -> None:
         self._password = password
         name = scram_username(session_id, role) if username is None else username
-        self._client_first_bare = f"n={_escape_username(name)},r={nonce or _new_nonce()}"
-        self._client_nonce = self._client_first_bare.rpartition(",r=")[2]
+        self._client_nonce = nonce or _new_nonce()
+        self._client_first_bare = f"n={_escape_username(name)},r={self._client_nonce}"
         self._expected_server_signature = b""
 
     def start(self) -> str:

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
 DEFAULT_INTERVAL = 5.0
 DEFAULT_THRESHOLD = 256 * 1024
@@ -82,8 +81,6 @@ def glibc_allocator() -> GlibcAllocator | None:
 
 class HeapTrimmer(service.Service):
     """Every ``interval`` seconds, trim the heap if it holds ``threshold`` free bytes."""
-
-    log = Logger()
 
     def __init__(self, clock: Any, allocator: Allocator | None,
                  interval: float = DEFAULT_INTERVAL,

@@ -42,18 +42,18 @@ class _DirectDial(ClientFactory):
 
     noisy = False  # no "Starting factory" log lines for every stream
     # The connector keeps its factory for the life of the connection: keep it small.
-    __slots__ = ("cancelled", "connection", "connector", "deferred")
+    __slots__ = ("connection", "connector", "deferred")
 
     def __init__(self, connection: Protocol) -> None:
         self.connection: Protocol | None = connection
         self.connector: Any = None
-        self.cancelled = False
         self.deferred: Deferred[Protocol] | None = Deferred(self._cancel)
 
     def _cancel(self, deferred: Deferred[Protocol]) -> None:
-        # Deferred.cancel() then errbacks with CancelledError; the UserError that
-        # stopConnecting() reports is not a failure to connect.
-        self.cancelled = True
+        # Deferred.cancel() then errbacks with CancelledError; letting go of the
+        # Deferred first means the UserError that stopConnecting() reports is not
+        # taken for a failure to connect.
+        self.connection = self.deferred = None
         self.connector.stopConnecting()
 
     def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802
@@ -67,7 +67,7 @@ class _DirectDial(ClientFactory):
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:  # noqa: N802
         """Refused, unreachable, timed out (or cancelled: already reported)."""
         deferred, self.deferred, self.connection = self.deferred, None, None
-        if not self.cancelled and deferred is not None and not deferred.called:
+        if deferred is not None:  # None: connected, or cancelled
             deferred.errback(reason)
 
 
