@@ -7,15 +7,15 @@ from typing import Any
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcptunnel.proxyclient import dial_target
+from tcptunnel.proxyclient import _DirectDial, dial_target
 
 
-class StopRecordingReactor(MemoryReactor):
-    """A MemoryReactor whose connectors record stopConnecting()."""
+class StopRecordingReactor(MemoryReactorClock):
+    """A MemoryReactorClock whose connectors record stopConnecting()."""
 
     def connectTCP(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
         connector = super().connectTCP(*args, **kwargs)
@@ -64,7 +64,13 @@ class DirectDialTests(SynchronousTestCase):
         factory.clientConnectionFailed(reactor.connectors[0], Failure(neterror.UserError()))
 
     def test_names_go_through_the_resolver(self) -> None:
-        """A host name is not passed to connectTCP as is (HostnameEndpoint resolves it)."""
+        """A host name is not passed to connectTCP as is: HostnameEndpoint resolves it and
+        connects to the address."""
         reactor = StopRecordingReactor()
-        dial_target(reactor, "target.example", 22, 5.0, Protocol())
-        self.assertEqual(reactor.tcpClients, [])
+        dial = dial_target(reactor, "target.example", 22, 5.0, Protocol())
+        # MemoryReactorClock's resolver answers 127.0.0.1 for every name: the connect
+        # goes to the resolved address, through the endpoint's factory.
+        self.assertEqual([host for host, *_ in reactor.tcpClients], ["127.0.0.1"])
+        self.assertNotIsInstance(reactor.tcpClients[0][2], _DirectDial)
+        dial.cancel()  # leave no attempt running into the next test
+        self.failureResultOf(dial)
