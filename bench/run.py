@@ -296,9 +296,11 @@ NS = f'xmlns="{NAMESPACE}"'
 
 def start_tcptunnel(procs: Processes, work: str, tls: bool, iperf: int, echo: int,
                     delay: float = 0.0, max_window: int | None = None,
-                    name: str | None = None, optimize: bool = False) -> System:
+                    name: str | None = None, optimize: bool = False,
+                    profile: str | None = None) -> System:
     """Gateway, Proxy-Client and Proxy-Server as three twistd processes (with
-    PYTHONOPTIMIZE=2, as the systemd units run them, when ``optimize``)."""
+    PYTHONOPTIMIZE=2, as the systemd units run them, when ``optimize``; under twistd's
+    cProfile, writing ``<profile>/<work folder>-<role>.prof`` at exit, when ``profile``)."""
     from tcptunnel.test._certs import mint
 
     os.makedirs(work, exist_ok=True)
@@ -339,10 +341,15 @@ def start_tcptunnel(procs: Processes, work: str, tls: bool, iperf: int, echo: in
         path = os.path.join(work, f"{role}.xml")
         with open(path, "w") as f:
             f.write(f"<Settings {NS}>{body}</Settings>")
+        profiling = []
+        if profile:
+            os.makedirs(profile, exist_ok=True)
+            profiling = [f"--profile={profile}/{os.path.basename(work)}-{role}.prof",
+                         "--profiler=cprofile", "--savestats"]
         process = procs.start(
             [PY, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-             "--logfile", os.path.join(work, f"{role}.log"), "tcptunnel", "--config", path],
-            env=env, cwd=work)
+             *profiling, "--logfile", os.path.join(work, f"{role}.log"), "tcptunnel",
+             "--config", path], env=env, cwd=work)
         pids[role] = process.pid
         if role == "gateway":
             wait_port(gateway_port)
@@ -466,12 +473,12 @@ def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
         starters: dict[str, Callable[[], System]] = {
             "direct": lambda: System("direct", iperf_port, echo_port),
             "tls": lambda: start_tcptunnel(procs, os.path.join(work, "tls"), True, iperf_port,
-                                           echo_port),
+                                           echo_port, profile=args.profile),
             "tls-oo": lambda: start_tcptunnel(procs, os.path.join(work, "tls-oo"), True,
                                               iperf_port, echo_port, optimize=True,
-                                              name="tcptunnel TLS -OO"),
+                                              name="tcptunnel TLS -OO", profile=args.profile),
             "plain": lambda: start_tcptunnel(procs, os.path.join(work, "plain"), False,
-                                             iperf_port, echo_port),
+                                             iperf_port, echo_port, profile=args.profile),
             "openssh": lambda: start_openssh(procs, os.path.join(work, "ssh"), iperf_port,
                                              echo_port),
             "socat": lambda: start_socat(procs, iperf_port, echo_port),
@@ -854,6 +861,9 @@ def main() -> None:
                         help="measure only these (a partial run prints, and writes no report)")
     parser.add_argument("--figures", nargs="+", default=list(FIGURES), choices=FIGURES,
                         help="measure only these (a partial run prints, and writes no report)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="run the tcptunnel processes under cProfile and write one .prof "
+                             "per process into DIR (pstats format)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report and chart from benchmarks.json")
     args = parser.parse_args()

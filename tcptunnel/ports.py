@@ -7,6 +7,7 @@ from typing import Any
 from twisted.internet.error import CannotListenError
 
 from tcptunnel.config import Location, StartupError, format_address
+from tcptunnel.sockets import listen_tcp
 
 AddressKey = tuple[str | None, int]
 
@@ -29,7 +30,7 @@ def listen(reactor: Any, ip: str | None, port: int, factory: Any, what: str,
             from tcptunnel.tls import tls_factory
 
             factory = tls_factory(tls, factory, is_client=False)
-        return reactor.listenTCP(port, factory, interface=interface)
+        return listen_tcp(reactor, port, factory, interface=interface)
     except CannotListenError as e:
         raise StartupError(f"{what} could not listen on {format_address(ip, port)} "
                            f"({location}): {e.socketError}") from None

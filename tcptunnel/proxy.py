@@ -25,6 +25,7 @@ from tcptunnel._link import AuthFrameReceived, GoAwayReceived, LinkState, Partne
 from tcptunnel.auth import LoginFailed, ProxyAuth
 from tcptunnel.config import ProxyConfig, format_address
 from tcptunnel.mux import MuxProtocol
+from tcptunnel.sockets import connect_tcp
 
 
 class ProxyLink(MuxProtocol):
@@ -264,8 +265,8 @@ class ProxyService(service.MultiService):
         reconnects from then on.  (Done here rather than with twisted.application's
         TCPClient, whose module pulls in ClientService and automat: 0.3 MiB unused.)"""
         super().startService()
-        self._connector = self.reactor.connectTCP(
-            self.config.host, self.config.port, self._connecting_factory,
+        self._connector = connect_tcp(
+            self.reactor, self.config.host, self.config.port, self._connecting_factory,
             timeout=self.config.connect_timeout)
 
     def stopService(self) -> Any:  # noqa: N802

@@ -15,6 +15,7 @@ from tcptunnel._frames import OpenRequest, Reason
 from tcptunnel.config import ProxyConfig, format_address, normalise_host
 from tcptunnel.mux import MuxProtocol
 from tcptunnel.proxy import ProxyService
+from tcptunnel.sockets import connect_tcp
 from tcptunnel.splice import SpliceProtocol
 
 MAX_DIALS_IN_PROGRESS = 64
@@ -89,7 +90,7 @@ def dial_target(reactor: Any, host: str, port: int, timeout: float,
     direct = _DirectDial(connection)
     dial = direct.deferred
     assert dial is not None
-    direct.connector = reactor.connectTCP(host, port, direct, timeout=timeout)
+    direct.connector = connect_tcp(reactor, host, port, direct, timeout=timeout)
     return dial
 
 

@@ -201,9 +201,21 @@ class Freezer(Protocol):
     peer: Freezer | None = None
     frozen = False
 
+    def __init__(self) -> None:
+        self.early: list[bytes] = []  # what arrives before the other side is connected
+
+    def connectionMade(self) -> None:  # noqa: N802
+        if self.peer is not None and self.peer.early:
+            self.peer.dataReceived(b"".join(self.peer.early))
+            self.peer.early.clear()
+
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        if not Freezer.frozen and self.peer is not None and self.peer.transport is not None:
+        if Freezer.frozen:
+            return
+        if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.write(data)
+        else:
+            self.early.append(data)
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
         if self.peer is not None and self.peer.transport is not None:

@@ -1,0 +1,264 @@
+"""Connections that send what an event wrote at the end of that event, on real sockets."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from tcptunnel.sockets import _pending, connect_tcp, listen_tcp
+from tcptunnel.test._harness import wait_until
+
+
+@implementer(IHalfCloseableProtocol)
+class Scripted(Protocol):
+    """Runs ``on_data`` (if set) for each read and records what it received and how it
+    ended.  ``after_event`` records, from a call the reactor makes once the current event
+    is over, whether the transport still waits for the reactor to send."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.on_data: Any = None
+        self.on_connect: Any = None
+        self.made: defer.Deferred[Scripted] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.reason: Failure | None = None
+        self.read_closed = False
+        self.checks: list[tuple[bool, int]] = []
+
+    def after_event(self) -> None:
+        """Record (waiting to write, bytes buffered) once the reactor is past this event."""
+        transport: Any = self.transport
+
+        def check() -> None:
+            buffered = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            self.checks.append((transport in reactor.getWriters(), buffered))
+
+        reactor.callLater(0, check)
+
+    def connectionMade(self) -> None:  # noqa: N802
+        if self.on_connect is not None:
+            self.on_connect(self)
+        self.made.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+        if self.on_data is not None:
+            self.on_data(self, data)
+
+    def readConnectionLost(self) -> None:  # noqa: N802
+        self.read_closed = True
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        """Half-closed our side; nothing to do."""
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        self.reason = reason
+        self.lost.callback(None)
+
+
+class Peer:
+    """A stdlib socket on the other end, read only when the test says so (non-blocking,
+    polled, so the reactor keeps running)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock.setblocking(False)
+        self.data = b""
+        self.eof = False
+
+    def _pull(self) -> bool:
+        try:
+            chunk = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return False
+        self.data += chunk
+        self.eof = not chunk
+        return True
+
+    async def read(self, size: int | None = None) -> bytes:
+        """``size`` bytes, or everything until EOF when ``size`` is None."""
+        def enough() -> bool:
+            while not self.eof and self._pull():
+                pass
+            return self.eof if size is None else len(self.data) >= size
+
+        await wait_until(enough, 10, "the peer's bytes")
+        taken = len(self.data) if size is None else size
+        data, self.data = self.data[:taken], self.data[taken:]
+        return data
+
+
+class SendAtEventEndTests(TestCase):
+    """What a handler writes leaves at the end of its event; everything else is Twisted's."""
+
+    async def serve(self, listen: Any = listen_tcp) -> tuple[Scripted, Peer]:
+        """A server protocol (listening with ``listen``) and a connected stdlib peer."""
+        accepted: list[Scripted] = []
+
+        def build() -> Scripted:
+            accepted.append(Scripted())
+            return accepted[-1]
+
+        port = listen(reactor, 0, Factory.forProtocol(build), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        peer = Peer(port.getHost().port)
+        self.addCleanup(peer.sock.close)
+        await wait_until(lambda: bool(accepted), 5, "the accept")
+        server = accepted[0]
+        transport: Any = server.transport
+        self.addCleanup(transport.abortConnection)
+        return server, peer
+
+    @staticmethod
+    def reply(text: bytes) -> Any:
+        def on_data(protocol: Scripted, data: bytes) -> None:
+            protocol.transport.write(text)  # type: ignore[union-attr]
+            protocol.after_event()
+        return on_data
+
+    def tearDown(self) -> None:
+        self.assertEqual((_pending.depth, _pending.connections), (0, []))
+
+    async def state_after_reply(self, listen: Any) -> tuple[bool, int]:
+        """(waiting to write, bytes buffered) of a server connection (listening with
+        ``listen``) once the read event in which it wrote a 4-byte reply is over."""
+        server, peer = await self.serve(listen)
+        server.on_data = self.reply(b"pong")
+        peer.sock.sendall(b"ping")
+        self.assertEqual(await peer.read(4), b"pong")
+        await wait_until(lambda: bool(server.checks), 5, "the check after the event")
+        return server.checks[0]
+
+    async def test_reply_sent_within_the_read_event(self) -> None:
+        """A reply written while handling a read is on the wire when the event ends; with
+        Twisted's own transport it is still buffered at that point (so this check would
+        catch the difference)."""
+        self.assertEqual(await self.state_after_reply(listen_tcp), (False, 0))
+        self.assertEqual(await self.state_after_reply(
+            lambda r, *args, **kwargs: r.listenTCP(*args, **kwargs)), (True, 4))
+
+    async def test_write_outside_an_event_goes_through_the_reactor(self) -> None:
+        """A write from a timer waits for the reactor as in Twisted, and arrives."""
+        server, peer = await self.serve()
+        transport: Any = server.transport
+        states: list[bool] = []
+
+        def later() -> None:
+            transport.write(b"tick")
+            states.append(transport in reactor.getWriters())
+
+        reactor.callLater(0, later)
+        self.assertEqual(await peer.read(4), b"tick")
+        self.assertEqual(states, [True])
+
+    async def test_what_the_socket_cannot_take_is_sent_later(self) -> None:
+        """8 MiB written in one event: the socket takes part, the rest waits for the reactor
+        and arrives complete and in order once the peer reads."""
+        payload = bytes(range(256)) * (8 * 4096)
+        server, peer = await self.serve()
+        server.on_data = self.reply(payload)
+        peer.sock.sendall(b"go")
+        await wait_until(lambda: bool(server.checks), 5, "the check after the event")
+        waiting, buffered = server.checks[0]
+        self.assertTrue(waiting)
+        self.assertTrue(0 < buffered < len(payload))
+        self.assertEqual(await peer.read(len(payload)), payload)
+
+    async def test_close_after_writing_in_the_event(self) -> None:
+        """write then loseConnection in one handler: the peer gets the bytes, then EOF."""
+        server, peer = await self.serve()
+
+        def on_data(protocol: Scripted, data: bytes) -> None:
+            protocol.transport.write(b"bye")  # type: ignore[union-attr]
+            protocol.transport.loseConnection()  # type: ignore[union-attr]
+
+        server.on_data = on_data
+        peer.sock.sendall(b"x")
+        self.assertEqual(await peer.read(), b"bye")
+        await server.lost
+        assert server.reason is not None
+        server.reason.trap(ConnectionDone)
+
+    async def test_half_close_after_writing_in_the_event(self) -> None:
+        """write then loseWriteConnection: the peer gets the bytes and EOF, and can still
+        send."""
+        server, peer = await self.serve()
+
+        def on_data(protocol: Scripted, data: bytes) -> None:
+            if data == b"x":
+                protocol.transport.write(b"half")  # type: ignore[union-attr]
+                protocol.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+        server.on_data = on_data
+        peer.sock.sendall(b"x")
+        self.assertEqual(await peer.read(), b"half")
+        peer.sock.sendall(b"more")
+        await wait_until(lambda: server.received == b"xmore", 5, "the peer's later bytes")
+        self.assertFalse(server.lost.called)
+
+    async def test_write_error_at_the_end_of_the_event(self) -> None:
+        """A send that fails at the end of the event loses the connection the usual way,
+        with ConnectionLost and no error escaping."""
+        server, peer = await self.serve()
+
+        def on_data(protocol: Scripted, data: bytes) -> None:
+            transport: Any = protocol.transport
+            transport.socket.shutdown(socket.SHUT_WR)  # the next send fails with EPIPE
+            transport.write(b"into the void")
+
+        server.on_data = on_data
+        peer.sock.sendall(b"x")
+        await server.lost
+        assert server.reason is not None
+        server.reason.trap(ConnectionLost)
+
+    async def test_connection_made_writes_leave_with_the_accept_and_the_connect(self) -> None:
+        """What connectionMade writes, on an accepted and on an outgoing connection, is sent
+        in the accept and connect events."""
+        servers: list[Scripted] = []
+
+        def greet(protocol: Scripted) -> None:
+            protocol.transport.write(b"hello")  # type: ignore[union-attr]
+            protocol.after_event()
+
+        def build() -> Scripted:
+            servers.append(Scripted())
+            servers[-1].on_connect = greet
+            return servers[-1]
+
+        port = listen_tcp(reactor, 0, Factory.forProtocol(build), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = Scripted()
+        client.on_connect = greet
+        factory = ClientFactory.forProtocol(lambda: client)
+        connector = connect_tcp(reactor, "127.0.0.1", port.getHost().port, factory)
+        self.addCleanup(connector.disconnect)
+        await wait_until(lambda: client.received == b"hello" and bool(servers)
+                         and servers[0].received == b"hello", 5, "both greetings")
+        server_transport: Any = servers[0].transport
+        self.addCleanup(server_transport.abortConnection)
+        await wait_until(lambda: bool(client.checks and servers[0].checks), 5, "the checks")
+        self.assertEqual((client.checks[0], servers[0].checks[0]), ((False, 0), (False, 0)))
+
+
+class FallbackTests(SynchronousTestCase):
+    """Reactors other than Twisted's socket reactors get the plain calls."""
+
+    def test_memory_reactor_gets_listen_and_connect(self) -> None:
+        """listen_tcp / connect_tcp on a MemoryReactor record ordinary listenTCP /
+        connectTCP calls with the same arguments."""
+        memory = MemoryReactor()
+        factory = ClientFactory()
+        listen_tcp(memory, 1234, factory, backlog=7, interface="127.0.0.1")
+        connect_tcp(memory, "127.0.0.1", 5678, factory, timeout=3.0)
+        self.assertEqual(memory.tcpServers, [(1234, factory, 7, "127.0.0.1")])
+        self.assertEqual(memory.tcpClients, [("127.0.0.1", 5678, factory, 3.0, None)])
