@@ -11,8 +11,10 @@
 and measures throughput (iperf3, 1 and 8 streams), 1-byte ping-pong latency idle and under 8
 bulk streams, connection rate (sequential and 50 in parallel), tcptunnel's memory, and one
 stream over a simulated long path (a delay relay on each link) with and without window growth.
-Every figure is min / median / max over repeats, and tcptunnel's are also given as ratios to
-OpenSSH's from the same run. Results: ``docs/benchmarks.md`` and ``docs/benchmarks.png``.
+Every figure is min / median / max over repeats, taken round-robin across the systems (so a
+slow moment of this shared machine falls on all of them alike), and tcptunnel's are also given
+as ratios to OpenSSH's from the same run. Results: ``docs/benchmarks.md`` and
+``docs/benchmarks.png``.
 
 The same file also holds the small helper programs it runs (``--role ...``).
 """
@@ -488,20 +490,15 @@ def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
         for system in systems:
             system.fresh_rss = {name: rss_mib(pid) for name, pid in system.pids.items()}
         for system in systems:
-            print(f"{system.name}:", flush=True)
-            out: dict[str, Any] = {}
-            if "throughput" in args.figures:
-                out.update(throughput(system, args))
-            if "ping" in args.figures:
-                out.update(ping(system, args))
-            if "loaded" in args.figures:
-                out.update(loaded_ping(system, args))
-            if "connrate" in args.figures:
-                out.update(connection_rate(system, args))
+            results["systems"][system.name] = {}
+        for sample in SAMPLES:
+            if sample.figure in args.figures:
+                interleaved(sample, systems, args, results["systems"])
+        for system in systems:
             if "memory" in args.figures and (system.name.startswith("tcptunnel")
                                              or system.name == "OpenSSH"):
-                out["memory_MiB"] = memory(system, args)
-            results["systems"][system.name] = out
+                print(f"{system.name}:", flush=True)
+                results["systems"][system.name]["memory_MiB"] = memory(system, args)
         if "longpath" in args.figures:
             results["long_path"] = long_path(procs, work, iperf_port, echo_port, args)
     finally:
@@ -510,61 +507,80 @@ def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def throughput(system: System, args: argparse.Namespace) -> dict[str, Any]:
-    """iperf3 with one stream and with eight."""
-    out: dict[str, Any] = {}
-    out["throughput_1_MBps"] = measure(
-        "throughput, 1 stream (MB/s)", args.repeats,
-        lambda: iperf(system.bulk_port, args.seconds, 1))
-    out["throughput_8_MBps"] = measure(
-        "throughput, 8 streams (MB/s)", args.repeats,
-        lambda: iperf(system.bulk_port, args.seconds, 8))
-    return out
+@dataclass
+class Sample:
+    """One kind of measurement: ``take`` gives one repeat's value (a figure, or round-trip
+    samples in seconds for latencies), ``summarise`` turns the repeats into result keys."""
+
+    figure: str
+    label: str
+    take: Callable[[System, argparse.Namespace], Any]
+    summarise: Callable[[list[Any]], dict[str, Any]]
 
 
-def latency_percentiles(runs: list[list[float]], prefix: str, label: str) -> dict[str, Any]:
+def interleaved(sample: Sample, systems: list[System], args: argparse.Namespace,
+                results: dict[str, dict[str, Any]]) -> None:
+    """Take ``args.repeats`` repeats of ``sample`` on every system, round-robin and starting
+    one system later each round, so that the machine's slow and fast moments fall on all
+    systems alike and the same-run ratios compare like with like."""
+    taken: dict[str, list[Any]] = {system.name: [] for system in systems}
+    for repeat in range(args.repeats):
+        shift = repeat % len(systems)
+        for system in systems[shift:] + systems[:shift]:
+            taken[system.name].append(sample.take(system, args))
+    print(f"{sample.label}:", flush=True)
+    for system in systems:
+        summary = sample.summarise(taken[system.name])
+        results[system.name].update(summary)
+        print(f"  {system.name}: " + ", ".join(
+            f"{key} {value['median']:.3f} ({value['min']:.3f}-{value['max']:.3f})"
+            for key, value in summary.items()), flush=True)
+
+
+def latency_percentiles(runs: list[list[float]], prefix: str) -> dict[str, Any]:
     """p50 and p99 in ms of each run of round-trip samples (seconds), spread over runs."""
-    out = {f"{prefix}_p50_ms": spread([percentile(p, 0.5) * 1e3 for p in runs]),
-           f"{prefix}_p99_ms": spread([percentile(p, 0.99) * 1e3 for p in runs])}
-    print(f"  {label}: p50 {out[f'{prefix}_p50_ms']['median']:.3f} ms, "
-          f"p99 {out[f'{prefix}_p99_ms']['median']:.3f} ms", flush=True)
-    return out
+    return {f"{prefix}_p50_ms": spread([percentile(p, 0.5) * 1e3 for p in runs]),
+            f"{prefix}_p99_ms": spread([percentile(p, 0.99) * 1e3 for p in runs])}
 
 
-def ping(system: System, args: argparse.Namespace) -> dict[str, Any]:
-    """1-byte ping-pong on an idle path."""
-    pings: list[list[float]] = [helper_output("pingpong", system.echo_port, args.pings)
-                                for _ in range(args.repeats)]
-    return latency_percentiles(pings, "ping", "ping-pong")
-
-
-def loaded_ping(system: System, args: argparse.Namespace) -> dict[str, Any]:
+def loaded_pings(system: System, args: argparse.Namespace) -> list[float]:
     """1-byte ping-pong while eight iperf3 streams run through the same path."""
-    loaded = []
-    for _ in range(args.repeats):
-        bulk = subprocess.Popen(["iperf3", "-c", "127.0.0.1", "-p",
-                                 str(system.bulk_port), "-t", "30", "-P", "8"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
-        loaded.append(helper_output("pingpong", system.echo_port, args.pings // 2))
-        bulk.terminate()
-        bulk.wait(10)
-        time.sleep(0.5)
-    return latency_percentiles(loaded, "loaded_ping", "under 8 bulk streams")
+    bulk = subprocess.Popen(["iperf3", "-c", "127.0.0.1", "-p", str(system.bulk_port), "-t",
+                             "30", "-P", "8"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    pings: list[float] = helper_output("pingpong", system.echo_port, args.pings // 2)
+    bulk.terminate()
+    bulk.wait(10)
+    time.sleep(0.5)
+    return pings
 
 
-def connection_rate(system: System, args: argparse.Namespace) -> dict[str, Any]:
-    """Connect, 1-byte echo, close: one at a time and 50 at a time."""
-    out: dict[str, Any] = {}
-    for parallel, key in ((1, "connrate_seq"), (50, "connrate_50")):
-        rates = []
-        for _ in range(args.repeats):
-            r = helper_output("connrate", system.echo_port, args.seconds, parallel)
-            rates.append(r["count"] / r["seconds"])
-        out[key] = spread(rates)
-        print(f"  connections/s ({parallel} at a time): {out[key]['median']:.0f}",
-              flush=True)
-    return out
+def connections_per_second(system: System, args: argparse.Namespace, parallel: int) -> float:
+    """Connect, 1-byte echo, close, ``parallel`` at a time, for ``args.seconds``."""
+    r = helper_output("connrate", system.echo_port, args.seconds, parallel)
+    return float(r["count"] / r["seconds"])
+
+
+SAMPLES = (
+    Sample("throughput", "throughput, 1 stream (MB/s)",
+           lambda system, args: iperf(system.bulk_port, args.seconds, 1),
+           lambda values: {"throughput_1_MBps": spread(values)}),
+    Sample("throughput", "throughput, 8 streams (MB/s)",
+           lambda system, args: iperf(system.bulk_port, args.seconds, 8),
+           lambda values: {"throughput_8_MBps": spread(values)}),
+    Sample("ping", "1-byte ping-pong (ms)",
+           lambda system, args: helper_output("pingpong", system.echo_port, args.pings),
+           lambda runs: latency_percentiles(runs, "ping")),
+    Sample("loaded", "1-byte ping-pong under 8 bulk streams (ms)", loaded_pings,
+           lambda runs: latency_percentiles(runs, "loaded_ping")),
+    Sample("connrate", "connections/s, one at a time",
+           lambda system, args: connections_per_second(system, args, 1),
+           lambda values: {"connrate_seq": spread(values)}),
+    Sample("connrate", "connections/s, 50 at a time",
+           lambda system, args: connections_per_second(system, args, 50),
+           lambda values: {"connrate_50": spread(values)}),
+)
 
 
 def memory(system: System, args: argparse.Namespace) -> dict[str, Any]:
@@ -680,8 +696,9 @@ def report(results: dict[str, Any], path_md: str, path_png: str) -> None:
              f"Python {results['versions']['python']}, Twisted {results['versions']['twisted']}, "
              f"{results['versions']['openssh']}, {results['versions']['iperf3']}).", "",
              "All on loopback, the same client and targets for every system. Each cell: median "
-             "(min-max) over repeats; `x` is tcptunnel's median over OpenSSH's from the same run. "
-             "The machine is shared and noisy: read ratios, not absolute numbers.", "",
+             "(min-max) over repeats, taken round-robin across the systems; `x` is tcptunnel's "
+             "median over OpenSSH's from the same run. The machine is shared and noisy: read "
+             "ratios, not absolute numbers.", "",
              "| figure | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
     for key, label in rows:
@@ -760,23 +777,26 @@ NOTES = """\
   Twisted's TLS protocol (which hands each 16 KiB TLS record to the protocol separately) and,
   a minor part, our frame decoding and routing (no per-byte Python work: frames of up to
   32 KiB, one copy per frame, memoryview slicing of large writes). Over TLS, tcptunnel and
-  OpenSSH are level: the 1-stream median ratio moved between 0.92x and 1.14x across runs.
-* **Ping-pong latency** (idle): per round trip the Gateway spends about 160 µs of user CPU
-  and 60 µs in the kernel, each proxy about 110-130 µs and 30-50 µs (measured from
-  `/proc/<pid>/stat` over 5,000 pings). A cProfile of all three roles shows our own code
-  (framing, routing, scheduling) at a sixth of that; the rest is Twisted's per-event dispatch
-  (`callWithLogger` / `callWithContext` around every read and write, an `epoll` modify to
-  start and stop writing) and pyOpenSSL's wrappers (a `WantReadError` raised and caught on
-  every read). Links used Twisted's `BufferingTLSTransport` (via `listenSSL` / `connectSSL`),
-  which delays every write by a `callLater(0)`; they now use the unbuffered
-  `TLSMemoryBIOProtocol`, one reactor iteration fewer per hop (p50 about 0.61-0.65 ms against
-  0.65-0.68 ms in an A/B). Sending the bytes a read handler wrote before returning to the
-  reactor (rather than at the next writable event) was tried twice and measured no gain and
-  10 % less throughput, so it was not kept. OpenSSH does the same hops in C.
+  OpenSSH are level: the 1-stream median ratio moved between 0.84x and 1.32x across runs.
+* **Ping-pong latency** (idle): per round trip the Gateway spends about 160 µs of user CPU and
+  55 µs in the kernel, each proxy about 105-145 µs and 35-60 µs (from `/proc/<pid>/stat` over
+  5,000 pings): about 0.5 ms of CPU, one process after the other, for a 0.5-0.75 ms round trip
+  (full runs differ that much with the load of this shared machine). Each hop is now the minimum
+  an event loop can do: `strace -c` counts exactly one `epoll_wait`, one `recvfrom` and one
+  `sendto` per process per hop. Twisted's TCP transport sends one reactor iteration after a
+  write (watch for writability, wait, dispatch, send, stop watching); the links, Bindings and
+  target connections now send what an event wrote at the end of that event
+  (`tcptunnel/sockets.py`): in a paired A/B over 9 rounds, p50 -9 % and CPU per round trip -11
+  %, throughput level. Links also no longer use Twisted's `BufferingTLSTransport`, which delayed
+  every write by a `callLater(0)`. What is left is per-event Python: Twisted's dispatch
+  (`callWithLogger` / `callWithContext` around every event), pyOpenSSL's wrappers (a
+  `WantReadError` raised and caught on every read) and, about a sixth, our framing and routing;
+  OpenSSH and socat do the same hops in C.
 * **Latency under load** is bound by the bytes in flight ahead of a keystroke on a CPU-bound
   path. `ss -tn` during the 8-stream run shows them in the kernel's receive queues of the busy
   receivers: up to 1.25 MB at the Gateway (from the Proxy-Server) and 1.5 MB at the
-  Proxy-Client, about 10 ms at these rates, which is the p50. Our own queues are not the
+  Proxy-Client, about 10 ms at these rates, which is the p50 (the windows allow it: 8 streams
+  of 384 KiB are 3 MiB in flight). Our own queues are not the
   problem: control frames go first, streams are served round-robin in 32 KiB chunks, and link
   sockets keep at most 128 KiB unsent (TCP_NOTSENT_LOWAT). Capping the link sockets' receive
   buffers at 128 KiB moved the queue into our round-robin and measured p50 8 ms / p99 13 ms
@@ -787,34 +807,37 @@ NOTES = """\
   (two cores saturated, every hop waits for a CPU), so 5 ms is out of reach here for any relay
   of three processes. A proxy with `maxWindow` equal to `initialWindow` trades long-path
   throughput for lower latency under load (p99 ~20 ms instead of ~27 ms in an earlier run).
-* **Connection rate** (sequential): each connection costs about 0.5 ms of CPU in the Gateway
-  and 0.6-0.7 ms in each proxy (0.15 ms of it in the kernel), one after the other along one
-  round trip: accept or dial, about a dozen reactor events per process (OPEN with early data,
-  OPEN_RESULT, DATA, FIN each way, the socket closes), stream set-up and teardown, and one
-  structured log event per finished stream in each proxy (about 8 % of the rate: 607-617 per
-  second without it against 547-569 with it). The first bytes travel with the OPEN (early
-  data), which took the rate from about 450 to 560 per second; with 50 connections in
-  parallel the round trips overlap (about 2,000 per second).
-* **Memory**: "tcptunnel TLS -OO" is the same as "tcptunnel TLS" run with
-  `PYTHONOPTIMIZE=2`, as the shipped systemd units run it (no docstrings, no asserts; the
-  test suite runs the sample configurations that way): about 2 MiB less per process, the
-  same speed (A/B runs of the two: equal within the noise; one full run may differ by 15 %
-  either way). With it the largest process holding 1,000 idle connections measured 49.8 and
-  50.5 MiB in the last two full runs: at the target, within the run-to-run spread. What
-  varies is how much of CPython's small-object arenas the earlier runs left partly used
-  (they are returned only when completely empty; 1,000 connections closed again leave about
-  1 MiB of them behind in each proxy). twistd, the reactor, plugin discovery, pyOpenSSL and
-  cryptography take 45.8 MiB before any tcptunnel code (measured by importing them alone);
-  the part in brackets above is code and shared libraries, which the three processes share.
-  tcptunnel's own modules add about 2 MiB: SCRAM is now written over `hashlib`/`hmac`
-  (scramp pulled in asn1crypto and importlib.metadata: 1.5 MiB), and status-page code is
-  imported only with `<Status>`. An OpenSSL context adds about 2 MiB. A heap trimmer
-  (`malloc_trim` when glibc holds 256 KiB or more of freed memory, checked every 5 s) gives
-  back what bulk transfer leaves behind: processes measured after the runs sat at 56-84 MiB
-  before it. Each idle tunneled connection costs a few hundred bytes to 2.5 KiB per process
-  (a Twisted TCP transport and protocol, the stream's state with `__slots__`): 1,000 of them
-  add under 1 MiB to the processes above and about 2.5 MiB to a freshly started proxy, so
-  the budget is spent by the runtime, not by connections."""
+* **Connection rate** (sequential) is bound by CPU: each connection costs about 0.5 ms of
+  CPU in the Gateway and 0.65-0.7 ms in each proxy (a quarter of it in the kernel), about
+  1.8 ms in all, plus the client's and the echo server's share. Two cores could carry about
+  1,000 connections per second only if both were busy all the time, and a sequential client
+  leaves them idle while each connection waits for its round trip. The CPU goes to about a
+  dozen reactor events per process per connection (accept or dial, OPEN with early data,
+  OPEN_RESULT, DATA and FIN each way, the socket closes), stream set-up and teardown, and one
+  structured log event per finished stream in each proxy (about 8 % of the rate). The first
+  bytes travel with the OPEN (early data), which took the rate from about 450 to 560 per
+  second; with 50 connections in parallel the round trips overlap (about 2,000 per second).
+* **Memory**: "tcptunnel TLS -OO" is the same as "tcptunnel TLS" run with `PYTHONOPTIMIZE=2`, as
+  the shipped systemd units run it (no docstrings, no asserts; the test suite runs the sample
+  configurations that way): about 2 MiB less per process, the same speed (A/B runs of the two:
+  equal within the noise; one full run may differ by 15 % either way). With it the largest
+  process holding 1,000 idle connections measured 49.8 to 50.5 MiB in the last six full runs: at
+  the target, within the run-to-run spread. What varies is how much of CPython's small-object
+  arenas the earlier runs left partly used (they are returned only when completely empty): the
+  run with 50 connections at a time leaves 1.2-1.4 MiB of them behind in each proxy, and a
+  tracemalloc diff across a second such run finds 13 KiB more Python objects, so it is
+  fragmentation, not a leak. twistd, the reactor, plugin discovery, pyOpenSSL and cryptography
+  take 45.8 MiB before any tcptunnel code (measured by importing them alone); the part in
+  brackets above is code and shared libraries, which the three processes share. tcptunnel's own
+  modules add about 2 MiB: SCRAM is now written over `hashlib`/`hmac` (scramp pulled in
+  asn1crypto and importlib.metadata: 1.5 MiB), and status-page code is imported only with
+  `<Status>`. An OpenSSL context adds about 2 MiB. A heap trimmer (`malloc_trim` when glibc
+  holds 256 KiB or more of freed memory, checked every 5 s) gives back what bulk transfer leaves
+  behind: processes measured after the runs sat at 56-84 MiB before it. Each idle tunneled
+  connection costs a few hundred bytes to 2.5 KiB per process (a Twisted TCP transport and
+  protocol, the stream's state with `__slots__`): 1,000 of them add under 1 MiB to the processes
+  above and about 2.5 MiB to a freshly started proxy, so the budget is spent by the runtime, not
+  by connections."""
 
 
 def chart(results: dict[str, Any], path: str) -> None:
