@@ -23,6 +23,7 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.logger import Logger
 
 
 class _PendingSends:
@@ -32,9 +33,17 @@ class _PendingSends:
     events' sends can interleave.
     """
 
+    log = Logger()
+
     def __init__(self) -> None:
         self.depth = 0  # > 0 while an event (or the sending at its end) is being handled
         self.connections: list[_SendAtEventEnd] = []
+
+    def add(self, connection: _SendAtEventEnd) -> None:
+        """Send for ``connection`` at the end of the current event."""
+        if not connection.send_queued:  # a flag, not a list scan: one event may write to
+            connection.send_queued = True  # every stream of a link
+            self.connections.append(connection)
 
     def run(self, handler: Any) -> Any:
         """Run an event handler; when the outermost one returns, send what it wrote."""
@@ -49,9 +58,19 @@ class _PendingSends:
     def _send_all(self) -> None:
         # A send can resume a producer that writes again: those writes join the list.
         connections = self.connections
-        while connections:
-            connection = connections.pop(0)
-            connection._send_pending()
+        index = 0
+        while index < len(connections):
+            connection = connections[index]
+            index += 1
+            connection.send_queued = False
+            try:
+                connection.send_pending()
+            except Exception:
+                # Not expected (Twisted's doWrite reports socket errors by its return
+                # value); the reactor gets the connection back and meets it again.
+                self.log.failure("Sending at the end of an event failed")
+                connection.wait_until_writable()
+        connections.clear()
 
 
 _pending = _PendingSends()
@@ -60,6 +79,8 @@ _pending = _PendingSends()
 class _SendAtEventEnd:
     """Mixin for Twisted's TCP connections: defer the wait for writability to the end of the
     event being handled, and send then.  Must come before the Twisted class in the bases."""
+
+    send_queued = False  # in _pending's list
 
     # What the mixin reads of the Twisted connection it is mixed into (Twisted's names).
     connected: int
@@ -70,19 +91,23 @@ class _SendAtEventEnd:
     def startWriting(self) -> None:  # noqa: N802
         """Called by ``write`` with bytes to send: during an event, send at its end."""
         if _pending.depth and self.connected and not self.disconnecting:
-            if self not in _pending.connections:
-                _pending.connections.append(self)
+            _pending.add(self)
             return
+        self.wait_until_writable()
+
+    def wait_until_writable(self) -> None:
+        """Twisted's own startWriting: the reactor calls doWrite when the socket can take
+        more."""
         super().startWriting()  # type: ignore[misc]
 
-    def _send_pending(self) -> None:
+    def send_pending(self) -> None:
         """Send now; leave to the reactor what does not go out, and any close or error."""
         if (self.connected and not self.disconnecting and self.doWrite() is None
                 and not (self.dataBuffer or self._tempDataBuffer)):
             return
         # Unsent bytes, a close begun in the handler, or a write error (the reactor's
         # doWrite meets it again and tears the connection down the usual way).
-        super().startWriting()  # type: ignore[misc]
+        self.wait_until_writable()
 
     def doRead(self) -> Any:  # noqa: N802
         """Readable: handle it, then send what the handler wrote."""

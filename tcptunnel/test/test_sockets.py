@@ -146,6 +146,55 @@ class SendAtEventEndTests(TestCase):
         self.assertEqual(await self.state_after_reply(
             lambda r, *args, **kwargs: r.listenTCP(*args, **kwargs)), (True, 4))
 
+    async def serve_many(self, count: int) -> list[tuple[Scripted, Peer]]:
+        """``count`` accepted connections, each with its stdlib peer."""
+        return [await self.serve() for _ in range(count)]
+
+    async def test_one_event_writing_to_many_connections(self) -> None:
+        """A read on one connection that writes to twenty others (a link fanning out to its
+        streams): every peer has its bytes when the event ends, none waits for the reactor."""
+        pairs = await self.serve_many(21)
+        (source, source_peer), targets = pairs[0], pairs[1:]
+
+        def fan_out(protocol: Scripted, data: bytes) -> None:
+            for target, _ in targets:
+                target.transport.write(data)  # type: ignore[union-attr]
+                target.after_event()
+
+        source.on_data = fan_out
+        source_peer.sock.sendall(b"all")
+        for _, peer in targets:
+            self.assertEqual(await peer.read(3), b"all")
+        await wait_until(lambda: all(target.checks for target, _ in targets), 5,
+                         "the checks after the event")
+        self.assertEqual({(False, 0)}, {check for target, _ in targets for check in target.checks})
+
+    async def test_a_failing_send_leaves_the_others_and_the_reactor_working(self) -> None:
+        """If sending for one connection raises, it is logged and that connection goes back
+        to the reactor (which sends its bytes later); the other connection written in the
+        same event is still sent at once."""
+        (source, source_peer), (broken, broken_peer), (fine, fine_peer) = \
+            await self.serve_many(3)
+        broken_transport: Any = broken.transport
+
+        def fail_once() -> None:
+            del broken_transport.doWrite  # the reactor's later call is Twisted's own
+            raise RuntimeError("injected")
+
+        def write_both(protocol: Scripted, data: bytes) -> None:
+            broken_transport.doWrite = fail_once
+            broken_transport.write(b"late")
+            fine.transport.write(b"now")  # type: ignore[union-attr]
+            fine.after_event()
+
+        source.on_data = write_both
+        source_peer.sock.sendall(b"x")
+        self.assertEqual(await fine_peer.read(3), b"now")
+        await wait_until(lambda: bool(fine.checks), 5, "the check after the event")
+        self.assertEqual(fine.checks, [(False, 0)])
+        self.assertEqual(await broken_peer.read(4), b"late")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     async def test_write_outside_an_event_goes_through_the_reactor(self) -> None:
         """A write from a timer waits for the reactor as in Twisted, and arrives."""
         server, peer = await self.serve()
