@@ -15,7 +15,7 @@ from tcptunnel._frames import OpenRequest, Reason
 from tcptunnel.config import ProxyConfig, format_address, normalise_host
 from tcptunnel.mux import MuxProtocol
 from tcptunnel.proxy import ProxyService
-from tcptunnel.sockets import connect_tcp
+from tcptunnel.sockets import connect_tcp, dialing_reactor
 from tcptunnel.splice import SpliceProtocol
 
 MAX_DIALS_IN_PROGRESS = 64
@@ -84,7 +84,7 @@ def dial_target(reactor: Any, host: str, port: int, timeout: float,
 
         factory = Factory.forProtocol(lambda: connection)
         factory.noisy = False
-        resolved: Deferred[Any] = HostnameEndpoint(reactor, host, port,
+        resolved: Deferred[Any] = HostnameEndpoint(dialing_reactor(reactor), host, port,
                                                    timeout=timeout).connect(factory)
         return resolved
     direct = _DirectDial(connection)

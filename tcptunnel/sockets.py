@@ -24,6 +24,7 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
+from zope.interface import directlyProvides, providedBy
 
 
 class _PendingSends:
@@ -166,3 +167,26 @@ def connect_tcp(reactor: Any, host: str, port: int, factory: Any, timeout: float
     connector = _Connector(host, port, factory, timeout, bind_address, reactor)
     connector.connect()
     return connector
+
+
+class _DialingReactor:
+    """A view of a reactor whose ``connectTCP`` is ``connect_tcp``; everything else, and
+    every interface the reactor provides, is the reactor's own."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        directlyProvides(self, providedBy(reactor))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def connectTCP(self, host: str, port: int, factory: Any, timeout: float = 30.0,  # noqa: N802
+                   bindAddress: Any = None) -> Any:  # noqa: N803
+        """``connect_tcp`` on the reactor."""
+        return connect_tcp(self._reactor, host, port, factory, timeout, bindAddress)
+
+
+def dialing_reactor(reactor: Any) -> Any:
+    """``reactor`` for code that connects through it (``HostnameEndpoint``), such that its
+    connections send at the end of each event too."""
+    return _DialingReactor(reactor)

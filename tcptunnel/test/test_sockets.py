@@ -6,15 +6,16 @@ import socket
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorPluggableNameResolver
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from tcptunnel.sockets import _pending, connect_tcp, listen_tcp
+from tcptunnel.sockets import _pending, _SendAtEventEnd, connect_tcp, dialing_reactor, listen_tcp
 from tcptunnel.test._harness import wait_until
 
 
@@ -297,6 +298,37 @@ class SendAtEventEndTests(TestCase):
         self.addCleanup(server_transport.abortConnection)
         await wait_until(lambda: bool(client.checks and servers[0].checks), 5, "the checks")
         self.assertEqual((client.checks[0], servers[0].checks[0]), ((False, 0), (False, 0)))
+
+
+class DialingReactorTests(TestCase):
+    """Code that connects through a reactor (HostnameEndpoint) gets these connections too."""
+
+    async def test_hostname_endpoint_connection_sends_at_event_end(self) -> None:
+        """HostnameEndpoint over dialing_reactor resolves "localhost", connects with a
+        connection of ours, and what connectionMade wrote is sent in the connect event."""
+        server = Scripted()
+        port = listen_tcp(reactor, 0, Factory.forProtocol(lambda: server),
+                          interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = Scripted()
+
+        def greet(protocol: Scripted) -> None:
+            protocol.transport.write(b"hi")  # type: ignore[union-attr]
+            protocol.after_event()
+
+        client.on_connect = greet
+        view = dialing_reactor(reactor)
+        self.assertTrue(IReactorPluggableNameResolver.providedBy(view))
+        endpoint = HostnameEndpoint(view, "localhost", port.getHost().port)
+        await endpoint.connect(Factory.forProtocol(lambda: client))
+        transport: Any = client.transport
+        self.addCleanup(transport.abortConnection)
+        self.assertIsInstance(transport, _SendAtEventEnd)
+        await wait_until(lambda: server.received == b"hi" and bool(client.checks), 5,
+                         "the greeting")
+        self.assertEqual(client.checks, [(False, 0)])
+        server_transport: Any = server.transport
+        self.addCleanup(server_transport.abortConnection)
 
 
 class FallbackTests(SynchronousTestCase):
