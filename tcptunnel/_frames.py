@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 MAGIC = b"TcpTnl\r\n"
 PROTOCOL_VERSION = 1
@@ -163,57 +164,100 @@ class FrameDecoder:
     (``expect_magic``); a frame's declared length is checked against
     ``max_payload`` as soon as its header is complete, before its payload is
     kept, so a hostile length costs nothing.
+
+    Frames are cut straight out of the bytes received, each payload copied once; only the
+    incomplete frame at the end of a chunk is kept, and its pieces are joined once, when
+    the bytes that complete it have arrived (no growing buffer to copy into and shift).
     """
 
     def __init__(self, expect_magic: bool = True, max_payload: int = MAX_PAYLOAD) -> None:
-        self._buffer = bytearray()
+        self._pending: list[bytes] = []  # the start of an incomplete header or frame
+        self._pending_size = 0
+        self._needed = 0  # pending bytes that complete that header or frame
         self._need_magic = expect_magic
         self.max_payload = max_payload
 
     def feed(self, data: bytes) -> list[Frame]:
         """Add bytes; return complete frames.  Raises :class:`LinkError`."""
-        buffer = self._buffer
-        buffer += data
-        if self._need_magic:
-            seen = bytes(buffer[: len(MAGIC)])
-            if not MAGIC.startswith(seen):
-                raise LinkError(GoAway.PROTOCOL_ERROR, describe_bad_magic(seen))
-            if len(seen) < len(MAGIC):
-                return []
-            del buffer[: len(MAGIC)]
-            self._need_magic = False
         frames: list[Frame] = []
         offset = 0
-        available = len(buffer)
+        if self._pending:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._need_magic or self._needed == HEADER_SIZE:
+                # The magic or a header is incomplete: a few bytes, joined with what came.
+                if self._pending_size < self._needed and not self._need_magic:
+                    return frames
+                data = b"".join(self._pending)
+                self._pending.clear()
+                self._pending_size = 0
+            else:
+                if self._pending_size < self._needed:
+                    return frames
+                offset = self._complete_pending(frames)
+        if self._need_magic:
+            seen = data[: len(MAGIC)]
+            if not MAGIC.startswith(seen):
+                raise LinkError(GoAway.PROTOCOL_ERROR, describe_bad_magic(bytes(seen)))
+            if len(seen) < len(MAGIC):
+                self._keep(data, len(MAGIC))
+                return frames
+            offset = len(MAGIC)
+            self._need_magic = False
+        available = len(data)
+        needed = HEADER_SIZE
         unpack = HEADER.unpack_from
-        # Payloads are copied once, out of a view (slicing the bytearray would copy twice);
-        # the view is released before the buffer is resized.
-        with memoryview(buffer) as view:
+        # Payloads are copied once, out of a view.
+        with memoryview(data) as view:
             while available - offset >= HEADER_SIZE:
-                word, flags, stream_id = unpack(buffer, offset)
-                length = word >> 8
-                if length > self.max_payload:
-                    raise LinkError(
-                        GoAway.FRAME_TOO_LARGE,
-                        f"frame of {length} bytes announced; the limit here is "
-                        f"{self.max_payload}",
-                    )
+                word, flags, stream_id = unpack(data, offset)
+                length = self._checked_length(word)
                 end = offset + HEADER_SIZE + length
                 if end > available:
+                    needed = HEADER_SIZE + length
                     break
                 frames.append(
                     Frame(word & 0xFF, flags, stream_id & STREAM_ID_MASK,
                           bytes(view[offset + HEADER_SIZE : end]))
                 )
                 offset = end
-        if offset:
-            del buffer[:offset]
+        if offset < available:
+            self._keep(data[offset:] if offset else data, needed)
         return frames
+
+    def _checked_length(self, word: int) -> int:
+        length = word >> 8
+        if length > self.max_payload:
+            raise LinkError(
+                GoAway.FRAME_TOO_LARGE,
+                f"frame of {length} bytes announced; the limit here is {self.max_payload}",
+            )
+        return length
+
+    def _complete_pending(self, frames: list[Frame]) -> int:
+        """The pending frame is complete: append it, its payload joined straight from the
+        pieces; return where the rest starts in the last piece (the bytes just fed)."""
+        pieces = self._pending
+        first, last = pieces[0], pieces[-1]
+        word, flags, stream_id = HEADER.unpack_from(first, 0)
+        self._checked_length(word)  # again: the limit may have changed since (login)
+        parts: list[Any] = [memoryview(first)[HEADER_SIZE:], *pieces[1:-1]]
+        taken = self._needed - (self._pending_size - len(last))  # 0 < taken <= len(last)
+        parts.append(memoryview(last)[:taken])
+        frames.append(Frame(word & 0xFF, flags, stream_id & STREAM_ID_MASK, b"".join(parts)))
+        pieces.clear()
+        self._pending_size = 0
+        return taken
+
+    def _keep(self, rest: bytes, needed: int) -> None:
+        self._pending.append(rest)
+        self._pending_size = len(rest)
+        self._needed = needed
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet part of a complete frame."""
-        return len(self._buffer)
+        return self._pending_size
 
 
 # ---------------------------------------------------------------------------

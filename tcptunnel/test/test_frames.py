@@ -81,6 +81,41 @@ class CodecTests(SynchronousTestCase):
         got.extend(decoder.feed(stream[offset:]))
         self.assertEqual(got, whole)
 
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(st.lists(st.integers(min_value=0, max_value=40_000), min_size=1, max_size=12),
+           st.lists(st.integers(min_value=1, max_value=50_000), max_size=40))
+    def test_large_frames_across_any_cuts(self, sizes: list[int], cuts: list[int]) -> None:
+        """Frames of up to 40,000 bytes, cut anywhere (inside the magic, a header or a payload,
+        or exactly at a frame's end), come out whole and in order, and ``buffered`` is always
+        the bytes fed that are not yet part of a complete frame."""
+        payloads = [bytes([n % 251]) * size for n, size in enumerate(sizes)]
+        encoded = [fr.encode(FrameType.DATA, 1 + n, payload) for n, payload in enumerate(payloads)]
+        stream = fr.MAGIC + b"".join(encoded)
+        ends = [len(fr.MAGIC)]
+        for frame in encoded:
+            ends.append(ends[-1] + len(frame))
+        decoder = FrameDecoder()
+        got: list[fr.Frame] = []
+        offset = 0
+        for cut in [*cuts, len(stream)]:
+            got.extend(decoder.feed(stream[offset : offset + cut]))
+            offset = min(offset + cut, len(stream))
+            complete = max([end for end in ends if end <= offset], default=0)
+            self.assertEqual(decoder.buffered, offset - complete)
+            if offset == len(stream):
+                break
+        self.assertEqual([(f.stream_id, f.payload) for f in got],
+                         [(1 + n, payload) for n, payload in enumerate(payloads)])
+
+    def test_huge_length_refused_when_a_split_header_completes(self) -> None:
+        """A header that arrives in pieces is checked as soon as its last byte arrives."""
+        decoder = FrameDecoder(max_payload=fr.MAX_PAYLOAD_BEFORE_LOGIN)
+        header = fr.encode_header(FrameType.DATA, 0, 1, 10_000_000)
+        self.assertEqual(decoder.feed(fr.MAGIC + header[:3]), [])
+        with self.assertRaises(LinkError) as raised:
+            decoder.feed(header[3:])
+        self.assertEqual(raised.exception.code, GoAway.FRAME_TOO_LARGE)
+
     def test_huge_length_refused_from_header(self) -> None:
         """A header announcing a huge frame is refused before its payload arrives."""
         decoder = FrameDecoder(max_payload=fr.MAX_PAYLOAD_BEFORE_LOGIN)
