@@ -70,7 +70,8 @@ class _PendingSends:
                 # Not expected (Twisted's doWrite reports socket errors by its return
                 # value); the reactor gets the connection back and meets it again.
                 self.log.failure("Sending at the end of an event failed")
-                connection.wait_until_writable()
+                if connection.connected:
+                    connection.wait_until_writable()
         connections.clear()
 
 
@@ -103,7 +104,9 @@ class _SendAtEventEnd:
 
     def send_pending(self) -> None:
         """Send now; leave to the reactor what does not go out, and any close or error."""
-        if (self.connected and not self.disconnecting and self.doWrite() is None
+        if not self.connected:
+            return  # lost meanwhile (as with Twisted's own path, nothing is left to send)
+        if (not self.disconnecting and self.doWrite() is None
                 and not (self.dataBuffer or self._tempDataBuffer)):
             return
         # Unsent bytes, a close begun in the handler, or a write error (the reactor's

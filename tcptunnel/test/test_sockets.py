@@ -196,6 +196,23 @@ class SendAtEventEndTests(TestCase):
         self.assertEqual(await broken_peer.read(4), b"late")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    async def test_connection_lost_in_the_same_event_is_skipped(self) -> None:
+        """A connection written to and then torn down within the same event is left alone at
+        the event's end (no send, no error, nothing registered with the reactor)."""
+        (source, source_peer), (doomed, _doomed_peer) = await self.serve_many(2)
+        doomed_transport: Any = doomed.transport
+
+        def write_then_lose(protocol: Scripted, data: bytes) -> None:
+            doomed_transport.write(b"never")
+            doomed_transport.connectionLost(Failure(ConnectionDone()))
+            protocol.transport.write(b"ok")  # type: ignore[union-attr]
+
+        source.on_data = write_then_lose
+        source_peer.sock.sendall(b"x")
+        self.assertEqual(await source_peer.read(2), b"ok")
+        self.assertNotIn(doomed_transport, reactor.getWriters())
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     async def test_write_outside_an_event_goes_through_the_reactor(self) -> None:
         """A write from a timer waits for the reactor as in Twisted, and arrives."""
         server, peer = await self.serve()
