@@ -29,10 +29,8 @@ class Scripted(Protocol):
         self.received = b""
         self.on_data: Any = None
         self.on_connect: Any = None
-        self.made: defer.Deferred[Scripted] = defer.Deferred()
         self.lost: defer.Deferred[None] = defer.Deferred()
         self.reason: Failure | None = None
-        self.read_closed = False
         self.checks: list[tuple[bool, int]] = []
 
     def after_event(self) -> None:
@@ -48,7 +46,6 @@ class Scripted(Protocol):
     def connectionMade(self) -> None:  # noqa: N802
         if self.on_connect is not None:
             self.on_connect(self)
-        self.made.callback(self)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.received += data
@@ -56,7 +53,7 @@ class Scripted(Protocol):
             self.on_data(self, data)
 
     def readConnectionLost(self) -> None:  # noqa: N802
-        self.read_closed = True
+        """The peer half-closed; keep the connection (the half-close tests write on)."""
 
     def writeConnectionLost(self) -> None:  # noqa: N802
         """Half-closed our side; nothing to do."""
