@@ -893,7 +893,7 @@ NOTES = """\
   the shipped systemd units run it (no docstrings, no asserts; the test suite runs the sample
   configurations that way): about 2 MiB less per process, the same speed (A/B runs of the two:
   equal within the noise; one full run may differ by 15 % either way). With it the largest
-  process holding 1,000 idle connections measured 49.8 to 50.5 MiB in the last six full runs: at
+  process holding 1,000 idle connections measured 49.8 to 50.5 MiB in the last seven full runs: at
   the target, within the run-to-run spread. What varies is how much of CPython's small-object
   arenas the earlier runs left partly used (they are returned only when completely empty): the
   run with 50 connections at a time leaves 1.2-1.4 MiB of them behind in each proxy, and a
