@@ -176,7 +176,7 @@ class GatewayAuth:
                  nonce: str | None = None) -> None:
         self.known = info is not None
         if info is None:
-            digest = hmac.new(decoy_secret, username.encode(), hashlib.sha256).digest()
+            digest = _hmac(decoy_secret, username.encode())
             info = AuthInfo(digest[:16], os.urandom(32), os.urandom(32), DEFAULT_ITERATIONS)
         self._info = info
         self._username = username

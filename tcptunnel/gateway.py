@@ -632,9 +632,6 @@ class _ServerTls:
         return self.options.getContext()
 
 
-ListenerKey = AddressKey
-
-
 class GatewayService(service.Service):
     """One gateway instance: a listening port per Listener, sharing one Gateway."""
 
@@ -645,7 +642,7 @@ class GatewayService(service.Service):
         self.reactor = reactor
         self.gateway = Gateway(config, reactor)
         self.factory = GatewayFactory(self.gateway)
-        self._listening: dict[ListenerKey, tuple[Any, _ServerTls | None]] = {}
+        self._listening: dict[AddressKey, tuple[Any, _ServerTls | None]] = {}
         # Load certificates now so that a bad one fails start-up with its name.
         self._tls = self._load_tls(config)
 
@@ -656,17 +653,17 @@ class GatewayService(service.Service):
                 if key in self._listening]
 
     @staticmethod
-    def _keys(config: GatewayConfig) -> list[ListenerKey]:
+    def _keys(config: GatewayConfig) -> list[AddressKey]:
         return address_keys([(listener.ip, listener.port) for listener in config.listeners])
 
-    def _load_tls(self, config: GatewayConfig) -> dict[ListenerKey, Any]:
+    def _load_tls(self, config: GatewayConfig) -> dict[AddressKey, Any]:
         from tcptunnel.tls import server_context_factory
 
         return {key: server_context_factory(listener.tls)
                 for listener, key in zip(config.listeners, self._keys(config), strict=True)
                 if listener.tls is not None}
 
-    def _listen(self, listener: ListenerConfig, key: ListenerKey, options: Any) -> None:
+    def _listen(self, listener: ListenerConfig, key: AddressKey, options: Any) -> None:
         index = self.config.index
         tls = _ServerTls(options) if options is not None else None
         port = listen(self.reactor, listener.ip, listener.port, self.factory,

@@ -212,9 +212,8 @@ class ProxyClientService(ProxyService):
 
         def failed(failure: Failure) -> None:
             stream = connection.stream
-            if failure.check(CancelledError, neterror.ConnectingCancelledError) or (
-                    stream is None) or (
-                    stream.finished):
+            cancelled = failure.check(CancelledError, neterror.ConnectingCancelledError)
+            if cancelled or stream is None or stream.finished:
                 return
             reason = reason_for_dial_failure(failure)
             message = f"cannot connect to {target}: {failure.getErrorMessage()}"

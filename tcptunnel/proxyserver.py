@@ -9,7 +9,7 @@ from twisted.logger import Logger
 
 from tcptunnel._frames import StreamError
 from tcptunnel.config import BindingConfig, ProxyConfig, StartupError, format_address
-from tcptunnel.ports import address_keys, listen
+from tcptunnel.ports import AddressKey, address_keys, listen
 from tcptunnel.proxy import ProxyService
 from tcptunnel.splice import SpliceProtocol
 
@@ -83,10 +83,10 @@ class ProxyServerService(ProxyService):
 
     def __init__(self, config: ProxyConfig, reactor: Any) -> None:
         super().__init__(config, reactor)
-        self._listening: dict[tuple[str | None, int], tuple[Any, BindingFactory]] = {}
+        self._listening: dict[AddressKey, tuple[Any, BindingFactory]] = {}
 
     @staticmethod
-    def _keys(config: ProxyConfig) -> list[tuple[str | None, int]]:
+    def _keys(config: ProxyConfig) -> list[AddressKey]:
         return address_keys([(b.listen_ip, b.listen_port) for b in config.bindings])
 
     @property
@@ -95,7 +95,7 @@ class ProxyServerService(ProxyService):
         return [self._listening[key][0] for key in self._keys(self.config)
                 if key in self._listening]
 
-    def _listen(self, binding: BindingConfig, key: tuple[str | None, int]) -> None:
+    def _listen(self, binding: BindingConfig, key: AddressKey) -> None:
         factory = BindingFactory(self, binding)
         port = listen(self.reactor, binding.listen_ip, binding.listen_port, factory,
                       f"[{self.config.index}] Binding", binding.location)

@@ -207,7 +207,6 @@ class JsonLogTests(TestCase):
 
     async def test_twistd_logger_option(self) -> None:
         """twistd --logger tcptunnel.jsonlog.observer runs and logs JSON."""
-
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             f.write(f'<Settings {NS}><Instance type="gateway"><Listener ip="127.0.0.1" '
