@@ -122,10 +122,19 @@ class GatewayLimits:
 
     login_timeout: float = 10.0
     max_unauthenticated_links: int = 256
+    # One address (an IPv6 /64) may hold only an eighth of the unauthenticated
+    # slots, so a single host cannot refuse every other login (issue 14, item 3).
+    max_unauthenticated_links_per_address: int = 32
     max_links_per_session: int = 64
     max_streams_per_link: int = 1024
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 30.0
+    # Bytes the Gateway may queue toward one link, toward all links of one
+    # session, and in the whole instance (issue 14, item 1): per link <= per
+    # session <= total, checked when the settings are read.
+    max_queued_bytes_per_link: int = 64 * 1024 * 1024
+    max_queued_bytes_per_session: int = 256 * 1024 * 1024
+    max_queued_bytes: int = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -542,6 +551,13 @@ def _relative(element: _Element, path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(element.path)), path)
 
 
+# A queue bound must hold at least one largest frame (_frames.MAX_PAYLOAD 65536
+# + HEADER_SIZE 9; spelt out here to keep this module free of wire imports), or
+# a frame the peer may legally send could never be forwarded.
+_QUEUED_BYTES = _int_in(65536 + 9, 2**62)
+_QUEUED_BYTES_WHAT = "a number of bytes from 65545 (one largest frame)"
+
+
 def _gateway(index: int, element: _Element) -> GatewayConfig:
     defaults = GatewayLimits()
     limits = GatewayLimits(
@@ -560,7 +576,31 @@ def _gateway(index: int, element: _Element) -> GatewayConfig:
                                        "a number of seconds") or defaults.keepalive_interval,
         keepalive_timeout=element.get("keepaliveTimeout", _positive_seconds,
                                       "a number of seconds") or defaults.keepalive_timeout,
+        max_unauthenticated_links_per_address=element.get(
+            "maxUnauthenticatedLinksPerAddress", _int_in(1, 1_000_000), "a whole number from 1"
+        ) or defaults.max_unauthenticated_links_per_address,
+        max_queued_bytes_per_link=element.get(
+            "maxQueuedBytesPerLink", _QUEUED_BYTES, _QUEUED_BYTES_WHAT
+        ) or defaults.max_queued_bytes_per_link,
+        max_queued_bytes_per_session=element.get(
+            "maxQueuedBytesPerSession", _QUEUED_BYTES, _QUEUED_BYTES_WHAT
+        ) or defaults.max_queued_bytes_per_session,
+        max_queued_bytes=element.get(
+            "maxQueuedBytes", _QUEUED_BYTES, _QUEUED_BYTES_WHAT
+        ) or defaults.max_queued_bytes,
     )
+    if limits.max_queued_bytes_per_link > limits.max_queued_bytes_per_session:
+        raise element.error(
+            f"maxQueuedBytesPerLink ({limits.max_queued_bytes_per_link}) must not be larger "
+            f"than maxQueuedBytesPerSession ({limits.max_queued_bytes_per_session})",
+            "maxQueuedBytesPerLink",
+        )
+    if limits.max_queued_bytes_per_session > limits.max_queued_bytes:
+        raise element.error(
+            f"maxQueuedBytesPerSession ({limits.max_queued_bytes_per_session}) must not be "
+            f"larger than maxQueuedBytes ({limits.max_queued_bytes})",
+            "maxQueuedBytesPerSession",
+        )
     element.check_unknown_attributes()
     listeners: list[ListenerConfig] = []
     sessions: list[GatewaySessionConfig] = []

@@ -154,6 +154,58 @@ class SampleTests(SynchronousTestCase):
                 'maxWindow="20000"><Session id="1" password="p"/></Instance>'))
         self.assertIn("maxWindow must not be smaller", str(raised.exception))
 
+    def test_gateway_unauthenticated_per_address_limit(self) -> None:
+        """maxUnauthenticatedLinksPerAddress is read, defaults to 32 and refuses 0."""
+        default = parse_settings(settings_with('<Instance type="gateway"/>')).instances[0]
+        assert isinstance(default, GatewayConfig)
+        self.assertEqual(default.limits.max_unauthenticated_links_per_address, 32)
+        given = parse_settings(settings_with(
+            '<Instance type="gateway" maxUnauthenticatedLinksPerAddress="4"/>')).instances[0]
+        assert isinstance(given, GatewayConfig)
+        self.assertEqual(given.limits.max_unauthenticated_links_per_address, 4)
+        with self.assertRaises(ConfigError) as raised:
+            parse_settings(settings_with(
+                '<Instance type="gateway" maxUnauthenticatedLinksPerAddress="0"/>'), "s.xml")
+        self.assertIn("s.xml:3:", str(raised.exception))
+        self.assertIn("'maxUnauthenticatedLinksPerAddress'", str(raised.exception))
+
+    def test_gateway_queued_bytes_limits(self) -> None:
+        """The three queue bounds are read and defaulted; 0, negative, below one frame and
+        per link > per session > total are refused naming file:line and the attribute."""
+        default = parse_settings(settings_with('<Instance type="gateway"/>')).instances[0]
+        assert isinstance(default, GatewayConfig)
+        self.assertEqual(
+            (default.limits.max_queued_bytes_per_link,
+             default.limits.max_queued_bytes_per_session, default.limits.max_queued_bytes),
+            (64 * 2**20, 256 * 2**20, 2**30))
+        given = parse_settings(settings_with(
+            '<Instance type="gateway" maxQueuedBytesPerLink="100000" '
+            'maxQueuedBytesPerSession="100000" maxQueuedBytes="300000"/>')).instances[0]
+        assert isinstance(given, GatewayConfig)
+        self.assertEqual(
+            (given.limits.max_queued_bytes_per_link,
+             given.limits.max_queued_bytes_per_session, given.limits.max_queued_bytes),
+            (100000, 100000, 300000))
+        for attributes, fragments in [
+            ('maxQueuedBytesPerLink="0"', ("'maxQueuedBytesPerLink'", "'0'", "65545")),
+            ('maxQueuedBytesPerSession="-5"', ("'maxQueuedBytesPerSession'", "'-5'")),
+            ('maxQueuedBytes="65544"', ("'maxQueuedBytes'", "'65544'")),
+            ('maxQueuedBytesPerLink="1.5e6"', ("'maxQueuedBytesPerLink'", "'1.5e6'")),
+            ('maxQueuedBytesPerLink="300000000"',
+             ("'maxQueuedBytesPerLink'", "must not be larger than maxQueuedBytesPerSession",
+              "268435456")),
+            ('maxQueuedBytesPerSession="2000000000"',
+             ("'maxQueuedBytesPerSession'", "must not be larger than maxQueuedBytes",
+              "1073741824")),
+        ]:
+            with self.assertRaises(ConfigError) as raised:
+                parse_settings(settings_with(
+                    f'<Instance type="gateway" {attributes}/>'), "s.xml")
+            message = str(raised.exception)
+            self.assertIn("s.xml:3:", message)
+            for fragment in fragments:
+                self.assertIn(fragment, message)
+
     def test_secrets_not_in_repr(self) -> None:
         """Passwords never show up in the repr of a parsed configuration."""
         settings = parse_settings(ORIGINAL_SAMPLE.encode())
