@@ -23,6 +23,7 @@ import collections
 import hashlib
 import hmac
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tcptunnel._saslprep import saslprep
@@ -164,20 +165,59 @@ class LoginFailed(Exception):  # noqa: N818 - reads better at the raise sites
     """A SCRAM exchange failed; the message is for the log only."""
 
 
+def decoy_iteration_table(
+        verifiers: Mapping[tuple[int, int], AuthInfo]) -> dict[int, tuple[int, ...]]:
+    """Per role, the iteration counts the decoy draws from, for ``GatewayAuth``.
+
+    ``verifiers`` maps (session id, role) to the configured verifier.  Each session with
+    every role contributes one entry per role, and the lists of all roles are in the same
+    order (sessions sorted by their counts), so entry k of each role belongs to one
+    session: the decoy draws one k per session id, and the counts of an unknown session's
+    roles come together as a configured session's do (a session at 100,000 for both roles
+    among sessions at 4096 gives decoys at 100,000 for both roles or for neither).
+    """
+    roles = sorted({role for _session, role in verifiers})
+    sessions = {session for session, _role in verifiers}
+    rows = sorted(tuple(verifiers[session, role].iterations for role in roles)
+                  for session in sessions if all((session, role) in verifiers for role in roles))
+    return {role: tuple(row[column] for row in rows) for column, role in enumerate(roles)}
+
+
+def _decoy_info(username: str, decoy_secret: bytes, iterations: Sequence[int]) -> AuthInfo:
+    """A verifier for an unknown user name: stable salt and iteration count, random keys.
+
+    Both come from HMACs under the per-process secret, so repeated probes of one name get
+    one answer.  The count is entry k of ``iterations`` (see ``decoy_iteration_table``), k drawn
+    from the session part of the name (``<id>`` of ``<id>:<role>``) so that both roles of
+    one unknown session draw the same k: a count that 1 session in 10 uses answers for 1
+    unknown session in 10, so ``i=`` tells a probe nothing about which sessions exist.  k
+    scales 64 bits of the HMAC onto the list rather than taking a remainder, so a reload
+    that adds or removes one session moves only the names whose draw falls near a
+    boundary between counts, not nearly all.
+    """
+    salt = _hmac(decoy_secret, username.encode())[:16]
+    session = username.rpartition(":")[0] or username
+    draw = int.from_bytes(_hmac(decoy_secret, session.encode())[16:24], "big")
+    counts = iterations or (DEFAULT_ITERATIONS,)
+    return AuthInfo(salt, os.urandom(32), os.urandom(32), counts[(draw * len(counts)) >> 64])
+
+
 class GatewayAuth:
     """The Gateway side of one login.
 
     ``info`` is the verifier for the user name the proxy will send, or None; for
     None a decoy derived from ``decoy_secret`` answers, so a peer cannot tell an
-    unknown session from a wrong password.
+    unknown session from a wrong password.  ``decoy_iterations`` are the iteration
+    counts the decoy draws its ``i=`` from: ``decoy_iteration_table(verifiers)[role]`` (one
+    entry per configured session, repeats included); empty means DEFAULT_ITERATIONS.
     """
 
     def __init__(self, info: AuthInfo | None, username: str, decoy_secret: bytes,
-                 nonce: str | None = None) -> None:
+                 nonce: str | None = None,
+                 decoy_iterations: Sequence[int] = (DEFAULT_ITERATIONS,)) -> None:
         self.known = info is not None
         if info is None:
-            digest = _hmac(decoy_secret, username.encode())
-            info = AuthInfo(digest[:16], os.urandom(32), os.urandom(32), DEFAULT_ITERATIONS)
+            info = _decoy_info(username, decoy_secret, decoy_iterations)
         self._info = info
         self._username = username
         self._server_nonce = nonce or _new_nonce()

@@ -9,9 +9,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tcptunnel.auth import (
     MAX_ITERATIONS,
+    AuthInfo,
     GatewayAuth,
     LoginFailed,
     ProxyAuth,
+    decoy_iteration_table,
     format_verifier,
     make_auth_info,
     parse_verifier,
@@ -108,6 +110,13 @@ class ExchangeTests(SynchronousTestCase):
         with self.assertRaises(LoginFailed):
             login(GatewayAuth(None, USER, b"k" * 32), ProxyAuth(7, 0, "x"))
 
+    def test_unknown_session_looks_like_a_wrong_password_at_any_count(self) -> None:
+        """A decoy drawing from configured counts still fails the login, like a wrong password."""
+        for user in (scram_username(n, 0) for n in range(20)):
+            with self.assertRaisesRegex(LoginFailed, "wrong password"):
+                login(GatewayAuth(None, user, b"k" * 32, decoy_iterations=(1, 2, 3)),
+                      ProxyAuth(int(user.split(":")[0]), 0, "x"))
+
     def test_user_name_must_match_the_frame(self) -> None:
         """A proof for another session's name is refused before any key work."""
         server = GatewayAuth(make_auth_info("pw"), scram_username(8, 0), b"k" * 32)
@@ -155,6 +164,99 @@ class ExchangeTests(SynchronousTestCase):
         for server_final in ("e=invalid-proof", "v=" + "A" * 44, "v=!!", "x=1"):
             with self.assertRaises(LoginFailed, msg=server_final):
                 client.verify(server_final)
+
+
+def _salt_and_count(server_first: str) -> tuple[str, int]:
+    """The ``s=`` and ``i=`` values of a server-first message."""
+    _nonce, salt, count = server_first.split(",")
+    return salt[2:], int(count[2:])
+
+
+class DecoyIterationTests(SynchronousTestCase):
+    """The decoy's ``i=`` does not tell which sessions exist (issue 14, item 7)."""
+
+    def probe(self, session_id: int, counts: tuple[int, ...],
+              secret: bytes = b"k" * 32) -> tuple[str, int]:
+        """The salt and count the Gateway answers for an unknown session."""
+        server = GatewayAuth(None, scram_username(session_id, 0), secret,
+                             decoy_iterations=counts)
+        return _salt_and_count(server.challenge(ProxyAuth(session_id, 0, "guess").start()))
+
+    def test_probes_are_stable_and_drawn_from_the_configured_counts(self) -> None:
+        """Repeated probes of one id get one salt and count, always one configured."""
+        counts = (4096, 4096, 20_000, 100_000)
+        seen = set()
+        for session_id in range(200):
+            first = self.probe(session_id, counts)
+            self.assertEqual(self.probe(session_id, counts), first)
+            self.assertIn(first[1], counts)
+            seen.add(first[1])
+        self.assertEqual(seen, set(counts))
+
+    def test_salt_does_not_depend_on_the_counts(self) -> None:
+        """Adding verifiers with other counts leaves every decoy salt as it was."""
+        for session_id in range(50):
+            self.assertEqual(self.probe(session_id, (4096,))[0],
+                             self.probe(session_id, (4096, 100_000, 7))[0])
+
+    def test_a_rare_count_is_as_common_among_decoys_as_among_sessions(self) -> None:
+        """With 1 verifier of 5 at 100,000 iterations, about 1 unknown id in 5 answers
+        100,000, for each of several process secrets."""
+        counts = (4096, 4096, 4096, 4096, 100_000)
+        probes = 2000
+        for secret in (b"k" * 32, b"\x00" * 32, bytes(range(32))):
+            rare = sum(self.probe(n, counts, secret)[1] == 100_000 for n in range(probes))
+            # Binomial(2000, 0.2): mean 400, standard deviation 17.9; 4.5 deviations either way.
+            self.assertTrue(320 <= rare <= 480, f"{rare} of {probes} decoys at 100,000")
+
+    def test_roles_of_an_unknown_session_come_together(self) -> None:
+        """A session at 100,000 for both roles among sessions at 4096: decoys answer
+        100,000 for both roles or for neither, in the configured proportion."""
+        verifiers = {}
+        for session_id, iterations in enumerate((4096, 4096, 4096, 100_000)):
+            info = AuthInfo(b"s" * 16, b"k" * 32, b"k" * 32, iterations)
+            verifiers[session_id, 0] = verifiers[session_id, 1] = info
+        table = decoy_iteration_table(verifiers)
+        reversed_table = decoy_iteration_table(dict(reversed(verifiers.items())))
+        self.assertEqual(table, reversed_table, "the order of the verifiers does not matter")
+        self.assertEqual(table, {0: (4096, 4096, 4096, 100_000), 1: (4096, 4096, 4096, 100_000)})
+        both = 0
+        for session_id in range(1000, 3000):
+            pair = [_salt_and_count(GatewayAuth(
+                None, scram_username(session_id, role), b"k" * 32,
+                decoy_iterations=table[role]).challenge(
+                    ProxyAuth(session_id, role, "guess").start()))[1] for role in (0, 1)]
+            self.assertEqual(pair[0], pair[1], f"session {session_id}")
+            both += pair[0] == 100_000
+        # Binomial(2000, 0.25): mean 500, standard deviation 19.4; 4.5 deviations either way.
+        self.assertTrue(413 <= both <= 587, f"{both} of 2000 decoys at 100,000")
+
+    def test_table_pairs_each_sessions_counts(self) -> None:
+        """Entry k of every role's list belongs to one session; incomplete sessions drop out."""
+        def info(iterations: int) -> AuthInfo:
+            return AuthInfo(b"s" * 16, b"k" * 32, b"k" * 32, iterations)
+        table = decoy_iteration_table({(1, 0): info(9000), (1, 1): info(10),
+                                       (2, 0): info(20), (2, 1): info(8000),
+                                       (3, 0): info(5)})
+        self.assertEqual(table, {0: (20, 9000), 1: (8000, 10)})
+        self.assertEqual(decoy_iteration_table({}), {})
+
+    def test_default_is_the_default_count(self) -> None:
+        """Without configured counts (or with none at all) the decoy asks for 4096."""
+        self.assertEqual(_salt_and_count(GatewayAuth(None, USER, b"k" * 32).challenge(
+            ProxyAuth(7, 0, "x").start()))[1], 4096)
+        self.assertEqual(self.probe(7, ())[1], 4096)
+
+    def test_real_sessions_answer_their_own_count_and_log_in(self) -> None:
+        """A real session keeps its verifier's count and logs in whatever the decoys draw."""
+        counts = (4096, 4096, 100_000)
+        for iterations in (4096, 100_000):
+            info = make_auth_info("right", iterations)
+            server = GatewayAuth(info, USER, b"k" * 32, decoy_iterations=counts)
+            client = ProxyAuth(7, 0, "right")
+            server_first = server.challenge(client.start())
+            self.assertEqual(_salt_and_count(server_first)[1], iterations)
+            client.verify(server.finish(client.proof(server_first)))
 
 
 class SaslPrepTests(SynchronousTestCase):
