@@ -1,0 +1,193 @@
+"""Stream rules shared by the proxies' multiplexer and the Gateway's relay, sans-IO.
+
+Two pieces, both free of Twisted and of any proxy-only concept:
+
+* :data:`TRANSITIONS`, the lifecycle of a stream at one end as one explicit table
+  ``(state, event) -> state`` in the manner of h2's ``h2/stream.py`` ``_transitions``.  A pair
+  missing from the table is a protocol violation: :func:`advance` raises
+  ``StreamError(PROTOCOL_ERROR, "<event> in state <state>")``.  ``docs/protocol.md`` §5 is the
+  prose version.
+* :class:`Direction`, the rules of one direction of a stream (credit and FIN) that every
+  receiver of DATA, WINDOW_UPDATE and FIN checks: the multiplexer keeps one for what it
+  receives and one for what it sends; the relay keeps one per direction of a route.
+
+The opener (a Proxy-Server, or the Gateway towards a Proxy-Client) and the acceptor go through
+different opening states, because their rules differ before OPEN_RESULT: the opener may send up
+to 16 KiB of early data and a FIN, the acceptor may receive them; the acceptor sends nothing but
+its OPEN_RESULT until it accepted; the opener receiving DATA or FIN before OPEN_RESULT is an
+error.  A FIN that crossed before OPEN_RESULT is kept as its own opening state, not as a flag.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from tcptunnel._frames import MAX_WINDOW, Reason, StreamError
+
+
+class StreamState(enum.Enum):
+    """States of a stream at one end; the values are what logs show."""
+
+    # Identity hashing (as for any object compared with ``is``): Enum's default hashes the
+    # member name in Python code, which would add a Python call to each table look-up on the
+    # DATA path.
+    __hash__ = object.__hash__
+
+    IDLE = "idle"
+    #: The opener sent OPEN and waits for OPEN_RESULT (early data may follow the OPEN).
+    OPEN_SENT = "opening (OPEN sent)"
+    #: ... and its early FIN went out too.
+    OPEN_SENT_FIN_SENT = "opening (OPEN sent, FIN sent)"
+    #: The acceptor received OPEN and has not answered yet (early data may arrive).
+    OPEN_RECEIVED = "opening (OPEN received)"
+    #: ... and the opener's early FIN arrived too.
+    OPEN_RECEIVED_FIN_RECEIVED = "opening (OPEN received, FIN received)"
+    OPEN = "open"
+    HALF_CLOSED_LOCAL = "half-closed (local)"  # our FIN went out
+    HALF_CLOSED_REMOTE = "half-closed (remote)"  # the peer's FIN arrived
+    CLOSED = "closed"  # FIN sent and received: terminal
+    RESET = "reset"  # RESET sent or received, or the OPEN failed: terminal
+
+    #: The acceptor's opening state under the name it had before the opening states were
+    #: split by role (``tcptunnel.test.test_fuzz`` and older code use it).
+    OPENING = "opening (OPEN received)"
+
+    @property
+    def opening(self) -> bool:
+        """Whether OPEN_RESULT is still outstanding."""
+        return self in OPENING_STATES
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the stream ended (no event moves it any more)."""
+        return self is StreamState.CLOSED or self is StreamState.RESET
+
+
+class StreamEvent(enum.Enum):
+    """What happens to a stream: a frame sent or received, from this end's view."""
+
+    __hash__ = object.__hash__
+
+    SEND_OPEN = "OPEN sent"
+    RECV_OPEN = "OPEN received"
+    SEND_OPEN_OK = "OPEN_RESULT ok sent"
+    RECV_OPEN_OK = "OPEN_RESULT ok received"
+    SEND_OPEN_FAILED = "OPEN_RESULT failure sent"
+    RECV_OPEN_FAILED = "OPEN_RESULT failure received"
+    SEND_DATA = "DATA sent"
+    RECV_DATA = "DATA received"
+    SEND_FIN = "FIN sent"
+    RECV_FIN = "FIN received"
+    SEND_RESET = "RESET sent"
+    RECV_RESET = "RESET received"
+
+
+S = StreamState
+E = StreamEvent
+
+#: The stream lifecycle: ``(state, event) -> next state``.  Everything not listed is a
+#: protocol violation.  WINDOW_UPDATE is not an event of the lifecycle: it is accepted in every
+#: live state and checked by :meth:`Direction.grant`.
+TRANSITIONS: dict[tuple[StreamState, StreamEvent], StreamState] = {
+    # Opening, opener side: early data and an early FIN may follow the OPEN.
+    (S.IDLE, E.SEND_OPEN): S.OPEN_SENT,
+    (S.OPEN_SENT, E.SEND_DATA): S.OPEN_SENT,
+    (S.OPEN_SENT, E.SEND_FIN): S.OPEN_SENT_FIN_SENT,
+    (S.OPEN_SENT, E.RECV_OPEN_OK): S.OPEN,
+    (S.OPEN_SENT, E.RECV_OPEN_FAILED): S.RESET,
+    (S.OPEN_SENT, E.SEND_RESET): S.RESET,
+    (S.OPEN_SENT, E.RECV_RESET): S.RESET,
+    (S.OPEN_SENT_FIN_SENT, E.RECV_OPEN_OK): S.HALF_CLOSED_LOCAL,
+    (S.OPEN_SENT_FIN_SENT, E.RECV_OPEN_FAILED): S.RESET,
+    (S.OPEN_SENT_FIN_SENT, E.SEND_RESET): S.RESET,
+    (S.OPEN_SENT_FIN_SENT, E.RECV_RESET): S.RESET,
+    # Opening, acceptor side: it takes the early data and FIN, sends only its answer.
+    (S.IDLE, E.RECV_OPEN): S.OPEN_RECEIVED,
+    (S.OPEN_RECEIVED, E.RECV_DATA): S.OPEN_RECEIVED,
+    (S.OPEN_RECEIVED, E.RECV_FIN): S.OPEN_RECEIVED_FIN_RECEIVED,
+    (S.OPEN_RECEIVED, E.SEND_OPEN_OK): S.OPEN,
+    (S.OPEN_RECEIVED, E.SEND_OPEN_FAILED): S.RESET,
+    (S.OPEN_RECEIVED, E.SEND_RESET): S.RESET,
+    (S.OPEN_RECEIVED, E.RECV_RESET): S.RESET,
+    (S.OPEN_RECEIVED_FIN_RECEIVED, E.SEND_OPEN_OK): S.HALF_CLOSED_REMOTE,
+    (S.OPEN_RECEIVED_FIN_RECEIVED, E.SEND_OPEN_FAILED): S.RESET,
+    (S.OPEN_RECEIVED_FIN_RECEIVED, E.SEND_RESET): S.RESET,
+    (S.OPEN_RECEIVED_FIN_RECEIVED, E.RECV_RESET): S.RESET,
+    # Open: data both ways; a FIN ends one direction.
+    (S.OPEN, E.SEND_DATA): S.OPEN,
+    (S.OPEN, E.RECV_DATA): S.OPEN,
+    (S.OPEN, E.SEND_FIN): S.HALF_CLOSED_LOCAL,
+    (S.OPEN, E.RECV_FIN): S.HALF_CLOSED_REMOTE,
+    (S.OPEN, E.SEND_RESET): S.RESET,
+    (S.OPEN, E.RECV_RESET): S.RESET,
+    (S.HALF_CLOSED_LOCAL, E.RECV_DATA): S.HALF_CLOSED_LOCAL,
+    (S.HALF_CLOSED_LOCAL, E.RECV_FIN): S.CLOSED,
+    (S.HALF_CLOSED_LOCAL, E.SEND_RESET): S.RESET,
+    (S.HALF_CLOSED_LOCAL, E.RECV_RESET): S.RESET,
+    (S.HALF_CLOSED_REMOTE, E.SEND_DATA): S.HALF_CLOSED_REMOTE,
+    (S.HALF_CLOSED_REMOTE, E.SEND_FIN): S.CLOSED,
+    (S.HALF_CLOSED_REMOTE, E.SEND_RESET): S.RESET,
+    (S.HALF_CLOSED_REMOTE, E.RECV_RESET): S.RESET,
+    # CLOSED and RESET are terminal: nothing leaves them.
+}
+
+del S, E
+
+#: States in which OPEN_RESULT is outstanding.
+OPENING_STATES = frozenset({
+    StreamState.OPEN_SENT, StreamState.OPEN_SENT_FIN_SENT,
+    StreamState.OPEN_RECEIVED, StreamState.OPEN_RECEIVED_FIN_RECEIVED,
+})
+#: States from which a FIN may still be sent (derived from the table).
+CAN_SEND_FIN = frozenset(state for state, event in TRANSITIONS if event is StreamEvent.SEND_FIN)
+
+
+def advance(state: StreamState, event: StreamEvent) -> StreamState:
+    """The state after ``event``; a pair the table does not list raises PROTOCOL_ERROR."""
+    try:
+        return TRANSITIONS[state, event]
+    except KeyError:
+        raise StreamError(Reason.PROTOCOL_ERROR,
+                          f"{event.name} in state {state.value}") from None
+
+
+class Direction:
+    """One direction of a stream: the sender's remaining credit and whether it sent FIN.
+
+    ``credit`` is what the sender may still send in DATA; the receiver of that direction
+    granted it (in OPEN, OPEN_RESULT and WINDOW_UPDATE).  Each check raises the StreamError
+    that resets the stream, as ``docs/protocol.md`` §5 lists them.
+    """
+
+    # Two per stream at each proxy and two per route at the Gateway.
+    __slots__ = ("credit", "fin")
+
+    def __init__(self, credit: int = 0) -> None:
+        self.credit = credit
+        self.fin = False
+
+    def take(self, size: int) -> None:
+        """DATA of ``size`` bytes travels in this direction."""
+        if self.fin:
+            raise StreamError(Reason.PROTOCOL_ERROR, "DATA after FIN")
+        if size > self.credit:
+            raise StreamError(Reason.FLOW_CONTROL,
+                              f"{size} bytes of DATA with only {self.credit} bytes of window")
+        self.credit -= size
+
+    def grant(self, increment: int) -> None:
+        """WINDOW_UPDATE (or an OPEN_RESULT window) adds ``increment`` (1..2^31-1) of credit."""
+        credit = self.credit + increment
+        if credit > MAX_WINDOW:
+            raise StreamError(Reason.FLOW_CONTROL,
+                              f"window grew past 2^31-1 ({self.credit} + {increment})")
+        self.credit = credit
+
+    def end(self) -> None:
+        """FIN travels in this direction: no DATA may follow."""
+        if self.fin:
+            raise StreamError(Reason.PROTOCOL_ERROR, "FIN after FIN")
+        self.fin = True
+
+    def __repr__(self) -> str:
+        return f"<Direction credit={self.credit}{' fin' if self.fin else ''}>"
