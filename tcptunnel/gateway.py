@@ -620,55 +620,53 @@ class GatewayFactory(ServerFactory):
         return GatewayLink(self.gateway)
 
 
-class _ServerTls:
-    """The TLS context of a listener, replaceable on reload (renewed certificates apply to
-    new links; established links keep theirs)."""
-
-    def __init__(self, options: Any) -> None:
-        self.options = options
-
-    def getContext(self) -> Any:  # noqa: N802
-        """The current certificate's context."""
-        return self.options.getContext()
-
-
 class GatewayService(service.Service):
     """One gateway instance: a listening port per Listener, sharing one Gateway."""
 
     log = Logger()
 
     def __init__(self, config: GatewayConfig, reactor: Any) -> None:
+        from tcptunnel.ports import ListenerSet
+
         self.config = config
         self.reactor = reactor
         self.gateway = Gateway(config, reactor)
         self.factory = GatewayFactory(self.gateway)
-        self._listening: dict[AddressKey, tuple[Any, _ServerTls | None]] = {}
+        # Per listener, its ReloadableServerTls (None for plain TCP).
+        self.listeners: ListenerSet[ListenerConfig, Any] = ListenerSet(
+            f"[{config.index}] Listener", lambda listener: (listener.ip, listener.port),
+            self._open_listener, self._announce_listener)
         # Load certificates now so that a bad one fails start-up with its name.
         self._tls = self._load_tls(config)
 
     @property
     def ports(self) -> list[Any]:
         """Listening ports, in the order of the Listeners."""
-        return [self._listening[key][0] for key in self._keys(self.config)
-                if key in self._listening]
+        return self.listeners.ports
 
     @staticmethod
     def _keys(config: GatewayConfig) -> list[AddressKey]:
         return address_keys([(listener.ip, listener.port) for listener in config.listeners])
 
     def _load_tls(self, config: GatewayConfig) -> dict[AddressKey, Any]:
+        """The CertificateOptions of each TLS Listener (TlsSetupError names a bad file)."""
         from tcptunnel.tls import server_context_factory
 
         return {key: server_context_factory(listener.tls)
                 for listener, key in zip(config.listeners, self._keys(config), strict=True)
                 if listener.tls is not None}
 
-    def _listen(self, listener: ListenerConfig, key: AddressKey, options: Any) -> None:
-        index = self.config.index
-        tls = _ServerTls(options) if options is not None else None
+    def _open_listener(self, key: AddressKey, listener: ListenerConfig) -> tuple[Any, Any]:
+        from tcptunnel.tls import ReloadableServerTls
+
+        options = self._tls.get(key)
+        tls = ReloadableServerTls(options) if options is not None else None
         port = listen(self.reactor, listener.ip, listener.port, self.factory,
-                      f"[{index}] Gateway", listener.location, tls)
-        self._listening[key] = (port, tls)
+                      f"[{self.config.index}] Gateway", listener.location, tls)
+        return port, tls
+
+    def _announce_listener(self, listener: ListenerConfig, port: Any, tls: Any) -> None:
+        index = self.config.index
         self.log.info("[{index}] Gateway listener started on {address} (TLS: {tls})",
                       index=index, address=format_address(listener.ip, port.getHost().port),
                       tls="on" if tls is not None else "off")
@@ -680,54 +678,40 @@ class GatewayService(service.Service):
         """Listen on every Listener; a bind failure fails start-up naming the address."""
         for warning in self.gateway.warnings():
             self.log.warn("[{index}] {warning}", index=self.config.index, warning=warning)
-        try:
-            for listener, key in zip(self.config.listeners, self._keys(self.config),
-                                     strict=True):
-                self._listen(listener, key, self._tls.get(key))
-        except StartupError:
-            for port, _tls in self._listening.values():
-                port.stopListening()
-            self._listening.clear()
-            raise
+        self.listeners.start(self.config.listeners)
         super().startService()
 
-    def apply_config(self, new: GatewayConfig) -> bool:
-        """Reload: sessions, limits, listeners and certificates change in place.
+    def apply_config(self, new: GatewayConfig) -> Any:
+        """Reload: sessions, limits, listeners and certificates change in place, all or
+        nothing.
 
         Certificates are re-read even when the settings are unchanged (renewals).  Raises
-        TlsSetupError before changing anything when a certificate cannot be used.
+        TlsSetupError, or fails with StartupError when a new Listener cannot listen, before
+        changing anything.  Fires with True once applied.
         """
         tls = self._load_tls(new)
-        self.gateway.update(new)
-        old_keys, new_keys = set(self._keys(self.config)), set(self._keys(new))
-        self.config = new
-        for key in old_keys - new_keys:
-            port, _ = self._listening.pop(key)
-            port.stopListening()
-            self.log.info("[{index}] Listener {address} removed", index=new.index,
-                          address=format_address(key[0], max(key[1], 0)))
-        for listener, key in zip(new.listeners, self._keys(new), strict=True):
-            if key not in self._listening:
-                try:
-                    self._listen(listener, key, tls.get(key))
-                except StartupError as e:
-                    self.log.error("{error}", error=str(e))
-                continue
-            _port, holder = self._listening[key]
+        previous, self._tls = self._tls, tls  # what new Listeners open with
+
+        def kept(key: AddressKey, holder: Any, listener: ListenerConfig) -> None:
             if (holder is None) != (key not in tls):
                 self.log.warn("[{index}] Listener {address}: switching TLS on or off needs a "
                               "restart", index=new.index, address=listener.describe())
             elif holder is not None:
-                holder.options = tls[key]
-        self._tls = tls
-        return True
+                holder.update(tls[key])  # renewed certificate for new links
+
+        def applied(_: Any) -> bool:
+            self.gateway.update(new)
+            self.config = new
+            return True
+
+        def failed(reason: Any) -> Any:
+            self._tls = previous
+            return reason
+
+        return self.listeners.reload(new.listeners, kept).addCallbacks(applied, failed)
 
     def stopService(self) -> Any:  # noqa: N802
         """Close every link (GOAWAY), then stop listening."""
         super().stopService()
         self.gateway.close_all()
-        ports = [port for port, _ in self._listening.values()]
-        self._listening.clear()
-        from twisted.internet.defer import gatherResults, maybeDeferred
-
-        return gatherResults([maybeDeferred(p.stopListening) for p in ports])
+        return self.listeners.stop()

@@ -8,8 +8,8 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from tcptunnel._frames import StreamError
-from tcptunnel.config import BindingConfig, ProxyConfig, StartupError, format_address
-from tcptunnel.ports import AddressKey, address_keys, listen
+from tcptunnel.config import BindingConfig, ProxyConfig, format_address
+from tcptunnel.ports import AddressKey, ListenerSet, listen
 from tcptunnel.proxy import ProxyService
 from tcptunnel.splice import SpliceProtocol
 
@@ -83,23 +83,24 @@ class ProxyServerService(ProxyService):
 
     def __init__(self, config: ProxyConfig, reactor: Any) -> None:
         super().__init__(config, reactor)
-        self._listening: dict[AddressKey, tuple[Any, BindingFactory]] = {}
-
-    @staticmethod
-    def _keys(config: ProxyConfig) -> list[AddressKey]:
-        return address_keys([(b.listen_ip, b.listen_port) for b in config.bindings])
+        self.bindings: ListenerSet[BindingConfig, BindingFactory] = ListenerSet(
+            f"[{config.index}] Binding", lambda b: (b.listen_ip, b.listen_port),
+            self._open_binding, self._announce_binding)
 
     @property
     def ports(self) -> list[Any]:
         """Listening ports, in the order of the Bindings."""
-        return [self._listening[key][0] for key in self._keys(self.config)
-                if key in self._listening]
+        return self.bindings.ports
 
-    def _listen(self, binding: BindingConfig, key: AddressKey) -> None:
+    def _open_binding(self, key: AddressKey,
+                      binding: BindingConfig) -> tuple[Any, BindingFactory]:
         factory = BindingFactory(self, binding)
         port = listen(self.reactor, binding.listen_ip, binding.listen_port, factory,
                       f"[{self.config.index}] Binding", binding.location)
-        self._listening[key] = (port, factory)
+        return port, factory
+
+    def _announce_binding(self, binding: BindingConfig, port: Any,
+                          factory: BindingFactory) -> None:
         self.log.info("[{index}] Binding {listen} -> {target} listening",
                       index=self.config.index,
                       listen=format_address(binding.listen_ip, port.getHost().port),
@@ -107,41 +108,23 @@ class ProxyServerService(ProxyService):
 
     def startService(self) -> None:  # noqa: N802
         """Listen on every Binding first (a failure stops start-up), then connect."""
-        try:
-            for binding, key in zip(self.config.bindings, self._keys(self.config), strict=True):
-                self._listen(binding, key)
-        except StartupError:
-            for port, _factory in self._listening.values():
-                port.stopListening()
-            self._listening.clear()
-            raise
+        self.bindings.start(self.config.bindings)
         super().startService()
 
-    def apply_config(self, new: ProxyConfig) -> bool:
-        """Reload: Bindings are added, removed or re-targeted; open streams are untouched."""
-        if not super().apply_config(new):
-            return False
-        wanted = dict(zip(self._keys(new), new.bindings, strict=True))
-        for key in set(self._listening) - set(wanted):
-            port, _factory = self._listening.pop(key)
-            port.stopListening()
-            self.log.info("[{index}] Binding on {listen} removed", index=new.index,
-                          listen=format_address(key[0], max(key[1], 0)))
-        for key, binding in wanted.items():
-            if key in self._listening:
-                self._listening[key][1].binding = binding  # new target for new connections
-                continue
-            try:
-                self._listen(binding, key)
-            except StartupError as e:
-                self.log.error("{error}", error=str(e))
-        return True
+    def apply_config(self, new: ProxyConfig) -> Any:
+        """Reload: Bindings are added, removed or re-targeted, all or nothing (a Binding
+        that cannot listen fails the reload with StartupError and changes nothing); open
+        streams are untouched.  Fires with False when the link settings changed (the
+        instance must restart)."""
+        def retarget(key: AddressKey, factory: BindingFactory, binding: BindingConfig) -> None:
+            factory.binding = binding  # new target for new connections
+
+        apply_link_settings = super().apply_config
+        return self.bindings.reload(new.bindings, retarget).addCallback(
+            lambda _: apply_link_settings(new))
 
     def stopService(self) -> Any:  # noqa: N802
         """Stop listening, then close the link; fires when the ports are closed."""
         from twisted.internet.defer import gatherResults, maybeDeferred
 
-        closing = [maybeDeferred(port.stopListening) for port, _ in self._listening.values()]
-        self._listening.clear()
-        closing.append(maybeDeferred(super().stopService))
-        return gatherResults(closing)
+        return gatherResults([self.bindings.stop(), maybeDeferred(super().stopService)])

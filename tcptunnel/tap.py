@@ -128,7 +128,7 @@ class TunnelService(service.MultiService):
                 if child is None:
                     self.log.info("[{name}] added", name=name)
                     self._add_instance(instance)
-                elif not child.apply_config(instance):
+                elif not (yield defer.maybeDeferred(child.apply_config, instance)):
                     self.log.info("[{name}] link settings changed: restarting it", name=name)
                     yield defer.maybeDeferred(child.disownServiceParent)
                     child = None

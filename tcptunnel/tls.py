@@ -18,7 +18,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+)
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
@@ -39,8 +43,9 @@ class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
 
 
 def tls_factory(creator: Any, wrapped: IProtocolFactory, is_client: bool) -> Any:
-    """Wrap ``wrapped`` in TLS for listenTCP / connectTCP; ``creator`` is a context
-    factory (server) or an IOpenSSLClientConnectionCreator (client)."""
+    """Wrap ``wrapped`` in TLS for listenTCP / connectTCP; ``creator`` is an
+    IOpenSSLServerConnectionCreator (:class:`ReloadableServerTls`) or an
+    IOpenSSLClientConnectionCreator."""
     return _UnbufferedTLSFactory(creator, is_client, wrapped)
 
 
@@ -117,6 +122,53 @@ def server_context_factory(files: TlsFiles) -> ssl.CertificateOptions:
     return options
 
 
+# The ALPN protocol id of a link.  Proxies offer it; a Gateway selects it when offered and
+# selects nothing (the handshake goes on, without ALPN) for a client that offers only others.
+ALPN_PROTOCOL = b"tcptunnel/1"
+
+
+def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """Our protocol id if the client offers it, else no ALPN at all.
+
+    Twisted's own select callback (which CertificateOptions installs on every context since
+    Twisted 26) answers a client whose list has no overlap with b"", which OpenSSL turns
+    into an internal_error alert: ``openssl s_client -alpn h2,http/1.1`` could not even
+    complete a handshake.  NO_OVERLAPPING_PROTOCOLS completes it without ALPN.
+    """
+    return ALPN_PROTOCOL if ALPN_PROTOCOL in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableServerTls:
+    """The server TLS of one listener, whose certificate a reload replaces: new links get
+    the new one, established links keep theirs.
+
+    Declares IOpenSSLServerConnectionCreator (a bare ``getContext`` object makes Twisted
+    log a LegacyContextFactoryWarning for every listener) and completes handshakes whose
+    client offers ALPN (see :func:`_select_alpn`).
+    """
+
+    def __init__(self, options: ssl.CertificateOptions) -> None:
+        self.update(options)
+
+    def update(self, options: ssl.CertificateOptions) -> None:
+        """Use ``options`` (e.g. a renewed certificate) for the connections made from now."""
+        context = options.getContext()
+        context.set_alpn_select_callback(_select_alpn)  # replaces Twisted's (see above)
+        self.options = options
+        self._context = context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803
+        """A server connection on the current certificate (Twisted sets the accept state
+        and the app data)."""
+        return SSL.Connection(self._context, None)
+
+
+def server_tls(files: TlsFiles) -> ReloadableServerTls:
+    """The reloadable server TLS of a listener; TlsSetupError when the files are unusable."""
+    return ReloadableServerTls(server_context_factory(files))
+
+
 def certificate_pin(certificate_der: bytes) -> bytes:
     """The SHA-256 pin of a DER certificate."""
     return hashlib.sha256(certificate_der).digest()
@@ -132,6 +184,7 @@ class _PinnedClientCreator:
         context = SSL.Context(SSL.TLS_METHOD)
         context.set_min_proto_version(SSL.TLS1_2_VERSION)
         context.set_verify(SSL.VERIFY_PEER, self._verify)
+        context.set_alpn_protos([ALPN_PROTOCOL])
         self._context = context
 
     def _verify(self, connection: SSL.Connection, certificate: crypto.X509, errno: int,
@@ -165,5 +218,5 @@ def client_connection_creator(
         trust_root = ssl.trustRootFromCertificates(
             [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certificates])
     return ssl.optionsForClientTLS(
-        server_name, trustRoot=trust_root, extraCertificateOptions={
-            "raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
+        server_name, trustRoot=trust_root, acceptableProtocols=[ALPN_PROTOCOL],
+        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
