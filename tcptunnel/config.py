@@ -215,6 +215,23 @@ class StatusConfig:
     listen_ip: str
     listen_port: int
     location: Location = field(compare=False)
+    # Host header names served besides IP literals and localhost (lower case, IDNA, no
+    # trailing dot): other names are refused, against DNS rebinding.
+    host_names: tuple[str, ...] = ()
+
+
+def _host_names(text: str) -> tuple[str, ...]:
+    """``hostNames``: comma-separated host names, normalised for comparison with Host."""
+    names = []
+    for item in text.split(","):
+        name = normalise_host(_host(item.strip()).encode("idna").decode("ascii"))
+        if not name or any(c in name for c in ":[]"):
+            raise ValueError(text)
+        names.append(name)
+    return tuple(names)
+
+
+_HOST_NAMES_WHAT = "comma-separated host names without ports (e.g. status.example.org,other)"
 
 
 @dataclass(frozen=True)
@@ -830,6 +847,7 @@ def parse_settings(data: bytes, path: str = "settings.xml") -> Settings:
                 listen_port=element.get_required("listenPort", _PORT_OR_ZERO,
                                                  _PORT_OR_ZERO_WHAT),
                 location=element.location,
+                host_names=element.get("hostNames", _host_names, _HOST_NAMES_WHAT) or (),
             )
             element.check_unknown_attributes()
             _no_children(element)

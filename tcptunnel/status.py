@@ -10,6 +10,7 @@ calls.
 from __future__ import annotations
 
 import html
+import ipaddress
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from tcptunnel import _frames as fr
-from tcptunnel.config import StatusConfig, format_address
+from tcptunnel.config import StatusConfig, format_address, normalise_host
 from tcptunnel.gateway import GatewayService
 from tcptunnel.ports import listen
 from tcptunnel.proxy import ProxyService
@@ -280,6 +281,54 @@ class _SnapshotResource(Resource):
         return self.render_snapshot(snapshot(self.tunnel, self.clock.seconds())).encode()
 
 
+def host_allowed(host: str, names: tuple[str, ...]) -> bool:
+    """Whether a Host header's host part (no port) may be served: an IP literal,
+    ``localhost``, or one of ``names`` (normalised as ``config._host_names`` does)."""
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(literal)
+        return True
+    except ValueError:
+        pass
+    name = normalise_host(host)
+    return name == "localhost" or name in names
+
+
+class _Misdirected(Resource):
+    """421 for a request whose Host names nothing this page answers to."""
+
+    isLeaf = True  # noqa: N815 - Twisted attribute name
+
+    def render(self, request: Request) -> bytes:
+        """A short plain-text refusal, whatever the method."""
+        request.setResponseCode(421, b"Misdirected Request")
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return (b"421 Misdirected Request: this status page answers only to IP addresses, "
+                b"localhost and the names in <Status hostNames>.\n")
+
+
+class _HostCheckedRoot(Resource):
+    """The root resource: every path below it is served only for an allowed Host header.
+
+    A browser on this host can be led by a page whose name resolves to 127.0.0.1 (DNS
+    rebinding) to read the page under the attacker's name; that name reaches us in Host.
+    """
+
+    def __init__(self, host_names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.host_names = host_names
+        self.refusal = _Misdirected()
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:  # noqa: N802
+        """The child for ``path``, or the 421 refusal for a Host we do not answer to."""
+        # Without a Host header (HTTP/1.0) this is our own address: a literal, allowed; a
+        # browser always sends one.
+        host = request.getRequestHostname().decode("latin-1")
+        if not host_allowed(host, self.host_names):
+            return self.refusal
+        return super().getChildWithDefault(path, request)
+
+
 class StatusService(service.Service):
     """Serves /metrics, /status and / for all instances of the process."""
 
@@ -290,7 +339,7 @@ class StatusService(service.Service):
         self.reactor = reactor
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(TunnelCollector(tunnel))
-        root = Resource()
+        root = _HostCheckedRoot(config.host_names)
         root.putChild(b"", _SnapshotResource(tunnel, reactor, b"text/html; charset=utf-8",
                                              render_page))
         root.putChild(b"metrics", MetricsResource(registry=self.registry))

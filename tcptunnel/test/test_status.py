@@ -8,13 +8,16 @@ import re
 import shutil
 import sys
 
+from twisted.application.service import MultiService
 from twisted.internet import defer, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
 
 from tcptunnel.config import load_settings, parse_settings
+from tcptunnel.status import StatusService, host_allowed
 from tcptunnel.tap import TunnelService
 from tcptunnel.test._harness import (
     NS,
@@ -165,6 +168,93 @@ class StatusTests(TestCase):
         self.assertEqual(code, 0, err.decode()[-2000:])
         with open(screenshot, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+
+class HostHeaderTests(TestCase):
+    """Every resource answers only to IP literals, localhost and configured names (DNS
+    rebinding)."""
+
+    timeout = 30
+
+    async def serve(self, attributes: str = "") -> int:
+        """Start a status server for an empty process; its port."""
+        settings = parse_settings(
+            f'<Settings {NS}><Status listenPort="0" {attributes}/></Settings>'.encode())
+        assert settings.status is not None
+        status = StatusService(settings.status, MultiService(), reactor)
+        status.startService()
+        self.addCleanup(status.stopService)
+        return int(status.port.getHost().port)
+
+    async def request(self, port: int, path: str, host: str) -> tuple[int, bytes]:
+        """GET ``path`` from 127.0.0.1:``port`` with the given Host header."""
+        response = await Agent(reactor).request(
+            b"GET", f"http://127.0.0.1:{port}{path}".encode(),
+            Headers({b"host": [host.encode()]}))
+        return response.code, await readBody(response)
+
+    async def test_foreign_names_are_refused_everywhere(self) -> None:
+        """Host: evil.example (with or without a port, or dressed as a literal or as
+        localhost) gets 421 and no content on /, /status and /metrics."""
+        port = await self.serve('hostNames="status.example.org"')
+        for path in ("/", "/status", "/metrics", "/nothing"):
+            for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example",
+                         "localhost.evil.example", "example.org", "status.example.org.evil",
+                         "[evil]", ""):
+                code, body = await self.request(port, path, host)
+                self.assertEqual(code, 421, f"{host!r} {path}")
+                self.assertIn(b"Misdirected Request", body)
+                self.assertNotIn(b"instances", body)
+                self.assertNotIn(b"tcptunnel_", body)
+
+    async def test_literals_localhost_and_configured_names_are_served(self) -> None:
+        """IP literals (v4, bracketed v6, with ports), localhost and the configured names
+        in any case are served on every resource."""
+        port = await self.serve('hostNames="Status.Example.org, other"')
+        for host in (f"127.0.0.1:{port}", "127.0.0.1", f"[::1]:{port}", "[::1]", "10.1.2.3",
+                     "localhost", f"LocalHost:{port}", "localhost.", "status.example.org",
+                     f"STATUS.example.org.:{port}", "other"):
+            code, body = await self.request(port, "/status", host)
+            self.assertEqual((code, json.loads(body)), (200, {"instances": []}), host)
+            code, body = await self.request(port, "/", host)
+            self.assertEqual(code, 200, host)
+            self.assertIn(b"<h1>tcptunnel</h1>", body)
+            code, body = await self.request(port, "/metrics", host)
+            self.assertEqual(code, 200, host)
+            self.assertIn(b"tcptunnel_links", body)
+
+    async def test_without_names_only_literals_and_localhost(self) -> None:
+        """Without hostNames a name other than localhost is refused."""
+        port = await self.serve()
+        self.assertEqual((await self.request(port, "/status", "status.example.org"))[0], 421)
+        self.assertEqual((await self.request(port, "/status", f"localhost:{port}"))[0], 200)
+
+
+class HostAllowedTests(SynchronousTestCase):
+    """host_allowed, the check behind HostHeaderTests."""
+
+    def test_cases(self) -> None:
+        """Literals, localhost and listed names pass; anything else fails."""
+        names = ("status.example.org",)
+        for host in ("127.0.0.1", "::1", "[::1]", "fe80::1%eth0", "0.0.0.0", "LOCALHOST",
+                     "status.example.org.", "Status.Example.Org"):
+            self.assertTrue(host_allowed(host, names), host)
+        for host in ("", "evil.example", "localhost.evil", "1.2.3.4.example", "127.1",
+                     "status.example.org..", "[status.example.org]", "::1.example"):
+            self.assertFalse(host_allowed(host, names), host)
+
+    def test_config(self) -> None:
+        """hostNames is read as normalised names; a port or an empty item is refused."""
+        from tcptunnel.config import ConfigError
+
+        settings = parse_settings(f'<Settings {NS}><Status listenPort="1" '
+                                  'hostNames="A.example., b,Bücher.de"/></Settings>'.encode())
+        assert settings.status is not None
+        self.assertEqual(settings.status.host_names, ("a.example", "b", "xn--bcher-kva.de"))
+        for bad in ("a:80", "a,,b", "", "[::1]"):
+            with self.assertRaisesRegex(ConfigError, "hostNames", msg=bad):
+                parse_settings(f'<Settings {NS}><Status listenPort="1" hostNames="{bad}"/>'
+                               "</Settings>".encode())
 
 
 class StatusConfigTests(SynchronousTestCase):
