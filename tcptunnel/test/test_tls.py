@@ -1,17 +1,46 @@
-"""Tests for tcptunnel.tls: certificate loading errors and client verification modes."""
+"""Tests for tcptunnel.tls: certificate loading errors, client verification modes, and the
+reloadable server TLS of listeners (interface, ALPN, certificate swap)."""
 
 from __future__ import annotations
 
 import datetime
 import os
+from typing import Any
 
+from OpenSSL import crypto
+from twisted.internet import defer, reactor, ssl
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols._tls_legacy import LegacyContextFactoryWarning
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
-from tcptunnel.config import TlsFiles
+from tcptunnel.config import Location, TlsFiles
+from tcptunnel.ports import listen
 from tcptunnel.test._certs import mint
-from tcptunnel.test._harness import EchoProtocol, Tunnel, binding_port, connect, listen, sleep
-from tcptunnel.tls import TlsSetupError, load_server_identity, server_context_factory
+from tcptunnel.test._harness import (
+    EchoProtocol,
+    Tunnel,
+    binding_port,
+    connect,
+    sleep,
+    wait_until,
+)
+from tcptunnel.test._harness import listen as listen_app
+from tcptunnel.tls import (
+    ALPN_PROTOCOL,
+    ReloadableServerTls,
+    TlsSetupError,
+    certificate_pin,
+    client_connection_creator,
+    load_server_identity,
+    server_context_factory,
+    server_tls,
+    tls_factory,
+)
 
 
 class LoadingTests(SynchronousTestCase):
@@ -68,7 +97,7 @@ class VerificationTests(TestCase):
 
     async def tunnel_with(self, proxy_tls: str, listener_tls: str | None = None) -> tuple[
             Tunnel, object, object, int]:
-        echo = await listen(self, EchoProtocol)
+        echo = await listen_app(self, EchoProtocol)
         tunnel = Tunnel(self, tls=True)
         self.addCleanup(tunnel.close)
         certs = tunnel.certs
@@ -127,3 +156,123 @@ class VerificationTests(TestCase):
             'useSsl="1" caFile="{c.ca}" serverName="other.example"')
         await sleep(1.5)
         self.assertIsNone(pc.link)  # type: ignore[attr-defined]
+
+
+@implementer(IHandshakeListener)
+class _Handshaker(Protocol):
+    """Records the negotiated ALPN protocol and the server certificate's pin once the TLS
+    handshake completes (then aborts), or how the connection ended before that."""
+
+    def __init__(self) -> None:
+        self.done: defer.Deferred[tuple[bytes | None, bytes]] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        transport: Any = self.transport
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, transport.getPeerCertificate())
+        self.done.callback((transport.negotiatedProtocol, certificate_pin(der)))
+        transport.abortConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        if not self.done.called:
+            self.done.errback(reason)
+        self.lost.callback(None)
+
+
+class _Accepted(Protocol):
+    """A server-side connection; counts its end."""
+
+    def __init__(self, ended: list[None]) -> None:
+        self.ended = ended
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.ended.append(None)
+
+
+class ServerTlsTests(TestCase):
+    """ReloadableServerTls: no legacy warning, ALPN offers, certificate swaps."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.certs = mint(os.path.abspath(self.mktemp()))
+
+    def files(self, certs: Any) -> TlsFiles:
+        return TlsFiles(pem_certificate=certs.cert, pem_key=certs.key)
+
+    def start(self, tls: ReloadableServerTls) -> int:
+        """A TLS listener on 127.0.0.1 port 0 (as the Gateway listens); its port."""
+        self.accepted = 0
+        self.ended: list[None] = []
+
+        def accept() -> Protocol:
+            self.accepted += 1
+            return _Accepted(self.ended)
+
+        port = listen(reactor, "127.0.0.1", 0, Factory.forProtocol(accept), "test",
+                      Location("s.xml", 1), tls)
+        self.addCleanup(port.stopListening)
+        return int(port.getHost().port)
+
+    async def handshake(self, port: int, creator: Any) -> tuple[bytes | None, bytes]:
+        """(negotiated ALPN protocol, server certificate pin) of one client handshake."""
+        client = _Handshaker()
+        endpoint = wrapClientTLS(creator, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+        await endpoint.connect(Factory.forProtocol(lambda: client))
+        result = await client.done
+        await client.lost
+        await wait_until(lambda: len(self.ended) == self.accepted, 5, "the server side's end")
+        return result
+
+    def offering(self, protocols: list[bytes] | None) -> Any:
+        """A client verifying the test CA that offers ``protocols`` over ALPN."""
+        with open(self.certs.ca, "rb") as f:
+            ca = ssl.Certificate.loadPEM(f.read())
+        return ssl.optionsForClientTLS("localhost", trustRoot=ca,
+                                       acceptableProtocols=protocols)
+
+    def test_declares_server_connection_creator(self) -> None:
+        """ReloadableServerTls provides IOpenSSLServerConnectionCreator and starting a TLS
+        listener emits no LegacyContextFactoryWarning (a bare getContext object did)."""
+        tls = server_tls(self.files(self.certs))
+        self.assertTrue(verifyObject(IOpenSSLServerConnectionCreator, tls))
+        self.start(tls)
+        self.assertEqual([w for w in self.flushWarnings()
+                          if w["category"] is LegacyContextFactoryWarning], [])
+
+        class Bare:
+            def getContext(self) -> Any:  # noqa: N802
+                return tls.options.getContext()
+
+        tls_factory(Bare(), Factory.forProtocol(Protocol), is_client=False)
+        self.assertEqual(len([w for w in self.flushWarnings()
+                              if w["category"] is LegacyContextFactoryWarning]), 1)
+
+    async def test_alpn_offers_complete_the_handshake(self) -> None:
+        """A client offering other protocols (h2, http/1.1) completes the handshake with no
+        protocol selected; one offering ours gets it; one offering none gets none.  The
+        proxies' creators (pin and CA file) offer ours."""
+        port = self.start(server_tls(self.files(self.certs)))
+        pin = bytes.fromhex(self.certs.pin_hex)
+        self.assertEqual(await self.handshake(port, self.offering([b"h2", b"http/1.1"])),
+                         (None, pin))
+        self.assertEqual(await self.handshake(port, self.offering([b"h2", ALPN_PROTOCOL])),
+                         (ALPN_PROTOCOL, pin))
+        self.assertEqual(await self.handshake(port, self.offering(None)), (None, pin))
+        for creator in (client_connection_creator("localhost", None, pin),
+                        client_connection_creator("localhost", self.certs.ca, None)):
+            self.assertEqual(await self.handshake(port, creator), (ALPN_PROTOCOL, pin))
+
+    async def test_update_swaps_the_certificate_for_new_connections(self) -> None:
+        """After update(), new handshakes present the new certificate."""
+        tls = server_tls(self.files(self.certs))
+        port = self.start(tls)
+        renewed = mint(os.path.abspath(self.mktemp()))
+        old_pin, new_pin = bytes.fromhex(self.certs.pin_hex), bytes.fromhex(renewed.pin_hex)
+        self.assertEqual(await self.handshake(
+            port, client_connection_creator("localhost", None, old_pin)),
+            (ALPN_PROTOCOL, old_pin))
+        tls.update(server_context_factory(self.files(renewed)))
+        self.assertEqual(await self.handshake(
+            port, client_connection_creator("localhost", None, new_pin)),
+            (ALPN_PROTOCOL, new_pin))
