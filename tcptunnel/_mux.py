@@ -2,7 +2,10 @@
 
 :class:`MuxConnection` terminates streams: it keeps the stream table, each
 stream's explicit state, its send buffer and both windows, and turns frames
-into events.  Flow control follows ``docs/protocol.md`` §6: credit is
+into events.  Every change of a stream's state goes through the transition
+table of :mod:`tcptunnel._stream`, and the credit and FIN of each direction
+through its :class:`~tcptunnel._stream.Direction` (the rules the Gateway's
+relay checks too).  Flow control follows ``docs/protocol.md`` §6: credit is
 returned only for bytes the adapter reports as consumed, coalesced, and a
 window grows when the sender reports it was blocked while our consumer kept
 up, within the link's receive budget.
@@ -10,12 +13,21 @@ up, within the link's receive budget.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from tcptunnel import _frames as fr
 from tcptunnel._frames import Frame, FrameType, GoAway, LinkError, OpenRequest, Reason, StreamError
 from tcptunnel._link import DEFAULT_CHUNK, LinkCore
+
+# StreamState lives in tcptunnel._stream; ``_mux.StreamState`` stays importable.
+from tcptunnel._stream import (
+    CAN_SEND_FIN,
+    TRANSITIONS,
+    Direction,
+    StreamEvent,
+    StreamState,
+    advance,
+)
 
 INITIAL_WINDOW = 384 * 1024
 MAX_STREAM_WINDOW = 16 * 1024 * 1024
@@ -28,15 +40,10 @@ class StreamIdsExhaustedError(StreamError):
     """Every stream id of this link was used: the link must be replaced."""
 
 
-class StreamState(enum.Enum):
-    """States of a stream at one end (``docs/protocol.md`` §5)."""
-
-    OPENING = "opening"
-    OPEN = "open"
-    HALF_CLOSED_LOCAL = "half-closed (local)"
-    HALF_CLOSED_REMOTE = "half-closed (remote)"
-    CLOSED = "closed"
-    RESET = "reset"
+_SEND_DATA = StreamEvent.SEND_DATA
+_RECV_DATA = StreamEvent.RECV_DATA
+_SEND_FIN = StreamEvent.SEND_FIN
+_CLOSED = StreamState.CLOSED
 
 
 # -- events -----------------------------------------------------------------
@@ -99,45 +106,67 @@ class StreamClosed:
 
 
 class _Stream:
-    """Per-stream bookkeeping; only :class:`MuxConnection` touches it."""
+    """Per-stream bookkeeping; only :class:`MuxConnection` touches it.
+
+    ``state`` changes only through the transition table.  ``recv`` is the direction the peer
+    sends in: its credit is the window the peer has left, its ``fin`` the peer's FIN.  ``send``
+    is ours: its credit is our send window, its ``fin`` says that ``end_stream`` closed our
+    writes; the FIN frame itself goes out after the data buffered before it, and only then
+    does the state move (``SEND_FIN``).
+    """
 
     __slots__ = (
         "blocked_seen",
-        "fin_received",
-        "fin_sent",
         "id",
         "last_update",
-        "local_fin",
         "paused_at",
         "paused_total",
-        "recv_available",
+        "recv",
         "recv_to_ack",
         "recv_window",
+        "send",
         "send_buffer",
         "send_buffered",
         "send_offset",
-        "send_window",
         "state",
     )
 
-    def __init__(self, stream_id: int, state: StreamState, recv_window: int) -> None:
+    def __init__(self, stream_id: int, event: StreamEvent, recv_window: int) -> None:
         self.id = stream_id
-        self.state = state
-        self.send_window = 0
+        self.state = TRANSITIONS[StreamState.IDLE, event]
+        self.send = Direction()
         # A list, not a deque: an empty deque takes ~600 bytes, and idle streams are many.
         self.send_buffer: list[bytes] = []
         self.send_buffered = 0
         self.send_offset = 0  # bytes of send_buffer[0] already framed
-        self.local_fin = False  # end_stream() was called
-        self.fin_sent = False
-        self.fin_received = False
         self.recv_window = recv_window
-        self.recv_available = recv_window
+        self.recv = Direction(recv_window)
         self.recv_to_ack = 0
         self.blocked_seen = False
         self.last_update = 0.0  # time of the last credit update (or the open)
         self.paused_at: float | None = None  # since when the local socket is paused
         self.paused_total = 0.0  # paused time since the last credit update
+
+    def move(self, event: StreamEvent) -> StreamState:
+        """Apply ``event`` per the table (raises StreamError PROTOCOL_ERROR)."""
+        self.state = state = advance(self.state, event)
+        return state
+
+    @property
+    def fin_pending(self) -> bool:
+        """Writes are closed and the FIN frame has not gone out yet."""
+        return self.send.fin and self.state in CAN_SEND_FIN
+
+    # Read-only views under the names the windows had before Direction (tests use them).
+    @property
+    def send_window(self) -> int:
+        """Bytes we may still send."""
+        return self.send.credit
+
+    @property
+    def recv_available(self) -> int:
+        """Bytes the peer may still send."""
+        return self.recv.credit
 
 
 class MuxConnection(LinkCore):
@@ -181,14 +210,14 @@ class MuxConnection(LinkCore):
         room = self.receive_budget - self.granted_total
         return max(MIN_WINDOW, min(self.initial_window, room))
 
-    def _add_stream(self, stream_id: int, state: StreamState) -> _Stream:
-        stream = _Stream(stream_id, state, self._grant_initial())
+    def _add_stream(self, stream_id: int, event: StreamEvent) -> _Stream:
+        stream = _Stream(stream_id, event, self._grant_initial())
         self.granted_total += stream.recv_window
         self.streams[stream_id] = stream
         return stream
 
-    def _remove(self, stream: _Stream, state: StreamState) -> None:
-        stream.state = state
+    def _remove(self, stream: _Stream) -> None:
+        """Forget a stream that reached a terminal state."""
         if self.streams.pop(stream.id, None) is not None:
             self.granted_total -= stream.recv_window
         self._ready.pop(stream.id, None)
@@ -199,12 +228,8 @@ class MuxConnection(LinkCore):
 
     def _reset(self, stream: _Stream, reason: Reason, message: str) -> None:
         self.queue_control(fr.build_reset(stream.id, reason, message))
-        self._remove(stream, StreamState.RESET)
-
-    def _maybe_closed(self, stream: _Stream, events: list[object]) -> None:
-        if stream.fin_sent and stream.fin_received:
-            self._remove(stream, StreamState.CLOSED)
-            events.append(StreamClosed(stream.id))
+        stream.move(StreamEvent.SEND_RESET)
+        self._remove(stream)
 
     # -- commands from the adapter -----------------------------------------
 
@@ -219,8 +244,8 @@ class MuxConnection(LinkCore):
         if stream_id > fr.STREAM_ID_MASK:
             raise StreamIdsExhaustedError(Reason.LIMIT, "stream ids of this link are used up")
         self._next_stream_id += 1
-        stream = self._add_stream(stream_id, StreamState.OPENING)
-        stream.send_window = fr.EARLY_WINDOW  # early data, before OPEN_RESULT
+        stream = self._add_stream(stream_id, StreamEvent.SEND_OPEN)
+        stream.send.credit = fr.EARLY_WINDOW  # early data, before OPEN_RESULT
         self.queue_control(
             fr.build_open(stream_id, OpenRequest(stream.recv_window, 0, host, port))
         )
@@ -229,31 +254,32 @@ class MuxConnection(LinkCore):
     def accept_stream(self, stream_id: int) -> None:
         """Answer a StreamOpenRequested with OPEN_RESULT ok."""
         stream = self.streams.get(stream_id)
-        if stream is None or stream.state is not StreamState.OPENING:
+        if stream is None or (stream.state, StreamEvent.SEND_OPEN_OK) not in TRANSITIONS:
             return
-        self._settle(stream)
+        stream.move(StreamEvent.SEND_OPEN_OK)
         # Until now the opener could only send its early data.
-        stream.recv_available += stream.recv_window - fr.EARLY_WINDOW
+        stream.recv.credit += stream.recv_window - fr.EARLY_WINDOW
         self.queue_control(fr.build_open_result(stream_id, Reason.OK, stream.recv_window))
 
     def reject_stream(self, stream_id: int, reason: Reason, message: str = "") -> None:
         """Answer a StreamOpenRequested with a failure."""
         stream = self.streams.get(stream_id)
-        if stream is None or stream.state is not StreamState.OPENING:
+        if stream is None or (stream.state, StreamEvent.SEND_OPEN_FAILED) not in TRANSITIONS:
             return
         self.queue_control(fr.build_open_result(stream_id, reason, 0, message))
-        self._remove(stream, StreamState.RESET)
+        stream.move(StreamEvent.SEND_OPEN_FAILED)
+        self._remove(stream)
 
     def send_data(self, stream_id: int, data: bytes) -> None:
         """Buffer bytes for a stream; they leave as its window allows."""
         stream = self.streams.get(stream_id)
-        if stream is None or stream.local_fin or not data:
+        if stream is None or stream.send.fin or not data:
             return
-        if stream.state is StreamState.OPENING and not self.opener:
-            raise RuntimeError("data before the stream is accepted")
+        if (stream.state, _SEND_DATA) not in TRANSITIONS:
+            raise RuntimeError(f"data for a stream in state {stream.state.value}")
         stream.send_buffer.append(data)
         stream.send_buffered += len(data)
-        if stream.send_window > 0:
+        if stream.send.credit > 0:
             self._mark_ready_stream(stream_id)
 
     def send_buffered(self, stream_id: int) -> int:
@@ -262,25 +288,20 @@ class MuxConnection(LinkCore):
         return stream.send_buffered if stream is not None else 0
 
     def end_stream(self, stream_id: int) -> None:
-        """Half-close: FIN goes out after the buffered data."""
+        """Half-close: FIN goes out after the buffered data.
+
+        Ignored where the table allows no FIN (the acceptor before it accepted, or after a
+        FIN already)."""
         stream = self.streams.get(stream_id)
-        if stream is None or stream.local_fin or (
-                stream.state is StreamState.OPENING and not self.opener):
+        if stream is None or stream.send.fin or stream.state not in CAN_SEND_FIN:
             return
-        stream.local_fin = True
-        if stream.state is not StreamState.OPENING:
-            self._settle(stream)
+        stream.send.end()
         self._mark_ready_stream(stream_id)
 
-    @staticmethod
-    def _settle(stream: _Stream) -> None:
-        """The state an accepted stream is in, from its FIN flags."""
-        if stream.local_fin:
-            stream.state = (StreamState.CLOSED if stream.fin_received
-                            else StreamState.HALF_CLOSED_LOCAL)
-        else:
-            stream.state = (StreamState.HALF_CLOSED_REMOTE if stream.fin_received
-                            else StreamState.OPEN)
+    def stream_state(self, stream_id: int) -> StreamState | None:
+        """The state of a live stream; None once it ended (CLOSED or RESET) or never existed."""
+        stream = self.streams.get(stream_id)
+        return stream.state if stream is not None else None
 
     def reset_stream(self, stream_id: int, reason: Reason, message: str = "") -> None:
         """End a stream abruptly in both directions."""
@@ -318,7 +339,7 @@ class MuxConnection(LinkCore):
     def data_consumed(self, stream_id: int, count: int, now: float = 0.0) -> None:
         """``count`` received bytes were taken by the local socket: maybe return credit."""
         stream = self.streams.get(stream_id)
-        if stream is None or stream.fin_received or count <= 0:
+        if stream is None or stream.recv.fin or count <= 0:
             return
         stream.recv_to_ack += count
         if stream.recv_to_ack * 4 < stream.recv_window and not stream.blocked_seen:
@@ -337,7 +358,8 @@ class MuxConnection(LinkCore):
             stream.paused_at = now
         stream.last_update = now
         stream.recv_to_ack = 0
-        stream.recv_available += increment
+        # Our own grant, within recv_window (at most max_window): it cannot pass 2^31-1.
+        stream.recv.credit += increment
         self.queue_control(fr.build_window_update(stream_id, increment))
 
     # -- inbound ----------------------------------------------------------
@@ -355,25 +377,22 @@ class MuxConnection(LinkCore):
             if frame_type == FrameType.DATA:
                 self._on_data(stream, frame, events)
             elif frame_type == FrameType.WINDOW_UPDATE:
-                increment = fr.parse_window_update(frame.payload)
-                if stream.send_window + increment > fr.MAX_WINDOW:
-                    raise StreamError(Reason.FLOW_CONTROL, "window grew past 2^31-1")
-                stream.send_window += increment
-                if stream.send_buffered or (stream.local_fin and not stream.fin_sent):
+                stream.send.grant(fr.parse_window_update(frame.payload))
+                if stream.send_buffered or stream.fin_pending:
                     self._mark_ready_stream(stream_id)
             elif frame_type == FrameType.OPEN_RESULT:
                 self._on_open_result(stream, frame, events)
             elif frame_type == FrameType.FIN:
-                if stream.fin_received or (stream.state is StreamState.OPENING and self.opener):
-                    raise StreamError(Reason.PROTOCOL_ERROR, "FIN in the wrong state")
-                stream.fin_received = True
-                if stream.state is not StreamState.OPENING:
-                    self._settle(stream)
+                state = stream.move(StreamEvent.RECV_FIN)
+                stream.recv.end()
                 events.append(StreamEnded(stream_id))
-                self._maybe_closed(stream, events)
+                if state is _CLOSED:
+                    self._remove(stream)
+                    events.append(StreamClosed(stream_id))
             elif frame_type == FrameType.RESET:
                 reason, message = fr.parse_reset(frame.payload)
-                self._remove(stream, StreamState.RESET)
+                stream.move(StreamEvent.RECV_RESET)
+                self._remove(stream)
                 events.append(StreamReset(stream_id, reason, message, remote=True))
         except StreamError as e:
             self._reset(stream, e.reason, e.message)
@@ -397,41 +416,36 @@ class MuxConnection(LinkCore):
             self.queue_control(fr.build_open_result(
                 stream_id, Reason.LIMIT, 0, f"{len(self.streams)} streams already open"))
             return
-        stream = self._add_stream(stream_id, StreamState.OPENING)
-        stream.send_window = request.window
-        stream.recv_available = fr.EARLY_WINDOW  # all the opener may send before we accept
+        stream = self._add_stream(stream_id, StreamEvent.RECV_OPEN)
+        stream.send.credit = request.window
+        stream.recv.credit = fr.EARLY_WINDOW  # all the opener may send before we accept
         events.append(StreamOpenRequested(stream_id, request))
 
     def _on_open_result(self, stream: _Stream, frame: Frame, events: list[object]) -> None:
-        if stream.state is not StreamState.OPENING or not self.opener:
-            raise StreamError(Reason.PROTOCOL_ERROR, "OPEN_RESULT for a stream that is open")
+        if (stream.state, StreamEvent.RECV_OPEN_OK) not in TRANSITIONS:
+            # Before parsing: the acceptor's end, or a second OPEN_RESULT.
+            stream.move(StreamEvent.RECV_OPEN_OK)
         reason, window, message = fr.parse_open_result(frame.payload)
         if reason is Reason.OK:
             if window < fr.EARLY_WINDOW:
                 raise StreamError(Reason.FLOW_CONTROL,
                                   f"OPEN_RESULT window {window} below the early-data window")
-            self._settle(stream)
             # The early window is part of the acceptor's window.
-            stream.send_window += window - fr.EARLY_WINDOW
-            if stream.send_buffered or (stream.local_fin and not stream.fin_sent):
+            stream.send.grant(window - fr.EARLY_WINDOW)
+            stream.move(StreamEvent.RECV_OPEN_OK)
+            if stream.send_buffered or stream.fin_pending:
                 self._mark_ready_stream(stream.id)
             events.append(StreamOpened(stream.id))
         else:
-            self._remove(stream, StreamState.RESET)
+            stream.move(StreamEvent.RECV_OPEN_FAILED)
+            self._remove(stream)
             events.append(StreamOpenFailed(stream.id, reason, message))
 
     def _on_data(self, stream: _Stream, frame: Frame, events: list[object]) -> None:
-        if stream.state is StreamState.OPENING and self.opener:
-            raise StreamError(Reason.PROTOCOL_ERROR, "DATA before OPEN_RESULT")
-        if stream.fin_received:
-            raise StreamError(Reason.PROTOCOL_ERROR, "DATA after FIN")
+        if (stream.state, _RECV_DATA) not in TRANSITIONS:
+            stream.move(_RECV_DATA)  # raises: the opener before OPEN_RESULT, or after FIN
         size = len(frame.payload)
-        if size > stream.recv_available:
-            raise StreamError(
-                Reason.FLOW_CONTROL,
-                f"{size} bytes of DATA with only {stream.recv_available} bytes of window",
-            )
-        stream.recv_available -= size
+        stream.recv.take(size)
         if frame.flags & fr.FLAG_BLOCKED:
             stream.blocked_seen = True
         if size:
@@ -444,7 +458,8 @@ class MuxConnection(LinkCore):
         if stream is None:
             return 0, False
         size = 0
-        amount = min(budget, stream.send_window, stream.send_buffered)
+        send = stream.send
+        amount = min(budget, send.credit, stream.send_buffered)
         if amount > 0:
             # Cut chunks out of the buffered writes through memoryviews and an offset
             # into the first one, so a huge write costs one copy, not one per chunk.
@@ -476,8 +491,8 @@ class MuxConnection(LinkCore):
                 payload = b"".join(parts)
             stream.send_offset = offset
             stream.send_buffered -= amount
-            stream.send_window -= amount
-            blocked = stream.send_window == 0 and stream.send_buffered > 0
+            send.credit -= amount
+            blocked = send.credit == 0 and stream.send_buffered > 0
             self.blocked_sent += blocked
             out.append(fr.encode_header(FrameType.DATA, fr.FLAG_BLOCKED if blocked else 0,
                                         stream_id, amount))
@@ -485,11 +500,10 @@ class MuxConnection(LinkCore):
             size = amount + fr.HEADER_SIZE
             if stream.send_buffered < self.send_low_water:
                 self.drained.add(stream_id)
-        if stream.local_fin and not stream.fin_sent and stream.send_buffered == 0:
+        if stream.send_buffered == 0 and send.fin and stream.state in CAN_SEND_FIN:
             out.append(fr.build_fin(stream_id))
-            stream.fin_sent = True
-            if stream.fin_received:
-                self._remove(stream, StreamState.CLOSED)
+            if stream.move(_SEND_FIN) is _CLOSED:
+                self._remove(stream)
                 self.closed_by_send.append(stream_id)
             return size + fr.HEADER_SIZE, False
-        return size, stream.send_buffered > 0 and stream.send_window > 0
+        return size, stream.send_buffered > 0 and send.credit > 0

@@ -238,7 +238,8 @@ class ViolationTests(SynchronousTestCase):
     def test_invalid_target(self) -> None:
         """An OPEN with a malformed target is answered INVALID_TARGET."""
         pair = Pair()
-        bad = fr.encode(FrameType.OPEN, 5, fr._OPEN.pack(1000, 0, 0, 1) + b"h")
+        bad = fr.encode(FrameType.OPEN, 5, fr.open_payload(1000, 0, fr.KIND_TCP,
+                                                         fr.target_fields("h", 0)))
         self.assertEqual(self.inject(pair, bad), [])
         (frame,) = FrameDecoder(expect_magic=False).feed(b"".join(pair.client.data_to_send()))
         self.assertEqual(fr.parse_open_result(frame.payload)[0], Reason.INVALID_TARGET)
@@ -268,9 +269,10 @@ class ViolationTests(SynchronousTestCase):
             core.receive_data(fr.MAGIC + fr.build_ping(b"12345678"))
         core = _mux.MuxConnection(opener=False)
         with self.assertRaises(LinkError) as raised:
-            core.receive_data(fr.build_hello(version=2))
+            core.receive_data(fr.build_hello(version=fr.PROTOCOL_VERSION + 1))
         self.assertEqual(raised.exception.code, GoAway.UNSUPPORTED_VERSION)
-        self.assertIn("version 2 is not supported", raised.exception.message)
+        self.assertIn(f"version {fr.PROTOCOL_VERSION + 1} is not supported",
+                      raised.exception.message)
 
     def test_ping_answered(self) -> None:
         """PING is answered with PONG carrying the same bytes."""
@@ -526,3 +528,93 @@ class EarlyDataTests(SynchronousTestCase):
         self.assertEqual(types_of(pair.server_events), [_mux.StreamOpenFailed])
         self.assertEqual(pair.server.streams, {})
         self.assertEqual(pair.client.streams, {})
+
+
+class StreamStateTests(SynchronousTestCase):
+    """The core moves each stream through the table of tcptunnel._stream, opening sub-states
+    included."""
+
+    def test_opener_early_fin_states(self) -> None:
+        """An early FIN puts the opener in 'opening (OPEN sent, FIN sent)' and the acceptor in
+        'opening (OPEN received, FIN received)'; the OPEN_RESULT half-closes both."""
+        pair = Pair()
+        sid = pair.server.open_stream("target", 22)
+        self.assertIs(pair.server.stream_state(sid), _mux.StreamState.OPEN_SENT)
+        pair.server.send_data(sid, b"req")
+        pair.server.end_stream(sid)
+        pair.pump()
+        self.assertIs(pair.server.stream_state(sid), _mux.StreamState.OPEN_SENT_FIN_SENT)
+        self.assertIs(pair.client.stream_state(sid),
+                      _mux.StreamState.OPEN_RECEIVED_FIN_RECEIVED)
+        pair.client.accept_stream(sid)
+        pair.pump()
+        self.assertIs(pair.server.stream_state(sid), _mux.StreamState.HALF_CLOSED_LOCAL)
+        self.assertIs(pair.client.stream_state(sid), _mux.StreamState.HALF_CLOSED_REMOTE)
+        pair.client.end_stream(sid)
+        pair.pump()
+        self.assertIsNone(pair.server.stream_state(sid))
+        self.assertIsNone(pair.client.stream_state(sid))
+        self.assertIn(_mux.StreamClosed, types_of(pair.server_events))
+        self.assertEqual(pair.client.closed_by_send, [sid])  # closed by its own FIN
+
+    def test_fin_moves_state_when_framed(self) -> None:
+        """A FIN queued behind unsent data leaves the state alone until the FIN goes out."""
+        pair = Pair(initial_window=16_384)
+        sid = pair.open()
+        pair.server.send_data(sid, b"d" * 40_000)
+        pair.server.end_stream(sid)
+        pair.pump()
+        self.assertIs(pair.server.stream_state(sid), _mux.StreamState.OPEN)
+        pair.server.send_data(sid, b"ignored after end_stream")
+        self.assertEqual(pair.server.send_buffered(sid), 40_000 - 16_384)
+        pair.client.data_consumed(sid, 16_384)
+        pair.pump()
+        pair.client.data_consumed(sid, 16_384)
+        pair.pump()
+        self.assertIs(pair.server.stream_state(sid), _mux.StreamState.HALF_CLOSED_LOCAL)
+        self.assertEqual(len(data_of(pair.client_events, sid)), 40_000)
+
+    def test_acceptor_sends_nothing_before_accepting(self) -> None:
+        """Before it accepted, the acceptor's FIN is ignored and its data refused."""
+        pair = Pair()
+        sid = pair.server.open_stream("target", 22)
+        pair.pump()
+        self.assertIs(pair.client.stream_state(sid), _mux.StreamState.OPEN_RECEIVED)
+        pair.client.end_stream(sid)
+        self.assertEqual(pair.client.data_to_send(), [])
+        with self.assertRaises(RuntimeError):
+            pair.client.send_data(sid, b"too soon")
+        self.assertIs(pair.client.stream_state(sid), _mux.StreamState.OPEN_RECEIVED)
+
+    def test_opener_fin_before_result_is_violation(self) -> None:
+        """A FIN reaching the opener before OPEN_RESULT resets the stream, naming the state."""
+        pair = Pair()
+        sid = pair.server.open_stream("target", 22)
+        pair.server.data_to_send()
+        (event,) = pair.server.receive_data(fr.build_fin(sid))
+        assert isinstance(event, _mux.StreamReset)
+        self.assertEqual((event.reason, event.message, event.remote),
+                         (Reason.PROTOCOL_ERROR, "RECV_FIN in state opening (OPEN sent)", False))
+        self.assertIsNone(pair.server.stream_state(sid))
+
+    def test_second_open_result(self) -> None:
+        """A second OPEN_RESULT resets the stream (PROTOCOL_ERROR)."""
+        pair = Pair()
+        sid = pair.open()
+        (event,) = pair.server.receive_data(fr.build_open_result(sid, Reason.OK, 65536))
+        assert isinstance(event, _mux.StreamReset)
+        self.assertEqual((event.reason, event.message),
+                         (Reason.PROTOCOL_ERROR, "RECV_OPEN_OK in state open"))
+
+    def test_open_result_window_overflow(self) -> None:
+        """Credit granted before OPEN_RESULT plus its window may not pass 2^31-1."""
+        pair = Pair()
+        sid = pair.server.open_stream("target", 22)
+        pair.server.data_to_send()
+        self.assertEqual(pair.server.receive_data(
+            fr.build_window_update(sid, fr.MAX_WINDOW - fr.EARLY_WINDOW)), [])
+        (event,) = pair.server.receive_data(
+            fr.build_open_result(sid, Reason.OK, fr.EARLY_WINDOW + 1))
+        assert isinstance(event, _mux.StreamReset)
+        self.assertEqual(event.reason, Reason.FLOW_CONTROL)
+        self.assertIsNone(pair.server.stream_state(sid))
