@@ -12,11 +12,10 @@ import os
 import re
 import socket
 import sys
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor, task, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -27,7 +26,7 @@ from zope.interface import implementer
 
 from tcptunnel import _frames as fr
 from tcptunnel.auth import ProxyAuth
-from tcptunnel.config import NAMESPACE, GatewayConfig, ProxyConfig, StartupError, parse_settings
+from tcptunnel.config import NAMESPACE, GatewayConfig, ProxyConfig, parse_settings
 from tcptunnel.gateway import GatewayService
 from tcptunnel.proxy import ProxyService
 from tcptunnel.proxyclient import ProxyClientService
@@ -56,10 +55,32 @@ def child_environment() -> dict[str, str]:
 
 
 def free_port() -> int:
-    """A port that was free a moment ago on 127.0.0.1."""
+    """A port that was free a moment ago on 127.0.0.1 (racy: prefer reserve_port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def reserve_port(test: TestCase) -> int:
+    """A port on 127.0.0.1 held for ``test`` until its cleanup, with no race.
+
+    The port stays bound by a socket that never listens (Linux semantics): a connection to
+    it is refused, nobody else can bind it (not even as an ephemeral client port), and only
+    a listener setting SO_REUSEADDR, as every Twisted listener does on POSIX, can listen on
+    it; so a Gateway or Binding configured on it can start, stop and start again on it, and
+    a target on it refuses for certain.
+    """
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", 0))
+    test.addCleanup(holder.close)
+    return int(holder.getsockname()[1])
+
+
+def tcp_connections() -> list[Any]:
+    """The TCP connections the real reactor still watches."""
+    return [s for s in {*reactor.getReaders(), *reactor.getWriters()}
+            if isinstance(s, tcp.Connection)]
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
@@ -107,20 +128,13 @@ class Tunnel:
                 f'<Listener ip="127.0.0.1" port="{port}" {tls}/>{sessions}</Instance>')
 
     def start_gateway(self, port: int = 0) -> GatewayService:
-        """Start (or restart, on the same port) the Gateway."""
+        """Start (or restart, on the same port) the Gateway, by default on a port reserved
+        for this test (so a restart finds it free)."""
+        self.gateway_port = self.gateway_port or reserve_port(self.test)
         config = self._parse(self.gateway_xml(port or self.gateway_port))
         assert isinstance(config, GatewayConfig)
         service = GatewayService(config, reactor)
-        for attempt in range(50):
-            try:
-                service.startService()
-                break
-            except StartupError:
-                # On restart the old port may be taken for a moment as another test's
-                # ephemeral client port; a real Gateway's fixed port is outside that range.
-                if attempt == 49 or not self.gateway_port:
-                    raise
-                time.sleep(0.1)
+        service.startService()
         self.gateway = service
         self.gateway_port = service.ports[0].getHost().port
         self.services.append(service)
@@ -188,10 +202,10 @@ class Tunnel:
         return settings.instances[0]
 
     async def _stop(self, service: Any) -> None:
+        # Tests wait for what the stop causes (a reset, a partner gone); close() waits for
+        # every connection to end.
         if service.running:
             await defer.maybeDeferred(service.stopService)
-        # Let GOAWAYs and closes go out before the next step.
-        await sleep(0.05)
 
     async def stop(self, service: Any) -> None:
         """Stop one role."""
@@ -201,7 +215,9 @@ class Tunnel:
         """Stop everything (test cleanup)."""
         for service in reversed(self.services):
             await self._stop(service)
-        await sleep(0.1)
+        # GOAWAYs, TLS close_notify and the resets they cause take a few reactor turns.
+        await wait_until(lambda: not tcp_connections(), 10,
+                         "every connection to close after the tunnel stopped")
 
 
 # -- local applications ----------------------------------------------------------

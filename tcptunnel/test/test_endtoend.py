@@ -15,7 +15,7 @@ from tcptunnel.test._harness import (
     binding_port,
     connect,
     listen,
-    sleep,
+    reserve_port,
     wait_until,
 )
 
@@ -63,7 +63,11 @@ class TunnelTestsMixin:
                 chunk = f"[{i}:{round_}]".encode() * (50 + i)
                 expected[i] = expected.get(i, b"") + chunk
                 client.transport.write(chunk)
-            await sleep(0.01)
+            # Each round goes out once the last one came back: rounds of all 100 streams
+            # interleave on the link instead of one stream's bytes arriving in one piece.
+            await wait_until(lambda: all(len(c.received) == len(expected[i])
+                                         for i, c in enumerate(clients)),
+                             10, f"round {round_} to come back")
         for client in clients:
             client.transport.loseWriteConnection()
         results = await defer.gatherResults([c.ended for c in clients])
@@ -90,11 +94,10 @@ class TunnelTestsMixin:
 
     async def test_refused_target_resets_client(self) -> None:
         """A target that refuses the connection makes the local client see a reset."""
-        closed = await listen(self, EchoProtocol)  # type: ignore[arg-type]
+        refusing = reserve_port(self)  # type: ignore[arg-type]
         tunnel = self.make_tunnel()
         pc = tunnel.start_proxy_client()
-        unused_port = closed + 1 if closed < 65000 else closed - 1
-        ps = tunnel.start_proxy_server([("127.0.0.1", unused_port)])
+        ps = tunnel.start_proxy_server([("127.0.0.1", refusing)])
         await tunnel.ready(pc, ps)
         client = await connect(binding_port(ps))
         how = await client.ended
