@@ -15,13 +15,21 @@ What cannot be sent at once (the socket buffer is full), a write made outside su
 path through the reactor, so the connections behave exactly as Twisted's own; only the moment
 of the ``send`` moves.  Reactors that are not Twisted's POSIX socket reactors (tests'
 ``MemoryReactor``) get plain ``listenTCP`` / ``connectTCP``.
+
+These classes rely on Twisted internals, each named in ``TWISTED_INTERNALS`` and checked at
+the first use; if the installed Twisted changed one, or ``TCPTUNNEL_TWISTED_TRANSPORTS=1`` is
+set, or :func:`use_twisted_transports` was called, Twisted's own transports are used instead.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import os
+from collections.abc import Callable
+from typing import Any, cast
 
-from twisted.internet import tcp
+from twisted.copyright import version as twisted_version
+from twisted.internet import abstract, base, tcp
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from zope.interface import directlyProvides, providedBy
@@ -154,7 +162,7 @@ class _Connector(tcp.Connector):
 def listen_tcp(reactor: Any, port: int, factory: Any, backlog: int = 50,
                interface: str = "") -> Any:
     """Like ``reactor.listenTCP``; accepted connections send at the end of each event."""
-    if not isinstance(reactor, PosixReactorBase):
+    if not isinstance(reactor, PosixReactorBase) or not using_own_transports():
         return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
     listening = _Port(port, factory, backlog, interface, reactor)
     listening.startListening()
@@ -164,7 +172,7 @@ def listen_tcp(reactor: Any, port: int, factory: Any, backlog: int = 50,
 def connect_tcp(reactor: Any, host: str, port: int, factory: Any, timeout: float = 30.0,
                 bind_address: Any = None) -> Any:
     """Like ``reactor.connectTCP``; the connection sends at the end of each event."""
-    if not isinstance(reactor, PosixReactorBase):
+    if not isinstance(reactor, PosixReactorBase) or not using_own_transports():
         return reactor.connectTCP(host, port, factory, timeout=timeout,
                                   bindAddress=bind_address)
     connector = _Connector(host, port, factory, timeout, bind_address, reactor)
@@ -191,5 +199,193 @@ class _DialingReactor:
 
 def dialing_reactor(reactor: Any) -> Any:
     """``reactor`` for code that connects through it (``HostnameEndpoint``), such that its
-    connections send at the end of each event too."""
+    connections send at the end of each event too (the reactor itself when Twisted's own
+    transports are in use)."""
+    if not isinstance(reactor, PosixReactorBase) or not using_own_transports():
+        return reactor
     return _DialingReactor(reactor)
+
+
+# --- The Twisted internals the classes above rely on, checked (the canary) ------------------
+#
+# Subclassing Twisted's TCP transports ties this module to names Twisted does not promise to
+# keep.  Each is listed here with what it is for; check_twisted_internals() verifies them in
+# a few microseconds without a socket, at the first listen or connect.  If one changed, this
+# module falls back to Twisted's own transports (one warning naming what changed), which
+# costs a reactor iteration per hop but is otherwise the same.  The canary test
+# (test_sockets.TwistedInternalsTests) runs these checks and the behaviour on real sockets.
+
+_ENVIRONMENT = "TCPTUNNEL_TWISTED_TRANSPORTS"
+
+
+def _parameters(function: Any) -> list[str] | None:
+    try:
+        return list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _has_parameters(owner: Any, name: str, expected: list[str]) -> str | None:
+    function = owner.__dict__.get(name) if isinstance(owner, type) else None
+    if function is None:
+        function = getattr(owner, name, None)
+    if not callable(function):
+        return "is missing" if function is None else "is no longer a method"
+    found = _parameters(function)
+    if found is not None and found != expected:
+        return f"takes ({', '.join(found)}), expected ({', '.join(expected)})"
+    return None
+
+
+def _source_mentions(function: Any, text: str) -> str | None:
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return None  # no source installed: only the behaviour tests can tell
+    where = function.__qualname__
+    return None if text in source else f"(via {where}) is no longer called"
+
+
+def _port_transport() -> str | None:
+    transport = getattr(tcp.Port, "transport", None)
+    if not (isinstance(transport, type) and issubclass(transport, tcp.Server)):
+        return "is no longer the class of accepted connections"
+    return _has_parameters(tcp.Server, "__init__",
+                           ["self", "sock", "protocol", "client", "server", "sessionno",
+                            "reactor"])
+
+
+class _WriteProbe(tcp.Server):
+    """A socketless tcp.Server that runs Twisted's own write / doWrite code: records
+    startWriting and takes ``accept`` bytes per send."""
+
+    def __init__(self, accept: int) -> None:  # no socket: FileDescriptor's state only
+        abstract.FileDescriptor.__init__(self, reactor=cast(Any, object()))
+        self.connected = 1
+        self.accept = accept
+        self.write_waits = 0
+
+    def startWriting(self) -> None:  # noqa: N802
+        self.write_waits += 1
+
+    def stopWriting(self) -> None:  # noqa: N802
+        pass
+
+    def writeSomeData(self, data: Any) -> int:  # noqa: N802
+        return min(self.accept, len(data))
+
+
+def _buffered(probe: _WriteProbe) -> int:
+    return len(probe.dataBuffer) - probe.offset + sum(map(len, probe._tempDataBuffer))
+
+
+def _write_path() -> str | None:
+    """write() buffers and calls startWriting(); doWrite() returns None whether all or part
+    was sent, and what was not sent stays in dataBuffer / _tempDataBuffer."""
+    try:
+        whole, part = _WriteProbe(accept=1 << 20), _WriteProbe(accept=2)
+        for probe in (whole, part):
+            probe.write(b"12345")
+            if probe.write_waits != 1 or _buffered(probe) != 5:
+                return "write() no longer buffers the bytes and calls startWriting()"
+            if probe.doWrite() is not None:
+                return "doWrite() no longer returns None after a send"
+        if _buffered(whole) != 0 or _buffered(part) != 3:
+            return "doWrite() no longer leaves exactly the unsent bytes in the buffers"
+    except Exception as e:  # any change in how these work
+        return f"no longer works as before ({type(e).__name__}: {e})"
+    return None
+
+
+# (name, what sockets.py needs of it, check returning what changed or None)
+TWISTED_INTERNALS: list[tuple[str, str, Callable[[], str | None]]] = [
+    ("twisted.internet.posixbase.PosixReactorBase", "the reactors whose TCP we subclass",
+     lambda: None if isinstance(PosixReactorBase, type) else "is missing"),
+    ("twisted.internet.tcp.Port.__init__", "_Port(port, factory, backlog, interface, reactor)",
+     lambda: _has_parameters(tcp.Port, "__init__",
+                             ["self", "port", "factory", "backlog", "interface", "reactor"])),
+    ("twisted.internet.tcp.Port.transport", "the class Port.doRead builds connections from",
+     _port_transport),
+    ("twisted.internet.tcp.Port.doRead", "accepts, building self.transport(...)",
+     lambda: _has_parameters(tcp.Port, "doRead", ["self"])
+     or _source_mentions(tcp.Port.doRead, "self.transport(")),
+    ("twisted.internet.tcp.Connector.__init__",
+     "_Connector(host, port, factory, timeout, bindAddress, reactor)",
+     lambda: _has_parameters(tcp.Connector, "__init__",
+                             ["self", "host", "port", "factory", "timeout", "bindAddress",
+                              "reactor"])),
+    ("twisted.internet.tcp.Connector._makeTransport",
+     "where BaseConnector.connect builds the Client",
+     lambda: _has_parameters(tcp.Connector, "_makeTransport", ["self"])
+     or _source_mentions(base.BaseConnector.connect, "self._makeTransport(")),
+    ("twisted.internet.tcp.Client.__init__",
+     "_Client(host, port, bindAddress, connector, reactor)",
+     lambda: _has_parameters(tcp.Client, "__init__",
+                             ["self", "host", "port", "bindAddress", "connector", "reactor"])),
+    ("twisted.internet.tcp.BaseClient.doConnect", "the connect event (connectionMade)",
+     lambda: _has_parameters(tcp.BaseClient, "doConnect", ["self"])),
+    ("twisted.internet.tcp.Connection.doRead", "the read event",
+     lambda: _has_parameters(tcp.Connection, "doRead", ["self"])),
+    ("twisted.internet.abstract.FileDescriptor.doWrite", "the write event, and our send",
+     lambda: _has_parameters(abstract.FileDescriptor, "doWrite", ["self"])),
+    ("twisted.internet.abstract.FileDescriptor.startWriting",
+     "what write() calls to wait for writability",
+     lambda: _has_parameters(abstract.FileDescriptor, "startWriting", ["self"])),
+    ("twisted.internet.abstract.FileDescriptor.dataBuffer/_tempDataBuffer/connected/"
+     "disconnecting", "what write() and doWrite() leave unsent, and the connection state",
+     _write_path),
+]
+
+
+def check_twisted_internals() -> list[str]:
+    """``"<name> <what changed>"`` for each Twisted internal this module relies on that the
+    installed Twisted changed; empty when all hold."""
+    problems = []
+    for name, _why, check in TWISTED_INTERNALS:
+        try:
+            changed = check()
+        except Exception as e:
+            changed = f"could not be checked ({type(e).__name__}: {e})"
+        if changed is not None:
+            problems.append(f"{name} {changed}")
+    return problems
+
+
+class _Mode:
+    """Whether listen_tcp / connect_tcp use the transports above (decided once, at the
+    first use, unless use_twisted_transports() decided it before)."""
+
+    log = Logger()
+    own: bool | None = None
+
+    @classmethod
+    def decide(cls) -> bool:
+        if cls.own is None:
+            setting = os.environ.get(_ENVIRONMENT, "").strip().lower()
+            if setting in ("1", "true", "yes", "on"):
+                cls.log.info("{variable}={value}: using Twisted's own TCP transports",
+                             variable=_ENVIRONMENT, value=setting)
+                cls.own = False
+            elif problems := check_twisted_internals():
+                cls.log.warn(
+                    "Twisted {version} changed what tcptunnel's send-at-event-end transports "
+                    "rely on ({problems}); using Twisted's own TCP transports instead (one "
+                    "reactor iteration more per hop)",
+                    version=twisted_version, problems="; ".join(problems))
+                cls.own = False
+            else:
+                cls.own = True
+        return cls.own
+
+
+def use_twisted_transports(enabled: bool = True) -> None:
+    """From now on, listen and connect with Twisted's own TCP transports (``enabled``), or
+    with ours again (False; the checks are then run again at the next use).  Connections
+    already made keep their transport.  The environment variable
+    ``TCPTUNNEL_TWISTED_TRANSPORTS=1`` does the same for a whole process."""
+    _Mode.own = False if enabled else None
+
+
+def using_own_transports() -> bool:
+    """Whether listen_tcp / connect_tcp on a socket reactor use this module's transports."""
+    return _Mode.decide()

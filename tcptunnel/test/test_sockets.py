@@ -1,22 +1,44 @@
-"""Connections that send what an event wrote at the end of that event, on real sockets."""
+"""Connections that send what an event wrote at the end of that event, on real sockets; the
+canary over the Twisted internals they rely on; the switch back to Twisted's own transports."""
 
 from __future__ import annotations
 
+import os
 import socket
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet import defer, reactor
+from twisted.internet import abstract, base, defer, reactor, tcp
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorPluggableNameResolver
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactor
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from tcptunnel.sockets import _pending, _SendAtEventEnd, connect_tcp, dialing_reactor, listen_tcp
-from tcptunnel.test._harness import wait_until
+from tcptunnel.sockets import (
+    TWISTED_INTERNALS,
+    _Mode,
+    _pending,
+    _SendAtEventEnd,
+    check_twisted_internals,
+    connect_tcp,
+    dialing_reactor,
+    listen_tcp,
+    use_twisted_transports,
+    using_own_transports,
+)
+from tcptunnel.test._harness import (
+    EchoProtocol,
+    Tunnel,
+    binding_port,
+    connect,
+    listen,
+    tcp_connections,
+    wait_until,
+)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -357,3 +379,228 @@ class FallbackTests(SynchronousTestCase):
         connect_tcp(memory, "127.0.0.1", 5678, factory, timeout=3.0)
         self.assertEqual(memory.tcpServers, [(1234, factory, 7, "127.0.0.1")])
         self.assertEqual(memory.tcpClients, [("127.0.0.1", 5678, factory, 3.0, None)])
+
+
+# Every Twisted internal sockets.py relies on, by name: a check dropped from
+# TWISTED_INTERNALS (or one added without a test here) fails test_every_internal_is_named.
+RELIED_ON = [
+    "twisted.internet.posixbase.PosixReactorBase",
+    "twisted.internet.tcp.Port.__init__",
+    "twisted.internet.tcp.Port.transport",
+    "twisted.internet.tcp.Port.doRead",
+    "twisted.internet.tcp.Connector.__init__",
+    "twisted.internet.tcp.Connector._makeTransport",
+    "twisted.internet.tcp.Client.__init__",
+    "twisted.internet.tcp.BaseClient.doConnect",
+    "twisted.internet.tcp.Connection.doRead",
+    "twisted.internet.abstract.FileDescriptor.doWrite",
+    "twisted.internet.abstract.FileDescriptor.startWriting",
+    "twisted.internet.abstract.FileDescriptor.dataBuffer/_tempDataBuffer/connected/"
+    "disconnecting",
+]
+
+
+_DO_CONNECT = tcp.BaseClient.doConnect
+
+
+def _replace(test: SynchronousTestCase, owner: Any, name: str, value: Any = None) -> None:
+    """Replace (or, with value None, delete) ``owner.name`` for the rest of the test."""
+    missing = object()
+    original = owner.__dict__.get(name, missing)
+
+    def restore() -> None:
+        if original is missing:
+            if name in owner.__dict__:
+                delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+
+    test.addCleanup(restore)
+    if value is None:
+        delattr(owner, name)
+    else:
+        setattr(owner, name, value)
+
+
+class TwistedInternalsTests(SynchronousTestCase):
+    """The canary: each Twisted internal sockets.py relies on is still there and still
+    behaves as relied on (here without sockets; SendAtEventEndTests and DialingReactorTests
+    check the same behaviour on real loopback).  When this fails after a Twisted upgrade, the
+    message names what changed; sockets.py then falls back to Twisted's transports on its
+    own, and setup.cfg's upper bound on Twisted should stay until sockets.py is adapted."""
+
+    def test_every_internal_is_named(self) -> None:
+        """The list of checks is exactly the list of internals named here."""
+        self.assertEqual([name for name, _why, _check in TWISTED_INTERNALS], RELIED_ON)
+
+    def test_each_internal_holds(self) -> None:
+        """Each check passes on the installed Twisted; a failure names the internal."""
+        for name, why, check in TWISTED_INTERNALS:
+            self.assertIsNone(check(), f"Twisted changed {name} ({why}), which "
+                                       "tcptunnel/sockets.py relies on")
+        self.assertEqual(check_twisted_internals(), [])
+
+    def test_a_missing_method_is_named(self) -> None:
+        """Deleting BaseClient.doConnect, or a connect() that no longer builds its transport
+        with _makeTransport, is reported by name."""
+        _replace(self, tcp.BaseClient, "doConnect")
+        self.assertEqual(check_twisted_internals(),
+                         ["twisted.internet.tcp.BaseClient.doConnect is missing"])
+        _replace(self, tcp.BaseClient, "doConnect", _DO_CONNECT)
+
+        def connect(self: Any) -> None:
+            """A connect that builds its transport some other way."""
+
+        _replace(self, base.BaseConnector, "connect", connect)
+        self.assertEqual(check_twisted_internals(), [
+            "twisted.internet.tcp.Connector._makeTransport (via "
+            "TwistedInternalsTests.test_a_missing_method_is_named.<locals>.connect) is no "
+            "longer called"])
+
+    def test_a_changed_signature_is_named(self) -> None:
+        """A doConnect that takes an argument, and a Client built from other arguments, are
+        each reported with the parameters found."""
+        _replace(self, tcp.BaseClient, "doConnect", lambda self, now: None)
+        original_init = tcp.Client.__init__
+        _replace(self, tcp.Client, "__init__",
+                 lambda self, host, port, connector, reactor: original_init(
+                     self, host, port, None, connector, reactor))
+        self.assertEqual(check_twisted_internals(), [
+            "twisted.internet.tcp.Client.__init__ takes (self, host, port, connector, "
+            "reactor), expected (self, host, port, bindAddress, connector, reactor)",
+            "twisted.internet.tcp.BaseClient.doConnect takes (self, now), expected (self)"])
+
+    def test_another_accepted_connection_class_is_named(self) -> None:
+        """A Port whose accepted connections are not tcp.Server (or are not built from
+        self.transport) is reported."""
+        _replace(self, tcp.Port, "transport", object)
+        self.assertEqual(check_twisted_internals(), [
+            "twisted.internet.tcp.Port.transport is no longer the class of accepted "
+            "connections"])
+        _replace(self, tcp.Port, "transport", tcp.Server)
+
+        def do_read(self: Any) -> None:
+            """An accept loop that builds connections some other way."""
+
+        _replace(self, tcp.Port, "doRead", do_read)
+        self.assertEqual(check_twisted_internals(), [
+            "twisted.internet.tcp.Port.doRead (via TwistedInternalsTests."
+            "test_another_accepted_connection_class_is_named.<locals>.do_read) is no longer "
+            "called"])
+
+    def test_a_changed_write_path_is_named(self) -> None:
+        """A write() that no longer calls startWriting, and a doWrite() that reports
+        success differently, are each reported."""
+        original_write = abstract.FileDescriptor.write
+
+        def silent_write(self: Any, data: bytes) -> None:
+            self._tempDataBuffer.append(data)
+            self._tempDataLen += len(data)
+
+        _replace(self, abstract.FileDescriptor, "write", silent_write)
+        self.assertEqual(check_twisted_internals(), [
+            "twisted.internet.abstract.FileDescriptor.dataBuffer/_tempDataBuffer/connected/"
+            "disconnecting write() no longer buffers the bytes and calls startWriting()"])
+        _replace(self, abstract.FileDescriptor, "write", original_write)
+        original_do_write = abstract.FileDescriptor.doWrite
+        _replace(self, abstract.FileDescriptor, "doWrite",
+                 lambda self: original_do_write(self) or 0)
+        self.assertEqual(len(check_twisted_internals()), 1)
+        self.assertIn("doWrite() no longer returns None", check_twisted_internals()[0])
+
+
+class _LogCapture:
+    """Log events of tcptunnel.sockets during a test."""
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        self.events: list[LogEvent] = []
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        test.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def lines(self) -> list[tuple[LogLevel, str]]:
+        """(level, text) of each event logged by sockets.py."""
+        return [(event["log_level"], formatEvent(event)) for event in self.events
+                if event.get("log_namespace", "").startswith("tcptunnel.sockets")]
+
+
+class TransportSwitchTests(TestCase):
+    """Twisted's own transports: by switch, by environment, and as the automatic fallback."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        saved = _Mode.own
+        self.addCleanup(setattr, _Mode, "own", saved)
+        _Mode.own = None  # decide again, in this test
+
+    async def accepted_transport(self) -> Any:
+        """The transport of a connection accepted by listen_tcp (the peer is a stdlib
+        socket, so no Twisted connector is involved)."""
+        accepted: list[Scripted] = []
+
+        def build() -> Scripted:
+            accepted.append(Scripted())
+            return accepted[-1]
+
+        port = listen_tcp(reactor, 0, Factory.forProtocol(build), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        peer = Peer(port.getHost().port)
+        self.addCleanup(peer.sock.close)
+        await wait_until(lambda: bool(accepted), 5, "the accept")
+        transport: Any = accepted[0].transport
+        self.addCleanup(transport.abortConnection)
+        return transport
+
+    async def test_our_transports_by_default(self) -> None:
+        """Without the switch, the checks pass and accepted connections are ours."""
+        self.assertIsInstance(await self.accepted_transport(), _SendAtEventEnd)
+        self.assertTrue(using_own_transports())
+
+    async def test_environment_variable(self) -> None:
+        """TCPTUNNEL_TWISTED_TRANSPORTS=1: Twisted's own tcp.Server, one info line."""
+        log = _LogCapture(self)
+        self.patch(os, "environ", {**os.environ, "TCPTUNNEL_TWISTED_TRANSPORTS": "1"})
+        self.assertIs(type(await self.accepted_transport()), tcp.Server)
+        self.assertEqual(log.lines(), [(LogLevel.info, "TCPTUNNEL_TWISTED_TRANSPORTS=1: using "
+                                                       "Twisted's own TCP transports")])
+
+    async def test_fallback_when_an_internal_is_missing(self) -> None:
+        """With BaseClient.doConnect gone, the first listen falls back to Twisted's own
+        transports and logs one warning naming it; later listens say nothing more.  (No
+        Twisted client connects meanwhile: the peers are stdlib sockets.)"""
+        log = _LogCapture(self)
+        _replace(self, tcp.BaseClient, "doConnect")
+        self.assertIs(type(await self.accepted_transport()), tcp.Server)
+        self.assertIs(type(await self.accepted_transport()), tcp.Server)
+        self.assertIs(dialing_reactor(reactor), reactor)
+        lines = log.lines()
+        self.assertEqual(len(lines), 1, lines)
+        level, text = lines[0]
+        self.assertEqual(level, LogLevel.warn)
+        self.assertIn("twisted.internet.tcp.BaseClient.doConnect is missing", text)
+        self.assertIn("using Twisted's own TCP transports instead", text)
+
+    async def test_tunnel_over_twisted_transports(self) -> None:
+        """use_twisted_transports(): Gateway, Proxy-Client and Proxy-Server tunnel end to end
+        on real loopback, every link and local connection on Twisted's own classes."""
+        use_twisted_transports()
+        self.assertFalse(using_own_transports())
+        echo = await listen(self, EchoProtocol)
+        tunnel = Tunnel(self)
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        pc = tunnel.start_proxy_client()
+        ps = tunnel.start_proxy_server([("127.0.0.1", echo)])
+        await tunnel.ready(pc, ps)
+        client = await connect(binding_port(ps))
+        data = b"over Twisted's own transports" * 1000
+        client.transport.write(data)
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.ended, "clean")
+        self.assertEqual(bytes(client.received), data)
+        for proxy in (pc, ps):
+            self.assertIs(type(proxy.link.transport), tcp.Client)  # type: ignore[union-attr]
+        self.assertEqual([c for c in tcp_connections() if isinstance(c, _SendAtEventEnd)], [])
+        use_twisted_transports(False)
+        self.assertTrue(using_own_transports())
