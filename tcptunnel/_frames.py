@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 MAGIC = b"TcpTnl\r\n"
-PROTOCOL_VERSION = 1
+# Version 2: OPEN carries a stream kind and extensible fields (docs/protocol.md §2, §5).
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">I B I")  # (length << 8 | type), flags, stream id
 HEADER_SIZE = 9
 MAX_PAYLOAD = 65536
@@ -71,6 +72,7 @@ class Reason(enum.IntEnum):
     INTERNAL = 13
     SHUTDOWN = 14
     INVALID_TARGET = 15
+    UNSUPPORTED = 16
     UNKNOWN = 255
 
     @classmethod
@@ -177,8 +179,13 @@ class FrameDecoder:
         self._need_magic = expect_magic
         self.max_payload = max_payload
 
-    def feed(self, data: bytes) -> list[Frame]:
-        """Add bytes; return complete frames.  Raises :class:`LinkError`."""
+    def feed(self, data: bytes, max_frames: int = 0) -> list[Frame]:
+        """Add bytes; return complete frames.  Raises :class:`LinkError`.
+
+        With ``max_frames`` set, at most that many frames are cut and the rest is kept for the
+        next call (``feed(b"")`` continues): before login the link applies each frame before
+        the next one's length is checked, since a successful login raises the limit.
+        """
         frames: list[Frame] = []
         offset = 0
         if self._pending:
@@ -221,6 +228,8 @@ class FrameDecoder:
                           bytes(view[offset + HEADER_SIZE : end]))
                 )
                 offset = end
+                if max_frames and len(frames) >= max_frames:
+                    break
         if offset < available:
             self._keep(data[offset:] if offset else data, needed)
         return frames
@@ -267,14 +276,27 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _I32 = struct.Struct(">i")
 _SETTING = struct.Struct(">HI")
-_OPEN = struct.Struct(">IIHB")
+_OPEN = struct.Struct(">IIB")  # window, origin, kind; then fields
 _OPEN_RESULT = struct.Struct(">BI")
 _AUTH_START = struct.Struct(">Bi")
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that could move a terminal's cursor or hide text (C0 and C1
+    controls, DEL, bidi overrides, line and paragraph separators: whatever ``isprintable``
+    refuses, except space) written as a ``\\x..``/``\\u....`` escape, so that peer-supplied text
+    reaches a log as one honest line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   for c in text)
+
+
 def _reason_text(payload: bytes) -> str:
-    """A peer's reason text: capped, and lenient about bad UTF-8 (it is only logged)."""
-    return payload[:MAX_REASON_BYTES].decode("utf-8", errors="replace")
+    """A peer's reason text: capped, lenient about bad UTF-8, control characters escaped (it
+    is only logged)."""
+    return printable(payload[:MAX_REASON_BYTES].decode("utf-8", errors="replace"))
 
 
 def _reason_bytes(message: str) -> bytes:
@@ -387,51 +409,123 @@ def parse_auth_result(payload: bytes) -> tuple[bool, str]:
     return payload[0] == 1, _strict_text(payload[1:], "AUTH_RESULT")
 
 
+# Stream kinds (OPEN).  The Gateway forwards the kind and the fields untouched; only the
+# acceptor (the Proxy-Client) interprets them, so a new kind needs no change at the Gateway.
+KIND_TCP = 0
+KIND_NAMES = {KIND_TCP: "tcp"}
+
+# OPEN fields: (tag u8, length u16, value).  Tags below 0x80 may be ignored by a receiver
+# that does not know them; a tag from 0x80 up is critical: the stream is refused
+# (UNSUPPORTED) rather than opened without it.
+FIELD_HOST = 0x01  # UTF-8 host name or IP literal, 1-253 bytes
+FIELD_PORT = 0x02  # u16
+FIELD_CRITICAL = 0x80
+_FIELD = struct.Struct(">BH")
+
+
 @dataclass(frozen=True, slots=True)
 class OpenRequest:
-    """The content of an OPEN frame."""
+    """The content of an OPEN frame.
+
+    ``fields`` holds the fields this end does not interpret (tag, value), kept in order so
+    that they survive a re-encoding.
+    """
 
     window: int
     origin: int
     host: str
     port: int
+    kind: int = KIND_TCP
+    fields: tuple[tuple[int, bytes], ...] = ()
 
 
 def validate_target(host: str, port: int) -> None:
     """Raise StreamError(INVALID_TARGET) unless host/port may be dialled."""
     encoded = host.encode("utf-8", errors="replace")
-    if not 1 <= len(encoded) <= MAX_HOST_BYTES or any(c in host for c in "\x00 /\r\n\t"):
-        raise StreamError(Reason.INVALID_TARGET, f"invalid target host {host[:64]!r}")
+    if not 1 <= len(encoded) <= MAX_HOST_BYTES or any(c in host for c in " /") or (
+            not host.isprintable()):
+        raise StreamError(Reason.INVALID_TARGET, f"invalid target host {printable(host[:64])!r}")
     if not 1 <= port <= 65535:
         raise StreamError(Reason.INVALID_TARGET, f"invalid target port {port}")
 
 
+def open_payload(window: int, origin: int, kind: int,
+                 fields: tuple[tuple[int, bytes], ...] | list[tuple[int, bytes]]) -> bytes:
+    """An OPEN payload as given, unchecked (``build_open`` validates; tests build bad ones)."""
+    body = [_OPEN.pack(window, origin, kind)]
+    for tag, value in fields:
+        body.append(_FIELD.pack(tag, len(value)))
+        body.append(value)
+    return b"".join(body)
+
+
+def target_fields(host: str, port: int) -> list[tuple[int, bytes]]:
+    """The HOST and PORT fields of a ``tcp`` stream's OPEN."""
+    return [(FIELD_HOST, host.encode("utf-8")), (FIELD_PORT, _U16.pack(port))]
+
+
 def build_open(stream_id: int, request: OpenRequest) -> bytes:
-    """An OPEN frame."""
-    host = request.host.encode("utf-8")
+    """An OPEN frame (a ``tcp`` kind carries the target as the HOST and PORT fields)."""
     validate_target(request.host, request.port)
-    return encode(
-        FrameType.OPEN, stream_id,
-        _OPEN.pack(request.window, request.origin, request.port, len(host)) + host,
-    )
+    return encode(FrameType.OPEN, stream_id, open_payload(
+        request.window, request.origin, request.kind,
+        target_fields(request.host, request.port) + list(request.fields)))
+
+
+def parse_open_header(payload: bytes) -> tuple[int, int, int]:
+    """(window, origin, kind) of an OPEN, checking only what the Gateway relies on: the
+    size of the fixed part and the window (raises StreamError)."""
+    if len(payload) < _OPEN.size:
+        raise StreamError(Reason.PROTOCOL_ERROR, "OPEN too short")
+    window, origin, kind = _OPEN.unpack_from(payload)
+    if not 0 < window <= MAX_WINDOW:
+        raise StreamError(Reason.FLOW_CONTROL, f"OPEN with window {window}")
+    return window, origin, kind
+
+
+def with_origin(payload: bytes, origin: int) -> bytes:
+    """The same OPEN payload with ``origin`` replaced; everything else passes unchanged."""
+    return payload[:4] + _U32.pack(origin) + payload[8:]
 
 
 def parse_open(payload: bytes) -> OpenRequest:
-    """Decode and validate an OPEN payload (raises StreamError)."""
-    if len(payload) < _OPEN.size:
-        raise StreamError(Reason.PROTOCOL_ERROR, "OPEN too short")
-    window, origin, port, host_length = _OPEN.unpack_from(payload)
-    host_bytes = payload[_OPEN.size :]
-    if len(host_bytes) != host_length:
-        raise StreamError(Reason.PROTOCOL_ERROR, "OPEN host length does not match the frame")
-    try:
-        host = host_bytes.decode("utf-8")
-    except UnicodeDecodeError:
-        raise StreamError(Reason.INVALID_TARGET, "target host is not valid UTF-8") from None
-    if not 0 < window <= MAX_WINDOW:
-        raise StreamError(Reason.FLOW_CONTROL, f"OPEN with window {window}")
+    """Decode and validate an OPEN payload at the acceptor (raises StreamError)."""
+    window, origin, kind = parse_open_header(payload)
+    if kind != KIND_TCP:
+        raise StreamError(Reason.UNSUPPORTED, f"stream kind {kind} is not supported here")
+    host: str | None = None
+    port: int | None = None
+    extra: list[tuple[int, bytes]] = []
+    offset = _OPEN.size
+    while offset < len(payload):
+        if len(payload) - offset < _FIELD.size:
+            raise StreamError(Reason.PROTOCOL_ERROR, "OPEN field header cut short")
+        tag, length = _FIELD.unpack_from(payload, offset)
+        offset += _FIELD.size
+        value = payload[offset : offset + length]
+        if len(value) != length:
+            raise StreamError(Reason.PROTOCOL_ERROR, "OPEN field length does not match the frame")
+        offset += length
+        if tag == FIELD_HOST and host is None:
+            try:
+                host = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise StreamError(Reason.INVALID_TARGET,
+                                  "target host is not valid UTF-8") from None
+        elif tag == FIELD_PORT and port is None:
+            if length != 2:
+                raise StreamError(Reason.PROTOCOL_ERROR, "OPEN port field is not 2 bytes")
+            (port,) = _U16.unpack(value)
+        elif tag in (FIELD_HOST, FIELD_PORT):
+            raise StreamError(Reason.PROTOCOL_ERROR, f"OPEN field {tag:#04x} given twice")
+        elif tag & FIELD_CRITICAL:
+            raise StreamError(Reason.UNSUPPORTED, f"OPEN field {tag:#04x} is not supported here")
+        else:
+            extra.append((tag, value))
+    if host is None or port is None:
+        raise StreamError(Reason.INVALID_TARGET, "OPEN without a target host and port")
     validate_target(host, port)
-    return OpenRequest(window, origin, host, port)
+    return OpenRequest(window, origin, host, port, kind, tuple(extra))
 
 
 def build_open_result(stream_id: int, reason: Reason, window: int = 0, message: str = "") -> bytes:

@@ -37,10 +37,37 @@ _ALWAYS_ALLOWED = frozenset({FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
 
 
 @dataclass(frozen=True, slots=True)
-class AuthFrameReceived:
-    """A login frame, for the role logic to handle."""
+class AuthStartReceived:
+    """A proxy asks to log in (Gateway end)."""
 
-    frame: Frame
+    role: int
+    session_id: int
+    client_first: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthChallengeReceived:
+    """The Gateway's SCRAM server-first (proxy end)."""
+
+    server_first: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthProofReceived:
+    """The proxy's SCRAM client-final (Gateway end)."""
+
+    client_final: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResultReceived:
+    """The Gateway's verdict, with its SCRAM server-final when ``ok`` (proxy end)."""
+
+    ok: bool
+    server_final: str
+
+
+AuthEvent = AuthStartReceived | AuthChallengeReceived | AuthProofReceived | AuthResultReceived
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,17 +92,39 @@ class GoAwayReceived:
     message: str
 
 
-# Gateway-made frames are few and small; a peer that keeps them from being
-# sent (by not reading) while provoking more is not worth the memory.
+# Control frames are few and small; a peer that keeps them from being sent (by not reading)
+# while provoking more (PINGs, bad OPENs) is not worth the memory: past this many unsent
+# control frames after a read, the link is closed with TOO_SLOW.
 MAX_QUEUED_CONTROL_FRAMES = 1024
 DEFAULT_CHUNK = 32 * 1024
+
+# The login frames each end accepts, in order (docs/protocol.md §3).
+GATEWAY_LOGIN = (FrameType.AUTH_START, FrameType.AUTH_PROOF)
+PROXY_LOGIN = (FrameType.AUTH_CHALLENGE, FrameType.AUTH_RESULT)
+
+
+def _parse_auth(frame: Frame) -> AuthEvent:
+    """The typed event of a login frame (raises LinkError for a malformed payload)."""
+    frame_type = frame.type
+    if frame_type == FrameType.AUTH_START:
+        return AuthStartReceived(*fr.parse_auth_start(frame.payload))
+    if frame_type == FrameType.AUTH_PROOF:
+        return AuthProofReceived(fr.parse_auth_message(frame.payload, "AUTH_PROOF"))
+    if frame_type == FrameType.AUTH_CHALLENGE:
+        return AuthChallengeReceived(fr.parse_auth_message(frame.payload, "AUTH_CHALLENGE"))
+    return AuthResultReceived(*fr.parse_auth_result(frame.payload))
 
 
 class LinkCore:
     """One end of a link: handshake, login phase, PING, outbound scheduling."""
 
+    # Which login frames this end takes, in order; set by the subclass for its side.
+    login_sequence: tuple[FrameType, ...] = PROXY_LOGIN
+    max_control_frames = MAX_QUEUED_CONTROL_FRAMES
+
     def __init__(self, chunk_size: int = DEFAULT_CHUNK) -> None:
         self.state = LinkState.HELLO
+        self._login_step = 0
         self.peer_version: int | None = None
         self._decoder = fr.FrameDecoder(expect_magic=True, max_payload=fr.MAX_PAYLOAD_BEFORE_LOGIN)
         self._control: deque[bytes] = deque([fr.build_hello()])
@@ -92,10 +141,31 @@ class LinkCore:
             return []
         self.bytes_received += len(data)
         events: list[object] = []
-        for frame in self._decoder.feed(data):
-            self._handle(frame, events)
-            if self.state is LinkState.CLOSED:
-                break
+        decoder = self._decoder
+        if self.state is LinkState.READY:
+            for frame in decoder.feed(data):
+                self._handle(frame, events)
+                if self.state is LinkState.CLOSED:
+                    break
+        else:
+            # One frame at a time until login: a successful AUTH_RESULT raises the frame
+            # limit for the frames that follow it in the same read.
+            frames = decoder.feed(data, max_frames=1)
+            while frames:
+                self._handle(frames[0], events)
+                if self.state is LinkState.CLOSED:
+                    break
+                if self.state is LinkState.READY:
+                    for frame in decoder.feed(b""):
+                        self._handle(frame, events)
+                        if self.state is LinkState.CLOSED:
+                            break
+                    break
+                frames = decoder.feed(b"", max_frames=1)
+        if len(self._control) > self.max_control_frames and self.state is not LinkState.CLOSED:
+            raise LinkError(GoAway.TOO_SLOW,
+                            f"the peer does not read: {len(self._control)} control frames "
+                            "unsent")
         return events
 
     def _handle(self, frame: Frame, events: list[object]) -> None:
@@ -137,8 +207,14 @@ class LinkCore:
             if self.state is not LinkState.AUTHENTICATING:
                 raise LinkError(GoAway.PROTOCOL_ERROR,
                                 f"{FrameType(frame_type).name} after login")
-            events.append(AuthFrameReceived(frame))
-            if frame_type == FrameType.AUTH_RESULT and frame.payload[:1] == b"\x01":
+            sequence = self.login_sequence
+            if self._login_step >= len(sequence) or frame_type != sequence[self._login_step]:
+                raise LinkError(GoAway.PROTOCOL_ERROR,
+                                f"unexpected {FrameType(frame_type).name} during login")
+            self._login_step += 1
+            event = _parse_auth(frame)
+            events.append(event)
+            if isinstance(event, AuthResultReceived) and event.ok:
                 # Frames after a successful AUTH_RESULT in the same read belong
                 # to the logged-in link.  The proxy still verifies the
                 # Gateway's proof and closes the link (before acting on any

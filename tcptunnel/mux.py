@@ -119,8 +119,9 @@ class LinkProtocol(Protocol):
         except AttributeError:
             return
         self.tls_description = f"{version}, {cipher}"
-        self.log.info("Link {peer}: TLS established ({version}, {cipher})",
-                      peer=self.peer_description, version=version, cipher=cipher)
+        if self.log_allowed():
+            self.log.info("Link {peer}: TLS established ({version}, {cipher})",
+                          peer=self.peer_description, version=version, cipher=cipher)
 
     # -- IPushProducer ------------------------------------------------------
 
@@ -158,19 +159,38 @@ class LinkProtocol(Protocol):
     def after_flush(self) -> None:
         """Hook: the core framed data (streams may have drained)."""
 
-    def fail(self, code: GoAway, message: str) -> None:
-        """Close the link because of a violation or a local decision, telling the peer why."""
+    def fail(self, code: GoAway, message: str, abort_after: float | None = None) -> None:
+        """Close the link because of a violation or a local decision, telling the peer why.
+
+        The socket is aborted if it is still open ``abort_after`` seconds later (10 s by
+        default: a peer that never reads must not keep it for ever).
+        """
         if self._closing:
             return
         self.close_reason = f"{code.name}: {message}"
-        # A normal close (shutdown) is news, not a problem.
-        emit = self.log.info if code is GoAway.NORMAL else self.log.warn
-        emit("Link {peer}: closing ({code}): {message}",
-             peer=self.peer_description, code=code.name, message=message)
+        if self.log_allowed():
+            # A normal close (shutdown) is news, not a problem.
+            emit = self.log.info if code is GoAway.NORMAL else self.log.warn
+            emit("Link {peer}: closing ({code}): {message}",
+                 peer=self.peer_description, code=code.name, message=message)
         self.core.go_away(code, message)
-        self._close_transport()
+        self._close_transport(10.0 if abort_after is None else abort_after)
 
-    def _close_transport(self) -> None:
+    def log_allowed(self) -> bool:
+        """Hook: whether a log line about this link may be written now (the Gateway limits
+        lines about peers that have not logged in)."""
+        return True
+
+    def abort(self) -> None:
+        """Drop the connection now, with nothing more sent (a TCP RST)."""
+        if self._closing or self.transport is None:
+            return
+        self._closing = True
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        transport.abortConnection()
+
+    def _close_transport(self, abort_after: float = 10.0) -> None:
         """Send whatever is queued (GOAWAY included), ignoring pauses, then close."""
         if self._closing or self.transport is None:
             return
@@ -181,8 +201,7 @@ class LinkProtocol(Protocol):
         if frames:
             transport.writeSequence(frames)
         transport.loseConnection()
-        # A peer that never reads must not keep the socket open for ever.
-        self._abort_call = self.clock.callLater(10.0, self._abort_if_open)
+        self._abort_call = self.clock.callLater(abort_after, self._abort_if_open)
 
     def _abort_if_open(self) -> None:
         self._abort_call = None

@@ -21,7 +21,13 @@ from twisted.python.failure import Failure
 from tcptunnel import _frames as fr
 from tcptunnel import _mux
 from tcptunnel._frames import FrameType, GoAway, Reason
-from tcptunnel._link import AuthFrameReceived, GoAwayReceived, LinkState, PartnerChanged
+from tcptunnel._link import (
+    AuthChallengeReceived,
+    AuthResultReceived,
+    GoAwayReceived,
+    LinkState,
+    PartnerChanged,
+)
 from tcptunnel.auth import LoginFailed, ProxyAuth
 from tcptunnel.config import ProxyConfig, format_address
 from tcptunnel.mux import MuxProtocol
@@ -45,6 +51,7 @@ class ProxyLink(MuxProtocol):
         self._auth = ProxyAuth(config.session_id, role, config.password.cleartext)
         self._role = role
         self._login_call: interfaces.IDelayedCall | None = None
+        self._rejected = False
         self.partners = 0
 
     def connectionMade(self) -> None:  # noqa: N802
@@ -66,35 +73,38 @@ class ProxyLink(MuxProtocol):
             self.fail(GoAway.LOGIN_TIMEOUT, "the Gateway did not complete the login in time")
 
     def handle_events(self, events: list[object]) -> None:
-        """Login frames and partner changes here; streams in MuxProtocol."""
+        """Login frames and partner changes here; streams in MuxProtocol.  A login failure
+        closes the link before any later event of the same read is acted on."""
         for event in events:
-            if isinstance(event, AuthFrameReceived):
-                self._auth_frame(event.frame)
+            if self._closing:
+                return
+            if isinstance(event, AuthChallengeReceived | AuthResultReceived):
+                self._auth_event(event)
             elif isinstance(event, PartnerChanged):
                 self.partners = event.count
                 self.proxy.partner_changed(self, event.count)
         super().handle_events(events)
 
-    def _auth_frame(self, frame: fr.Frame) -> None:
+    def _auth_event(self, event: AuthChallengeReceived | AuthResultReceived) -> None:
         try:
-            if frame.type == FrameType.AUTH_CHALLENGE:
-                server_first = fr.parse_auth_message(frame.payload, "AUTH_CHALLENGE")
-                self.core.queue_control(
-                    fr.build_auth_message(FrameType.AUTH_PROOF, self._auth.proof(server_first)))
-            elif frame.type == FrameType.AUTH_RESULT:
-                ok, server_final = fr.parse_auth_result(frame.payload)
-                if not ok:
-                    self.proxy.login_rejected()
-                    self.fail(GoAway.AUTH_FAILED, "the Gateway rejected the login")
-                    return
-                self._auth.verify(server_final)
-                self._logged_in()
+            if isinstance(event, AuthChallengeReceived):
+                self.core.queue_control(fr.build_auth_message(
+                    FrameType.AUTH_PROOF, self._auth.proof(event.server_first)))
+            elif not event.ok:
+                self._login_rejected()
+                self.fail(GoAway.AUTH_FAILED, "the Gateway rejected the login")
             else:
-                self.fail(GoAway.PROTOCOL_ERROR,
-                          f"unexpected {FrameType(frame.type).name} during login")
+                self._auth.verify(event.server_final)
+                self._logged_in()
         except LoginFailed as e:
-            self.proxy.login_rejected()
+            self._login_rejected()
             self.fail(GoAway.AUTH_FAILED, str(e))
+
+    def _login_rejected(self) -> None:
+        # AUTH_RESULT 0 and the GOAWAY AUTH_FAILED after it are one rejection.
+        if not self._rejected:
+            self._rejected = True
+            self.proxy.login_rejected()
 
     def _logged_in(self) -> None:
         if self._login_call is not None and self._login_call.active():
@@ -107,7 +117,10 @@ class ProxyLink(MuxProtocol):
     def handle_go_away(self, event: GoAwayReceived) -> None:
         """Log why the Gateway closes the link."""
         if event.code is GoAway.AUTH_FAILED:
-            self.proxy.login_rejected()
+            self._login_rejected()
+        elif event.code is GoAway.LIMIT:
+            # A limit, not a wrong password: retry with the normal backoff.
+            self.proxy.stats["limits_hit",] += 1
         elif event.code is GoAway.REPLACED:
             # Another Proxy-Client took the session.  Coming straight back
             # would only throw it out again: wait the longest delay.

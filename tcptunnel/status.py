@@ -25,7 +25,7 @@ from twisted.web.server import Request, Site
 
 from tcptunnel import _frames as fr
 from tcptunnel.config import StatusConfig, format_address, normalise_host
-from tcptunnel.gateway import GatewayService
+from tcptunnel.gateway import GatewayLink, GatewayService
 from tcptunnel.ports import listen
 from tcptunnel.proxy import ProxyService
 
@@ -45,9 +45,10 @@ def snapshot(tunnel: service.MultiService, now: float) -> dict[str, Any]:
             sessions = []
             for session in gateway.sessions.values():
                 peers = []
-                links = ([session.client] if session.client else []) + list(
-                    session.servers.values())
-                for link in links:
+                for core in session.all_links():
+                    link = core.adapter
+                    if not isinstance(link, GatewayLink):
+                        continue
                     peers.append({
                         "role": link.role_name,
                         "number": link.number if link.role == fr.ROLE_PROXY_SERVER else None,

@@ -505,7 +505,8 @@ class AcceptErrorTests(TestCase):
         path = os.path.join(work, "gateway.xml")
         with open(path, "w") as f:
             f.write(f'<Settings {NS}><Instance type="gateway" loginTimeout="30" '
-                    f'maxUnauthenticatedLinks="1000"><Listener ip="127.0.0.1" port="{port}"/>'
+                    f'maxUnauthenticatedLinks="1000" maxUnauthenticatedLinksPerAddress="1000">'
+                    f'<Listener ip="127.0.0.1" port="{port}"/>'
                     '<Session id="1" proxyClientPassword="a" proxyServerPassword="b"/>'
                     "</Instance></Settings>")
         starter = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (80, 80)); "

@@ -143,12 +143,51 @@ class CodecTests(SynchronousTestCase):
             with self.assertRaises(StreamError) as raised:
                 fr.validate_target(host, port)
             self.assertEqual(raised.exception.reason, Reason.INVALID_TARGET)
-        payload = fr._OPEN.pack(0, 0, 22, 1) + b"x"
+        payload = fr.open_payload(0, 0, fr.KIND_TCP, fr.target_fields("x", 22))
         with self.assertRaises(StreamError) as raised:
             fr.parse_open(payload)
         self.assertEqual(raised.exception.reason, Reason.FLOW_CONTROL)
-        with self.assertRaises(StreamError):
-            fr.parse_open(fr._OPEN.pack(1, 0, 22, 5) + b"x")  # host length mismatch
+        with self.assertRaises(StreamError):  # a field's length beyond the frame
+            fr.parse_open(fr.open_payload(1, 0, fr.KIND_TCP, [(fr.FIELD_HOST, b"x")]) + b"\x02\x00")
+        cut = fr.open_payload(1, 0, fr.KIND_TCP, fr.target_fields("x", 22))[:-1]
+        with self.assertRaises(StreamError):  # the port field cut short
+            fr.parse_open(cut)
+
+    def test_open_kinds_and_fields(self) -> None:
+        """OPEN keeps fields it does not know (in order), refuses critical ones and unknown
+        kinds as UNSUPPORTED, a missing or doubled target as INVALID_TARGET/PROTOCOL_ERROR, and
+        survives a new origin unchanged otherwise."""
+        extra = ((0x10, b"future"), (0x11, b""))
+        frame = fr.build_open(3, fr.OpenRequest(1000, 0, "h.example", 22, fields=extra))
+        (decoded,) = FrameDecoder(expect_magic=False).feed(frame)
+        request = fr.parse_open(fr.with_origin(decoded.payload, 7))
+        self.assertEqual(request, fr.OpenRequest(1000, 7, "h.example", 22, fr.KIND_TCP, extra))
+        cases = [
+            (fr.open_payload(1000, 0, 9, fr.target_fields("h", 1)), Reason.UNSUPPORTED),
+            (fr.open_payload(1000, 0, fr.KIND_TCP, [*fr.target_fields("h", 1), (0x80, b"")]),
+             Reason.UNSUPPORTED),
+            (fr.open_payload(1000, 0, fr.KIND_TCP, [(fr.FIELD_PORT, b"\x00\x16")]),
+             Reason.INVALID_TARGET),
+            (fr.open_payload(1000, 0, fr.KIND_TCP, fr.target_fields("h", 1) * 2),
+             Reason.PROTOCOL_ERROR),
+            (fr.open_payload(1000, 0, fr.KIND_TCP, [(fr.FIELD_HOST, b"\xff"),
+                                                    (fr.FIELD_PORT, b"\x00\x16")]),
+             Reason.INVALID_TARGET),
+            (fr.open_payload(1000, 0, fr.KIND_TCP, [(fr.FIELD_HOST, b"h\x1b[31m"),
+                                                    (fr.FIELD_PORT, b"\x00\x16")]),
+             Reason.INVALID_TARGET),
+        ]
+        for payload, reason in cases:
+            with self.assertRaises(StreamError) as raised:
+                fr.parse_open(payload)
+            self.assertEqual(raised.exception.reason, reason, payload)
+
+    def test_peer_text_escaped(self) -> None:
+        """Reason texts from peers reach the log with control characters escaped."""
+        payload = fr.build_goaway(fr.GoAway.NORMAL, "a\r\nb\x1b[31mc\u202ed")[fr.HEADER_SIZE:]
+        _code, text = fr.parse_goaway(payload)
+        self.assertEqual(text, "a\\x0d\\x0ab\\x1b[31mc\\u202ed")
+        self.assertTrue(text.isprintable())
 
     def test_window_update_bounds(self) -> None:
         """WINDOW_UPDATE of 0 or above 2^31-1 is a flow-control error."""

@@ -33,9 +33,9 @@ def frames(draw: st.DrawFn) -> bytes:
         host = draw(st.sampled_from(["h", "example.org", "", "a b", "x" * 260]))
         port = draw(st.integers(min_value=0, max_value=70000))
         window = draw(st.integers(min_value=0, max_value=2**32 - 1))
-        host_bytes = host.encode()[:255]
-        return fr.encode(FrameType.OPEN, sid, fr._OPEN.pack(
-            window, 0, port % 65536, len(host_bytes)) + host_bytes)
+        return fr.encode(FrameType.OPEN, sid, fr.open_payload(
+            window, 0, draw(st.sampled_from([fr.KIND_TCP, fr.KIND_TCP, 7])),
+            fr.target_fields(host, port % 65536)))
     if kind == "result":
         return fr.encode(FrameType.OPEN_RESULT, sid, bytes([draw(st.integers(0, 255))])
                          + draw(st.integers(0, 2**32 - 1)).to_bytes(4, "big"))

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import directlyProvides
 
 from tcptunnel import _frames as fr
 from tcptunnel._frames import FrameType, GoAway, Reason
-from tcptunnel.auth import FailureThrottle, ProxyAuth, format_verifier, make_auth_info
+from tcptunnel.auth import ProxyAuth, format_verifier, make_auth_info
 from tcptunnel.config import GatewayConfig, parse_settings
 from tcptunnel.gateway import Gateway, GatewayLink
 from tcptunnel.test._harness import (
@@ -137,20 +142,94 @@ class LoginUnitTests(SynchronousTestCase):
         self.assertEqual(fr.parse_goaway(self.frames(transport)[-1].payload)[0],
                          GoAway.FRAME_TOO_LARGE)
 
-    def test_failed_logins_slow_down(self) -> None:
-        """After repeated failures from one address the next challenge is delayed."""
-        for _ in range(4):
+    def login_frames(self, link: GatewayLink, transport: StringTransport, password: str,
+                     role: int = fr.ROLE_PROXY_CLIENT, session: int = 1) -> None:
+        """Send HELLO, AUTH_START and (after the challenge) AUTH_PROOF; no result read."""
+        auth = ProxyAuth(session, role, password)
+        link.dataReceived(fr.build_hello() + fr.build_auth_start(role, session, auth.start()))
+        (challenge,) = [f for f in self.frames(transport) if f.type == FrameType.AUTH_CHALLENGE]
+        link.dataReceived(fr.build_auth_message(FrameType.AUTH_PROOF,
+                                                auth.proof(challenge.payload.decode())))
+
+    def test_wrong_guesses_held_right_login_at_once(self) -> None:
+        """Past the burst, a wrong proof is answered only when the throttle's reservation is
+        due (the slot held until then, below the login deadline), while the right password
+        from the same address logs in at once."""
+        links = []
+        for _ in range(12):
             link, transport = self.connect("198.51.100.7")
-            self.assertFalse(self.login(link, transport, "nope"))
+            self.login_frames(link, transport, "nope")
+            links.append(transport)
+        answered = [t for t in links if FrameType.AUTH_RESULT in
+                    [f.type for f in self.frames(t)]]
+        self.assertLess(len(answered), 12)  # some are held back
+        self.assertGreater(len(answered), 0)  # the burst is answered at once
         link, transport = self.connect("198.51.100.7")
-        auth = ProxyAuth(1, fr.ROLE_PROXY_CLIENT, "pc")
-        link.dataReceived(fr.build_hello() + fr.build_auth_start(0, 1, auth.start()))
-        self.assertNotIn(FrameType.AUTH_CHALLENGE, [f.type for f in self.frames(transport)])
-        self.clock.advance(2.1)
-        self.assertIn(FrameType.AUTH_CHALLENGE, [f.type for f in self.frames(transport)])
-        # Another address is not slowed down.
-        link, transport = self.connect("198.51.100.8")
+        self.assertTrue(self.login(link, transport, "pc"))  # never delayed
+        self.clock.advance(self.gateway.limits.login_timeout / 2)
+        for t in links:
+            types = [f.type for f in self.frames(t)]
+            self.assertIn(FrameType.AUTH_RESULT, types)
+            self.assertEqual(fr.parse_goaway(self.frames(t)[-1].payload)[0], GoAway.AUTH_FAILED)
+
+    def test_lockout_decays(self) -> None:
+        """Thirty wrong guesses at once (about the address's slot limit) do not lock it out:
+        once they are answered and the buckets have refilled, a wrong guess is answered at
+        once again."""
+        for _ in range(30):
+            link, transport = self.connect("198.51.100.9")
+            self.login_frames(link, transport, "nope")
+        self.clock.advance(60)
+        link, transport = self.connect("198.51.100.9")
+        self.login_frames(link, transport, "nope")
+        self.assertIn(FrameType.AUTH_RESULT, [f.type for f in self.frames(transport)])
+        link, transport = self.connect("198.51.100.9")
         self.assertTrue(self.login(link, transport, "pc"))
+
+    def test_malformed_login_payloads(self) -> None:
+        """AUTH_START of one byte, with bad UTF-8 or an unknown role, and AUTH_PROOF with bad
+        UTF-8 or out of order, each end in GOAWAY PROTOCOL_ERROR, with nothing logged as an
+        unhandled error."""
+        auth = ProxyAuth(1, fr.ROLE_PROXY_CLIENT, "pc")
+        start = fr.build_auth_start(0, 1, auth.start())
+        cases = [
+            fr.encode(FrameType.AUTH_START, 0, b"\x00"),
+            fr.encode(FrameType.AUTH_START, 0, b"\x00\x00\x00\x00\x01\xff\xfe"),
+            fr.encode(FrameType.AUTH_START, 0, b"\x07\x00\x00\x00\x01n,,n=1:0,r=x"),
+            start + fr.encode(FrameType.AUTH_PROOF, 0, b"\xff"),
+            fr.encode(FrameType.AUTH_PROOF, 0, b"c=biws,r=x,p=y"),
+            start + start,
+        ]
+        for frames in cases:
+            link, transport = self.connect()
+            link.dataReceived(fr.build_hello() + frames)
+            self.assertTrue(transport.disconnecting, frames)
+            last = self.frames(transport)[-1]
+            self.assertEqual(last.type, FrameType.GOAWAY)
+            self.assertEqual(fr.parse_goaway(last.payload)[0], GoAway.PROTOCOL_ERROR, frames)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_link_limit_keeps_the_proxy_client_slot(self) -> None:
+        """Proxy-Servers cannot fill a session: the last slot is the Proxy-Client's, and a
+        Proxy-Server over the limit hears GOAWAY LIMIT (not AUTH_RESULT 0, which would read
+        as a wrong password)."""
+        self.gateway = Gateway(gateway_config('maxLinksPerSession="3"'), self.clock)
+        for _ in range(2):
+            link, transport = self.connect()
+            self.assertTrue(self.login(link, transport, "ps", fr.ROLE_PROXY_SERVER))
+        link, transport = self.connect()
+        auth = ProxyAuth(1, fr.ROLE_PROXY_SERVER, "ps")
+        link.dataReceived(fr.build_hello() + fr.build_auth_start(1, 1, auth.start()))
+        (challenge,) = [f for f in self.frames(transport) if f.type == FrameType.AUTH_CHALLENGE]
+        link.dataReceived(fr.build_auth_message(FrameType.AUTH_PROOF,
+                                                auth.proof(challenge.payload.decode())))
+        types = [f.type for f in self.frames(transport)]
+        self.assertNotIn(FrameType.AUTH_RESULT, types)
+        goaway = self.frames(transport)[-1]
+        self.assertEqual(fr.parse_goaway(goaway.payload)[0], GoAway.LIMIT)
+        for _ in range(2):  # the Proxy-Client always gets in (and replaces its old link)
+            link, transport = self.connect()
+            self.assertTrue(self.login(link, transport, "pc"))
 
     def test_unauthenticated_limit(self) -> None:
         """Links beyond the unauthenticated limit are closed with LIMIT at once."""
@@ -159,6 +238,60 @@ class LoginUnitTests(SynchronousTestCase):
         self.assertFalse(t1.disconnecting or t2.disconnecting)
         self.assertTrue(t3.disconnecting)
 
+    def test_unauthenticated_limit_per_address(self) -> None:
+        """One address cannot hold every unauthenticated slot: past its own cap it is
+        refused, while another address still gets in and logs in."""
+        self.gateway = Gateway(gateway_config('maxUnauthenticatedLinksPerAddress="3"'),
+                               self.clock)
+        held = [self.connect("203.0.113.5") for _ in range(4)]
+        self.assertEqual([t.disconnecting for _, t in held], [False, False, False, True])
+        link, transport = self.connect("203.0.113.6")
+        self.assertTrue(self.login(link, transport, "pc"))
+        held[0][0].connectionLost(Failure(ConnectionDone()))  # a slot comes free
+        _, again = self.connect("203.0.113.5")
+        self.assertFalse(again.disconnecting)
+
+    def test_pending_tls_handshake_aborted_at_the_deadline(self) -> None:
+        """A TLS connection that never completes its handshake is aborted at the login
+        deadline, not closed gracefully (which would wait for the handshake)."""
+        link = GatewayLink(self.gateway)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 4000))
+        directlyProvides(transport, ISSLTransport)
+        aborted: list[bool] = []
+        transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        link.makeConnection(transport)
+        self.clock.advance(self.gateway.limits.login_timeout + 0.01)
+        self.assertEqual(aborted, [True])
+
+    def test_unauthenticated_close_is_aborted_soon(self) -> None:
+        """A link closed before login that does not go away is aborted after a second, not
+        the ten seconds an authenticated link gets."""
+        link, transport = self.connect()
+        aborted: list[bool] = []
+        transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        transport.connected = True
+        link.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.clock.advance(1.1)
+        self.assertEqual(aborted, [True])
+
+    def test_log_lines_of_unauthenticated_peers_are_limited(self) -> None:
+        """Hundreds of hostile connections produce a bounded number of log lines, then a
+        line that says how many were suppressed."""
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        for _ in range(300):
+            link, _transport = self.connect()
+            link.dataReceived(b"\x16\x03\x01 not a tcptunnel peer")
+            link.connectionLost(Failure(ConnectionDone()))
+        ours = [e for e in events if "Link" in e.get("log_format", "")]
+        self.assertLess(len(ours), 100)
+        self.clock.advance(30)
+        self.connect()
+        self.assertTrue(any("suppressed" in e.get("log_format", "") for e in events))
+
     def test_same_password_warning(self) -> None:
         """Equal passwords for both roles produce a start-up warning naming the session."""
         gateway = Gateway(gateway_config(session=(
@@ -166,28 +299,6 @@ class LoginUnitTests(SynchronousTestCase):
             self.clock)
         (warning,) = gateway.warnings()
         self.assertIn("session 4", warning)
-
-
-class ThrottleTests(SynchronousTestCase):
-    """FailureThrottle: growing delay, bounded memory."""
-
-    def test_growth_and_cap(self) -> None:
-        """Delays double after the free failures and stop at the maximum."""
-        throttle = FailureThrottle(free=2, max_delay=8)
-        delays = []
-        for _ in range(8):
-            delays.append(throttle.delay_for("a"))
-            throttle.failed("a")
-        self.assertEqual(delays, [0, 0, 1, 2, 4, 8, 8, 8])
-        throttle.succeeded("a")
-        self.assertEqual(throttle.delay_for("a"), 0)
-
-    def test_bounded(self) -> None:
-        """At most ``capacity`` addresses are remembered."""
-        throttle = FailureThrottle(capacity=100)
-        for i in range(1000):
-            throttle.failed(f"10.0.{i // 256}.{i % 256}")
-        self.assertEqual(len(throttle), 100)
 
 
 class NeverReads(Protocol):
@@ -294,7 +405,7 @@ class GatewayNetworkTests(TestCase):
         session = tunnel.gateway.gateway.sessions[1]
         assert session.client is not None and pc2.link is not None
         link_transport: Any = pc2.link.transport
-        self.assertTrue(session.client.peer_description.endswith(
+        self.assertTrue(cast(GatewayLink, session.client.adapter).peer_description.endswith(
             f":{link_transport.getHost().port}"))
 
     async def test_foreign_stream_ids_are_ignored(self) -> None:

@@ -1,0 +1,590 @@
+"""The Gateway's relay core, sans-IO: sessions, routes, and the queues toward each link.
+
+:class:`RelayLink` is the Gateway's end of one link (a :class:`tcptunnel._link.LinkCore`):
+it takes the login frames in order, hands stream frames on, and keeps what waits to be sent
+toward its proxy: control frames, coalesced window updates and per-stream queues served
+round-robin.  :class:`RelayCore` owns the sessions and routes: each stream frame a link
+delivers goes through :meth:`RelayCore.stream_frame`, which checks the stream rules of its
+direction (credit, FIN, DATA before OPEN_RESULT), queues what must be forwarded, and records
+its effects: the links that now have something to send (:meth:`RelayCore.take_dirty`) and
+the links it had to close (:meth:`RelayCore.take_failed`).  No Twisted here; the adapter in
+:mod:`tcptunnel.gateway` turns effects into writes and closes.
+
+Memory is bounded three ways (``docs/security.md``): what is queued toward one link, toward
+all links of one session, and toward every link of the instance.  Everything queued toward a
+link counts: forwarded DATA and FIN, forwarded and Gateway-made control frames, pending
+window credit.  A link past its own bound is closed with GOAWAY ``TOO_SLOW``; past a session
+or instance bound, the link with the most queued toward it is.  A link that is closed stops
+costing memory at once: its queues and routes are dropped when it is failed, not when its
+socket finally goes away.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from tcptunnel import _frames as fr
+from tcptunnel._frames import Frame, FrameType, GoAway, LinkError, Reason, StreamError
+from tcptunnel._link import GATEWAY_LOGIN, MAX_QUEUED_CONTROL_FRAMES, LinkCore
+from tcptunnel._stream import Direction, StreamEvent, StreamState, advance
+
+ROLE_NAMES = {fr.ROLE_PROXY_CLIENT: "proxy-client", fr.ROLE_PROXY_SERVER: "proxy-server"}
+_WINDOW_UPDATE_SIZE = fr.HEADER_SIZE + 4
+
+
+@dataclass(frozen=True, slots=True)
+class RelayLimits:
+    """The bounds the relay keeps (from ``GatewayLimits``)."""
+
+    max_links_per_session: int = 64
+    max_streams_per_link: int = 1024
+    max_queued_bytes_per_link: int = 64 * 1024 * 1024
+    max_queued_bytes_per_session: int = 256 * 1024 * 1024
+    max_queued_bytes: int = 1024 * 1024 * 1024
+    max_control_frames: int = MAX_QUEUED_CONTROL_FRAMES
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFrameReceived:
+    """A stream frame, for :meth:`RelayCore.stream_frame`."""
+
+    frame: Frame
+
+
+class Budget:
+    """Bytes queued toward a group of links (one session's, or the whole instance's)."""
+
+    __slots__ = ("queued",)
+
+    def __init__(self) -> None:
+        self.queued = 0
+
+
+class RelayLink(LinkCore):
+    """The Gateway's end of one link: login frames in order, then stream frames for the relay;
+    outbound, control frames first, then coalesced window updates, then the streams with
+    queued frames, round-robin."""
+
+    login_sequence = GATEWAY_LOGIN
+
+    def __init__(self, total: Budget, max_control_frames: int = MAX_QUEUED_CONTROL_FRAMES) -> None:
+        super().__init__()
+        self.max_control_frames = max_control_frames
+        self.session: Session | None = None
+        self.role: int | None = None
+        self.number = 0  # Proxy-Server number within its session (1, 2, ...)
+        self.routes: dict[int, Route] = {}
+        self.next_stream_id = 1  # on a Proxy-Client link the Gateway opens the streams
+        self.last_opened = 0  # on a Proxy-Server link: the highest id it opened
+        self.detached = False  # failed or gone: takes and receives nothing more
+        self.queued_bytes = 0  # everything queued toward this link
+        self._budgets: list[Budget] = [total]
+        self._control_bytes = 0
+        self._queues: dict[int, deque[bytes]] = {}
+        self._updates: dict[int, int] = {}
+        self.adapter: object = None  # the Twisted protocol driving this core (opaque here)
+
+    @property
+    def role_name(self) -> str:
+        """proxy-client / proxy-server / unauthenticated."""
+        return ROLE_NAMES.get(self.role, "unauthenticated") if self.role is not None else (
+            "unauthenticated")
+
+    def _handle_stream_frame(self, frame: Frame, events: list[object]) -> None:
+        events.append(StreamFrameReceived(frame))
+
+    # -- accounting -------------------------------------------------------
+
+    def _charge(self, size: int) -> None:
+        self.queued_bytes += size
+        for budget in self._budgets:
+            budget.queued += size
+
+    def queue_control(self, frame: bytes) -> None:
+        """Queue a control frame (counted toward the link's bounds)."""
+        self._control.append(frame)
+        self._control_bytes += len(frame)
+        self._charge(len(frame))
+
+    @property
+    def queued_control_frames(self) -> int:
+        """Control frames and window updates not yet handed to the transport."""
+        return len(self._control) + len(self._updates)
+
+    # -- outbound ---------------------------------------------------------
+
+    def forward(self, stream_id: int, frame_type: int, flags: int, payload: bytes) -> None:
+        """Queue a stream frame behind earlier frames of the same stream."""
+        queue = self._queues.get(stream_id)
+        if queue is None:
+            queue = self._queues[stream_id] = deque()
+        queue.append(fr.encode_header(frame_type, flags, stream_id, len(payload)))
+        queue.append(payload)
+        self._charge(len(payload) + fr.HEADER_SIZE)
+        self._mark_ready_stream(stream_id)
+
+    def add_credit(self, stream_id: int, increment: int) -> None:
+        """Pass window credit on; increments for one stream leave as one WINDOW_UPDATE (the
+        sum never exceeds 2^31-1: the relay checked each direction's total)."""
+        if stream_id not in self._updates:
+            self._updates[stream_id] = increment
+            self._charge(_WINDOW_UPDATE_SIZE)
+        else:
+            self._updates[stream_id] += increment
+
+    def drop_stream(self, stream_id: int) -> None:
+        """Forget what waits for a stream that ended abruptly."""
+        queue = self._queues.pop(stream_id, None)
+        if queue is not None:
+            self._charge(-sum(map(len, queue)))
+        if self._updates.pop(stream_id, None) is not None:
+            self._charge(-_WINDOW_UPDATE_SIZE)
+        self._ready.pop(stream_id, None)
+
+    def drop_all(self) -> None:
+        """Forget every queued stream frame and credit (the link is being closed)."""
+        for stream_id in list(self._queues):
+            self.drop_stream(stream_id)
+        for stream_id in list(self._updates):
+            self.drop_stream(stream_id)
+
+    def leave_budget(self, budget: Budget) -> None:
+        """Stop counting this link's queue in ``budget`` (it left its session)."""
+        if budget in self._budgets:
+            self._budgets.remove(budget)
+            budget.queued -= self.queued_bytes
+
+    def join_budget(self, budget: Budget) -> None:
+        """Count this link's queue in ``budget`` too (it joined a session)."""
+        self._budgets.append(budget)
+        budget.queued += self.queued_bytes
+
+    def data_to_send(self, limit: int = 256 * 1024) -> list[bytes]:
+        """Frames to write now: control frames, window updates, then stream chunks."""
+        if self._updates:
+            updates = self._updates
+            self._updates = {}
+            self._charge(-_WINDOW_UPDATE_SIZE * len(updates))
+            for stream_id, increment in updates.items():
+                self.queue_control(fr.build_window_update(stream_id, increment))
+        if self._control_bytes:
+            self._charge(-self._control_bytes)
+            self._control_bytes = 0
+        return super().data_to_send(limit)
+
+    @property
+    def wants_to_send(self) -> bool:
+        """Whether :meth:`data_to_send` would return anything."""
+        return bool(self._control or self._updates or self._ready)
+
+    def _pull(self, stream_id: int, budget: int, out: list[bytes]) -> tuple[int, bool]:
+        queue = self._queues.get(stream_id)
+        if not queue:
+            return 0, False
+        header = queue.popleft()
+        payload = queue.popleft()
+        out.append(header)
+        out.append(payload)
+        size = len(header) + len(payload)
+        self._charge(-size)
+        if not queue:
+            del self._queues[stream_id]
+            return size, False
+        return size, True
+
+
+class Route:
+    """One stream across the Gateway: (Proxy-Server link, id) <-> (Proxy-Client link, id)."""
+
+    # One per tunneled connection: no per-instance dict.
+    __slots__ = ("client", "client_stream", "server", "server_stream", "state", "to_client",
+                 "to_server")
+    state: StreamState
+
+    @property
+    def open(self) -> bool:
+        """Whether the Proxy-Client accepted the stream."""
+        return not self.state.opening
+
+    def advance(self, from_server: bool, sent: StreamEvent, received: StreamEvent) -> None:
+        """Move the lifecycle for a frame from the Proxy-Server (``sent``) or the Proxy-Client
+        (``received``); raises StreamError for a frame the table does not allow."""
+        self.state = advance(self.state, sent if from_server else received)
+
+    def __init__(self, server: RelayLink, server_stream: int, client: RelayLink,
+                 client_stream: int, server_window: int) -> None:
+        self.server = server
+        self.server_stream = server_stream
+        self.client = client
+        self.client_stream = client_stream
+        # The lifecycle as the opener (the Proxy-Server) sees it: its frames are "sent", the
+        # Proxy-Client's "received"; one table (tcptunnel._stream) for every end.
+        self.state = StreamState.OPEN_SENT
+        # DATA from the Proxy-Server: until the OPEN_RESULT only the early-data window.
+        self.to_client = Direction(fr.EARLY_WINDOW)
+        self.to_server = Direction(server_window)
+
+
+@dataclass(eq=False)
+class Session:
+    """A configured session and its live links."""
+
+    id: int
+    client: RelayLink | None = None
+    servers: dict[int, RelayLink] = field(default_factory=dict)
+    next_server_number: int = 1
+    budget: Budget = field(default_factory=Budget)
+
+    @property
+    def links(self) -> int:
+        """Live authenticated links."""
+        return len(self.servers) + (self.client is not None)
+
+    def all_links(self) -> list[RelayLink]:
+        """The Proxy-Client (if any), then the Proxy-Servers."""
+        return ([self.client] if self.client is not None else []) + list(self.servers.values())
+
+
+class RelayCore:
+    """Sessions and routes of one Gateway instance; see the module docstring."""
+
+    def __init__(self, session_ids: list[int], limits: RelayLimits,
+                 stats: Counter[tuple[str | int, ...]] | None = None) -> None:
+        self.limits = limits
+        self.sessions: dict[int, Session] = {sid: Session(sid) for sid in session_ids}
+        self.total = Budget()
+        self.stats: Counter[tuple[str | int, ...]] = Counter() if stats is None else stats
+        self.links: set[RelayLink] = set()  # every link not yet detached
+        self._dirty: dict[RelayLink, None] = {}
+        self._failed: list[tuple[RelayLink, GoAway, str]] = []
+
+    # -- effects ------------------------------------------------------------
+
+    def take_dirty(self) -> list[RelayLink]:
+        """Links that have something new to send, in the order they got it."""
+        dirty = list(self._dirty)
+        self._dirty.clear()
+        return dirty
+
+    def take_failed(self) -> list[tuple[RelayLink, GoAway, str]]:
+        """Links the relay closed (already detached, GOAWAY queued): close their transports."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _send(self, link: RelayLink, frame: bytes) -> None:
+        link.queue_control(frame)
+        self._dirty[link] = None
+
+    # -- links --------------------------------------------------------------
+
+    def new_link(self) -> RelayLink:
+        """The core for a newly accepted link."""
+        link = RelayLink(self.total, self.limits.max_control_frames)
+        self.links.add(link)
+        return link
+
+    def refusal(self, session_id: int, role: int) -> str | None:
+        """Why a proven login for ``session_id`` as ``role`` cannot join now, or None.
+
+        One of the session's ``max_links_per_session`` slots is kept for the Proxy-Client:
+        Proxy-Servers can never fill the session so that its Proxy-Client cannot come back.
+        """
+        session = self.sessions.get(session_id)
+        if session is None:
+            return "the session no longer exists"
+        if role == fr.ROLE_PROXY_SERVER:
+            room = max(1, self.limits.max_links_per_session - 1)
+            if len(session.servers) >= room:
+                self.stats["limits_hit", "links_per_session"] += 1
+                return (f"session {session_id} already has {len(session.servers)} Proxy-Server "
+                        "links (limit)")
+        return None
+
+    def attach(self, link: RelayLink, session_id: int, role: int) -> None:
+        """A proven login (``refusal`` said None): the link joins its session; partners are
+        told.  A new Proxy-Client replaces the old one, which is closed with REPLACED."""
+        session = self.sessions[session_id]
+        link.session = session
+        link.role = role
+        link.join_budget(session.budget)
+        if role == fr.ROLE_PROXY_CLIENT:
+            old = session.client
+            session.client = link
+            if old is not None:
+                self._reset_routes(old, Reason.LINK_LOST, "the Proxy-Client was replaced")
+                self.fail(old, GoAway.REPLACED, "a newer Proxy-Client logged in to this session")
+            self._send(link, fr.build_partner(len(session.servers)))
+            for server in session.servers.values():
+                self._send(server, fr.build_partner(1))
+        else:
+            link.number = session.next_server_number
+            session.next_server_number += 1
+            session.servers[link.number] = link
+            self._send(link, fr.build_partner(1 if session.client is not None else 0))
+            if session.client is not None:
+                self._send(session.client, fr.build_partner(len(session.servers)))
+
+    def detach(self, link: RelayLink, reason: Reason, message: str) -> None:
+        """The link is closing or gone: reset its routes toward the partners, drop what waits
+        for it, leave the session.  Idempotent."""
+        if link.detached:
+            return
+        link.detached = True
+        self.links.discard(link)
+        self._dirty.pop(link, None)
+        self._reset_routes(link, reason, message)
+        link.drop_all()
+        session = link.session
+        if session is None:
+            return
+        link.leave_budget(session.budget)
+        if link.role == fr.ROLE_PROXY_CLIENT:
+            if session.client is link:
+                session.client = None
+                for server in session.servers.values():
+                    self._send(server, fr.build_partner(0))
+        elif session.servers.get(link.number) is link:
+            del session.servers[link.number]
+            if session.client is not None:
+                self._send(session.client, fr.build_partner(len(session.servers)))
+
+    def fail(self, link: RelayLink, code: GoAway, message: str) -> None:
+        """Close ``link``: detach it now and queue its GOAWAY; the adapter closes it."""
+        if link.detached:
+            return
+        self.detach(link, Reason.LINK_LOST, f"the {link.role_name} link was closed ({message})")
+        link.go_away(code, message)
+        self._failed.append((link, code, message))
+
+    def remove_session(self, session_id: int, message: str) -> list[RelayLink]:
+        """A session left the configuration: close its links (SESSION_CLOSED)."""
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return []
+        links = session.all_links()
+        for link in links:
+            self.fail(link, GoAway.SESSION_CLOSED, message)
+        return links
+
+    def add_session(self, session_id: int) -> None:
+        """A session joined the configuration."""
+        self.sessions.setdefault(session_id, Session(session_id))
+
+    def _reset_routes(self, link: RelayLink, reason: Reason, message: str) -> None:
+        routes = list(link.routes.values())
+        link.routes.clear()
+        for route in routes:
+            other, other_id = ((route.client, route.client_stream) if link is route.server
+                               else (route.server, route.server_stream))
+            other.routes.pop(other_id, None)
+            other.drop_stream(other_id)
+            link.drop_stream(route.server_stream if link is route.server else route.client_stream)
+            self.stats["streams_reset", reason.name] += 1
+            if not route.open and other is route.server:
+                self._send(other, fr.build_open_result(other_id, Reason.NO_PARTNER, 0, message))
+            else:
+                self._send(other, fr.build_reset(other_id, reason, message))
+
+    # -- streams ------------------------------------------------------------
+
+    def stream_frame(self, link: RelayLink, frame: Frame) -> None:
+        """Route one stream frame that arrived on ``link``.  Raises LinkError for a violation
+        that ends the link; a violation of one stream's rules resets that stream."""
+        if link.detached:
+            return
+        if frame.type == FrameType.OPEN:
+            self._open(link, frame)
+            return
+        route = link.routes.get(frame.stream_id)
+        if route is None:
+            return  # unknown or finished: a RESET may have crossed it
+        try:
+            self._forward(link, route, frame)
+        except StreamError as e:
+            self._reset_route(route, e.reason, e.message)
+
+    def _fair_share_refusal(self, session: Session, server: RelayLink,
+                            client: RelayLink) -> str | None:
+        """Why ``server`` may not open one more stream on the Proxy-Client link, or None.
+
+        The Proxy-Client link's streams are shared by the session's Proxy-Servers: each is
+        guaranteed ``capacity // n`` of them (n Proxy-Servers connected), and may use more
+        only while that leaves every other one room for its guaranteed share.
+        """
+        capacity = self.limits.max_streams_per_link
+        used_total = len(client.routes)
+        if used_total >= capacity:
+            return f"the Proxy-Client link has {used_total} streams (limit)"
+        servers = session.servers
+        share = capacity // max(1, len(servers))
+        if len(servers) <= 1:
+            return None
+        used: Counter[RelayLink] = Counter(route.server for route in client.routes.values())
+        if used[server] < share:
+            return None
+        reserved = sum(max(0, share - used[other]) for other in servers.values()
+                       if other is not server)
+        if capacity - used_total > reserved:
+            return None
+        return (f"this Proxy-Server holds {used[server]} of the Proxy-Client link's {capacity} "
+                f"streams, shared fairly with {len(servers) - 1} other Proxy-Server(s)")
+
+    def _open(self, link: RelayLink, frame: Frame) -> None:
+        stream_id = frame.stream_id
+        if link.role != fr.ROLE_PROXY_SERVER:
+            raise LinkError(GoAway.PROTOCOL_ERROR, "OPEN from a Proxy-Client")
+        if stream_id <= link.last_opened:
+            raise LinkError(GoAway.PROTOCOL_ERROR,
+                            f"OPEN with stream id {stream_id} not above {link.last_opened}")
+        link.last_opened = stream_id
+        session = link.session
+        assert session is not None
+        try:
+            window, _origin, _kind = fr.parse_open_header(frame.payload)
+        except StreamError as e:
+            self._send(link, fr.build_open_result(stream_id, e.reason, 0, e.message))
+            return
+        client = session.client
+        refusal: tuple[Reason, str] | None = None
+        if client is None:
+            refusal = Reason.NO_PARTNER, "the session has no Proxy-Client"
+        elif len(link.routes) >= self.limits.max_streams_per_link:
+            refusal = Reason.LIMIT, f"this link has {len(link.routes)} streams (limit)"
+        elif (why := self._fair_share_refusal(session, link, client)) is not None:
+            refusal = Reason.LIMIT, why
+        elif client.next_stream_id > fr.STREAM_ID_MASK:
+            # Ids never repeat on a link: the Proxy-Client must come back on a new one.
+            self.fail(client, GoAway.NORMAL, "stream ids of this link are used up; reconnect")
+            refusal = Reason.NO_PARTNER, "the Proxy-Client link is being renewed"
+        if refusal is not None:
+            reason, message = refusal
+            self.stats["streams_refused", session.id, reason.name] += 1
+            if reason is Reason.LIMIT:
+                self.stats["limits_hit", "streams_per_link"] += 1
+            self._send(link, fr.build_open_result(stream_id, reason, 0, message))
+            return
+        assert client is not None
+        client_id = client.next_stream_id
+        client.next_stream_id += 1
+        route = Route(link, stream_id, client, client_id, window)
+        link.routes[stream_id] = route
+        client.routes[client_id] = route
+        self.stats["streams_opened", session.id] += 1
+        # Forwarded as it came (kind and fields untouched), with the Proxy-Server's number.
+        self._send(client, fr.encode(FrameType.OPEN, client_id,
+                                     fr.with_origin(frame.payload, link.number)))
+        self._check(client)
+
+    def _forward(self, link: RelayLink, route: Route, frame: Frame) -> None:
+        from_server = link is route.server
+        if from_server:
+            other, other_id, towards_other, towards_link = (
+                route.client, route.client_stream, route.to_client, route.to_server)
+        else:
+            other, other_id, towards_other, towards_link = (
+                route.server, route.server_stream, route.to_server, route.to_client)
+        frame_type = frame.type
+        if frame_type == FrameType.DATA:
+            route.advance(from_server, StreamEvent.SEND_DATA, StreamEvent.RECV_DATA)
+            size = len(frame.payload)
+            towards_other.take(size)
+            session = link.session
+            self.stats["bytes", session.id if session is not None else 0,
+                       "to_client" if from_server else "to_server"] += size
+            other.forward(other_id, frame_type, frame.flags, frame.payload)
+            self._dirty[other] = None
+            self._check(other)
+        elif frame_type == FrameType.WINDOW_UPDATE:
+            increment = fr.parse_window_update(frame.payload)
+            towards_link.grant(increment)  # credit granted by ``link`` for DATA toward it
+            other.add_credit(other_id, increment)
+            self._dirty[other] = None
+            self._check(other)
+        elif frame_type == FrameType.FIN:
+            route.advance(from_server, StreamEvent.SEND_FIN, StreamEvent.RECV_FIN)
+            towards_other.end()
+            other.forward(other_id, frame_type, 0, b"")
+            self._dirty[other] = None
+            if route.state is StreamState.CLOSED:
+                self.stats["streams_closed",] += 1
+                self._forget(route)
+            self._check(other)
+        elif frame_type == FrameType.RESET:
+            route.state = StreamState.RESET
+            reason, message = fr.parse_reset(frame.payload)
+            self.stats["streams_reset", reason.name] += 1
+            self._forget(route)
+            # Neither side takes more of this stream: drop what waits for either.
+            link.drop_stream(route.server_stream if from_server else route.client_stream)
+            other.drop_stream(other_id)
+            self._send(other, fr.build_reset(other_id, reason, message))
+            self._check(other)
+        elif frame_type == FrameType.OPEN_RESULT:
+            if from_server:
+                raise StreamError(Reason.PROTOCOL_ERROR, "OPEN_RESULT from the opener")
+            reason, window, _message = fr.parse_open_result(frame.payload)
+            if reason is Reason.OK:
+                if window < fr.EARLY_WINDOW:
+                    raise StreamError(Reason.FLOW_CONTROL, "OPEN_RESULT window below the "
+                                      "early-data window")
+                route.advance(False, StreamEvent.SEND_OPEN_OK, StreamEvent.RECV_OPEN_OK)
+                route.to_client.grant(window - fr.EARLY_WINDOW)
+            else:
+                route.advance(False, StreamEvent.SEND_OPEN_FAILED, StreamEvent.RECV_OPEN_FAILED)
+                self._forget(route)
+                link.drop_stream(route.client_stream)  # early data it will not take
+            # Passed on as it came: the reason text is the Proxy-Client's.
+            self._send(other, fr.encode(FrameType.OPEN_RESULT, other_id, frame.payload))
+            self._check(other)
+        # Unknown stream frame types are ignored (docs/protocol.md §5).
+
+    def _forget(self, route: Route) -> None:
+        route.server.routes.pop(route.server_stream, None)
+        route.client.routes.pop(route.client_stream, None)
+
+    def _reset_route(self, route: Route, reason: Reason, message: str) -> None:
+        """A violation on a route: reset it toward both proxies."""
+        self.stats["streams_reset", reason.name] += 1
+        self._forget(route)
+        for link, stream_id in ((route.server, route.server_stream),
+                                (route.client, route.client_stream)):
+            link.drop_stream(stream_id)
+            if not route.open and link is route.server:
+                self._send(link, fr.build_open_result(stream_id, reason, 0, message))
+            else:
+                self._send(link, fr.build_reset(stream_id, reason, message))
+            self._check(link)
+
+    # -- bounds -------------------------------------------------------------
+
+    def _check(self, link: RelayLink) -> None:
+        """Keep the memory bounds after something was queued toward ``link``."""
+        limits = self.limits
+        if link.detached:
+            return
+        if link.queued_bytes > limits.max_queued_bytes_per_link:
+            self.stats["limits_hit", "queued_bytes_per_link"] += 1
+            self.fail(link, GoAway.TOO_SLOW,
+                      f"the peer does not read what it asked for ({link.queued_bytes} bytes "
+                      f"queued, limit {limits.max_queued_bytes_per_link})")
+        elif link.queued_control_frames > limits.max_control_frames:
+            self.stats["limits_hit", "queued_control_frames"] += 1
+            self.fail(link, GoAway.TOO_SLOW,
+                      f"the peer does not read ({link.queued_control_frames} control frames "
+                      "unsent)")
+        session = link.session
+        if session is not None and session.budget.queued > limits.max_queued_bytes_per_session:
+            self.stats["limits_hit", "queued_bytes_per_session"] += 1
+            worst = max(session.all_links(), key=lambda candidate: candidate.queued_bytes)
+            self.fail(worst, GoAway.TOO_SLOW,
+                      f"session {session.id} has {session.budget.queued} bytes queued toward "
+                      f"its links (limit {limits.max_queued_bytes_per_session}); this link "
+                      f"holds the most ({worst.queued_bytes})")
+        if self.total.queued > limits.max_queued_bytes:
+            self.stats["limits_hit", "queued_bytes"] += 1
+            worst = max(self.links, key=lambda candidate: candidate.queued_bytes)
+            self.fail(worst, GoAway.TOO_SLOW,
+                      f"the Gateway has {self.total.queued} bytes queued (limit "
+                      f"{limits.max_queued_bytes}); this link holds the most "
+                      f"({worst.queued_bytes})")
