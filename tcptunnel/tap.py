@@ -8,15 +8,18 @@ in that order and stop in reverse.
 
 from __future__ import annotations
 
+import os
 import signal
+import stat
 import sys
 import threading
-from typing import Any
+from typing import IO, Any, TextIO, cast
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, textFileLogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from tcptunnel.config import (
     ConfigError,
@@ -58,6 +61,75 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
+class LogFile:
+    """The log file of a twistd run, ours rather than twistd's: appended to, and reopened at
+    the same path on SIGUSR1 (logrotate's ``postrotate``), with the first file's mode.
+
+    twistd's own SIGUSR1 handler rotates the file itself and, once logrotate has moved the
+    file away, its reopened file takes the process umask: 0o077 in daemon mode, so a log
+    created 0o640 came back 0o600 and unreadable to the group that reads logs.  Here the
+    mode of the first file (an existing file's, or 0o640 less the umask for a new one) is
+    the mode of every file reopened after it.
+    """
+
+    # Log lines name peers' addresses and session ids: readable by the owner and the
+    # log-reading group, not by everyone.
+    NEW_FILE_MODE = 0o640
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)  # twistd may chdir (--rundir) after this
+        self._file = self._open(None)
+        self.mode = stat.S_IMODE(os.fstat(self._file.fileno()).st_mode)
+
+    def _open(self, mode: int | None) -> TextIO:
+        """Open for appending; a file this creates gets ``mode`` exactly (whatever the
+        umask), or NEW_FILE_MODE less the umask when ``mode`` is None."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags | os.O_EXCL, self.NEW_FILE_MODE)
+            if mode is not None:
+                os.fchmod(fd, mode)
+        except FileExistsError:
+            fd = os.open(self.path, flags)  # logrotate's "create" made it: its mode stays
+        return open(fd, "a", encoding="utf-8", errors="backslashreplace")
+
+    def write(self, text: str) -> None:
+        """Append ``text`` (one formatted log event)."""
+        self._file.write(text)
+
+    def flush(self) -> None:
+        """Flush to the file (the observer flushes after each event)."""
+        self._file.flush()
+
+    def reopen(self) -> None:
+        """Close the file and open ``path`` again (a new file with the first one's mode if
+        it was moved away)."""
+        new = self._open(self.mode)
+        old, self._file = self._file, new
+        old.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+def twistd_log_file(options: usage.Options) -> LogFile | None:
+    """Our LogFile when twistd (the parent options of ours) logs to a file, else None.
+
+    Mirrors twistd's own choice: ``--logger`` or ``--syslog`` win, ``--logfile=-`` (or
+    ``-n`` without ``--logfile``) is stdout, otherwise ``--logfile`` or twistd.log.
+    """
+    parent = options.parent
+    if parent is None or "logfile" not in parent or "nodaemon" not in parent:
+        return None  # not twistd (e.g. twist, or a test): its own logging stays
+    if parent.get("logger") or parent.get("syslog"):
+        return None
+    path = parent["logfile"]
+    if path == "-" or (parent["nodaemon"] and not path):
+        return None
+    return LogFile(path or "twistd.log")
+
+
 def make_instance_service(instance: InstanceConfig, reactor: Any) -> service.IService:
     """The service for one Instance."""
     if isinstance(instance, GatewayConfig):
@@ -78,11 +150,15 @@ class TunnelService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(self, settings: Settings, reactor: Any, log_file: LogFile | None = None
+                 ) -> None:
         super().__init__()
         self.settings = settings
         self.reactor = reactor
-        self._previous_sighup: Any = None
+        self.log_file = log_file
+        # The signal that stopped us (SIGTERM), recorded by our own handler.
+        self.exit_signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
         for instance in settings.instances:
             self._add_instance(instance)
         if settings.status is not None:
@@ -144,27 +220,49 @@ class TunnelService(service.MultiService):
         self.log.info("Reloaded {path}", path=path)
         return True
 
+    def setServiceParent(self, parent: Any) -> None:  # noqa: N802
+        """Join twistd's application; when we own the log file, its observer becomes the
+        application's ILogObserver, which twistd then uses instead of opening its own."""
+        super().setServiceParent(parent)
+        if self.log_file is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver,
+                                textFileLogObserver(cast(IO[Any], self.log_file)))
+
     def _on_sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
 
-    def _install_log_reopen(self) -> None:
-        """Make SIGUSR1 reopen twistd's log file, as logrotate expects.
+    def _on_sigusr1(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._reopen_log)
 
-        twistd's own SIGUSR1 handler rotates the file itself (and does nothing once
-        logrotate has moved it away); the LogFile it rotates is in that handler's closure.
-        """
-        handler = signal.getsignal(signal.SIGUSR1)
-        cells = getattr(handler, "__closure__", None) or ()
-        log_file = next((c.cell_contents for c in cells
-                         if callable(getattr(c.cell_contents, "reopen", None))), None)
-        if log_file is None:
-            return  # logging to stdout or syslog: nothing to reopen
-        reactor = self.reactor
+    def _reopen_log(self) -> None:
+        if self.log_file is None:
+            self.log.info("SIGUSR1: not logging to a file of ours, nothing to reopen")
+            return
+        self.log_file.reopen()
+        self.log.info("SIGUSR1: reopened the log file {path}", path=self.log_file.path)
 
-        def reopen(signum: int, frame: Any) -> None:
-            reactor.callFromThread(log_file.reopen)
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # Twisted's own handler also records the signal for twistd, which then ends the
+        # process with it; a stop on SIGTERM is our normal, graceful shutdown, and process
+        # managers should see exit status 0.
+        self.exit_signal = signum
+        self.log.info("Received SIGTERM, stopping")
+        self.reactor.callFromThread(self.reactor.stop)
 
-        signal.signal(signal.SIGUSR1, reopen)
+    def _install_signal_handlers(self) -> None:
+        """SIGHUP reloads, SIGUSR1 reopens the log file, SIGTERM stops with status 0.
+        Called once the reactor runs (after it installed its own SIGTERM handler)."""
+        if not self.running or threading.current_thread() is not threading.main_thread():
+            return
+        for number, handler in ((signal.SIGHUP, self._on_sighup),
+                                (signal.SIGUSR1, self._on_sigusr1),
+                                (signal.SIGTERM, self._on_sigterm)):
+            self._previous_handlers.setdefault(number, signal.signal(number, handler))
+
+    def _restore_signal_handlers(self) -> None:
+        for number, handler in self._previous_handlers.items():
+            signal.signal(number, handler)
+        self._previous_handlers.clear()
 
     def startService(self) -> None:  # noqa: N802
         """Start the instances in file order; if one fails, stop those already started."""
@@ -185,21 +283,16 @@ class TunnelService(service.MultiService):
                 raise SystemExit(f"tcptunnel: start-up failed: {e}") from None
             started.append(child)
             self.log.info("[{name}] started", name=child.name)
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
-            self._install_log_reopen()
+        self.reactor.callWhenRunning(self._install_signal_handlers)
         self.log.info("Started. Send SIGHUP to reload, SIGTERM or Ctrl+C to stop.")
 
     def stopService(self) -> Any:  # noqa: N802
         """Stop the instances in reverse order."""
-        self.log.info("Stopping")
-        if self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
-            self._previous_sighup = None
-        # twistd ends itself with the signal that stopped it; a stop on SIGTERM is our
-        # normal, graceful shutdown, and process managers should see exit status 0.
-        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
-            self.reactor._exitSignal = None
+        if self.exit_signal is not None:
+            self.log.info("Stopping ({signal})", signal=signal.Signals(self.exit_signal).name)
+        else:
+            self.log.info("Stopping")
+        self._restore_signal_handlers()
         return super().stopService()
 
 
@@ -208,6 +301,6 @@ def makeService(options: Options) -> service.IService:  # noqa: N802
     from twisted.internet import reactor
 
     try:
-        return TunnelService(options.settings, reactor)
+        return TunnelService(options.settings, reactor, twistd_log_file(options))
     except TlsSetupError as e:
         raise SystemExit(f"tcptunnel: {options.settings.path}: {e}") from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import stat
 import sys
 
 from twisted.application.service import IServiceMaker
@@ -21,6 +23,7 @@ from tcptunnel.status import StatusService
 from tcptunnel.test._certs import mint
 from tcptunnel.test._harness import (
     CONF,
+    NS,
     ROOT,
     EchoProtocol,
     TwistdProcess,
@@ -28,8 +31,10 @@ from tcptunnel.test._harness import (
     connect,
     free_port,
     listen,
+    reserve_port,
     sleep,
     twistd_command,
+    wait_until,
 )
 
 
@@ -160,10 +165,10 @@ class TwistdProcessTests(TestCase):
             process.stop()
         await defer.gatherResults([p.ended for p in processes])
         for process in processes:
-            # twistd stops cleanly on SIGTERM, then ends itself with that signal so that
-            # its exit status says why it stopped.
-            self.assertIn((process.exit_code, process.exit_signal), [(0, None), (None, 15)],
-                          process.log())
+            # A stop on SIGTERM is the normal, graceful one: exit status 0 (twistd on its
+            # own would end itself with the signal).
+            self.assertEqual((process.exit_code, process.exit_signal), (0, None),
+                             process.log())
             self.assertIn("Server Shut Down.", process.log())
             self.assertNotIn("Traceback", process.log())
 
@@ -177,3 +182,178 @@ class TwistdProcessTests(TestCase):
             env=env, path=work)
         self.addCleanup(process.kill)
         return process
+
+
+def _umask(test: SynchronousTestCase, value: int) -> None:
+    """Set the process umask for the rest of the test."""
+    previous = os.umask(value)
+    test.addCleanup(os.umask, previous)
+
+
+def _mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+class LogFileTests(SynchronousTestCase):
+    """Our log file: appends, and reopens after logrotate moved it, with the first mode."""
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.path = os.path.join(self.directory, "t.log")
+
+    def read(self, path: str) -> str:
+        with open(path) as f:
+            return f.read()
+
+    def test_reopen_after_rename_keeps_the_first_mode(self) -> None:
+        """A new log file is 0o640; moved away and reopened under twistd's daemon umask
+        (0o077), the new file is 0o640 again and gets the lines written after the reopen."""
+        _umask(self, 0o022)
+        log = tap.LogFile(self.path)
+        self.addCleanup(log.close)
+        log.write("first\n")
+        log.flush()
+        self.assertEqual(_mode(self.path), 0o640)
+        _umask(self, 0o077)
+        os.rename(self.path, self.path + ".1")
+        log.write("still the moved file\n")
+        log.reopen()
+        log.write("second\n")
+        log.flush()
+        self.assertEqual(_mode(self.path), 0o640)
+        self.assertEqual(self.read(self.path + ".1"), "first\nstill the moved file\n")
+        self.assertEqual(self.read(self.path), "second\n")
+
+    def test_an_existing_file_keeps_its_mode(self) -> None:
+        """An existing log file is appended to, and its mode (here 0o600) is the mode of
+        the files reopened after it, whatever the umask."""
+        with open(self.path, "w") as f:
+            f.write("old\n")
+        os.chmod(self.path, 0o600)
+        _umask(self, 0o002)
+        log = tap.LogFile(self.path)
+        self.addCleanup(log.close)
+        log.write("appended\n")
+        log.flush()
+        self.assertEqual(self.read(self.path), "old\nappended\n")
+        os.rename(self.path, self.path + ".1")
+        log.reopen()
+        self.assertEqual(_mode(self.path), 0o600)
+
+    def test_a_file_logrotate_created_is_used_as_it_is(self) -> None:
+        """If logrotate ("create 0644") made the new file before the reopen, it is
+        appended to and keeps the mode logrotate gave it."""
+        log = tap.LogFile(self.path)
+        self.addCleanup(log.close)
+        os.rename(self.path, self.path + ".1")
+        with open(self.path, "w") as f:
+            f.write("made by logrotate\n")
+        os.chmod(self.path, 0o644)
+        log.reopen()
+        log.write("ours\n")
+        log.flush()
+        self.assertEqual((_mode(self.path), self.read(self.path)),
+                         (0o644, "made by logrotate\nours\n"))
+
+
+class TwistdLoggingTests(SynchronousTestCase):
+    """Which twistd command lines give us the log file, and how twistd gets its observer."""
+
+    def parse(self, *args: str) -> tap.Options:
+        from twisted.scripts.twistd import ServerOptions
+
+        options = ServerOptions()
+        options.parseOptions([*args, "tcptunnel", "--config",
+                              os.path.join(CONF, "demo.xml")])
+        sub = options.subOptions
+        assert isinstance(sub, tap.Options)
+        return sub
+
+    def test_which_command_lines_log_to_our_file(self) -> None:
+        """--logfile PATH (daemon or -n) and a daemon without --logfile (twistd.log) log to
+        our file; stdout (-n, --logfile=-), --syslog and --logger are left to twistd."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "t.log")
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(directory)
+        for args, expected in [
+                (["--logfile", path], path), (["-n", "--logfile", path], path),
+                ([], os.path.join(directory, "twistd.log")), (["-n"], None),
+                (["-n", "--logfile=-"], None), (["--syslog"], None),
+                (["--logger", "twisted.logger.jsonFileLogObserver"], None)]:
+            log = tap.twistd_log_file(self.parse(*args))
+            if log is not None:
+                log.close()
+            self.assertEqual(None if log is None else log.path, expected, args)
+        self.assertIsNone(tap.twistd_log_file(tap.Options()))  # not under twistd
+
+    def test_observer_is_the_application_component(self) -> None:
+        """The service makeService returns, added to twistd's Application, sets our
+        observer as its ILogObserver (what twistd's AppLogger uses before its own)."""
+        from twisted.application.service import Application
+        from twisted.logger import ILogObserver
+
+        path = os.path.join(os.path.abspath(self.mktemp()))
+        options = self.parse("--logfile", path)
+        service = tap.makeService(options)
+        assert isinstance(service, tap.TunnelService) and service.log_file is not None
+        self.addCleanup(service.log_file.close)
+        application = Application("tcptunnel")
+        service.setServiceParent(application)
+        observer = application.getComponent(ILogObserver)
+        self.assertIsNotNone(observer)
+        observer({"log_format": "hello {who}", "who": "log", "log_time": 0.0,
+                  "log_level": None, "log_namespace": "test"})
+        with open(path) as f:
+            self.assertIn("hello log", f.read())
+
+
+class TwistdLogReopenTests(TestCase):
+    """A real twistd process: SIGUSR1 after logrotate's rename, and SIGTERM."""
+
+    timeout = 60
+
+    async def test_sigusr1_reopens_with_the_first_mode_and_sigterm_exits_0(self) -> None:
+        """twistd -n --umask=077 --logfile t.log (the daemon's umask, in the foreground to
+        see the exit status): t.log is 0o640; after a rename and SIGUSR1 the new t.log is
+        0o640 too (twistd's own reopen made it 0o600) and gets the next lines; SIGTERM then
+        stops with exit status 0, the stop logged as ours."""
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        config, logfile = os.path.join(work, "settings.xml"), os.path.join(work, "t.log")
+        with open(config, "w") as f:
+            f.write(f'<Settings {NS}><Instance type="gateway"><Listener ip="127.0.0.1" '
+                    f'port="{reserve_port(self)}"/><Session id="1" proxyClientPassword="a" '
+                    'proxyServerPassword="b"/></Instance></Settings>')
+        process = TwistdProcess()
+        reactor.spawnProcess(
+            process, sys.executable,
+            twistd_command("-n", "--pidfile=", "--umask=077", "--logfile", logfile,
+                           "tcptunnel", "--config", config),
+            env=child_environment(), path=work)
+        self.addCleanup(process.kill)
+
+        def text(path: str) -> str:
+            try:
+                with open(path) as f:
+                    return f.read()
+            except FileNotFoundError:
+                return ""
+
+        await wait_until(lambda: "Started." in text(logfile), 20, "start-up")
+        self.assertEqual(_mode(logfile), 0o640)
+        os.rename(logfile, logfile + ".1")
+        process.transport.signalProcess(signal.SIGUSR1)  # type: ignore[union-attr]
+        await wait_until(lambda: "reopened the log file" in text(logfile), 10,
+                         "the reopened log file")
+        self.assertEqual(_mode(logfile), 0o640)
+        self.assertNotIn("reopened", text(logfile + ".1"))
+        process.stop()
+        await process.ended
+        self.assertEqual((process.exit_code, process.exit_signal), (0, None),
+                         text(logfile + ".1") + text(logfile) + process.log())
+        self.assertIn("Stopping (SIGTERM)", text(logfile))
+        self.assertIn("Server Shut Down.", text(logfile))
+        self.assertNotIn("Traceback", text(logfile + ".1") + text(logfile))
