@@ -14,6 +14,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcptunnel.config import load_settings
+from tcptunnel.proxy import ProxyService
 from tcptunnel.tap import TunnelService
 from tcptunnel.test._harness import (
     CONF,
@@ -23,9 +24,8 @@ from tcptunnel.test._harness import (
     TwistdProcess,
     child_environment,
     connect,
-    free_port,
     listen,
-    sleep,
+    reserve_port,
     twistd_command,
     wait_until,
 )
@@ -82,7 +82,7 @@ class ReloadTests(TestCase):
         keeps flowing; an invalid file is ignored."""
         echo1 = await listen(self, EchoProtocol)
         echo2 = await listen(self, EchoProtocol)
-        gateway, bind1, bind2 = free_port(), free_port(), free_port()
+        gateway, bind1, bind2 = reserve_port(self), reserve_port(self), reserve_port(self)
         service, path = await self.start(settings_text(gateway, [(bind1, echo1)], [echo1]))
         await wait_until(lambda: self.proxies_ready(service), 15, "login")
         live = await connect(bind1)
@@ -110,7 +110,7 @@ class ReloadTests(TestCase):
     async def test_removed_binding_and_allowed_target(self) -> None:
         """Removing a Binding stops its listener; removing a target denies new streams."""
         echo = await listen(self, EchoProtocol)
-        gateway, bind1, bind2 = free_port(), free_port(), free_port()
+        gateway, bind1, bind2 = reserve_port(self), reserve_port(self), reserve_port(self)
         service, path = await self.start(settings_text(gateway, [(bind1, echo), (bind2, echo)],
                                                        [echo]))
         await wait_until(lambda: self.proxies_ready(service), 15, "login")
@@ -120,21 +120,28 @@ class ReloadTests(TestCase):
         client = await connect(bind1)
         client.transport.write(b"x")
         self.assertEqual(await client.ended, "reset")  # denied by the new, empty allow-list
-        with self.assertRaises(ConnectionRefusedError):
+        with self.assertRaises(ConnectionRefusedError):  # bind2 stays reserved: no one else
             await connect(bind2)
 
     async def test_changed_password_closes_session_links(self) -> None:
         """A changed session password closes that session's links; the proxies come back with
         the new settings and tunnel again."""
         echo = await listen(self, EchoProtocol)
-        gateway, bind = free_port(), free_port()
+        gateway, bind = reserve_port(self), reserve_port(self)
         service, path = await self.start(settings_text(gateway, [(bind, echo)], [echo]))
         await wait_until(lambda: self.proxies_ready(service), 15, "login")
+        old_links = [child.link for child in service if isinstance(child, ProxyService)]
         with open(path, "w") as f:
             f.write(settings_text(gateway, [(bind, echo)], [echo], server_password="new-ps"))
         self.assertTrue(await service.reload())
-        await sleep(0.2)
-        await wait_until(lambda: self.proxies_ready(service), 20, "login after reload")
+
+        def new_links_ready() -> bool:
+            proxies = [child for child in service if isinstance(child, ProxyService)]
+            return len(proxies) == 2 and all(
+                proxy.link is not None and all(proxy.link is not old for old in old_links)
+                for proxy in proxies) and self.proxies_ready(service)
+
+        await wait_until(new_links_ready, 20, "both proxies to log in again after the reload")
         self.assertEqual(await self.echo_once(bind, b"new password"), b"new password")
 
 
@@ -146,10 +153,10 @@ class ProcessTests(TestCase):
     def write_settings(self) -> tuple[str, int]:
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)
-        bind = free_port()
+        bind = reserve_port(self)
         path = os.path.join(work, "settings.xml")
         with open(path, "w") as f:
-            f.write(settings_text(free_port(), [(bind, 9)], [9]))
+            f.write(settings_text(reserve_port(self), [(bind, 9)], [9]))
         return path, bind
 
     def spawn(self, *args: str, cwd: str) -> TwistdProcess:
@@ -257,7 +264,7 @@ class CertificateRenewalTests(TestCase):
         cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
         shutil.copy(old.cert, cert)
         shutil.copy(old.key, key)
-        gateway, bind_old, bind_new = free_port(), free_port(), free_port()
+        gateway, bind_old, bind_new = reserve_port(self), reserve_port(self), reserve_port(self)
 
         def proxy_server(pin: str, bind: int) -> str:
             return (f'<Instance type="proxy-server" host="127.0.0.1" port="{gateway}" '
