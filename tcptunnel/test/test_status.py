@@ -25,8 +25,8 @@ from tcptunnel.test._harness import (
     TwistdProcess,
     child_environment,
     connect,
-    free_port,
     listen,
+    reserve_port,
     twistd_command,
     wait_until,
 )
@@ -56,7 +56,7 @@ class StatusTests(TestCase):
 
     async def start(self) -> tuple[TunnelService, int, int]:
         echo = await listen(self, EchoProtocol)
-        gateway, binding = free_port(), free_port()
+        gateway, binding = reserve_port(self), reserve_port(self)
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             f.write(
