@@ -174,7 +174,12 @@ class TunnelService(service.MultiService):
     def _add_instance(self, instance: InstanceConfig) -> Any:
         child = make_instance_service(instance, self.reactor)
         child.setName(f"{instance.index}:{instance.role}")
-        child.setServiceParent(self)
+        try:
+            child.setServiceParent(self)  # starts it if we are running
+        except (StartupError, TlsSetupError):
+            # Not left in the tree half-started: a later reload adds it afresh.
+            self.removeService(child)
+            raise
         return child
 
     @defer.inlineCallbacks
@@ -183,7 +188,9 @@ class TunnelService(service.MultiService):
 
         An invalid file is logged and ignored: everything keeps running as it was.
         Instances are matched by position and role; unchanged parts keep their links and
-        streams.  Fires with True when the new settings were applied.
+        streams.  Each instance changes all or nothing: one that cannot apply its new
+        settings (a busy port, an unusable certificate) keeps running as it was, and says
+        why.  Fires with True when the new settings were applied everywhere.
         """
         path = self.settings.path
         self.log.info("Reloading {path}", path=path)
@@ -197,6 +204,7 @@ class TunnelService(service.MultiService):
                    if child.name not in AUXILIARY_SERVICES}
         if settings.status != self.settings.status:
             self.log.warn("<Status> changed: that takes effect at the next restart")
+        failed: list[str] = []
         for instance in settings.instances:
             child = current.pop((instance.index, instance.role), None)
             name = f"{instance.index}:{instance.role}"
@@ -213,10 +221,15 @@ class TunnelService(service.MultiService):
                 state = "not changed" if child is not None else "could not be started"
                 self.log.error("[{name}] {state}: {error}", name=name, state=state,
                                error=str(e))
+                failed.append(name)
         for child in current.values():
             self.log.info("[{name}] removed", name=child.name)
             yield defer.maybeDeferred(child.disownServiceParent)
         self.settings = settings
+        if failed:
+            self.log.warn("Reloaded {path} except {names} (see above)", path=path,
+                          names=", ".join(failed))
+            return False
         self.log.info("Reloaded {path}", path=path)
         return True
 

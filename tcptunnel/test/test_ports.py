@@ -1,8 +1,10 @@
-"""Tests for tcptunnel.ports.ListenerSet: start, rollback and all-or-nothing reload."""
+"""Tests for tcptunnel.ports.ListenerSet: start, rollback and all-or-nothing reload, alone and
+in the Gateway and Proxy-Server services."""
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -11,13 +13,16 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
-from twisted.internet.testing import MemoryReactor
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tcptunnel.config import Location, StartupError
+from tcptunnel.config import Location, StartupError, load_settings
+from tcptunnel.gateway import GatewayService
 from tcptunnel.ports import AddressKey, ListenerSet, listen
-from tcptunnel.test._harness import wait_until
+from tcptunnel.proxyserver import ProxyServerService
+from tcptunnel.tap import TunnelService
+from tcptunnel.test._harness import NS, wait_until
 
 _WILDCARDS = ("", "::", "0.0.0.0")
 
@@ -48,7 +53,7 @@ class _Port:
         return self.closing
 
 
-class BindingReactor(MemoryReactor):
+class BindingReactor(MemoryReactorClock):
     """A MemoryReactor whose listenTCP binds like Linux: an address whose port number is
     held elsewhere (``busy``) or bound by us on the same or a wildcard address is refused
     with EADDRINUSE; port 0 gets the next free number."""
@@ -308,3 +313,119 @@ def _can_bind(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def _settings_text(gateway_port: int, listener_ports: list[int], binding_ports: list[int],
+                   target: int = 7, session_password: str = "ps") -> str:
+    """A Gateway with Listeners and a Proxy-Server with Bindings, one element a line."""
+    listeners = "".join(f'<Listener ip="127.0.0.1" port="{p}"/>\n' for p in listener_ports)
+    bindings = "".join(f'<Binding listenIp="127.0.0.1" listenPort="{p}" targetHost="t" '
+                       f'targetPort="{target}"/>\n' for p in binding_ports)
+    return (f'<Settings {NS}>\n<Instance type="gateway">\n{listeners}'
+            f'<Session id="1" proxyClientPassword="pc" proxyServerPassword="{session_password}"/>'
+            f'\n</Instance>\n<Instance type="proxy-server" host="127.0.0.1" '
+            f'port="{gateway_port}"><Session id="1" password="ps">\n{bindings}</Session>'
+            "</Instance>\n</Settings>\n")
+
+
+class ServiceReloadTests(SynchronousTestCase):
+    """GatewayService, ProxyServerService and TunnelService over the ListenerSet: a reload
+    with a busy port changes nothing in that instance and says what it could not apply."""
+
+    def setUp(self) -> None:
+        self.reactor = BindingReactor()
+        self.path = os.path.abspath(self.mktemp())
+        self.events: list[LogEvent] = []
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def write(self, text: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def start(self, text: str) -> TunnelService:
+        self.write(text)
+        tunnel = TunnelService(load_settings(self.path), self.reactor)
+        tunnel.startService()
+        self.addCleanup(tunnel.stopService)
+        return tunnel
+
+    def reload(self, tunnel: TunnelService) -> Any:
+        results: list[Any] = []
+        tunnel.reload().addBoth(results.append)
+        self.assertEqual(len(results), 1, "the reload should have finished")
+        return results[0]
+
+    def errors(self) -> list[str]:
+        """The reload's error and warning lines (not the start-up warnings)."""
+        return [formatEvent(e) for e in self.events
+                if e["log_level"] in (LogLevel.error, LogLevel.warn)
+                and "plain TCP" not in formatEvent(e)]
+
+    def test_busy_binding_port_keeps_the_proxy_server_as_it_was(self) -> None:
+        """A reload that moves a Binding to a busy port and changes its target: the old
+        Binding still listens with its old target, the error names the address and line,
+        and the last line says the reload was not complete; the Gateway's change (a new
+        Listener) applied."""
+        tunnel = self.start(_settings_text(6000, [6000], [5000], target=7))
+        gateway, server = (tunnel.getServiceNamed("0:gateway"),
+                           tunnel.getServiceNamed("1:proxy-server"))
+        assert isinstance(server, ProxyServerService)
+        old_factory = server.bindings.entries()[0][3]
+        self.reactor.busy.add(5001)
+        self.write(_settings_text(6000, [6000, 6001], [5001], target=8))
+        self.assertIs(self.reload(tunnel), False)
+        self.assertIn(("127.0.0.1", 5000), self.reactor.addresses())
+        self.assertNotIn(("127.0.0.1", 5001), self.reactor.addresses())
+        self.assertEqual(server.bindings.entries()[0][3], old_factory)
+        self.assertEqual(old_factory.binding.target_port, 7)
+        self.assertEqual(server.config.bindings[0].listen_port, 5000)
+        self.assertEqual([p.getHost().port for p in gateway.ports], [6000, 6001])
+        self.assertEqual(self.errors(), [
+            f"[1:proxy-server] not changed: [1] Binding could not listen on 127.0.0.1:5001 "
+            f"({self.path}:8): [Errno 98] Address already in use",
+            f"Reloaded {self.path} except 1:proxy-server (see above)"])
+
+    def test_busy_listener_port_keeps_the_gateway_as_it_was(self) -> None:
+        """A reload that adds a session password change and a Listener on a busy port: the
+        Gateway keeps its configuration (gateway.update is not called) and its Listener."""
+        tunnel = self.start(_settings_text(6000, [6000], [5000]))
+        gateway = tunnel.getServiceNamed("0:gateway")
+        assert isinstance(gateway, GatewayService)
+        before = gateway.config
+        updates: list[Any] = []
+        self.patch(gateway.gateway, "update", updates.append)
+        self.reactor.busy.add(6001)
+        self.write(_settings_text(6000, [6000, 6001], [5000], session_password="new"))
+        self.assertIs(self.reload(tunnel), False)
+        self.assertEqual((updates, gateway.config), ([], before))
+        self.assertEqual([p.getHost().port for p in gateway.ports], [6000])
+        self.assertIn(f"[0:gateway] not changed: [0] Gateway could not listen on "
+                      f"127.0.0.1:6001 ({self.path}:4): [Errno 98] Address already in use",
+                      self.errors())
+        # Once the port is free, the same file applies.
+        self.reactor.busy.clear()
+        self.assertIs(self.reload(tunnel), True)
+        self.assertEqual(len(updates), 1)
+        self.assertEqual([p.getHost().port for p in gateway.ports], [6000, 6001])
+
+    def test_an_added_instance_that_cannot_listen_is_not_left_behind(self) -> None:
+        """An instance added by a reload whose Binding port is busy is reported as not
+        started and is not kept half-started: the next reload, once the port is free, adds
+        and starts it."""
+        text = _settings_text(6000, [6000], [5000])
+        tunnel = self.start(text)
+        extra = ('<Instance type="proxy-server" host="127.0.0.1" port="6000"><Session id="1" '
+                 'password="ps"><Binding listenIp="127.0.0.1" listenPort="5002" '
+                 'targetHost="t" targetPort="7"/></Session></Instance>\n</Settings>\n')
+        self.write(text.replace("</Settings>\n", extra))
+        self.reactor.busy.add(5002)
+        self.assertIs(self.reload(tunnel), False)
+        self.assertNotIn("2:proxy-server", [child.name for child in tunnel])
+        self.assertIn("[2:proxy-server] could not be started", " ".join(self.errors()))
+        self.reactor.busy.clear()
+        self.assertIs(self.reload(tunnel), True)
+        added = tunnel.getServiceNamed("2:proxy-server")
+        self.assertTrue(added.running)
+        self.assertIn(("127.0.0.1", 5002), self.reactor.addresses())
