@@ -28,6 +28,9 @@ from tcptunnel._frames import GoAway, LinkError, Reason
 from tcptunnel._link import GoAwayReceived, LinkCore, LinkState, PongReceived
 
 _UNKNOWN_ADDRESS = IPv4Address("TCP", "0.0.0.0", 0)
+# How long a closed link may take to send its GOAWAY before it is aborted.
+CLOSE_GRACE = 10.0
+TOO_SLOW_CLOSE_GRACE = 1.0
 
 
 @implementer(interfaces.IPushProducer, interfaces.IHandshakeListener)
@@ -162,8 +165,9 @@ class LinkProtocol(Protocol):
     def fail(self, code: GoAway, message: str, abort_after: float | None = None) -> None:
         """Close the link because of a violation or a local decision, telling the peer why.
 
-        The socket is aborted if it is still open ``abort_after`` seconds later (10 s by
-        default: a peer that never reads must not keep it for ever).
+        The socket is aborted if it is still open ``abort_after`` seconds later (by default
+        10 s: a peer that never reads must not keep it for ever; 1 s for TOO_SLOW, since a
+        peer that does not read will not read its GOAWAY either).
         """
         if self._closing:
             return
@@ -174,7 +178,9 @@ class LinkProtocol(Protocol):
             emit("Link {peer}: closing ({code}): {message}",
                  peer=self.peer_description, code=code.name, message=message)
         self.core.go_away(code, message)
-        self._close_transport(10.0 if abort_after is None else abort_after)
+        if abort_after is None:
+            abort_after = TOO_SLOW_CLOSE_GRACE if code is GoAway.TOO_SLOW else CLOSE_GRACE
+        self._close_transport(abort_after)
 
     def log_allowed(self) -> bool:
         """Hook: whether a log line about this link may be written now (the Gateway limits
@@ -281,8 +287,16 @@ def set_socket_options(transport: Any) -> None:
         pass  # not a TCP socket (tests, other transports)
 
 
+# The states in which a stream has ended (nothing moves it any more).
+_ENDED = frozenset(state for state in _mux.StreamState if state.terminal)
+
+
 class StreamEndpoint:
-    """What a :class:`MuxStream` delivers to: the local side of a splice."""
+    """What a :class:`MuxStream` delivers to: the local side of a splice.
+
+    The endpoint is also the protocol of the local socket that the stream is the producer
+    for: its ``connectionLost`` must end the stream (see :meth:`MuxStream.stopProducing`).
+    """
 
     def stream_data(self, data: bytes) -> None:
         """Bytes from the far end."""
@@ -313,15 +327,21 @@ class MuxStream:
     registered on the local socket's transport, which pauses it when its
     buffer is full; as an IConsumer it takes the local socket as its own
     producer and pauses it when the window is spent.
+
+    Where the stream stands (:attr:`state`, :attr:`finished`, :attr:`write_closed`,
+    :attr:`remote_ended`) is read from the core's record of the stream, never kept twice.
     """
 
     # One per tunneled connection: no per-instance dict.
     __slots__ = ("_consumer_paused", "_producer_paused", "_unacknowledged", "bytes_in",
-                 "bytes_out", "endpoint", "finished", "mux", "producer", "stream_id")
+                 "bytes_out", "endpoint", "mux", "producer", "record", "stream_id")
 
     def __init__(self, mux: MuxProtocol, stream_id: int, endpoint: StreamEndpoint) -> None:
         self.mux = mux
         self.stream_id = stream_id
+        # The core's record outlives the stream's place in the core's table, with its
+        # terminal state.
+        self.record = mux.core.streams[stream_id]
         self.endpoint = endpoint
         self.producer: interfaces.IPushProducer | None = None
         self._producer_paused = False
@@ -329,13 +349,34 @@ class MuxStream:
         self._unacknowledged = 0
         self.bytes_in = 0
         self.bytes_out = 0
-        self.finished = False
+
+    # -- state (from the core) ----------------------------------------------
+
+    @property
+    def state(self) -> _mux.StreamState:
+        """The stream's state in the transition table."""
+        return self.record.state
+
+    @property
+    def finished(self) -> bool:
+        """The stream ended: CLOSED or RESET (also when the OPEN failed)."""
+        return self.record.state in _ENDED
+
+    @property
+    def write_closed(self) -> bool:
+        """Our direction ended: FIN is sent, or queued behind the data buffered before it."""
+        return self.record.send.fin
+
+    @property
+    def remote_ended(self) -> bool:
+        """The far end's FIN arrived."""
+        return self.record.recv.fin
 
     # -- ITransport ---------------------------------------------------------
 
     def write(self, data: bytes) -> None:
         """Send bytes to the far end (after the window allows)."""
-        if self.finished or not data:
+        if self.record.state in _ENDED or not data:
             return
         core = self.mux.core
         self.bytes_out += len(data)
@@ -366,7 +407,6 @@ class MuxStream:
     def abortConnection(self, reason: Reason = Reason.CANCELLED, message: str = "") -> None:  # noqa: N802
         """Reset the stream in both directions."""
         if not self.finished:
-            self.finished = True
             self.mux.core.reset_stream(self.stream_id, reason, message)
             self.mux.forget(self.stream_id)
             self.mux.flush()
@@ -417,8 +457,14 @@ class MuxStream:
                 self.mux.flush()
 
     def stopProducing(self) -> None:  # noqa: N802
-        """The local socket is gone."""
-        self.abortConnection()
+        """The local socket is going away: withhold credit for what it can no longer take.
+
+        Twisted calls this from the transport's connectionLost *before* the protocol's
+        connectionLost, which alone knows how the socket ended (a clean close, or an error
+        such as a reset) and ends the stream accordingly.  Resetting here would end every
+        such stream as CANCELLED with no message.
+        """
+        self.pauseProducing()
 
     # -- from the mux -------------------------------------------------------
 
@@ -428,7 +474,7 @@ class MuxStream:
         self.endpoint.stream_data(data)
         if self._consumer_paused:
             self._unacknowledged += len(data)
-        elif not self.finished:
+        elif self.record.state not in _ENDED:
             self.mux.core.data_consumed(self.stream_id, len(data), self.mux.clock.seconds())
 
 
@@ -488,6 +534,8 @@ class MuxProtocol(LinkProtocol):
                 if stream is not None:
                     stream.deliver(event.data)
             elif isinstance(event, _mux.StreamOpenRequested):
+                if event.stream_id not in self.core.streams:
+                    continue  # reset in the same read, before anyone saw it
                 if self.on_open_requested is None:
                     self.core.reject_stream(event.stream_id, Reason.INTERNAL, "not accepting")
                 else:
@@ -507,10 +555,10 @@ class MuxProtocol(LinkProtocol):
                 self._finish(event.stream_id, (event.reason, event.message, remote))
 
     def _finish(self, stream_id: int, reset: tuple[Reason, str, bool] | None) -> None:
+        """Tell a stream's endpoint how it ended (once: the table entry goes first)."""
         stream = self.streams.pop(stream_id, None)
-        if stream is None or stream.finished:
+        if stream is None:
             return
-        stream.finished = True
         if reset is None:
             stream.endpoint.stream_closed()
         else:
@@ -531,10 +579,14 @@ class MuxProtocol(LinkProtocol):
                 self._finish(stream_id, None)
 
     def reset_all_streams(self, reason: Reason, message: str) -> None:
-        """Reset every stream: RESET to the peer, RST to every local socket."""
+        """Reset every stream: RESET to the peer, RST to every local socket.
+
+        A stream our FIN closed in a last write that skipped :meth:`after_flush` (a link
+        closing) ended cleanly and is reported so."""
         self.core.reset_all(reason, message)
-        for stream_id in list(self.streams):
-            self._finish(stream_id, (reason, message, False))
+        for stream_id, stream in list(self.streams.items()):
+            closed = stream.state is _mux.StreamState.CLOSED
+            self._finish(stream_id, None if closed else (reason, message, False))
         self.flush()
 
     def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: N802, B008

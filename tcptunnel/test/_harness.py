@@ -359,7 +359,11 @@ class RawPeer(Protocol):
         challenge = self.of_type(fr.FrameType.AUTH_CHALLENGE)[0].payload.decode()
         self.transport.write(fr.build_auth_message(fr.FrameType.AUTH_PROOF,
                                                    auth.proof(challenge)))
-        await wait_until(lambda: bool(self.of_type(fr.FrameType.AUTH_RESULT)), what="AUTH_RESULT")
+        # A proven login refused for a limit hears GOAWAY LIMIT, not AUTH_RESULT 0.
+        await wait_until(lambda: bool(self.of_type(fr.FrameType.AUTH_RESULT)
+                                      or self.closed.called), what="AUTH_RESULT")
+        if not self.of_type(fr.FrameType.AUTH_RESULT):
+            return False
         ok, server_final = fr.parse_auth_result(self.of_type(fr.FrameType.AUTH_RESULT)[0].payload)
         if ok:
             auth.verify(server_final)
