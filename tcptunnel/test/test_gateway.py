@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any, cast
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, globalLogPublisher
@@ -25,12 +26,12 @@ from tcptunnel.gateway import Gateway, GatewayLink
 from tcptunnel.test._harness import (
     NS,
     EchoProtocol,
+    RawPeer,
     Tunnel,
     binding_port,
     connect,
     listen,
     raw_peer,
-    sleep,
     wait_until,
 )
 
@@ -322,6 +323,15 @@ class NeverReads(Protocol):
         self._paused = True
 
 
+class StopsReadingAfterOpen(RawPeer):
+    """A Proxy-Server peer that stops reading in the read that brings its OPEN_RESULT."""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        super().dataReceived(data)
+        if self.of_type(FrameType.OPEN_RESULT):
+            self.transport.pauseProducing()
+
+
 class GatewayNetworkTests(TestCase):
     """Hostile and unusual peers on real sockets, while a healthy session keeps working."""
 
@@ -423,7 +433,11 @@ class GatewayNetworkTests(TestCase):
                 + fr.build_window_update(stream_id, 1000)
                 + fr.build_reset(stream_id, Reason.CANCELLED)
                 + fr.build_fin(stream_id))
-        await sleep(0.2)
+        # The Gateway handles a link's frames in order: its PONG means it has seen them all.
+        attacker.transport.write(fr.build_ping(b"barrier!"))
+        await wait_until(lambda: any(f.payload == b"barrier!"
+                                     for f in attacker.of_type(FrameType.PONG))
+                         or attacker.closed.called, what="the PONG after the injected frames")
         client.transport.write(b"second half")
         client.transport.loseWriteConnection()
         self.assertEqual(await client.ended, "clean")
@@ -454,8 +468,9 @@ class GatewayNetworkTests(TestCase):
         peer.transport.loseConnection()
 
     async def test_stalled_proxy_server_is_bounded(self) -> None:
-        """A Proxy-Server that stops reading holds at most its granted window at the Gateway,
-        while another Proxy-Server of the session keeps flowing."""
+        """While a Proxy-Server that stops reading is stalled, the Gateway's queue toward it
+        stays within what it granted (security.md), sampled all along, while another
+        Proxy-Server of the session keeps flowing."""
         source = await listen(self, NeverReads)
         echo = await listen(self, EchoProtocol)
         tunnel = Tunnel(self)
@@ -464,18 +479,42 @@ class GatewayNetworkTests(TestCase):
         pc = tunnel.start_proxy_client()
         ps = tunnel.start_proxy_server([("127.0.0.1", echo)])
         await tunnel.ready(pc, ps)
-        stalled = await raw_peer(tunnel.gateway_port)
+        stalled = StopsReadingAfterOpen()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", tunnel.gateway_port).connect(
+            Factory.forProtocol(lambda: stalled))
         self.assertTrue(await stalled.login(1, fr.ROLE_PROXY_SERVER, "server-pw"))
-        window = 256 * 1024
+        link = next(lk for lk in gateway.gateway.links if lk.role == fr.ROLE_PROXY_SERVER
+                    and lk.peer_description.endswith(f":{stalled.transport.getHost().port}"))
+        # Far more than loopback's socket buffers hold while nobody reads (a few hundred KiB),
+        # so most of the grant must wait in the Gateway's queue: the bound is really tested.
+        window = 4 * 1024 * 1024
         stalled.transport.write(fr.build_open(1, fr.OpenRequest(window, 0, "127.0.0.1",
                                                                 source)))
         await wait_until(lambda: bool(stalled.of_type(FrameType.OPEN_RESULT)), what="open")
-        stalled.transport.pauseProducing()  # stop reading: the kernel buffers fill up
-        await sleep(0.5)
-        await self.assert_echo_works(binding_port(ps), size=3_000_000)
-        link = next(lk for lk in gateway.gateway.links if lk.role == fr.ROLE_PROXY_SERVER
-                    and lk.peer_description.endswith(str(stalled.transport.getHost().port)))
-        self.assertLessEqual(link.core.queued_bytes, window + 64 * fr.HEADER_SIZE)
+        self.assertLess(sum(len(f.payload) for f in stalled.of_type(FrameType.DATA)), 256 * 1024)
+        # The grant plus one 9-byte header per DATA frame (frames carry 1 KiB or more) and
+        # a few control frames.
+        bound = window + window // 1024 * fr.HEADER_SIZE + 4096
+        samples: list[int] = []
+
+        def sample() -> None:
+            samples.append(link.core.queued_bytes)
+
+        sampler = task.LoopingCall(sample)
+        sampler.start(0.005)
+        try:
+            await wait_until(lambda: link.core.queued_bytes >= window // 2, 10,
+                             "the stalled stream's grant to pile up at the Gateway")
+            stalled_at = len(samples)
+            await self.assert_echo_works(binding_port(ps), size=3_000_000)
+            during = samples[stalled_at:]
+        finally:
+            sampler.stop()
+        self.assertGreater(len(during), 5, "too few samples during the healthy transfer")
+        self.assertLessEqual(max(samples), bound, f"{max(samples)} bytes queued, "
+                             f"grant {window}")
+        self.assertGreaterEqual(min(during), window // 2, "the stall ended during the echo")
+        self.assertFalse(stalled.closed.called, "a peer within its grant is not closed")
         stalled.transport.resumeProducing()
         stalled.transport.loseConnection()
 
