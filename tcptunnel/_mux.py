@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tcptunnel import _frames as fr
 from tcptunnel._frames import Frame, FrameType, GoAway, LinkError, OpenRequest, Reason, StreamError
-from tcptunnel._link import DEFAULT_CHUNK, LinkCore
+from tcptunnel._link import DEFAULT_CHUNK, MAX_QUEUED_CONTROL_FRAMES, LinkCore
 
 # StreamState lives in tcptunnel._stream; ``_mux.StreamState`` stays importable.
 from tcptunnel._stream import (
@@ -105,8 +105,11 @@ class StreamClosed:
     stream_id: int
 
 
-class _Stream:
-    """Per-stream bookkeeping; only :class:`MuxConnection` touches it.
+class StreamRecord:
+    """Per-stream bookkeeping; only :class:`MuxConnection` changes it.
+
+    The adapter (:class:`tcptunnel.mux.MuxStream`) keeps a reference to read the state from:
+    a record keeps its terminal state (CLOSED or RESET) after the stream left the table.
 
     ``state`` changes only through the transition table.  ``recv`` is the direction the peer
     sends in: its credit is the window the peer has left, its ``fin`` the peer's FIN.  ``send``
@@ -191,7 +194,11 @@ class MuxConnection(LinkCore):
         self.max_window = max(max_window, initial_window)
         self.receive_budget = receive_budget
         self.max_streams = max_streams
-        self.streams: dict[int, _Stream] = {}
+        # Unsent control frames a read may leave before the link is closed TOO_SLOW: a few
+        # per stream (OPEN_RESULT, WINDOW_UPDATE, FIN, RESET) while the Gateway is slow to
+        # read, plus the PONGs and answers to bad frames a hostile Gateway could provoke.
+        self.max_control_frames = MAX_QUEUED_CONTROL_FRAMES + 4 * max_streams
+        self.streams: dict[int, StreamRecord] = {}
         self._next_stream_id = 1
         self._last_peer_stream_id = 0
         self.granted_total = 0  # sum of recv_window over live streams
@@ -210,13 +217,13 @@ class MuxConnection(LinkCore):
         room = self.receive_budget - self.granted_total
         return max(MIN_WINDOW, min(self.initial_window, room))
 
-    def _add_stream(self, stream_id: int, event: StreamEvent) -> _Stream:
-        stream = _Stream(stream_id, event, self._grant_initial())
+    def _add_stream(self, stream_id: int, event: StreamEvent) -> StreamRecord:
+        stream = StreamRecord(stream_id, event, self._grant_initial())
         self.granted_total += stream.recv_window
         self.streams[stream_id] = stream
         return stream
 
-    def _remove(self, stream: _Stream) -> None:
+    def _remove(self, stream: StreamRecord) -> None:
         """Forget a stream that reached a terminal state."""
         if self.streams.pop(stream.id, None) is not None:
             self.granted_total -= stream.recv_window
@@ -226,7 +233,7 @@ class MuxConnection(LinkCore):
         stream.send_buffered = 0
         stream.send_offset = 0
 
-    def _reset(self, stream: _Stream, reason: Reason, message: str) -> None:
+    def _reset(self, stream: StreamRecord, reason: Reason, message: str) -> None:
         self.queue_control(fr.build_reset(stream.id, reason, message))
         stream.move(StreamEvent.SEND_RESET)
         self._remove(stream)
@@ -327,7 +334,7 @@ class MuxConnection(LinkCore):
             stream.paused_total += now - stream.paused_at
             stream.paused_at = None
 
-    def _consumer_keeps_up(self, stream: _Stream, now: float) -> bool:
+    def _consumer_keeps_up(self, stream: StreamRecord, now: float) -> bool:
         """Whether the local socket was paused for at most half the time since the last
         credit update.  A window arriving in one burst pauses a fast socket briefly; a slow
         reader is paused most of the time, and more window would only buffer more."""
@@ -421,7 +428,7 @@ class MuxConnection(LinkCore):
         stream.recv.credit = fr.EARLY_WINDOW  # all the opener may send before we accept
         events.append(StreamOpenRequested(stream_id, request))
 
-    def _on_open_result(self, stream: _Stream, frame: Frame, events: list[object]) -> None:
+    def _on_open_result(self, stream: StreamRecord, frame: Frame, events: list[object]) -> None:
         if (stream.state, StreamEvent.RECV_OPEN_OK) not in TRANSITIONS:
             # Before parsing: the acceptor's end, or a second OPEN_RESULT.
             stream.move(StreamEvent.RECV_OPEN_OK)
@@ -441,7 +448,7 @@ class MuxConnection(LinkCore):
             self._remove(stream)
             events.append(StreamOpenFailed(stream.id, reason, message))
 
-    def _on_data(self, stream: _Stream, frame: Frame, events: list[object]) -> None:
+    def _on_data(self, stream: StreamRecord, frame: Frame, events: list[object]) -> None:
         if (stream.state, _RECV_DATA) not in TRANSITIONS:
             stream.move(_RECV_DATA)  # raises: the opener before OPEN_RESULT, or after FIN
         size = len(frame.payload)

@@ -97,6 +97,7 @@ def dial_target(reactor: Any, host: str, port: int, timeout: float,
 class TargetConnection(SpliceProtocol):
     """The connection to a target, spliced to the stream that asked for it."""
 
+    local_name = "target connection"
     __slots__ = ("dial", "early", "proxy", "request", "started")
 
     def __init__(self, proxy: ProxyClientService, request: OpenRequest) -> None:
@@ -130,8 +131,7 @@ class TargetConnection(SpliceProtocol):
         early, self.early = self.early, []
         for data in early:
             transport.write(data)
-        if self._remote_eof:  # the opener's FIN came with its early data
-            self._remote_eof = False
+        if stream.remote_ended:  # the opener's FIN came with its early data
             self.stream_ended()
         stream.resumeProducing()  # acknowledges the early data (the target took it)
 
@@ -219,7 +219,6 @@ class ProxyClientService(ProxyService):
             message = f"cannot connect to {target}: {failure.getErrorMessage()}"
             self.log.warn("[{index}] Stream to {target}: {message}", index=index, target=target,
                           message=message)
-            stream.finished = True
             link.reject_stream(stream_id, reason, message)
             connection._finish(f"failed to open ({reason.name})")
 

@@ -17,6 +17,7 @@ from tcptunnel.splice import SpliceProtocol
 class BindingConnection(SpliceProtocol):
     """An accepted local connection: kept paused until its stream is open."""
 
+    local_name = "client connection"
     __slots__ = ("binding", "client", "proxy", "started")
 
     def __init__(self, proxy: ProxyServerService, binding: BindingConfig) -> None:

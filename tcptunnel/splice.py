@@ -4,8 +4,12 @@ Producers are registered both ways (the portforward / transit-relay
 pattern): a full local socket pauses the stream (credit is withheld), a
 spent window pauses reading the local socket.  Half-close is real: local
 EOF becomes FIN, a FIN from the far end becomes ``loseWriteConnection``, and
-only when both directions are done is the socket closed.  A reset or a lost
-link aborts the local socket (TCP RST), never a clean EOF.
+the socket is closed when the stream is closed (FIN sent and received).  A
+reset, a lost link or a local connection that ends in an error is a reset
+(TCP RST), never a clean EOF.
+
+Where each direction stands is the stream's state (read from the multiplexer's
+record through the MuxStream), not flags kept here again.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import interfaces
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,21 +33,26 @@ class SpliceProtocol(Protocol, StreamEndpoint):
     """The protocol on a local socket whose bytes travel through a stream.
 
     ``on_end(how)`` is called once when the pair is finished, with a short
-    description ("closed", "reset by ...") for the stream's log event.
+    description ("closed ...", "reset here ...", "reset by ...") for the stream's log event;
+    :attr:`end_description` keeps it.
     """
 
     log = Logger()
+    #: What the local socket is, in the messages sent to the far end.
+    local_name = "local connection"
     # One per tunneled connection: attributes in slots (Twisted's own, such as
     # ``transport``, still go to the instance dict of Protocol).
-    __slots__ = ("_done", "_local_eof", "_on_end", "_remote_eof", "end_description", "stream")
+    __slots__ = ("_on_end", "end_description", "stream")
 
     def __init__(self, on_end: Callable[[SpliceProtocol, str], None] | None = None) -> None:
         self.stream: MuxStream | None = None
         self._on_end = on_end
-        self._local_eof = False
-        self._remote_eof = False
-        self._done = False
         self.end_description = ""
+
+    @property
+    def done(self) -> bool:
+        """The pair is finished (and ``on_end`` was called)."""
+        return bool(self.end_description)
 
     # -- wiring -------------------------------------------------------------
 
@@ -65,50 +75,63 @@ class SpliceProtocol(Protocol, StreamEndpoint):
 
     def readConnectionLost(self) -> None:  # noqa: N802
         """Local EOF: send FIN, keep receiving."""
-        self._local_eof = True
         if self.stream is not None:
             self.stream.loseWriteConnection()
-        self._close_if_done()
 
     def writeConnectionLost(self) -> None:  # noqa: N802
         """Our half-close of the local socket completed."""
 
-    def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: N802, B008
-        """The local socket is gone; an unfinished stream is reset."""
-        if self._done:
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802, B008
+        """The local socket is gone: an error resets the stream (CONNECTION_RESET, saying
+        what happened); a clean close ends our direction with FIN."""
+        if self.done:
             return
         stream = self.stream
-        if stream is not None and not stream.finished:
-            from twisted.internet.error import ConnectionDone
-
-            how = (Reason.CANCELLED if reason.check(ConnectionDone) else Reason.CONNECTION_RESET)
-            stream.abortConnection(how, f"the local connection ended: {reason.getErrorMessage()}")
-            self._finish(f"reset here ({how.name}: {reason.getErrorMessage()})")
-        else:
-            self._finish("local connection lost before the stream existed")
+        if stream is None:
+            self._finish(f"{self.local_name} lost before its stream was opened")
+            return
+        if stream.finished:
+            # The stream ended in the same event, before its endpoint was told.
+            self._finish(f"{self.local_name} lost after the stream ended ({stream.state.value})")
+            return
+        if reason.check(ConnectionDone):
+            # As TCP would: FIN now; data that still arrives resets the stream
+            # (stream_data), and the far end's FIN closes it.
+            stream.loseWriteConnection()
+            return
+        message = f"the {self.local_name} was lost: {reason.getErrorMessage()}"
+        stream.abortConnection(Reason.CONNECTION_RESET, message)
+        self._finish(f"reset here (CONNECTION_RESET: {message})")
 
     # -- stream -> local socket (StreamEndpoint) -----------------------------
 
     def stream_data(self, data: bytes) -> None:
         """Bytes from the far end go to the local socket."""
-        if self.transport is not None and not self._done:
-            self.transport.write(data)
+        transport: Any = self.transport
+        if transport is None or self.done:
+            return
+        if not getattr(transport, "connected", True) and self.stream is not None:
+            # The local socket closed cleanly, but the far end still sends: what a closed
+            # TCP socket answers with a RST.
+            message = f"data arrived after the {self.local_name} closed"
+            self.stream.abortConnection(Reason.CONNECTION_RESET, message)
+            self._finish(f"reset here (CONNECTION_RESET: {message})")
+            return
+        transport.write(data)
 
     def stream_ended(self) -> None:
         """FIN from the far end: half-close the local socket."""
-        self._remote_eof = True
         transport: Any = self.transport
-        if transport is not None and not self._done:
+        if transport is not None and not self.done:
             # loseWriteConnection waits for a registered producer to go away.
             transport.unregisterProducer()
             transport.loseWriteConnection()
-        self._close_if_done()
 
     def stream_closed(self) -> None:
-        """Both directions finished cleanly."""
-        self._remote_eof = True
-        self._local_eof = True
-        self._close_if_done()
+        """Both directions finished cleanly: close the local socket."""
+        self._finish("closed (FIN both ways)")
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def stream_reset(self, reason: Reason, message: str, remote: bool) -> None:
         """Abort the local socket so the application sees a reset, never a clean EOF."""
@@ -117,16 +140,9 @@ class SpliceProtocol(Protocol, StreamEndpoint):
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
-    def _close_if_done(self) -> None:
-        if self._local_eof and self._remote_eof and not self._done:
-            self._finish("closed (FIN both ways)")
-            if self.transport is not None:
-                self.transport.loseConnection()
-
     def _finish(self, how: str) -> None:
-        if self._done:
+        if self.done:
             return
-        self._done = True
         self.end_description = how
         if self._on_end is not None:
             self._on_end(self, how)

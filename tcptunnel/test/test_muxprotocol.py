@@ -1,20 +1,29 @@
-"""MuxProtocol / MuxStream / SpliceProtocol over iosim: producers, stalls, half-close, loss."""
+"""MuxProtocol / MuxStream / SpliceProtocol over iosim: producers, stalls, half-close, loss;
+and how a local connection's end reaches the far end, on real sockets through a real tunnel."""
 
 from __future__ import annotations
 
+import struct
+from socket import SO_LINGER, SOL_SOCKET
 from typing import Any
 
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from tcptunnel import _mux
 from tcptunnel._frames import FrameDecoder, FrameType, Reason
 from tcptunnel.mux import MuxProtocol
+from tcptunnel.proxy import ProxyService
+from tcptunnel.proxyclient import ProxyClientService
+from tcptunnel.proxyserver import ProxyServerService
 from tcptunnel.splice import SpliceProtocol
+from tcptunnel.test._harness import EchoProtocol, Tunnel, binding_port, connect, listen, wait_until
 
 
 class LocalSocket(StringTransport):
@@ -137,12 +146,69 @@ class MuxProtocolTests(SynchronousTestCase):
         self.assertEqual(ends.acceptor.streams, {})
 
     def test_local_reset_resets_far_socket(self) -> None:
-        """A local connection that dies uncleanly aborts the far socket (RST, not EOF)."""
+        """A local connection that dies uncleanly aborts the far socket (RST, not EOF), with
+        CONNECTION_RESET and a message saying what happened, at both ends."""
         ends = Ends()
-        splice, _socket, _far_splice, far_socket = ends.open()
-        splice.connectionLost(Failure(ConnectionDone()))
+        splice, _socket, far_splice, far_socket = ends.open()
+        lost = Failure(ConnectionLost("Connection reset by peer"))
+        splice.connectionLost(lost)
         ends.pump.flush()
         self.assertTrue(far_socket.aborted)
+        message = f"the local connection was lost: {lost.getErrorMessage()}"
+        self.assertIn("Connection reset by peer", message)
+        self.assertEqual(splice.end_description, f"reset here (CONNECTION_RESET: {message})")
+        self.assertEqual(far_splice.end_description,
+                         f"reset by the far end (CONNECTION_RESET: {message})")
+
+    def test_teardown_order_stop_producing_first(self) -> None:
+        """Twisted's order (the transport's stopProducing, then the protocol's connectionLost)
+        still resets with CONNECTION_RESET, not CANCELLED."""
+        ends = Ends()
+        splice, socket, far_splice, _far_socket = ends.open()
+        assert socket.producer is not None
+        socket.producer.stopProducing()  # what FileDescriptor.connectionLost does first
+        ends.pump.flush()
+        self.assertEqual(far_splice.end_description, "")
+        splice.connectionLost(Failure(ConnectionLost()))
+        ends.pump.flush()
+        self.assertTrue(far_splice.end_description.startswith(
+            "reset by the far end (CONNECTION_RESET: the local connection was lost"),
+            far_splice.end_description)
+
+    def test_clean_local_close_is_fin(self) -> None:
+        """A local connection that closes cleanly ends its direction with FIN: the far socket
+        is half-closed, not aborted; the far end's FIN then closes the stream."""
+        ends = Ends()
+        splice, socket, far_splice, far_socket = ends.open()
+        splice.dataReceived(b"last words")
+        socket.connected = False  # what the transport's connectionLost sets first
+        splice.connectionLost(Failure(ConnectionDone()))
+        ends.pump.flush()
+        self.assertEqual(far_socket.value(), b"last words")
+        self.assertTrue(far_socket.write_closed)
+        self.assertFalse(far_socket.aborted)
+        far_splice.readConnectionLost()
+        ends.pump.flush()
+        self.assertEqual(splice.end_description, "closed (FIN both ways)")
+        self.assertEqual(far_splice.end_description, "closed (FIN both ways)")
+        self.assertEqual(ends.opener.streams, {})
+        self.assertEqual(ends.acceptor.core.streams, {})
+
+    def test_data_after_clean_local_close_resets(self) -> None:
+        """Data for a local connection that closed cleanly resets the stream, as a closed
+        TCP socket answers with a RST: the far application learns it was not delivered."""
+        ends = Ends()
+        splice, socket, far_splice, far_socket = ends.open()
+        socket.connected = False
+        splice.connectionLost(Failure(ConnectionDone()))
+        ends.pump.flush()
+        far_splice.dataReceived(b"nobody reads this")
+        ends.pump.flush()
+        self.assertTrue(far_socket.aborted)
+        self.assertEqual(
+            far_splice.end_description,
+            "reset by the far end (CONNECTION_RESET: data arrived after the local connection "
+            "closed)")
 
     def test_link_loss_resets_every_stream(self) -> None:
         """Losing the link aborts every local socket on both ends."""
@@ -189,3 +255,76 @@ class MuxProtocolTests(SynchronousTestCase):
         ends.clock.advance(0.25)
         ends.pump.flush()
         self.assertEqual(ends.opener.rtt, 0.25)
+
+
+@implementer(ILogObserver)
+class StreamEndLog:
+    """Collects the ``stream_ended`` log events of the proxies in this process."""
+
+    def __init__(self, test: TestCase) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self)
+        test.addCleanup(globalLogPublisher.removeObserver, self)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        """Keep stream-end events."""
+        if event.get("event") == "stream_ended":
+            self.events.append(event)
+
+    def how(self, service: ProxyService) -> list[str]:
+        """How each stream of one proxy ended, in order."""
+        return [e["how"] for e in self.events if e.get("log_source") is service]
+
+
+class LocalTeardownTests(TestCase):
+    """A local application ending its connection, on real loopback sockets through a real
+    tunnel (Gateway, Proxy-Server, Proxy-Client in this process)."""
+
+    async def tunnel(self) -> tuple[Tunnel, ProxyServerService, ProxyClientService, int]:
+        """A running tunnel to an echo target: (tunnel, Proxy-Server, Proxy-Client, port)."""
+        echo = await listen(self, EchoProtocol)
+        tunnel = Tunnel(self)
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        client = tunnel.start_proxy_client(allowed=f'<Endpoint host="127.0.0.1" port="{echo}"/>')
+        server = tunnel.start_proxy_server([("127.0.0.1", echo)])
+        await tunnel.ready(client, server)
+        return tunnel, server, client, binding_port(server)
+
+    async def test_client_rst_mid_transfer(self) -> None:
+        """A client that RSTs mid-transfer (SO_LINGER 0) is reset with CONNECTION_RESET and a
+        message naming what happened at both proxies, and both log it so."""
+        log = StreamEndLog(self)
+        _tunnel, server, client_proxy, port = await self.tunnel()
+        app = await connect(port)
+        app.transport.write(b"m" * (4 * 1024 * 1024))
+        await wait_until(lambda: len(app.received) > 0, 10, "the first echoed bytes")
+        handle = app.transport.getHandle()
+        handle.setsockopt(SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, 0))
+        app.transport.abortConnection()  # close() with SO_LINGER 0: a TCP RST
+        await wait_until(lambda: bool(log.how(server) and log.how(client_proxy)), 10,
+                         "both proxies to log the end of the stream")
+        (here,) = log.how(server)
+        (far,) = log.how(client_proxy)
+        self.assertTrue(here.startswith(
+            "reset here (CONNECTION_RESET: the client connection was lost: "), here)
+        self.assertTrue(far.startswith(
+            "reset by the far end (CONNECTION_RESET: the client connection was lost: "), far)
+        self.assertNotIn("before the stream existed", here)
+        self.assertEqual(server.stats["streams_ended", "reset here"], 1)
+
+    async def test_clean_close_mid_transfer_is_fin(self) -> None:
+        """A client that closes cleanly after writing has its data delivered and a FIN sent:
+        both proxies log a clean close and the client gets every byte back."""
+        log = StreamEndLog(self)
+        _tunnel, server, client_proxy, port = await self.tunnel()
+        app = await connect(port)
+        payload = b"c" * (1024 * 1024)
+        app.transport.write(payload)
+        app.transport.loseWriteConnection()
+        self.assertEqual(await app.ended, "clean")
+        self.assertEqual(bytes(app.received), payload)
+        await wait_until(lambda: bool(log.how(server) and log.how(client_proxy)), 10,
+                         "both proxies to log the end of the stream")
+        self.assertEqual(log.how(server), ["closed (FIN both ways)"])
+        self.assertEqual(log.how(client_proxy), ["closed (FIN both ways)"])
