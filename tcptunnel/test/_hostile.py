@@ -66,6 +66,15 @@ def data_frame(stream_id: int, payload: bytes, flags: int = 0) -> bytes:
     return fr.encode(FrameType.DATA, stream_id, payload, flags)
 
 
+def abort_all() -> None:
+    """Abort every hostile connection still open (at cleanup, before the harness's Tunnel
+    cleanup, which waits for every connection of this process to end)."""
+    for peer in list(HostilePeer.live):
+        peer.transport.abortConnection()
+    for link in list(FakeGatewayLink.live):
+        link.transport.abortConnection()
+
+
 class HostilePeer(RawPeer):
     """A link to the Gateway that does whatever the test says.
 
@@ -73,6 +82,8 @@ class HostilePeer(RawPeer):
     ended (``closed_at``); :meth:`begin_login` runs SCRAM with any password, answering the
     challenge at once unless told to hold the proof back.
     """
+
+    live: set[HostilePeer] = set()  # connected now; see abort_all
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,6 +100,7 @@ class HostilePeer(RawPeer):
     def connectionMade(self) -> None:  # noqa: N802
         """Note our port (the Gateway's log names the peer by it)."""
         self.local_port = int(self.transport.getHost().port)
+        HostilePeer.live.add(self)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         """Decode; note first arrivals; answer a challenge when told to."""
@@ -103,6 +115,7 @@ class HostilePeer(RawPeer):
     def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: N802, B008
         """Note when the connection ended."""
         self.closed_at = reactor.seconds()
+        HostilePeer.live.discard(self)
         super().connectionLost(reason)
 
     # -- sending --------------------------------------------------------------
@@ -287,9 +300,13 @@ class HealthySession:
     """A second session (its own Proxy-Client and Proxy-Server, in this process) whose echo
     round trips must keep working while another session or address attacks the Gateway."""
 
-    def __init__(self, test: TestCase, session: int = 2, certs: CertFiles | None = None) -> None:
+    def __init__(self, test: TestCase, session: int = 2, certs: CertFiles | None = None,
+                 others: tuple[tuple[int, str, str], ...] = ()) -> None:
         self.test = test
-        self.tunnel = Tunnel(test, sessions=((session, f"pc{session}", f"ps{session}"),))
+        # One Tunnel for every proxy of the test in this process (``others``: the sessions
+        # under attack): its cleanup waits for every connection of the process to end.
+        self.tunnel = Tunnel(test, sessions=((session, f"pc{session}", f"ps{session}"),
+                                             *others))
         self.tunnel.certs = certs  # the Gateway's: the proxies then use TLS
         self.session = session
         self.binding = 0
@@ -303,6 +320,14 @@ class HealthySession:
         """(id, Proxy-Client password, Proxy-Server password) for the Gateway's settings."""
         return self.tunnel.sessions[0]
 
+    def proxy_client(self, session: int) -> Any:
+        """Another session's real Proxy-Client, in this process (started)."""
+        return self.tunnel.start_proxy_client(session)
+
+    def proxy_server(self, session: int, target: int) -> Any:
+        """Another session's real Proxy-Server, in this process (started)."""
+        return self.tunnel.start_proxy_server([("127.0.0.1", target)], session)
+
     async def start(self, gateway_port: int) -> None:
         """Start both proxies and wait until they see each other and one echo works."""
         self.tunnel.gateway_port = gateway_port
@@ -310,6 +335,9 @@ class HealthySession:
         pc = self.tunnel.start_proxy_client(self.session)
         ps = self.tunnel.start_proxy_server([("127.0.0.1", echo)], self.session)
         self.test.addCleanup(self.tunnel.close)
+        # Cleanups run last-registered first (and before tearDown): the attackers' connections
+        # end before the Tunnel's close waits for every connection of this process to end.
+        self.test.addCleanup(abort_all)
         await self.tunnel.ready(pc, ps)
         self.binding = binding_port(ps)
         why = await self.round_trip()
@@ -372,6 +400,7 @@ class FakeGatewayLink(Protocol):
     which writes the AUTH_RESULT (or not) and whatever misbehaviour the test wants."""
 
     transport: Any
+    live: set[FakeGatewayLink] = set()  # connected now; see abort_all
 
     def __init__(self, session: int, role: int, password: str,
                  after_proof: Callable[[FakeGatewayLink, str], None]) -> None:
@@ -385,6 +414,7 @@ class FakeGatewayLink(Protocol):
 
     def connectionMade(self) -> None:  # noqa: N802
         """Magic and HELLO, as a Gateway sends them."""
+        FakeGatewayLink.live.add(self)
         self.transport.write(fr.build_hello())
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
@@ -406,6 +436,7 @@ class FakeGatewayLink(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: N802, B008
         """Note the end."""
+        FakeGatewayLink.live.discard(self)
         if not self.closed.called:
             self.closed.callback(None)
 

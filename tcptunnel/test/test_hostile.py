@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 from tcptunnel import _frames as fr
 from tcptunnel._frames import FrameType, GoAway, Reason
 from tcptunnel.test._certs import CertFiles, mint
-from tcptunnel.test._harness import EchoProtocol, Tunnel, listen, wait_until
+from tcptunnel.test._harness import EchoProtocol, listen, wait_until
 from tcptunnel.test._hostile import (
     FakeGateway,
     FakeGatewayLink,
@@ -32,6 +32,7 @@ from tcptunnel.test._hostile import (
     HealthySession,
     HostilePeer,
     LogCapture,
+    abort_all,
     data_frame,
     firehose,
     hostile_peer,
@@ -70,8 +71,9 @@ async def attacked_gateway(test: TestCase, attributes: str = "",
                            sessions: tuple[tuple[int, str, str], ...] = (SESSION_A,),
                            certs: CertFiles | None = None
                            ) -> tuple[GatewayProcess, HealthySession]:
-    """A Gateway process with ``sessions`` plus a working bystander session."""
-    bystander = HealthySession(test, certs=certs)
+    """A Gateway process with ``sessions`` plus a working bystander session (whose Tunnel
+    also starts the attacked sessions' real proxies in this process)."""
+    bystander = HealthySession(test, certs=certs, others=sessions)
     gateway = await GatewayProcess(test, (*sessions, bystander.credentials), attributes,
                                    certs).started()
     await bystander.start(gateway.port)
@@ -84,20 +86,20 @@ def partners(peer: HostilePeer) -> int:
     return fr.parse_partner(frames[-1].payload) if frames else 0
 
 
-def proxy_client_in_process(test: TestCase, port: int, session: tuple[int, str, str] = SESSION_A,
-                            certs: CertFiles | None = None) -> Tunnel:
-    """A Tunnel builder whose Gateway is the process on ``port`` (proxies in this process)."""
-    tunnel = Tunnel(test, sessions=(session,))
-    tunnel.certs = certs
-    tunnel.gateway_port = port
-    test.addCleanup(tunnel.close)
-    return tunnel
-
-
-class MemoryTests(TestCase):
-    """Item 1: a peer that grants huge windows and never reads costs bounded memory."""
+class AttackTestCase(TestCase):
+    """Attack tests: bounded in time; nothing hostile outlives a test (the bystander's
+    cleanup aborts the attackers first; tear-down, which runs after the cleanups, catches
+    tests without a bystander)."""
 
     timeout = 15
+
+    def tearDown(self) -> None:
+        """Abort what the attackers left open."""
+        abort_all()
+
+
+class MemoryTests(AttackTestCase):
+    """Item 1: a peer that grants huge windows and never reads costs bounded memory."""
 
     async def test_one_non_reading_link(self) -> None:
         """A Proxy-Server password holder with 4 streams of window 2^31-1 to a fast target,
@@ -170,10 +172,8 @@ class MemoryTests(TestCase):
         return closed_at
 
 
-class LockoutTests(TestCase):
+class LockoutTests(AttackTestCase):
     """Item 2: guessing is slowed per (address, session); the right password always gets in."""
-
-    timeout = 15
     LOGIN_TIMEOUT = 4.0
 
     async def gateway(self, sessions: tuple[tuple[int, str, str], ...] = (SESSION_A,)
@@ -197,15 +197,14 @@ class LockoutTests(TestCase):
             self.assertLessEqual(peer.closed_at - peer.started_at, self.LOGIN_TIMEOUT + 1.0)
             self.assertIsNotNone(peer.goaway(), "a login attempt was closed without GOAWAY")
 
-    async def real_proxy_client_logs_in(self, port: int) -> None:
+    async def real_proxy_client_logs_in(self, bystander: HealthySession) -> None:
         """Session A's Proxy-Client, from 127.0.0.1 too, is logged in within 3 s."""
-        tunnel = proxy_client_in_process(self, port)
         started = reactor.seconds()
-        client = tunnel.start_proxy_client(A)
+        client = bystander.proxy_client(A)
         await wait_until(lambda: client.link is not None, 3.0,
                          "the real Proxy-Client to log in (locked out?)")
         self.assertLess(reactor.seconds() - started, 3.0)
-        await tunnel.stop(client)
+        await bystander.tunnel.stop(client)
 
     async def test_seven_wrong_logins_do_not_lock_out(self) -> None:
         """Seven wrong logins for session A sent at once from 127.0.0.1: then session A's
@@ -213,7 +212,7 @@ class LockoutTests(TestCase):
         gateway, bystander = await self.gateway()
         bystander.begin()
         await self.all_ended(await self.wrong_logins(gateway.port, 7))
-        await self.real_proxy_client_logs_in(gateway.port)
+        await self.real_proxy_client_logs_in(bystander)
         await bystander.end()
 
     async def test_fifty_wrong_logins_do_not_lock_out(self) -> None:
@@ -222,7 +221,7 @@ class LockoutTests(TestCase):
         gateway, bystander = await self.gateway()
         bystander.begin()
         await self.all_ended(await self.wrong_logins(gateway.port, 50))
-        await self.real_proxy_client_logs_in(gateway.port)
+        await self.real_proxy_client_logs_in(bystander)
         await bystander.end()
 
     async def test_burst_of_wrong_logins_is_slowed(self) -> None:
@@ -268,10 +267,8 @@ class LockoutTests(TestCase):
         await bystander.end()
 
 
-class UnauthenticatedSlotTests(TestCase):
+class UnauthenticatedSlotTests(AttackTestCase):
     """Item 3: one address cannot hold the unauthenticated slots; deadlines include TLS."""
-
-    timeout = 15
 
     async def test_per_address_cap(self) -> None:
         """40 silent connections from 127.0.0.2: the 8 beyond the per-address cap of 32 are
@@ -320,10 +317,8 @@ class UnauthenticatedSlotTests(TestCase):
         await bystander.end(at_least=1)
 
 
-class LinkLimitTests(TestCase):
+class LinkLimitTests(AttackTestCase):
     """Item 4: Proxy-Servers cannot crowd out their Proxy-Client, nor each other."""
-
-    timeout = 15
 
     async def test_proxy_client_slot_is_reserved(self) -> None:
         """With maxLinksPerSession 4 filled by a Proxy-Server password holder, the session's
@@ -335,8 +330,7 @@ class LinkLimitTests(TestCase):
         holders = await hostile_peers(gateway.port, 4)
         for holder in holders:
             self.assertTrue(await holder.login(A, PS, PS_A))
-        tunnel = proxy_client_in_process(self, gateway.port)
-        client = tunnel.start_proxy_client(A)
+        client = bystander.proxy_client(A)
         await settle(lambda: client.link is not None or WRONG_PASSWORD.search(logs.text())
                      is not None, 5)
         self.assertIsNone(WRONG_PASSWORD.search(logs.text()), "a session that is full was "
@@ -347,9 +341,9 @@ class LinkLimitTests(TestCase):
         await wait_until(fifth.closed_called, 3, "the fifth link to be closed")
         goaway = fifth.goaway()
         self.assertEqual(goaway[0] if goaway else None, GoAway.LIMIT, goaway)
-        server = tunnel.start_proxy_server([("127.0.0.1", 9)], A)
+        server = bystander.proxy_server(A, 9)
         await wait_until(lambda: "LIMIT" in logs.text(), 5, "the Proxy-Server to log LIMIT")
-        await tunnel.stop(server)
+        await bystander.tunnel.stop(server)
         self.assertIsNone(WRONG_PASSWORD.search(logs.text()), "LIMIT was reported as a wrong "
                           "password")
         await bystander.end()
@@ -359,8 +353,7 @@ class LinkLimitTests(TestCase):
         same session is connected: the second still opens 32 (its fair half)."""
         gateway, bystander = await attacked_gateway(self, 'maxStreamsPerLink="64"')
         echo = await listen(self, EchoProtocol)
-        tunnel = proxy_client_in_process(self, gateway.port)
-        tunnel.start_proxy_client(A)
+        bystander.proxy_client(A)
         greedy, modest = await hostile_peers(gateway.port, 2)
         for peer in (greedy, modest):
             self.assertTrue(await peer.login(A, PS, PS_A))
@@ -387,10 +380,8 @@ class LinkLimitTests(TestCase):
                                          for i in ids), 5, "OPEN_RESULTs")  # noqa: B023
 
 
-class ErrorBoundaryTests(TestCase):
+class ErrorBoundaryTests(AttackTestCase):
     """Item 5: malformed login payloads end in GOAWAY, never in a traceback."""
-
-    timeout = 15
 
     async def test_malformed_auth_start(self) -> None:
         """HELLO + AUTH_START with a 1-byte payload, and with bad UTF-8: each gets GOAWAY
@@ -431,10 +422,8 @@ class ErrorBoundaryTests(TestCase):
         self.assertNotIn("Partner available: yes", client.log())
 
 
-class ProxyVictimTests(TestCase):
+class ProxyVictimTests(AttackTestCase):
     """Item 6: a Proxy-Client does not trust the Gateway's behaviour."""
-
-    timeout = 15
 
     async def test_ping_flood_without_reading(self) -> None:
         """A fake Gateway that logs the Proxy-Client in, then floods PINGs and never reads:
@@ -496,10 +485,8 @@ class ProxyVictimTests(TestCase):
         self.assertEqual(results, [Reason.OK])
 
 
-class LogHygieneTests(TestCase):
+class LogHygieneTests(AttackTestCase):
     """Item 7: peer text reaches logs escaped; unauthenticated noise is rate-limited."""
-
-    timeout = 15
 
     async def test_peer_text_is_escaped(self) -> None:
         """A GOAWAY reason (to the Gateway) and a RESET message (through it, to a real
