@@ -316,10 +316,11 @@ NS = f'xmlns="{NAMESPACE}"'
 def start_tcptunnel(procs: Processes, work: str, tls: bool, iperf: int, echo: int,
                     delay: float = 0.0, max_window: int | None = None,
                     name: str | None = None, optimize: bool = False,
-                    profile: str | None = None) -> System:
+                    profile: str | None = None, root: str = ROOT) -> System:
     """Gateway, Proxy-Client and Proxy-Server as three twistd processes (with
     PYTHONOPTIMIZE=2, as the systemd units run them, when ``optimize``; under twistd's
-    cProfile, writing ``<profile>/<work folder>-<role>.prof`` at exit, when ``profile``)."""
+    cProfile, writing ``<profile>/<work folder>-<role>.prof`` at exit, when ``profile``), from
+    the source tree ``root`` (another checkout, for an A/B of two versions in one run)."""
     from tcptunnel.test._certs import mint
 
     os.makedirs(work, exist_ok=True)
@@ -352,7 +353,7 @@ def start_tcptunnel(procs: Processes, work: str, tls: bool, iperf: int, echo: in
                         f'<Binding listenIp="127.0.0.1" listenPort="{echo_entrance}" '
                         f'targetHost="127.0.0.1" targetPort="{echo}"/></Session></Instance>',
     }
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=root)
     if optimize:
         env["PYTHONOPTIMIZE"] = "2"
     pids = {}
@@ -522,6 +523,12 @@ def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
                                              echo_port),
             "socat": lambda: start_socat(procs, iperf_port, echo_port),
         }
+        if args.baseline:
+            # Interleaved with the others, so the A/B shares every slow minute of the machine.
+            starters["baseline"] = lambda: start_tcptunnel(
+                procs, os.path.join(work, "baseline"), True, iperf_port, echo_port,
+                name="tcptunnel TLS (baseline)", root=os.path.abspath(args.baseline))
+            args.systems = [*args.systems, "baseline"]
         systems = [start() for key, start in starters.items() if key in args.systems]
         time.sleep(1.0)
         for system in systems:
@@ -964,6 +971,10 @@ def main() -> None:
     parser.add_argument("--profile", metavar="DIR",
                         help="run the tcptunnel processes under cProfile and write one .prof "
                              "per process into DIR (pstats format)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure tcptunnel over TLS from the source tree DIR (e.g. a "
+                             "git worktree of an earlier commit), interleaved with the others; "
+                             "a partial run: prints, writes no report")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report and chart from benchmarks.json")
     args = parser.parse_args()
@@ -986,7 +997,7 @@ def main() -> None:
         return
     started = time.monotonic()
     results = run_benchmarks(args)
-    if set(args.systems) != set(SYSTEMS) or set(args.figures) != set(FIGURES):
+    if set(args.systems) != set(SYSTEMS) or set(args.figures) != set(FIGURES) or args.baseline:
         print(json.dumps(results, indent=1))
         return
     results["versions"] = versions()
