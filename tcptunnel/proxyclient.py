@@ -217,8 +217,10 @@ class ProxyClientService(ProxyService):
                 return
             reason = reason_for_dial_failure(failure)
             message = f"cannot connect to {target}: {failure.getErrorMessage()}"
-            self.log.warn("[{index}] Stream to {target}: {message}", index=index, target=target,
-                          message=message)
+            # Not "message=": with a legacy observer installed (trial's), Twisted's legacy
+            # wrapper replaces a "message" field of a new-style event with ().
+            self.log.warn("[{index}] Stream to {target}: {why}", index=index, target=target,
+                          why=message)
             link.reject_stream(stream_id, reason, message)
             connection._finish(f"failed to open ({reason.name})")
 
