@@ -429,22 +429,23 @@ class MuxConnection(LinkCore):
         events.append(StreamOpenRequested(stream_id, request))
 
     def _on_open_result(self, stream: StreamRecord, frame: Frame, events: list[object]) -> None:
-        if (stream.state, StreamEvent.RECV_OPEN_OK) not in TRANSITIONS:
-            # Before parsing: the acceptor's end, or a second OPEN_RESULT.
-            stream.move(StreamEvent.RECV_OPEN_OK)
         reason, window, message = fr.parse_open_result(frame.payload)
-        if reason is Reason.OK:
+        ok = reason is Reason.OK
+        # Raises at the acceptor's end, or for a second OPEN_RESULT.
+        after = advance(stream.state,
+                        StreamEvent.RECV_OPEN_OK if ok else StreamEvent.RECV_OPEN_FAILED)
+        if ok:
             if window < fr.EARLY_WINDOW:
                 raise StreamError(Reason.FLOW_CONTROL,
                                   f"OPEN_RESULT window {window} below the early-data window")
             # The early window is part of the acceptor's window.
             stream.send.grant(window - fr.EARLY_WINDOW)
-            stream.move(StreamEvent.RECV_OPEN_OK)
+            stream.state = after
             if stream.send_buffered or stream.fin_pending:
                 self._mark_ready_stream(stream.id)
             events.append(StreamOpened(stream.id))
         else:
-            stream.move(StreamEvent.RECV_OPEN_FAILED)
+            stream.state = after
             self._remove(stream)
             events.append(StreamOpenFailed(stream.id, reason, message))
 

@@ -618,3 +618,12 @@ class StreamStateTests(SynchronousTestCase):
         assert isinstance(event, _mux.StreamReset)
         self.assertEqual(event.reason, Reason.FLOW_CONTROL)
         self.assertIsNone(pair.server.stream_state(sid))
+
+    def test_open_result_at_the_acceptor(self) -> None:
+        """An OPEN_RESULT sent to the acceptor resets the stream, naming the event it was."""
+        pair = Pair()
+        sid = pair.open()
+        (event,) = pair.client.receive_data(fr.build_open_result(sid, Reason.DENIED, 0, "no"))
+        assert isinstance(event, _mux.StreamReset)
+        self.assertEqual((event.reason, event.message),
+                         (Reason.PROTOCOL_ERROR, "RECV_OPEN_FAILED in state open"))
