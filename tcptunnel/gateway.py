@@ -444,6 +444,9 @@ class Gateway:
                 self.relay.add_session(session_id)
                 self._add_auth_infos(session_id, session_config)
         self.decoy_iterations = decoy_iteration_table(self.auth_infos)
+        if new.limits.login_timeout != self.limits.login_timeout:
+            # The throttle's longest delay must stay below the (new) login deadline.
+            self.throttle = LoginThrottle(login_timeout=new.limits.login_timeout)
         self.config = new
         self.limits = new.limits
         self.relay.limits = relay_limits(new.limits)

@@ -3,11 +3,13 @@
 Shared by the Proxy-Server and the Proxy-Client.  A
 ``ReconnectingClientFactory`` with a short cap (30 s by default instead of
 Twisted's hour) redials after any loss; its backoff is reset only after a
-successful login, and a rejected login waits the longest delay.
+successful login; a rejected login (or a limit) waits the longest delay, while a Gateway that
+does not answer is asked again every few seconds (``ProxyLinkFactory``).
 """
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from typing import Any
 
@@ -119,12 +121,13 @@ class ProxyLink(MuxProtocol):
         if event.code is GoAway.AUTH_FAILED:
             self._login_rejected()
         elif event.code is GoAway.LIMIT:
-            # A limit, not a wrong password: retry with the normal backoff.
+            # A limit, not a wrong password; asking again at once would meet it again.
             self.proxy.stats["limits_hit",] += 1
+            self.proxy.factory.wait_longest()
         elif event.code is GoAway.REPLACED:
             # Another Proxy-Client took the session.  Coming straight back
             # would only throw it out again: wait the longest delay.
-            self.proxy.factory.delay = self.proxy.factory.maxDelay
+            self.proxy.factory.wait_longest()
         self.log.warn("[{index}] The Gateway closes the link: {code} ({message})",
                       index=self.proxy.config.index, code=event.code.name, message=event.message)
 
@@ -146,18 +149,30 @@ class ProxyLink(MuxProtocol):
 
 
 class ProxyLinkFactory(ReconnectingClientFactory):
-    """Reconnects with capped exponential backoff and jitter."""
+    """Reconnects with capped exponential backoff and jitter, capped by why the last try ended.
+
+    A Gateway that refuses connections (or does not answer) costs nothing to ask again, and it
+    should be found again within seconds of coming back: the wait stays under
+    ``REFUSED_MAX_DELAY``.  A refused login, a limit or a newer Proxy-Client would only be
+    refused again: those wait the configured longest delay (``maxRetryDelay``).  A link that
+    was logged in and is lost starts again from ``initialDelay``.
+    """
 
     log = Logger()
+    noisy = False  # we log each retry ourselves, once, with its reason and delay
     initialDelay = 1.0  # noqa: N815 - Twisted attribute names
-    factor = 2.0
+    factor = 1.6
     jitter = 0.2
+    REFUSED_MAX_DELAY = 3.0
 
     def __init__(self, proxy: ProxyService) -> None:
         self.proxy = proxy
-        self.maxDelay = proxy.config.max_retry_delay  # type: ignore[assignment]
+        self.long_delay = float(proxy.config.max_retry_delay)
+        self.maxDelay = min(self.long_delay, self.REFUSED_MAX_DELAY)  # type: ignore[assignment]
         self.clock = proxy.reactor
         self.delay = self.initialDelay
+        self.last_wait = 0.0  # the wait before the try now scheduled
+        self._refused_login = False
 
     def buildProtocol(self, addr: Any) -> ProxyLink:  # noqa: N802
         """A new link (the backoff is reset only after login)."""
@@ -165,16 +180,59 @@ class ProxyLinkFactory(ReconnectingClientFactory):
         link.factory = self
         return link
 
+    def retry(self, connector: Any = None) -> None:
+        """Connect again after the current delay, then grow it (Twisted's ``retry``, with the
+        jitter drawn uniformly within ±``jitter`` of the delay and not carried into the next
+        one: Twisted's normal-distributed jitter can exceed the cap without bound and drifts)."""
+        if not self.continueTrying:
+            return
+        if connector is None:
+            if self.connector is None:
+                raise ValueError("no connector to retry")
+            connector = self.connector
+        self.retries += 1
+        self.last_wait = self.delay * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+        def reconnector() -> None:
+            self._callID = None
+            connector.connect()
+
+        clock: Any = self.clock
+        self._callID = clock.callLater(self.last_wait, reconnector)
+        self.delay = min(self.delay * self.factor, self.maxDelay)
+
+    def wait_longest(self) -> None:
+        """The Gateway refused the login (or a limit, or replaced us): retry only after the
+        longest delay, whatever ends the next tries, until a login succeeds."""
+        self._refused_login = True
+        self.delay = self.maxDelay = self.long_delay  # type: ignore[assignment]
+        if self._callID is not None and self._callID.active():
+            # A retry was scheduled before we knew (the close came first): move it.
+            self._callID.reset(self.long_delay * random.uniform(1 - self.jitter, 1 + self.jitter))
+
+    def resetDelay(self) -> None:  # noqa: N802
+        """A login succeeded: the next loss retries soon again."""
+        super().resetDelay()
+        self._refused_login = False
+        self.maxDelay = min(self.long_delay, self.REFUSED_MAX_DELAY)  # type: ignore[assignment]
+
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:  # noqa: N802
-        """Log and retry."""
-        self.log.warn("[{index}] Unable to connect to the Gateway {gateway}: {why}; retrying",
-                      index=self.proxy.config.index, gateway=self.proxy.gateway_address,
-                      why=reason.getErrorMessage())
+        """Nothing answered: retry soon (the short cap), saying so once."""
+        if not self._refused_login:
+            self.maxDelay = min(self.long_delay, self.REFUSED_MAX_DELAY)  # type: ignore[assignment]
         super().clientConnectionFailed(connector, reason)
+        self.log.warn("[{index}] Unable to connect to the Gateway {gateway}: {why}; retrying "
+                      "in {delay:.1f} s", index=self.proxy.config.index,
+                      gateway=self.proxy.gateway_address, why=reason.getErrorMessage(),
+                      delay=self.last_wait)
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:  # noqa: N802
-        """Retry (the link already logged why it ended)."""
+        """Retry (the link already logged why it ended), saying when."""
         super().clientConnectionLost(connector, reason)
+        if self.continueTrying:
+            self.log.info("[{index}] Reconnecting to the Gateway {gateway} in {delay:.1f} s",
+                          index=self.proxy.config.index, gateway=self.proxy.gateway_address,
+                          delay=self.last_wait)
 
 
 class ProxyService(service.MultiService):
@@ -218,11 +276,10 @@ class ProxyService(service.MultiService):
     def login_rejected(self) -> None:
         """Wait the longest delay before the next try."""
         self.stats["logins_failed",] += 1
-        self.factory.delay = self.factory.maxDelay
+        self.factory.wait_longest()
         self.log.error("[{index}] Authentication failed for session {session}: check the "
-                       "session id and password (retrying in {delay:g} s)",
-                       index=self.config.index, session=self.config.session_id,
-                       delay=self.factory.maxDelay)
+                       "session id and password", index=self.config.index,
+                       session=self.config.session_id)
 
     def partner_changed(self, link: ProxyLink, count: int) -> None:
         """Log partner availability."""

@@ -196,7 +196,7 @@ class ProxyLinkTests(SynchronousTestCase):
         self.assertIsNone(self.service.link)
         self.assertEqual(gateway.link.partners, 0)
         self.assertEqual(self.service.stats["logins_failed",], 1)
-        self.assertEqual(self.service.factory.delay, 20)
+        self.assertEqual(self.service.factory.delay, self.service.factory.long_delay)
         self.assertNotIn("Partner available", self.logs.text())
 
     def test_auth_result_zero(self) -> None:
@@ -209,7 +209,7 @@ class ProxyLinkTests(SynchronousTestCase):
         self.assertTrue(gateway.transport.disconnecting)
         gateway.send(fr.build_goaway(GoAway.AUTH_FAILED, "wrong password"))  # ignored: closing
         self.assertEqual(self.service.stats["logins_failed",], 1)
-        self.assertEqual(self.service.factory.delay, 20)
+        self.assertEqual(self.service.factory.delay, self.service.factory.long_delay)
         self.assertEqual(self.logs.text().count("Authentication failed for session 1"), 1)
 
     def test_auth_result_zero_and_goaway_in_one_read(self) -> None:
@@ -234,14 +234,14 @@ class ProxyLinkTests(SynchronousTestCase):
         self.assertTrue(gateway.transport.disconnecting)
 
     def test_goaway_limit_is_not_a_login_failure(self) -> None:
-        """GOAWAY LIMIT after login counts a limit and keeps the normal backoff."""
+        """GOAWAY LIMIT counts a limit, not a failed login, and waits the longest delay (the
+        same limit would refuse a quick retry)."""
         gateway = FakeGateway(self.service, "pc")
         gateway.login()
-        delay = self.service.factory.delay
         gateway.send(fr.build_goaway(GoAway.LIMIT, "too many links"))
         self.assertEqual(self.service.stats["limits_hit",], 1)
         self.assertEqual(self.service.stats["logins_failed",], 0)
-        self.assertEqual(self.service.factory.delay, delay)
+        self.assertEqual(self.service.factory.delay, self.service.factory.long_delay)
         (line,) = [e for e in self.logs.events if e.get("code") == "LIMIT"]
         self.assertTrue(line["log_format"].startswith("[{index}] The Gateway closes the link"))
         self.assertTrue(gateway.transport.disconnecting)
@@ -252,7 +252,7 @@ class ProxyLinkTests(SynchronousTestCase):
         gateway = FakeGateway(self.service, "pc")
         gateway.login()
         gateway.send(fr.build_goaway(GoAway.REPLACED, "replaced"))
-        self.assertEqual(self.service.factory.delay, 20)
+        self.assertEqual(self.service.factory.delay, self.service.factory.long_delay)
         self.assertEqual(self.service.stats["logins_failed",], 0)
 
     def test_goaway_auth_failed_is_a_rejection(self) -> None:
@@ -524,3 +524,4 @@ class BindingConnectionTests(SynchronousTestCase):
         self.assertTrue(message.startswith("the client connection was lost: "), message)
         (how,) = self.logs.stream_ends()
         self.assertTrue(how.startswith("reset here (CONNECTION_RESET: the client connection"))
+
