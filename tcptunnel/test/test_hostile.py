@@ -436,8 +436,10 @@ class ErrorBoundaryTests(AttackTestCase):
         # "reconnecting" is logged when the link is gone: after all of that read's events.
         await wait_until(lambda: b"reconnecting" in client.output, 10,
                          "the Proxy-Client to give up the link")
-        self.assertIn("could not prove it knows the session password", client.log())
-        self.assertNotIn("Partner available: yes", client.log())
+        self.assertTrue("could not prove it knows the session password" in client.log(),
+                        "the failed Gateway proof was not logged:\n" + client.log()[-2000:])
+        self.assertFalse("Partner available: yes" in client.log(),
+                         "the Proxy-Client acted on PARTNER after failing the login")
 
 
 class ProxyVictimTests(AttackTestCase):
@@ -502,7 +504,8 @@ class ProxyVictimTests(AttackTestCase):
 
         await wait_until(lambda: len(echoed()) >= len(early) or b"closing" in client.output,
                          10, "the 16 KiB to come back")
-        self.assertNotIn("FRAME_TOO_LARGE", client.log())
+        self.assertFalse("FRAME_TOO_LARGE" in client.log(), "the early DATA after AUTH_RESULT "
+                         "was checked against the pre-login frame limit")
         self.assertEqual(echoed(), early)
         results = [fr.parse_open_result(f.payload)[0]
                    for f in fake.links[0].of_type(FrameType.OPEN_RESULT)]
