@@ -238,8 +238,10 @@ class LinkProtocol(Protocol):
             return
         idle = self.clock.seconds() - self.last_received
         if idle >= self.keepalive_interval + self.keepalive_timeout:
+            # Declared dead: its streams are reset now (docs/reliability.md promises
+            # interval + timeout), not after the grace a living peer gets for its GOAWAY.
             self.fail(GoAway.KEEPALIVE_TIMEOUT,
-                      f"nothing received for {idle:.0f} s (keepalive timeout)")
+                      f"nothing received for {idle:.0f} s (keepalive timeout)", abort_after=0.0)
             return
         if idle >= self.keepalive_interval and self._pinged_for != self.last_received:
             # One PING per idle period; any frame from the peer ends the period.
