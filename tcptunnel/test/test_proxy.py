@@ -5,7 +5,8 @@ from __future__ import annotations
 from unittest.mock import Mock
 
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -62,3 +63,28 @@ class ReconnectPolicyTests(SynchronousTestCase):
         self.factory.resetDelay()
         (delay,) = self.waits(1, lost=True)
         self.assertLessEqual(delay, 1.0 * 1.2 + 1e-9)
+
+
+class DeadPeerTests(SynchronousTestCase):
+    """A link whose peer is declared dead by keepalive."""
+
+    def test_dead_peer_aborted_at_once(self) -> None:
+        """At interval + timeout of silence the link is aborted in the same reactor turn's
+        next iteration: its streams are reset then, not after the 10 s a living peer gets
+        to read its GOAWAY (a SIGSTOPped peer once kept streams 10 s past the 45 s)."""
+        from tcptunnel import _mux
+        from tcptunnel.mux import MuxProtocol
+
+        clock = Clock()
+        link = MuxProtocol(_mux.MuxConnection(opener=True), clock, keepalive_interval=15,
+                           keepalive_timeout=30)
+        transport = StringTransport()
+        aborted: list[float] = []
+        transport.abortConnection = lambda: aborted.append(clock.seconds())  # type: ignore[method-assign]
+        link.makeConnection(transport)
+        clock.advance(15)
+        clock.advance(29.9)
+        self.assertEqual(aborted, [])
+        clock.advance(0.1)
+        clock.advance(0)
+        self.assertEqual(aborted, [45.0])
