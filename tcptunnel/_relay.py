@@ -367,6 +367,17 @@ class RelayCore:
             self.fail(link, GoAway.SESSION_CLOSED, message)
         return links
 
+    def close_role(self, session_id: int, role: int, message: str) -> list[RelayLink]:
+        """Close the links of one role of a session (its password changed: SESSION_CLOSED);
+        the other role's links stay."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return []
+        links = [link for link in session.all_links() if link.role == role]
+        for link in links:
+            self.fail(link, GoAway.SESSION_CLOSED, message)
+        return links
+
     def add_session(self, session_id: int) -> None:
         """A session joined the configuration."""
         self.sessions.setdefault(session_id, Session(session_id))

@@ -429,16 +429,26 @@ class Gateway:
         fresh = {s.id: s for s in new.sessions}
         for session_id, session_config in old.items():
             replacement = fresh.get(session_id)
-            if replacement is not None and (
-                    replacement.proxy_client == session_config.proxy_client
-                    and replacement.proxy_server == session_config.proxy_server):
+            if replacement is None:
+                self.log.info("[{index}] Session {session} removed on reload: closing its links",
+                              index=new.index, session=session_id)
+                for role in (fr.ROLE_PROXY_CLIENT, fr.ROLE_PROXY_SERVER):
+                    self.auth_infos.pop((session_id, role), None)
+                self.relay.remove_session(session_id, f"session {session_id} was removed")
                 continue
-            why = "removed" if replacement is None else "given new passwords"
-            self.log.info("[{index}] Session {session} {why} on reload: closing its links",
-                          index=new.index, session=session_id, why=why)
-            for role in (fr.ROLE_PROXY_CLIENT, fr.ROLE_PROXY_SERVER):
-                self.auth_infos.pop((session_id, role), None)
-            self.relay.remove_session(session_id, f"session {session_id} was {why}")
+            # A changed password closes the links of that role only.
+            for role, before, after in (
+                    (fr.ROLE_PROXY_CLIENT, session_config.proxy_client, replacement.proxy_client),
+                    (fr.ROLE_PROXY_SERVER, session_config.proxy_server, replacement.proxy_server)):
+                if before == after:
+                    continue
+                self.log.info("[{index}] Session {session}: the {role} password changed on "
+                              "reload: closing those links", index=new.index,
+                              session=session_id, role=ROLE_NAMES[role])
+                self.auth_infos[(session_id, role)] = auth_info_for(after)
+                self.relay.close_role(session_id, role,
+                                      f"the {ROLE_NAMES[role]} password of session "
+                                      f"{session_id} changed")
         for session_id, session_config in fresh.items():
             if session_id not in self.relay.sessions:
                 self.relay.add_session(session_id)

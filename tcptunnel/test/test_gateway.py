@@ -293,6 +293,25 @@ class LoginUnitTests(SynchronousTestCase):
         self.connect()
         self.assertTrue(any("suppressed" in e.get("log_format", "") for e in events))
 
+    def test_password_change_closes_that_role_only(self) -> None:
+        """A reload that changes the Proxy-Server password closes the Proxy-Server links with
+        SESSION_CLOSED and leaves the Proxy-Client's link up; the new password logs in."""
+        client, client_transport = self.connect()
+        self.assertTrue(self.login(client, client_transport, "pc"))
+        server, server_transport = self.connect()
+        self.assertTrue(self.login(server, server_transport, "ps", fr.ROLE_PROXY_SERVER))
+        self.gateway.update(gateway_config(
+            'loginTimeout="5"',
+            '<Session id="1" proxyClientPassword="pc" proxyServerPassword="new"/>'))
+        self.assertTrue(server_transport.disconnecting)
+        self.assertEqual(fr.parse_goaway(self.frames(server_transport)[-1].payload)[0],
+                         GoAway.SESSION_CLOSED)
+        self.assertFalse(client_transport.disconnecting)
+        server, server_transport = self.connect()
+        self.assertFalse(self.login(server, server_transport, "ps", fr.ROLE_PROXY_SERVER))
+        server, server_transport = self.connect()
+        self.assertTrue(self.login(server, server_transport, "new", fr.ROLE_PROXY_SERVER))
+
     def test_same_password_warning(self) -> None:
         """Equal passwords for both roles produce a start-up warning naming the session."""
         gateway = Gateway(gateway_config(session=(
