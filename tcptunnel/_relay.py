@@ -335,6 +335,10 @@ class RelayCore:
         self._dirty.pop(link, None)
         self._reset_routes(link, reason, message)
         link.drop_all()
+        # What is left (a GOAWAY, an AUTH_RESULT, a few control frames) is small and goes
+        # with the socket; it no longer counts against any budget, so nothing a link that
+        # is gone once queued can hold the session's or the Gateway's budget.
+        link.leave_budget(self.total)
         session = link.session
         if session is None:
             return
