@@ -1,7 +1,7 @@
 """RFC 4013 SASLprep, the password normalisation SCRAM asks for; no Twisted.
 
-Its own module because both the settings reader (to refuse a bad password with
-its file and line) and the login code use it.
+Its own module so that the login code (both ends) and the command-line helpers share
+one preparation, :func:`prepare_password`.
 """
 
 from __future__ import annotations
@@ -32,3 +32,17 @@ def saslprep(password: str) -> str:
             or not stringprep.in_table_d1(text[0]) or not stringprep.in_table_d1(text[-1])):
         raise ValueError("the password mixes right-to-left and left-to-right text")
     return text
+
+
+def prepare_password(password: str) -> bytes:
+    """The bytes PBKDF2 hashes for a password: its SASLprep form in UTF-8, or, for a
+    password SASLprep refuses (a tab, a newline, an emoji, an unassigned code point, mixed
+    right-to-left and left-to-right text), its UTF-8 bytes unprepared, as PostgreSQL does.
+
+    The original TcpTunnel compares passwords as they are written, so every password it
+    accepts must keep working; both ends of a login call this, so they agree.
+    """
+    try:
+        return saslprep(password).encode("utf-8")
+    except ValueError:
+        return password.encode("utf-8")

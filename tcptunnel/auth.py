@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import hashlib
 import hmac
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tcptunnel._saslprep import saslprep
+from tcptunnel._saslprep import prepare_password
+from tcptunnel._saslprep import saslprep as saslprep  # re-exported: tests import it from here
 from tcptunnel.config import Secret
 
 MECHANISM = "SCRAM-SHA-256"
@@ -100,7 +100,8 @@ class _Keys:
 
 
 def _derive(password: str, salt: bytes, iterations: int) -> _Keys:
-    salted = hashlib.pbkdf2_hmac("sha256", saslprep(password).encode(), salt, iterations)
+    # SASLprep when it accepts the password, its raw UTF-8 otherwise (PostgreSQL's rule).
+    salted = hashlib.pbkdf2_hmac("sha256", prepare_password(password), salt, iterations)
     client_key = _hmac(salted, b"Client Key")
     return _Keys(client_key, hashlib.sha256(client_key).digest(), _hmac(salted, b"Server Key"))
 
@@ -319,38 +320,3 @@ class ProxyAuth:
         signature = _unb64(signature_text, "the Gateway's signature")
         if not hmac.compare_digest(signature, self._expected_server_signature):
             raise LoginFailed("the Gateway could not prove it knows the session password")
-
-
-class FailureThrottle:
-    """Delay logins from addresses that failed before; bounded memory.
-
-    After ``free`` failures, each further one doubles the delay up to
-    ``max_delay`` seconds.  At most ``capacity`` addresses are remembered
-    (least recently failed are forgotten first).
-    """
-
-    def __init__(self, free: int = 3, max_delay: float = 30.0, capacity: int = 4096) -> None:
-        self.free = free
-        self.max_delay = max_delay
-        self.capacity = capacity
-        self._failures: collections.OrderedDict[str, int] = collections.OrderedDict()
-
-    def delay_for(self, address: str) -> float:
-        """Seconds to wait before answering a login from ``address``."""
-        count = self._failures.get(address, 0)
-        if count < self.free:
-            return 0.0
-        return float(min(self.max_delay, 2.0 ** (count - self.free)))
-
-    def failed(self, address: str) -> None:
-        """Record a failed login."""
-        self._failures[address] = self._failures.pop(address, 0) + 1
-        while len(self._failures) > self.capacity:
-            self._failures.popitem(last=False)
-
-    def succeeded(self, address: str) -> None:
-        """Forget an address after a good login."""
-        self._failures.pop(address, None)
-
-    def __len__(self) -> int:
-        return len(self._failures)

@@ -5,11 +5,17 @@ The format is the original TcpTunnel's (root ``Settings`` in the namespace
 gateway / proxy-client / proxy-server), so an existing file loads unchanged.
 Our additions are optional attributes; ``docs/configuration.md`` lists them.
 
-Unlike the original, unknown elements and attributes are errors: a typo must
-not silently turn a setting off.  Every error is a single :class:`ConfigError`
-whose message names the file, line, element and attribute and says what was
-expected.  Parsing goes through defusedxml with DTDs forbidden, so entity
-bombs and external entities are refused before they expand.
+What the original accepts and ignores (unknown attributes and elements, elements in
+another or no namespace, a second ``<Session>`` in a proxy, ...) is accepted here too, with
+a warning that names file and line and, for a near miss, the setting it resembles; the
+warnings travel with the parsed objects (``Settings.warnings``, ``GatewayConfig.warnings``,
+``ProxyConfig.warnings``) for the services to log at start-up.  A near miss of a setting
+whose loss would be unsafe (``useSsl``, ``listenIp``, ``AllowedTargetEndpoints``, ...) is an
+error, as are values the original reads differently from us in an unsafe way
+(``useSsl="on"``).  Every error is a single :class:`ConfigError` whose message names the
+file, line, element and attribute and says what was expected.  Parsing goes through
+defusedxml with DTDs forbidden, so entity bombs and external entities are refused before
+they expand.  ``docs/configuration.md`` lists every case.
 
 This module has no Twisted imports.
 """
@@ -22,21 +28,33 @@ import io
 import ipaddress
 import os
 import re
+import shlex
+import socket
+import stat
 import xml.sax
 import xml.sax.handler
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import defusedxml
 import defusedxml.sax
 
-from tcptunnel._saslprep import saslprep
-
 NAMESPACE = "https://github.com/kpreisser/TcpTunnel"
-# Attributes in the XML Schema instance namespace (xsi:schemaLocation) are
-# there for editors, not for us; they are accepted and ignored.
-_XSI_NAMESPACE = "http://www.w3.org/2001/XMLSchema-instance"
+# Attributes in the XML Schema instance namespace (xsi:schemaLocation) are there for
+# editors, and xml:lang / xml:space are XML's own annotations: all accepted silently.
+_SILENT_ATTRIBUTE_NAMESPACES = frozenset({
+    "http://www.w3.org/2001/XMLSchema-instance",
+    "http://www.w3.org/XML/1998/namespace",
+})
+# Near misses of these attributes and elements are errors, not warnings: ignoring the
+# misspelt setting, as the original does, would run without TLS or its verification,
+# listen on every address, or let the Proxy-Client dial any target.
+_GUARDED_ATTRIBUTES = frozenset({
+    "useSsl", "caFile", "serverName", "certificatePin", "listenIp", "ip",
+    "certificatePemFilePath", "certificatePemKeyFilePath", "certificatePfxFilePath",
+})
+_GUARDED_ELEMENTS = frozenset({"AllowedTargetEndpoints"})
 # A settings file is a few KiB; anything far larger is a mistake or an attack.
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
@@ -147,6 +165,8 @@ class GatewayConfig:
     limits: GatewayLimits
     location: Location = field(compare=False)
     role: Role = "gateway"
+    # Start-up warnings about this instance ("file:line: ..."), for the service to log.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -203,6 +223,8 @@ class ProxyConfig:
     # per stream at open, and how far it may grow for a fast reader on a long path.
     initial_window: int = 384 * 1024
     max_window: int = 16 * 1024 * 1024
+    # Start-up warnings about this instance ("file:line: ..."), for the service to log.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
 InstanceConfig = GatewayConfig | ProxyConfig
@@ -241,6 +263,15 @@ class Settings:
     path: str
     instances: tuple[InstanceConfig, ...] = field(default_factory=tuple)
     status: StatusConfig | None = None
+    # Warnings about the file itself (not about one instance): what was ignored outside
+    # the instances, a file others can read, no instance at all.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def all_warnings(self) -> list[str]:
+        """Every warning, the file's first, then each instance's prefixed ``[N] ``."""
+        return list(self.warnings) + [f"[{instance.index}] {warning}"
+                                      for instance in self.instances
+                                      for warning in instance.warnings]
 
 
 def format_address(host: str | None, port: int) -> str:
@@ -268,6 +299,9 @@ class _Node:
     attributes: dict[str, str]
     line: int
     children: list[_Node] = field(default_factory=list)
+    namespace: str | None = NAMESPACE
+    # Attributes in a namespace other than xsi: / xml: ("{uri}name"), ignored with a warning.
+    foreign_attributes: list[str] = field(default_factory=list)
 
 
 class _TreeBuilder(xml.sax.handler.ContentHandler):
@@ -293,26 +327,27 @@ class _TreeBuilder(xml.sax.handler.ContentHandler):
         qname: str | None,
         attrs: xml.sax.xmlreader.AttributesNSImpl,
     ) -> None:
-        """Record an element with its attributes and line; refuse foreign namespaces."""
+        """Record an element with its namespace, attributes and line; the root must be
+        in our namespace (the original fails otherwise too); other elements outside it are
+        kept for the reader to warn about and skip."""
         uri, local = name
         line = self._line()
-        if uri != NAMESPACE:
+        if uri != NAMESPACE and not self._stack:
             shown = f"{{{uri}}}{local}" if uri else local
             raise ConfigError(
                 f"{self._path}:{line}: element <{shown}> is not in the namespace "
                 f"{NAMESPACE!r}; every element needs xmlns=\"{NAMESPACE}\" (set on <Settings>)"
             )
         attributes: dict[str, str] = {}
+        foreign: list[str] = []
         for (attr_uri, attr_local), value in attrs.items():
-            if attr_uri == _XSI_NAMESPACE:
+            if attr_uri in _SILENT_ATTRIBUTE_NAMESPACES:
                 continue
             if attr_uri:
-                raise ConfigError(
-                    f"{self._path}:{line}: <{local}> has attribute {attr_local!r} in the "
-                    f"foreign namespace {attr_uri!r}; attributes take no namespace prefix"
-                )
+                foreign.append(f"{{{attr_uri}}}{attr_local}")
+                continue
             attributes[attr_local] = value
-        node = _Node(local, attributes, line)
+        node = _Node(local, attributes, line, namespace=uri, foreign_attributes=foreign)
         if self._stack:
             self._stack[-1].children.append(node)
         else:
@@ -357,20 +392,29 @@ def _parse_tree(path: str, data: bytes) -> _Node:
 
 
 class _Element:
-    """One element being read: typed getters that record which attributes were used."""
+    """One element being read: typed getters that record which attributes were used, and
+    a sink for the warnings about it (shared with its children)."""
 
-    def __init__(self, path: str, node: _Node) -> None:
+    def __init__(self, path: str, node: _Node, sink: list[str] | None = None) -> None:
         self.path = path
         self.node = node
         self.location = Location(path, node.line)
+        self.sink: list[str] = [] if sink is None else sink
         self._used: set[str] = set()
 
-    def error(self, message: str, attribute: str | None = None) -> ConfigError:
-        """A ConfigError located at this element (and attribute, if named)."""
+    def _where(self, attribute: str | None) -> str:
         where = f"<{self.node.name}>"
         if attribute is not None:
             where += f" attribute {attribute!r}"
-        return ConfigError(f"{self.location}: {where}: {message}")
+        return where
+
+    def error(self, message: str, attribute: str | None = None) -> ConfigError:
+        """A ConfigError located at this element (and attribute, if named)."""
+        return ConfigError(f"{self.location}: {self._where(attribute)}: {message}")
+
+    def warn(self, message: str, attribute: str | None = None) -> None:
+        """Record a warning located at this element (and attribute, if named)."""
+        self.sink.append(f"{self.location}: {self._where(attribute)}: {message}")
 
     def raw(self, name: str) -> str | None:
         """An attribute's text, or None; marks it as known."""
@@ -381,8 +425,8 @@ class _Element:
         """An attribute's text; missing is an error (with a typo hint)."""
         value = self.raw(name)
         if value is None:
-            typo = difflib.get_close_matches(name, list(self.node.attributes), n=1)
-            hint = f" (is the unknown attribute {typo[0]!r} a typo?)" if typo else ""
+            typo = _near_miss(name, self.node.attributes)
+            hint = f" (is the unknown attribute {typo!r} a typo?)" if typo else ""
             raise self.error(f"missing required attribute {name!r}{hint}")
         return value
 
@@ -405,27 +449,78 @@ class _Element:
         return result
 
     def check_unknown_attributes(self) -> None:
-        """Refuse attributes that no getter asked for (typos)."""
-        unknown = sorted(set(self.node.attributes) - self._used)
-        if unknown:
-            raise self.error(
-                f"unknown attribute {unknown[0]!r} (known here: {', '.join(sorted(self._used))})"
-            )
+        """Warn about attributes that no getter asked for, as the original ignores them; a
+        near miss of a guarded attribute (see ``_GUARDED_ATTRIBUTES``) is an error."""
+        known = sorted(self._used)
+        for name in sorted(set(self.node.attributes) - self._used):
+            typo = _near_miss(name, known)
+            if typo in _GUARDED_ATTRIBUTES:
+                raise self.error(
+                    f"unknown attribute {name!r}: is it a typo of {typo!r}? Ignoring it, as "
+                    f"the original would, could run without the protection {typo!r} "
+                    "gives, so it is refused",
+                    name)
+            hint = f", a typo of {typo!r}?" if typo else ""
+            self.warn(f"unknown, ignored{hint} (known here: {', '.join(known) or 'none'})",
+                      name)
+        for name in self.node.foreign_attributes:
+            self.warn(f"attribute {name} is in a foreign namespace and is ignored "
+                      "(attributes take no namespace prefix)")
 
-    def children(self, allowed: Mapping[str, str]) -> Iterator[_Element]:
-        """Child elements; a name not in ``allowed`` is an error naming what is allowed."""
+    def children(self, allowed: Collection[str],
+                 ignored: Mapping[str, str] | None = None) -> Iterator[_Element]:
+        """Child elements named in ``allowed``.  Others are skipped with a warning, as the
+        original skips them: ``ignored`` maps a name to the reason given for skipping it;
+        elements outside our namespace, and unknown names, get a generic one (with a typo
+        hint); a near miss of a guarded element (``_GUARDED_ELEMENTS``) is an error."""
         for child in self.node.children:
-            if child.name not in allowed:
-                expected = ", ".join(f"<{n}>" for n in allowed) or "no child elements"
-                raise ConfigError(
-                    f"{self.path}:{child.line}: unknown element <{child.name}> inside "
-                    f"<{self.node.name}> (expected {expected})"
-                )
-            yield _Element(self.path, child)
+            element = _Element(self.path, child, self.sink)
+            if child.namespace != NAMESPACE:
+                shown = f"{{{child.namespace}}}{child.name}" if child.namespace else child.name
+                where = f"in the namespace {child.namespace!r}" if child.namespace else \
+                    "in no namespace"
+                hint = (f"; to use it, put it in xmlns=\"{NAMESPACE}\"" if child.name in allowed
+                        else "")
+                self.sink.append(f"{element.location}: element <{shown}> inside "
+                                 f"<{self.node.name}> is {where} and is ignored{hint}")
+                continue
+            if child.name in allowed:
+                yield element
+                continue
+            if ignored and child.name in ignored:
+                element.warn(f"ignored: {ignored[child.name]}")
+                continue
+            typo = _near_miss(child.name, allowed)
+            if typo in _GUARDED_ELEMENTS:
+                raise element.error(
+                    f"unknown element inside <{self.node.name}>: is it a typo of <{typo}>? "
+                    f"Ignoring it, as the original would, would run without <{typo}>: the "
+                    "Proxy-Client would dial any target a Proxy-Server asks for")
+            expected = ", ".join(f"<{n}>" for n in allowed) or "no child elements"
+            hint = f", a typo of <{typo}>?" if typo else ""
+            element.warn(f"unknown element inside <{self.node.name}> ignored (expected "
+                         f"{expected}{hint})")
+
+
+def _near_miss(name: str, candidates: Collection[str]) -> str | None:
+    """The candidate ``name`` is probably a misspelling of (any case), or None."""
+    folded = {c.lower(): c for c in candidates}
+    if name.lower() in folded:
+        return folded[name.lower()]
+    close = difflib.get_close_matches(name.lower(), list(folded), n=1, cutoff=0.75)
+    return folded[close[0]] if close else None
+
+
+# The original reads numbers with .NET's int.Parse: ASCII digits, an optional sign, white
+# space around; Python's int() would also take "2_5990" and other scripts' digits.
+_INTEGER = re.compile(r"[\t\n\v\f\r ]*[+-]?[0-9]+[\t\n\v\f\r ]*")
+_DECIMAL = re.compile(r"\s*(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*", re.ASCII)
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
     def convert(text: str) -> int:
+        if not _INTEGER.fullmatch(text):
+            raise ValueError(text)  # "2_5990", other scripts' digits: the original refuses
         value = int(text.strip(), 10)
         if not low <= value <= high:
             raise ValueError(text)
@@ -435,6 +530,8 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 
 def _positive_seconds(text: str) -> float:
+    if not _DECIMAL.fullmatch(text):
+        raise ValueError(text)  # float() would take "1_0", "inf", other scripts' digits
     value = float(text.strip())
     if not 0 < value <= 86400:
         raise ValueError(text)
@@ -442,19 +539,58 @@ def _positive_seconds(text: str) -> float:
 
 
 def _ip_literal(text: str) -> str:
-    return str(ipaddress.ip_address(text.strip()))
+    """An IP literal in its canonical form; also the short and numeric IPv4 forms .NET's
+    IPAddress.Parse (so the original) reads as inet_aton does: 127.1, 0x7f.0.0.1."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        # inet_aton stops at white space and ignores what follows: check the text first.
+        if not re.fullmatch(r"[0-9A-Fa-fXx.]+", text.strip()):
+            raise
+        try:
+            return str(ipaddress.IPv4Address(socket.inet_aton(text.strip())))
+        except OSError:
+            raise ValueError(text) from None
+
+
+def _ip(element: _Element, name: str) -> str | None:
+    """An optional IP attribute; a short IPv4 form gets a warning saying how it was read."""
+    value = element.get(name, _ip_literal, _IP_WHAT)
+    text = element.raw(name)
+    if value is not None and text is not None and text.strip() != value:
+        try:
+            ipaddress.ip_address(text.strip())
+        except ValueError:
+            element.warn(f"{text!r} is read as {value}, as the original reads it; write "
+                         f"{value}", name)
+    return value
+
+
+_TRUE = ("1", "true", "yes")
+_FALSE = ("0", "false", "no", "")
 
 
 def _bool(text: str) -> bool:
-    # The original treats exactly 1/true/yes as true and anything else as
-    # false; we keep the true spellings but refuse values that are neither,
-    # since "ture" silently meaning "no TLS" is the kind of typo that hurts.
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes"):
+    """useSsl.  The original reads exactly 1/true/yes (any case) as true and every other
+    value as false.  Values both readings agree on are accepted; the others are refused
+    (see _bool_what): "true " is plain TCP there, and "on" is too, which is not what
+    whoever wrote it meant."""
+    lowered = text.lower()
+    if lowered in _TRUE:
         return True
-    if lowered in ("0", "false", "no", ""):
+    if lowered.strip() in _FALSE:
         return False
     raise ValueError(text)
+
+
+def _bool_what(text: str) -> str:
+    """Why a useSsl value is refused."""
+    if text.strip().lower() in _TRUE:
+        return (f"exactly 1, true or yes (or 0, false, no): {text!r} has white space "
+                "around it, which the original reads as false (plain TCP, no encryption), "
+                "so it is refused rather than guessed")
+    return ("1/true/yes or 0/false/no: the original reads any other value as false (plain "
+            "TCP, no encryption), so it is refused rather than guessed")
 
 
 def _host(text: str) -> str:
@@ -475,11 +611,23 @@ def _sha256_pin(text: str) -> bytes:
     return digest
 
 
-_VERIFIER = re.compile(r"^SCRAM-SHA-256\$\d+:[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+$")
+_VERIFIER = re.compile(
+    r"SCRAM-SHA-256\$([0-9]+):([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+):([A-Za-z0-9+/=]+)")
+# auth.MAX_ITERATIONS (spelt out: auth imports this module).
+_MAX_ITERATIONS = 10_000_000
 
 
 def _verifier(text: str) -> str:
-    if not _VERIFIER.match(text.strip()):
+    """A SCRAM-SHA-256 verifier, checked as the Gateway will read it at start-up."""
+    match = _VERIFIER.fullmatch(text.strip())
+    if not match:
+        raise ValueError(text)
+    try:
+        keys = [base64.b64decode(part, validate=True) for part in match.groups()[1:]]
+    except (ValueError, TypeError):
+        raise ValueError(text) from None
+    if not 1 <= int(match.group(1)) <= _MAX_ITERATIONS or len(keys[1]) != 32 \
+            or len(keys[2]) != 32 or not keys[0]:
         raise ValueError(text)
     return text.strip()
 
@@ -491,6 +639,25 @@ _PORT_WHAT = "a port number from 1 to 65535"
 _PORT_OR_ZERO_WHAT = "a port number from 0 to 65535 (0: any free port)"
 _IP_WHAT = "an IPv4 or IPv6 address literal (leave the attribute out to listen on all addresses)"
 _HOST_WHAT = "a host name or address of 1 to 253 bytes"
+_ROLE_NAMES = {"proxyClientPassword": "Proxy-Client", "proxyServerPassword": "Proxy-Server"}
+
+
+# ---------------------------------------------------------------------------
+# File permissions.
+
+
+def others_access_warning(path: str, what: str) -> str | None:
+    """A warning when users other than the owner and group may read or write ``path``
+    (a file holding a secret), naming its mode and the chmod that fixes it; None when
+    they may not, or the file cannot be examined (reading it reports that)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    if not mode & 0o006:
+        return None
+    return (f"the {what} {path} is open to other users (mode {mode:04o}), who can read "
+            f"the secret in it: run chmod o-rwx {shlex.quote(path)}")
 
 
 # ---------------------------------------------------------------------------
@@ -501,65 +668,83 @@ def _secret(element: _Element, clear_name: str, hash_name: str) -> Secret:
     cleartext = element.raw(clear_name)
     verifier = element.get(hash_name, _verifier, "a SCRAM-SHA-256 verifier "
                            "'SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>' "
+                           "with 1 to 10000000 iterations and 32-byte keys "
                            "(make one with: python -m tcptunnel hash-password)")
     if cleartext is not None and verifier is not None:
         raise element.error(f"give either {clear_name!r} or {hash_name!r}, not both")
     if cleartext is None and verifier is None:
         raise element.error(f"missing required attribute {clear_name!r} (or {hash_name!r})")
     if cleartext == "":
-        raise element.error("a password must not be empty", clear_name)
-    if cleartext is not None:
-        _check_password(element, cleartext, clear_name)
+        # The original accepts an empty password; so do we, loudly.
+        element.warn(
+            f"THE PASSWORD IS EMPTY: anyone who can reach the Gateway can log in to this "
+            f"session as its {_ROLE_NAMES[clear_name]} (set a long random password, or "
+            f"{hash_name})", clear_name)
     return Secret(cleartext=cleartext, verifier=verifier)
 
 
-def _check_password(element: _Element, password: str, attribute: str) -> None:
-    """A password SCRAM cannot use (control or unassigned characters) is a config error."""
-    try:
-        saslprep(password)
-    except ValueError as e:
-        raise element.error(f"{e} (SASLprep, RFC 4013)", attribute) from None
+def _tls_file(element: _Element, name: str) -> str | None:
+    """A certificate or key file attribute of the original, resolved against the settings
+    file's folder; a relative one gets a note saying which file that is (the original
+    resolved it against its working directory)."""
+    value = element.raw(name)
+    if value is None:
+        return None
+    resolved = _relative(element, value)
+    if not os.path.isabs(value):
+        element.warn(f"the relative path {value!r} names {resolved} (relative to the folder "
+                     "of the settings file; the original looked in its working directory)",
+                     name)
+    return resolved
 
 
 def _listener(element: _Element) -> ListenerConfig:
-    ip = element.get("ip", _ip_literal, _IP_WHAT)
+    ip = _ip(element, "ip")
     port = element.get_required("port", _PORT_OR_ZERO, _PORT_OR_ZERO_WHAT)
     if element.raw("certificateHash") is not None:
         raise element.error(
-            "the Windows certificate store is not supported, use a PEM or PFX file "
-            "(certificatePemFilePath + certificatePemKeyFilePath, or certificatePfxFilePath)",
+            "the Windows certificate store is not supported (the original, too, fails "
+            "with it outside Windows): use a PEM or PFX file (certificatePemFilePath + "
+            "certificatePemKeyFilePath, or certificatePfxFilePath)",
             "certificateHash",
         )
-    pfx = element.raw("certificatePfxFilePath")
+    pfx = _tls_file(element, "certificatePfxFilePath")
     pfx_password = element.raw("certificatePfxPassword")
-    pem = element.raw("certificatePemFilePath")
-    pem_key = element.raw("certificatePemKeyFilePath")
+    pem = _tls_file(element, "certificatePemFilePath")
+    pem_key = _tls_file(element, "certificatePemKeyFilePath")
     tls: TlsFiles | None = None
     if pfx is not None:
         if pem is not None or pem_key is not None:
-            raise element.error(
-                "give either a PFX file or a PEM certificate and key, not both",
-                "certificatePfxFilePath",
-            )
-        tls = TlsFiles(pfx_file=_relative(element, pfx), pfx_password=pfx_password)
+            element.warn("both a PFX file and PEM files are given: the PFX file is used and "
+                         "the PEM attributes are ignored, as in the original",
+                         "certificatePemFilePath" if pem is not None
+                         else "certificatePemKeyFilePath")
+        tls = TlsFiles(pfx_file=pfx, pfx_password=pfx_password)
+        key_file = pfx
     elif pem is not None:
         if pem_key is None:
             raise element.error(
                 "missing required attribute 'certificatePemKeyFilePath' (the private key "
-                "file that goes with certificatePemFilePath)"
+                "file that goes with certificatePemFilePath; the original fails here too)"
             )
-        tls = TlsFiles(pem_certificate=_relative(element, pem), pem_key=_relative(element, pem_key))
+        tls = TlsFiles(pem_certificate=pem, pem_key=pem_key)
+        key_file = pem_key
     elif pem_key is not None:
         raise element.error(
-            "a key file without a certificate: add certificatePemFilePath",
+            "a key file without a certificate: add certificatePemFilePath. (The original "
+            "would run this listener as plain TCP, unencrypted, which the key says was not "
+            "meant.)",
             "certificatePemKeyFilePath",
         )
-    elif pfx_password is not None:
-        raise element.error(
-            "a PFX password without a PFX file: add certificatePfxFilePath",
-            "certificatePfxPassword",
-        )
+    if pfx_password is not None and pfx is None:
+        element.warn("a PFX password without a PFX file is ignored, as in the original",
+                     "certificatePfxPassword")
+    if tls is not None:
+        mode_warning = others_access_warning(key_file, "private key file")
+        if mode_warning is not None:
+            element.warn(mode_warning)
     element.check_unknown_attributes()
+    _no_children(element)
     return ListenerConfig(ip=ip, port=port, tls=tls, location=element.location)
 
 
@@ -618,12 +803,15 @@ def _gateway(index: int, element: _Element) -> GatewayConfig:
             f"larger than maxQueuedBytes ({limits.max_queued_bytes})",
             "maxQueuedBytesPerSession",
         )
+    element.raw("type")
     element.check_unknown_attributes()
     listeners: list[ListenerConfig] = []
     sessions: list[GatewaySessionConfig] = []
     seen_addresses: dict[tuple[str | None, int], Location] = {}
     seen_ids: dict[int, Location] = {}
-    for child in element.children({"Listener": "", "Session": ""}):
+    ignored = {"AllowedTargetEndpoints": "a Gateway has no allow-list (it belongs in a "
+               "Proxy-Client)"}
+    for child in element.children(("Listener", "Session"), ignored):
         if child.node.name == "Listener":
             listener = _listener(child)
             key = (listener.ip, listener.port)
@@ -658,17 +846,28 @@ def _gateway(index: int, element: _Element) -> GatewayConfig:
         sessions=tuple(sessions),
         limits=limits,
         location=element.location,
+        warnings=_in_line_order(element.sink),
     )
 
 
+def _in_line_order(warnings: list[str]) -> tuple[str, ...]:
+    """Warnings ("path:line: ...") sorted by line, as they were found within a line."""
+    def line(warning: str) -> int:
+        match = re.match(r".*?:([0-9]+): ", warning)
+        return int(match.group(1)) if match else 0
+
+    return tuple(sorted(warnings, key=line))
+
+
 def _no_children(element: _Element) -> None:
-    for _ in element.children({}):
-        pass  # pragma: no cover - children() raises on the first one
+    """Warn about (and skip) any child element: the original ignores them."""
+    for _ in element.children(()):
+        pass  # pragma: no cover - children() yields nothing when nothing is allowed
 
 
 def _binding(element: _Element) -> BindingConfig:
     binding = BindingConfig(
-        listen_ip=element.get("listenIp", _ip_literal, _IP_WHAT),
+        listen_ip=_ip(element, "listenIp"),
         listen_port=element.get_required("listenPort", _PORT_OR_ZERO, _PORT_OR_ZERO_WHAT),
         target_host=element.get_required("targetHost", _host, _HOST_WHAT),
         target_port=element.get_required("targetPort", _PORT, _PORT_WHAT),
@@ -676,6 +875,12 @@ def _binding(element: _Element) -> BindingConfig:
     )
     element.check_unknown_attributes()
     _no_children(element)
+    if binding.listen_ip is None:
+        element.warn(
+            f"no listenIp: it listens on every address of this machine, so anyone who can "
+            f"reach port {binding.listen_port} here can use the tunnel to "
+            f"{format_address(binding.target_host, binding.target_port)}; add "
+            "listenIp=\"127.0.0.1\" to accept only local connections")
     return binding
 
 
@@ -699,6 +904,12 @@ def _proxy_password(session: _Element) -> Secret:
         except OSError as e:
             raise session.error(f"cannot read the password file: {e.strerror}",
                                 "passwordFile") from None
+        except UnicodeDecodeError:
+            raise session.error(f"the password file {file_path} is not UTF-8 text",
+                                "passwordFile") from None
+        mode_warning = others_access_warning(file_path, "password file")
+        if mode_warning is not None:
+            session.warn(mode_warning, "passwordFile")
     elif from_env is not None:
         env_value = os.environ.get(from_env)
         if env_value is None:
@@ -709,15 +920,20 @@ def _proxy_password(session: _Element) -> Secret:
         assert inline is not None
         password = inline
     if not password:
-        raise session.error("the password is empty", given[0])
-    _check_password(session, password, given[0])
+        if inline is None:
+            # Ours: an empty file or variable is a deployment mistake (a secret not
+            # mounted), not a choice.
+            raise session.error("the password is empty", given[0])
+        session.warn("THE PASSWORD IS EMPTY: it logs in only to a Gateway session whose "
+                     "password is empty, which anyone can use", "password")
     return Secret(cleartext=password)
 
 
 def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
     host = element.get_required("host", _host, _HOST_WHAT)
     port = element.get_required("port", _PORT, _PORT_WHAT)
-    use_tls = element.get("useSsl", _bool, "1/true/yes or 0/false/no") or False
+    use_ssl_text = element.raw("useSsl")
+    use_tls = element.get("useSsl", _bool, _bool_what(use_ssl_text or "")) or False
     ca_file_raw = element.raw("caFile")
     ca_file = _relative(element, ca_file_raw) if ca_file_raw is not None else None
     server_name = element.get("serverName", _host, _HOST_WHAT)
@@ -742,41 +958,38 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
     max_window = max_window or ProxyConfig.max_window
     if max_window < initial_window:
         raise element.error("maxWindow must not be smaller than initialWindow", "maxWindow")
+    element.raw("type")
     element.check_unknown_attributes()
     if not use_tls and (ca_file or server_name or pin):
         raise element.error("caFile, serverName and certificatePin need useSsl=\"true\"")
 
     session_element: _Element | None = None
     allowed: tuple[EndpointConfig, ...] | None = None
-    allowed_children = {"Session": ""}
+    allowed_at: Location | None = None
     if role == "proxy-client":
-        allowed_children["AllowedTargetEndpoints"] = ""
-    for child in element.children(allowed_children):
+        wanted: tuple[str, ...] = ("Session", "AllowedTargetEndpoints")
+        ignored = {"Binding": "a Proxy-Client has no Bindings (they belong in a "
+                   "Proxy-Server's <Session>)"}
+    else:
+        wanted = ("Session",)
+        ignored = {"AllowedTargetEndpoints": "only a Proxy-Client checks targets; a "
+                   "Proxy-Server ignores this element, as the original does",
+                   "Binding": "a <Binding> belongs inside <Session>, as in the original"}
+    for child in element.children(wanted, ignored):
         if child.node.name == "Session":
-            # The original reads only the first Session of a proxy; a second
-            # one would be ignored there, so we refuse it rather than guess.
             if session_element is not None:
-                raise child.error(
-                    "a proxy has exactly one <Session> "
-                    f"(the first is at {session_element.location})"
-                )
+                child.warn(f"a second <Session> is ignored, with what it holds: the original "
+                           f"uses only the first (at {session_element.location})")
+                continue
             session_element = child
         else:
             if allowed is not None:
-                raise child.error("only one <AllowedTargetEndpoints> element is allowed")
+                child.warn(f"a second <AllowedTargetEndpoints> is ignored: the original uses "
+                           f"only the first (at {allowed_at})")
+                continue
             child.check_unknown_attributes()
-            endpoints: list[EndpointConfig] = []
-            for endpoint in child.children({"Endpoint": ""}):
-                endpoints.append(
-                    EndpointConfig(
-                        host=normalise_host(endpoint.get_required("host", _host, _HOST_WHAT)),
-                        port=endpoint.get_required("port", _PORT, _PORT_WHAT),
-                        location=endpoint.location,
-                    )
-                )
-                endpoint.check_unknown_attributes()
-                _no_children(endpoint)
-            allowed = tuple(endpoints)
+            allowed_at = child.location
+            allowed = tuple(_endpoints(child))
     if session_element is None:
         raise element.error("missing required child element <Session id=\"...\" password=\"...\">")
     session_id = session_element.get_required("id", _INT32, "a 32-bit whole number")
@@ -784,8 +997,10 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
     session_element.check_unknown_attributes()
     bindings: list[BindingConfig] = []
     seen: dict[tuple[str | None, int], Location] = {}
-    binding_children = {"Binding": ""} if role == "proxy-server" else {}
-    for child in session_element.children(binding_children):
+    binding_children: tuple[str, ...] = ("Binding",) if role == "proxy-server" else ()
+    session_ignored = {"Binding": "a Proxy-Client has no Bindings (they belong in a "
+                       "Proxy-Server)"} if role == "proxy-client" else {}
+    for child in session_element.children(binding_children, session_ignored):
         binding = _binding(child)
         key = (binding.listen_ip, binding.listen_port)
         clash = next(
@@ -816,8 +1031,50 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
         location=element.location,
         initial_window=initial_window,
         max_window=max_window,
+        warnings=_in_line_order(element.sink),
         **timing,
     )
+
+
+def _endpoints(allow_list: _Element) -> Iterator[EndpointConfig]:
+    """The Endpoints of an AllowedTargetEndpoints element.  The original reads the port
+    as any int32 and never matches one outside 1-65535: such an entry is dropped with a
+    warning."""
+    for endpoint in allow_list.children(("Endpoint",)):
+        host = normalise_host(endpoint.get_required("host", _host, _HOST_WHAT))
+        port = endpoint.get_required("port", _INT32, "a whole number (a port, 1 to 65535)")
+        endpoint.check_unknown_attributes()
+        _no_children(endpoint)
+        if not 1 <= port <= 65535:
+            endpoint.warn(f"port {port} is no TCP port: this entry can never match and is "
+                          "ignored", "port")
+            continue
+        yield EndpointConfig(host=host, port=port, location=endpoint.location)
+
+
+def _status(element: _Element) -> StatusConfig:
+    status = StatusConfig(
+        listen_ip=_ip(element, "listenIp") or "127.0.0.1",
+        listen_port=element.get_required("listenPort", _PORT_OR_ZERO, _PORT_OR_ZERO_WHAT),
+        location=element.location,
+        host_names=element.get("hostNames", _host_names, _HOST_NAMES_WHAT) or (),
+    )
+    element.check_unknown_attributes()
+    _no_children(element)
+    return status
+
+
+def _holds_secrets(settings: Settings) -> bool:
+    """Whether the file itself holds a password, verifier or PFX password."""
+    for instance in settings.instances:
+        if isinstance(instance, GatewayConfig):
+            if instance.sessions or any(
+                    listener.tls is not None and listener.tls.pfx_password
+                    for listener in instance.listeners):
+                return True
+        elif instance.password.cleartext is not None:
+            return True
+    return False
 
 
 def parse_settings(data: bytes, path: str = "settings.xml") -> Settings:
@@ -837,42 +1094,50 @@ def parse_settings(data: bytes, path: str = "settings.xml") -> Settings:
     instances: list[InstanceConfig] = []
     status: StatusConfig | None = None
     index = 0
-    for element in settings.children({"Instance": "", "Status": ""}):
+    for element in settings.children(("Instance", "Status")):
         if element.node.name == "Status":
             if status is not None:
                 raise element.error(f"only one <Status> is allowed (the first is at "
                                     f"{status.location})")
-            status = StatusConfig(
-                listen_ip=element.get("listenIp", _ip_literal, _IP_WHAT) or "127.0.0.1",
-                listen_port=element.get_required("listenPort", _PORT_OR_ZERO,
-                                                 _PORT_OR_ZERO_WHAT),
-                location=element.location,
-                host_names=element.get("hostNames", _host_names, _HOST_NAMES_WHAT) or (),
-            )
-            element.check_unknown_attributes()
-            _no_children(element)
+            status = _status(element)
             continue
-        type_text = element.required("type")
+        instance_element = _Element(path, element.node, [])  # the instance's own warnings
+        type_text = instance_element.required("type")
         role = type_text.strip().lower()
+        if role != type_text.lower() and role in ROLES:
+            instance_element.warn(f"{type_text!r} is read as {role!r} (the original refuses "
+                                  "white space around the type)", "type")
         if role == "gateway":
-            instances.append(_gateway(index, element))
+            instances.append(_gateway(index, instance_element))
         elif role in ("proxy-client", "proxy-server"):
-            instances.append(_proxy(index, role, element))  # type: ignore[arg-type]
+            instances.append(_proxy(index, role, instance_element))  # type: ignore[arg-type]
         else:
-            raise element.error(
+            raise instance_element.error(
                 f"unknown instance type {type_text!r} (expected gateway, proxy-client or "
                 "proxy-server)",
                 "type",
             )
         index += 1
-    return Settings(path=path, instances=tuple(instances), status=status)
+    if not instances:
+        settings.sink.append(f"{settings.location}: <Settings> defines no <Instance>: "
+                             "nothing runs" + (" but the status page" if status else ""))
+    return Settings(path=path, instances=tuple(instances), status=status,
+                    warnings=_in_line_order(settings.sink))
 
 
 def load_settings(path: str) -> Settings:
-    """Read and parse a settings file; every failure is a :class:`ConfigError`."""
+    """Read and parse a settings file; every failure is a :class:`ConfigError`.  A file
+    that holds secrets and that other users may read gets a warning."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the settings file: {e.strerror}") from None
-    return parse_settings(data, path)
+    settings = parse_settings(data, path)
+    mode_warning = others_access_warning(path, "settings file") if _holds_secrets(
+        settings) else None
+    if mode_warning is not None:
+        settings = Settings(path=settings.path, instances=settings.instances,
+                            status=settings.status,
+                            warnings=(f"{path}: {mode_warning}", *settings.warnings))
+    return settings
