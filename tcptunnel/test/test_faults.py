@@ -331,8 +331,16 @@ class SilentLinkTests(TestCase):
 class Misbehaving(Protocol):
     """Targets that misbehave in one of several ways, chosen by the first byte received."""
 
+    # Connections still open; a target that never reads never learns that the far end
+    # closed, and a paused socket is not among the reactor's readers, so nothing else sees it.
+    open: set[Misbehaving] = set()
+
     def connectionMade(self) -> None:  # noqa: N802
         self.mode: bytes | None = None
+        Misbehaving.open.add(self)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        Misbehaving.open.discard(self)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         transport: Any = self.transport
@@ -359,6 +367,13 @@ class Misbehaving(Protocol):
         pass
 
 
+async def close_misbehaving() -> None:
+    """Abort the misbehaving targets still open and wait until they are closed."""
+    for target in list(Misbehaving.open):
+        target.transport.abortConnection()  # type: ignore[union-attr]
+    await wait_until(lambda: not Misbehaving.open, 5, "the misbehaving targets to close")
+
+
 RESET_PAYLOAD = os.urandom(1024 * 1024)
 HALF_CLOSE_RESULTS: list[bytes] = []
 
@@ -373,6 +388,7 @@ class StreamFaultTests(TestCase):
         echo = await listen(self, EchoProtocol)
         tunnel = Tunnel(self)
         self.addCleanup(tunnel.close)
+        self.addCleanup(close_misbehaving)  # before the tunnel closes (cleanups run LIFO)
         tunnel.start_gateway()
         pc = tunnel.start_proxy_client()
         ps = tunnel.start_proxy_server([("127.0.0.1", bad), ("127.0.0.1", echo)])
@@ -398,7 +414,8 @@ class StreamFaultTests(TestCase):
         await wait_until(lambda: ps.link is not None and ps.link.core.blocked_sent > 0, 10,
                          "the stuck stream to spend its window")
         await self.echo_works(echo)
-        self.assertFalse(stuck.ended.called, "the stalled stream was not cut")
+        self.assertFalse(stuck.ended.called, f"the stalled stream ended ({stuck.how}) after "
+                         f"{len(stuck.received)} bytes")
         stuck.transport.abortConnection()
         await stuck.ended
 
