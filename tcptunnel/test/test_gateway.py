@@ -22,7 +22,7 @@ from tcptunnel import _frames as fr
 from tcptunnel._frames import FrameType, GoAway, Reason
 from tcptunnel.auth import ProxyAuth, format_verifier, make_auth_info
 from tcptunnel.config import GatewayConfig, parse_settings
-from tcptunnel.gateway import Gateway, GatewayLink
+from tcptunnel.gateway import Gateway, GatewayLink, GatewayService
 from tcptunnel.test._harness import (
     NS,
     EchoProtocol,
@@ -580,6 +580,78 @@ class GatewayNetworkTests(TestCase):
             binding_port(pss[0]), 1000)) for _ in range(3)])
         await self.assert_echo_works(binding_port(pss[1]), 1000)
         self.assertEqual(opened, {1: 3, 2: 1})
+
+
+class ChallengeCatcher(RawPeer):
+    """A peer whose ``challenged`` fires at the first AUTH_CHALLENGE (or the close)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.challenged: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        super().dataReceived(data)
+        if self.of_type(FrameType.AUTH_CHALLENGE) and not self.challenged.called:
+            self.challenged.callback(None)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802, B008
+        if not self.challenged.called:
+            self.challenged.callback(None)
+        super().connectionLost(reason)
+
+
+class DecoyOverTheWireTests(TestCase):
+    """The Gateway's challenges do not tell unknown sessions from configured ones by i=."""
+
+    timeout = 60
+
+    async def challenge(self, port: int, session_id: int, role: int) -> tuple[str, int]:
+        """The salt and iteration count the Gateway challenges a login with."""
+        peer = ChallengeCatcher()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+            Factory.forProtocol(lambda: peer))
+        auth = ProxyAuth(session_id, role, "a guess")
+        peer.transport.write(fr.build_hello() + fr.build_auth_start(role, session_id,
+                                                                    auth.start()))
+        await peer.challenged
+        self.assertTrue(peer.of_type(FrameType.AUTH_CHALLENGE), f"closed: {peer.goaway()}")
+        peer.transport.loseConnection()
+        await peer.closed
+        _nonce, salt, count = peer.of_type(FrameType.AUTH_CHALLENGE)[0].payload.decode().split(",")
+        return salt[2:], int(count[2:])
+
+    async def test_unknown_sessions_answer_the_configured_counts(self) -> None:
+        """With session 5 of 5 at 100,000 iterations for both roles, the real session answers
+        100,000; unknown sessions answer 100,000 for both roles or 4096 for both, stable
+        across probes, and some of 60 do answer 100,000."""
+        strong = [format_verifier(make_auth_info(password, 100_000))
+                  for password in ("strong-pc", "strong-ps")]
+        sessions = "".join(f'<Session id="{n}" proxyClientPassword="pc{n}" '
+                           f'proxyServerPassword="ps{n}"/>' for n in range(1, 5))
+        sessions += (f'<Session id="5" proxyClientPasswordHash="{strong[0]}" '
+                     f'proxyServerPasswordHash="{strong[1]}"/>')
+        # Abandoned logins keep their slot until the throttle's time: room for all 140.
+        limits = 'maxUnauthenticatedLinks="1000" maxUnauthenticatedLinksPerAddress="1000"'
+        service = GatewayService(gateway_config(limits, session=sessions), reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = service.ports[0].getHost().port
+        roles = (fr.ROLE_PROXY_CLIENT, fr.ROLE_PROXY_SERVER)
+        self.assertEqual([(await self.challenge(port, 5, role))[1] for role in roles],
+                         [100_000, 100_000])
+        self.assertEqual([(await self.challenge(port, 1, role))[1] for role in roles],
+                         [4096, 4096])
+        answers = {}
+        for session_id in range(100, 160):
+            answers[session_id] = [await self.challenge(port, session_id, role)
+                                   for role in roles]
+            counts = {count for _salt, count in answers[session_id]}
+            self.assertIn(counts, ({4096}, {100_000}), f"session {session_id}")
+        for session_id in range(100, 110):
+            self.assertEqual([await self.challenge(port, session_id, role) for role in roles],
+                             answers[session_id], "a second probe gets the same answer")
+        # 1 session in 5 is at 100,000: none of 60 unknown ones is a 1-in-650,000 chance.
+        self.assertTrue(any(pair[0][1] == 100_000 for pair in answers.values()))
 
 
 class BindFailureTests(TestCase):
