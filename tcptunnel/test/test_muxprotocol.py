@@ -160,6 +160,25 @@ class MuxProtocolTests(SynchronousTestCase):
         self.assertEqual(far_splice.end_description,
                          f"reset by the far end (CONNECTION_RESET: {message})")
 
+    def test_stream_state_read_from_the_core(self) -> None:
+        """MuxStream's state, write_closed, remote_ended and finished follow the core's record,
+        also after the stream left the core's table."""
+        ends = Ends()
+        splice, _socket, far_splice, _far_socket = ends.open()
+        stream, far = splice.stream, far_splice.stream
+        assert stream is not None and far is not None
+        self.assertIs(stream.state, _mux.StreamState.OPEN)
+        splice.readConnectionLost()
+        ends.pump.flush()
+        self.assertTrue(stream.write_closed and far.remote_ended)
+        self.assertIs(stream.state, _mux.StreamState.HALF_CLOSED_LOCAL)
+        self.assertFalse(stream.finished)
+        far.abortConnection(Reason.CANCELLED, "done")
+        ends.pump.flush()
+        self.assertTrue(stream.finished and far.finished)
+        self.assertIs(stream.state, _mux.StreamState.RESET)
+        self.assertEqual(ends.opener.core.streams, {})
+
     def test_teardown_order_stop_producing_first(self) -> None:
         """Twisted's order (the transport's stopProducing, then the protocol's connectionLost)
         still resets with CONNECTION_RESET, not CANCELLED."""
