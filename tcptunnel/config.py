@@ -1139,5 +1139,5 @@ def load_settings(path: str) -> Settings:
     if mode_warning is not None:
         settings = Settings(path=settings.path, instances=settings.instances,
                             status=settings.status,
-                            warnings=(f"{path}: {mode_warning}", *settings.warnings))
+                            warnings=(mode_warning, *settings.warnings))
     return settings

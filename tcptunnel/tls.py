@@ -26,7 +26,7 @@ from twisted.internet.interfaces import (
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from tcptunnel.config import TlsFiles
+from tcptunnel.config import ListenerConfig, ProxyConfig, TlsFiles
 
 
 class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
@@ -162,6 +162,35 @@ class ReloadableServerTls:
         """A server connection on the current certificate (Twisted sets the accept state
         and the app data)."""
         return SSL.Connection(self._context, None)
+
+
+def listener_context_factory(listener: ListenerConfig) -> ssl.CertificateOptions:
+    """:func:`server_context_factory` for a Gateway Listener with TLS: a TlsSetupError
+    names the settings file, line, element and attribute, like a ConfigError."""
+    files = listener.tls
+    assert files is not None
+    try:
+        return server_context_factory(files)
+    except TlsSetupError as e:
+        message = str(e)
+        if files.pfx_file is not None:
+            attribute = "certificatePfxFilePath"
+        elif "private key" in message or "key file" in message:
+            attribute = "certificatePemKeyFilePath"
+        else:
+            attribute = "certificatePemFilePath"
+        raise TlsSetupError(
+            f"{listener.location}: <Listener> attribute {attribute!r}: {message}") from None
+
+
+def proxy_connection_creator(config: ProxyConfig) -> IOpenSSLClientConnectionCreator:
+    """:func:`client_connection_creator` for a proxy with useSsl: a TlsSetupError (an
+    unusable caFile) names the settings file, line, element and attribute."""
+    try:
+        return client_connection_creator(config.server_name or config.host, config.ca_file,
+                                         config.certificate_pin)
+    except TlsSetupError as e:
+        raise TlsSetupError(f"{config.location}: <Instance> attribute 'caFile': {e}") from None
 
 
 def server_tls(files: TlsFiles) -> ReloadableServerTls:
