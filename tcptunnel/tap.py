@@ -9,9 +9,9 @@ in that order and stop in reverse.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import stat
-import sys
 import threading
 from typing import IO, Any, TextIO, cast
 
@@ -49,16 +49,29 @@ class Options(usage.Options):
     settings: Settings
 
     def postOptions(self) -> None:  # noqa: N802
-        """Load the settings file; any problem is a UsageError naming file and line."""
+        """Load the settings file; any problem is a :class:`ConfigFileError` naming file and
+        line."""
         try:
             self.settings = load_settings(self["config"])
             if not self.settings.instances:
                 raise ConfigError(f"{self['config']}: the file defines no <Instance>")
         except ConfigError as e:
-            # twistd prints usage errors, with the whole help text, on stdout; put the one
-            # line that matters on stderr too, where scripts and service managers look.
-            sys.stderr.write(f"tcptunnel: {e}\n")
-            raise usage.UsageError(str(e)) from None
+            raise ConfigFileError(e, self["config"]) from None
+
+
+class ConfigFileError(SystemExit):
+    """The settings file is unusable: exit status 1 and one message on stderr.
+
+    Not a UsageError: twistd answers those with its whole help text (11 lines) on stdout
+    and then the error, and the error is not about the command line.  A SystemExit raised
+    while twistd parses its options ends the process before anything else runs (no pidfile,
+    no log, no daemon), and the interpreter prints its message on stderr.
+    """
+
+    def __init__(self, error: ConfigError, path: str) -> None:
+        check = f"python -m tcptunnel check-config {shlex.quote(path)}"
+        super().__init__(f"tcptunnel: {error}\n(check the whole file with: {check})")
+        self.error = error
 
 
 class LogFile:
@@ -150,12 +163,14 @@ class TunnelService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, settings: Settings, reactor: Any, log_file: LogFile | None = None
-                 ) -> None:
+    def __init__(self, settings: Settings, reactor: Any, log_file: LogFile | None = None,
+                 stderr_fd: int | None = None) -> None:
         super().__init__()
         self.settings = settings
         self.reactor = reactor
         self.log_file = log_file
+        # A copy of the standard error twistd started with (see _tell_stderr).
+        self.stderr_fd = stderr_fd
         # The signal that stopped us (SIGTERM), recorded by our own handler.
         self.exit_signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
@@ -291,13 +306,33 @@ class TunnelService(service.MultiService):
                     done.stopService()
                 self.running = False
                 self.log.critical("Start-up failed: {error}", error=str(e))
-                # twistd has not started the reactor yet: exit with the message
-                # alone rather than a traceback.
-                raise SystemExit(f"tcptunnel: start-up failed: {e}") from None
+                self._tell_stderr(f"tcptunnel: start-up failed: {e}\n")
+                raise StartupFailed(str(e)) from None
             started.append(child)
             self.log.info("[{name}] started", name=child.name)
+        self._tell_stderr(None)
         self.reactor.callWhenRunning(self._install_signal_handlers)
         self.log.info("Started. Send SIGHUP to reload, SIGTERM or Ctrl+C to stop.")
+
+    def _tell_stderr(self, text: str | None) -> None:
+        """Write ``text`` on the standard error twistd was started with, then let it go.
+
+        Under twistd, ``sys.stderr`` is by now a file that writes into the log (the message
+        would be logged twice and seen on no terminal), and a daemon's descriptor 2 is
+        /dev/null: the copy :func:`makeService` took before twistd daemonised is the
+        terminal or pipe that is waiting for the outcome.  The copy is closed once start-up
+        is over (``text`` None): a daemon must not keep its starter's terminal open.
+        """
+        fd, self.stderr_fd = self.stderr_fd, None
+        if fd is None:
+            return  # not under twistd: the caller has the log and the exception
+        try:
+            if text is not None:
+                os.write(fd, text.encode("utf-8", "backslashreplace"))
+        except OSError:
+            pass  # nobody is reading any more; the log has the message
+        finally:
+            os.close(fd)
 
     def stopService(self) -> Any:  # noqa: N802
         """Stop the instances in reverse order."""
@@ -310,10 +345,33 @@ class TunnelService(service.MultiService):
 
 
 def makeService(options: Options) -> service.IService:  # noqa: N802
-    """The twistd entry point."""
+    """The twistd entry point (called before twistd daemonises and starts logging)."""
     from twisted.internet import reactor
 
     try:
-        return TunnelService(options.settings, reactor, twistd_log_file(options))
+        tunnel = TunnelService(options.settings, reactor, twistd_log_file(options))
     except TlsSetupError as e:
         raise SystemExit(f"tcptunnel: {options.settings.path}: {e}") from None
+    if options.parent is not None:  # twistd (or twist): keep its stderr for start-up errors
+        tunnel.stderr_fd = os.dup(2)  # not inherited by children (PEP 446)
+    return tunnel
+
+
+class StartupFailed(SystemExit, Exception):  # noqa: N818 - a SystemExit; twistd prints it
+    """Start-up failed once twistd ran (a port in use ...); the reason was logged and
+    written on stderr already.
+
+    Both kinds of exception on purpose.  An Exception, because twistd's ``postApplication``
+    catches only those from ``startService``: it removes the pidfile and reports the failure
+    through a daemon's status pipe, so that the process waiting in the shell prints it and
+    exits 1.  A SystemExit was not caught: the daemon died without a word, and its starter,
+    which also holds the pipe's write end, waited for ever.  And a SystemExit with status 1,
+    because twistd re-raises it: the interpreter then exits 1 without a traceback.
+    """
+
+    def __init__(self, reason: str) -> None:
+        # twistd's starter prints this (as b'tcptunnel.tap.StartupFailed: ...'), cut at
+        # 100 bytes: the reason itself is on the line before it, whole.
+        super().__init__("the reason is on the line above and in the log")
+        self.code = 1
+        self.reason = reason

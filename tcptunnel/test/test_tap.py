@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -24,7 +25,6 @@ from tcptunnel.test._certs import mint
 from tcptunnel.test._harness import (
     CONF,
     NS,
-    ROOT,
     EchoProtocol,
     TwistdProcess,
     child_environment,
@@ -60,20 +60,25 @@ class PluginTests(SynchronousTestCase):
         os.makedirs(empty)
         self.addCleanup(os.chdir, os.getcwd())
         os.chdir(empty)
-        with self.assertRaises(usage.UsageError) as raised:
+        with self.assertRaises(tap.ConfigFileError) as raised:
             tap.Options().parseOptions([])
         self.assertIn("settings.xml: cannot read the settings file", str(raised.exception))
 
-    def test_bad_file_is_usage_error(self) -> None:
-        """A broken settings file is a UsageError carrying the precise message."""
+    def test_bad_file_exits_with_the_message(self) -> None:
+        """A broken settings file is a SystemExit (not a UsageError, which twistd answers with
+        its help text) whose message is the precise error and the check-config hint."""
         path = self.mktemp()
         with open(path, "w") as f:
             f.write('<Settings xmlns="https://github.com/kpreisser/TcpTunnel">\n'
                     '<Instance type="gateway"><Listener port="99999"/></Instance></Settings>')
-        with self.assertRaises(usage.UsageError) as raised:
+        with self.assertRaises(SystemExit) as raised:
             tap.Options().parseOptions(["--config", path])
-        self.assertIn(f"{path}:2:", str(raised.exception))
-        self.assertIn("'port'", str(raised.exception))
+        self.assertNotIsInstance(raised.exception, usage.UsageError)
+        message = str(raised.exception.code)
+        self.assertTrue(message.startswith(f"tcptunnel: {path}:2: <Listener> attribute 'port'"),
+                        message)
+        self.assertTrue(message.endswith(
+            f"(check the whole file with: python -m tcptunnel check-config {path})"), message)
 
     def test_make_service_children(self) -> None:
         """makeService builds one child per Instance, in file order, named index:role, and
@@ -97,19 +102,31 @@ class TwistdProcessTests(TestCase):
     timeout = 90
 
     async def test_bad_config_exits_nonzero(self) -> None:
-        """A broken settings file: non-zero exit and the precise message on stderr."""
-        path = os.path.abspath(self.mktemp())
+        """A broken settings file, in the foreground and as a daemon: exit status 1, nothing
+        on stdout (no twistd help text), and on stderr the error once, naming file and line,
+        with the check-config hint; no pidfile, no log file."""
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        path = os.path.join(work, "settings.xml")
         with open(path, "w") as f:
             f.write('<Settings xmlns="https://github.com/kpreisser/TcpTunnel">\n'
                     '<Instance type="proxy-server" host="h" port="1">\n'
                     '<Session id="1" password="p"><Binding listenPort="1" targetHost="t"/>'
                     "</Session></Instance></Settings>")
-        _out, err, code = await getProcessOutputAndValue(
-            sys.executable, twistd_command("-n", "--pidfile=", "tcptunnel", "--config", path)[1:],
-            env=child_environment(), path=ROOT)
-        self.assertNotEqual(code, 0)
-        self.assertIn(f"{path}:3: <Binding>: missing required attribute 'targetPort'".encode(),
-                      err)
+        for mode in (["-n"], []):
+            out, err, code = await getProcessOutputAndValue(
+                sys.executable, twistd_command(*mode, "--pidfile=t.pid", "--logfile=t.log",
+                                               "tcptunnel", "--config", path)[1:],
+                env=child_environment(), path=work)
+            self.assertEqual((code, out.decode()), (1, ""), mode)
+            lines = err.decode().splitlines()
+            self.assertEqual(len(lines), 2, lines)
+            self.assertTrue(lines[0].startswith(
+                f"tcptunnel: {path}:3: <Binding>: missing required attribute 'targetPort'"),
+                lines)
+            self.assertEqual(
+                lines[1], f"(check the whole file with: python -m tcptunnel check-config {path})")
+            self.assertEqual(sorted(os.listdir(work)), ["settings.xml"], mode)
 
     async def test_sample_configs_forward(self) -> None:
         """conf/gateway.xml, proxy-client.xml and proxy-server.xml, each run by its own twistd
@@ -182,6 +199,94 @@ class TwistdProcessTests(TestCase):
             env=env, path=work)
         self.addCleanup(process.kill)
         return process
+
+
+class _Outputs(TwistdProcess):
+    """A child process whose stdout and stderr are kept apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stderr = bytearray()
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802
+        self.stderr += data
+
+
+def _processes_running(text: str) -> list[int]:
+    """Processes whose command line contains ``text`` (a test's unique config path)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+class StartupFailureTests(TestCase):
+    """Real twistd processes whose start-up fails once twistd runs (a Listener port in use)."""
+
+    timeout = 60
+
+    async def start_on_busy_port(self, *mode: str) -> tuple[_Outputs, str, str]:
+        """twistd ``mode`` with a pidfile and a log file, its Gateway Listener on a port
+        that another socket listens on; returns once it ended (15 s at most)."""
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        busy = await listen(self, EchoProtocol)
+        config = os.path.join(work, "settings.xml")
+        with open(config, "w") as f:
+            f.write(f'<Settings {NS}><Instance type="gateway"><Listener ip="127.0.0.1" '
+                    f'port="{busy}"/><Session id="1" proxyClientPassword="a" '
+                    'proxyServerPassword="b"/></Instance></Settings>')
+        process = _Outputs()
+        reactor.spawnProcess(
+            process, sys.executable,
+            twistd_command(*mode, "--pidfile=t.pid", "--logfile=t.log", "tcptunnel",
+                           "--config", config),
+            env=child_environment(), path=work)
+        self.addCleanup(process.kill)
+        # Processes of this test (a hung daemon, the starter's zombie child) are killed.
+        def kill_leftovers() -> None:
+            for pid in _processes_running(config):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+        self.addCleanup(kill_leftovers)
+        await wait_until(lambda: process.ended.called, 15, "twistd to give up")
+        with open(os.path.join(work, "t.log")) as f:
+            log = f.read()
+        self.assertFalse(os.path.exists(os.path.join(work, "t.pid")), "pidfile left behind")
+        reason = (f"[0] Gateway could not listen on 127.0.0.1:{busy} ({config}:1): "
+                  "[Errno 98] Address already in use")
+        # Logged once, as ours (the message is not also logged as "stderr" output).
+        self.assertEqual(log.count("could not listen"), 1, log)
+        self.assertIn(f"[tcptunnel.tap.TunnelService#critical] Start-up failed: {reason}", log)
+        self.assertNotIn("Traceback", log)
+        return process, reason, config
+
+    async def test_daemon_exits_at_once(self) -> None:
+        """As a daemon (twistd without -n): the command returns with status 1 within
+        seconds (it hung for ever), the reason whole on stderr, no pidfile, and no process
+        left behind."""
+        process, reason, config = await self.start_on_busy_port()
+        self.assertEqual(process.exit_code, 1)
+        lines = process.stderr.decode().splitlines()
+        self.assertEqual(lines[0], f"tcptunnel: start-up failed: {reason}", lines)
+        # twistd's own report of the daemon's failure follows, pointing at that line.
+        self.assertIn("StartupFailed: the reason is on the line above", lines[1])
+        self.assertEqual(process.output.decode(), "")
+        await wait_until(lambda: not _processes_running(config), 10, "the daemon to exit")
+
+    async def test_foreground_exits_with_the_reason(self) -> None:
+        """In the foreground (-n): status 1, the reason alone on stderr (no traceback), the
+        pidfile removed."""
+        process, reason, _config = await self.start_on_busy_port("-n")
+        self.assertEqual(process.exit_code, 1)
+        self.assertEqual(process.stderr.decode(), f"tcptunnel: start-up failed: {reason}\n")
+        self.assertEqual(process.output.decode(), "")
 
 
 def _umask(test: SynchronousTestCase, value: int) -> None:
