@@ -352,3 +352,66 @@ class ErrorTests(SynchronousTestCase):
         """A malformed ...PasswordHash is refused with the expected format."""
         self.assertError('<Instance type="gateway"><Session id="1" proxyClientPasswordHash="x" '
                          'proxyServerPassword="b"/></Instance>', "SCRAM-SHA-256$")
+
+
+class StartupWarningTests(SynchronousTestCase):
+    """Risks worth a warning at start-up: files other users can read, open Bindings."""
+
+    def write(self, name: str, text: str, mode: int) -> str:
+        """Write ``text`` to a new file ``name`` with ``mode``; its path."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        return path
+
+    def test_settings_file_readable_by_others(self) -> None:
+        """A settings file holding passwords that other users may read is named with its
+        mode and the chmod that fixes it; at 0600, or without secrets, nothing is said."""
+        body = ('<Instance type="gateway"><Session id="1" proxyClientPassword="a" '
+                'proxyServerPassword="b"/></Instance>')
+        path = self.write("s.xml", settings_with(body).decode(), 0o644)
+        [warning] = load_settings(path).warnings
+        for fragment in (path, "mode 0644", f"chmod o-rwx {path}"):
+            self.assertIn(fragment, warning)
+        os.chmod(path, 0o640)
+        self.assertEqual(load_settings(path).warnings, ())
+        empty = self.write("e.xml", settings_with('<Status listenPort="0"/>').decode(), 0o644)
+        self.assertEqual([w for w in load_settings(empty).warnings if "mode" in w], [])
+
+    def test_password_file_readable_by_others(self) -> None:
+        """A passwordFile other users may read gets a warning on its <Session> line."""
+        secret = self.write("pw", "s3cret\n", 0o604)
+        settings = parse_settings(settings_with(
+            '<Instance type="proxy-client" host="h" port="1">\n'
+            f'<Session id="1" passwordFile="{secret}"/></Instance>'), "s.xml")
+        [warning] = settings.instances[0].warnings
+        for fragment in ("s.xml:4:", "'passwordFile'", secret, "mode 0604", "chmod o-rwx"):
+            self.assertIn(fragment, warning)
+
+    def test_private_key_readable_by_others(self) -> None:
+        """A Listener's private key (PEM key or PFX) other users may read gets a warning."""
+        key = self.write("k.pem", "key", 0o644)
+        pfx = self.write("g.pfx", "pfx", 0o600)
+        settings = parse_settings(settings_with(
+            f'<Instance type="gateway">\n<Listener port="1" certificatePemFilePath="/c.pem" '
+            f'certificatePemKeyFilePath="{key}"/>\n'
+            f'<Listener port="2" certificatePfxFilePath="{pfx}"/></Instance>'), "s.xml")
+        [warning] = settings.instances[0].warnings
+        for fragment in ("s.xml:4:", "private key file", key, "mode 0644"):
+            self.assertIn(fragment, warning)
+
+    def test_binding_without_listen_ip(self) -> None:
+        """A Binding without listenIp warns that it listens on every address; one with
+        listenIp does not."""
+        settings = parse_settings(settings_with(
+            '<Instance type="proxy-server" host="h" port="1"><Session id="1" password="p">\n'
+            '<Binding listenPort="2222" targetHost="t" targetPort="22"/>\n'
+            '<Binding listenIp="127.0.0.1" listenPort="2223" targetHost="t" targetPort="22"/>'
+            "</Session></Instance>"), "s.xml")
+        [warning] = settings.instances[0].warnings
+        for fragment in ("s.xml:4:", "<Binding>", "every address", "port 2222", "t:22",
+                         'listenIp="127.0.0.1"'):
+            self.assertIn(fragment, warning)
