@@ -148,6 +148,23 @@ def encode(frame_type: int, stream_id: int = 0, payload: bytes = b"", flags: int
     return HEADER.pack((len(payload) << 8) | frame_type, flags, stream_id) + payload
 
 
+# The original TcpTunnel's first frame is its LOGIN: a 4-byte big-endian length (4102 bytes
+# and the password, at most its 256 KiB frame limit), type 0x00, a role byte, then a fixed
+# public 4096-byte block that starts 0f e8 (original-tcptunnel.md, sections 1, 2.1, 2.3).
+_ORIGINAL_LOGIN_MIN = 4102
+_ORIGINAL_MAX_FRAME = 262144
+_ORIGINAL_PREREQUISITE_START = b"\x0f\xe8"
+
+
+def _is_original_login(prefix: bytes) -> bool:
+    """Whether the first 8 bytes are the start of the original program's LOGIN frame."""
+    if len(prefix) < 8:
+        return False
+    length = int.from_bytes(prefix[:4], "big")
+    return (_ORIGINAL_LOGIN_MIN <= length <= _ORIGINAL_MAX_FRAME and prefix[4] == 0x00
+            and prefix[6:8] == _ORIGINAL_PREREQUISITE_START)
+
+
 def describe_bad_magic(prefix: bytes) -> str:
     """Say what the peer probably is, from the first bytes that were not our magic."""
     if prefix[:1] == b"\x16" and prefix[1:2] in (b"\x03", b""):
@@ -156,6 +173,9 @@ def describe_bad_magic(prefix: bytes) -> str:
         return "the peer is an SSH server: wrong port"
     if prefix[:5] in (b"HTTP/", b"GET /", b"POST ", b"HEAD ", b"PUT /") or prefix[:4] == b"GET ":
         return "the peer speaks HTTP: wrong port"
+    if _is_original_login(prefix):
+        return ("the peer speaks the original TcpTunnel's protocol (C# version): upgrade it "
+                "or point it at a matching Gateway")
     return f"not a tcptunnel peer (or an incompatible program): first bytes {prefix[:8].hex()}"
 
 

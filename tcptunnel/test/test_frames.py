@@ -137,6 +137,23 @@ class CodecTests(SynchronousTestCase):
                 FrameDecoder().feed(data)
             self.assertIn(expected, raised.exception.message)
 
+    def test_original_program_named(self) -> None:
+        """A proxy of the original C# TcpTunnel (its LOGIN frame: length, type 00, role,
+        the prerequisite block starting 0f e8) is named as such, with what to do; a
+        frame that only resembles it is not."""
+        prerequisite_start = bytes.fromhex("0fe855f7f503119b216104d304b25c73")
+        for role in (b"\x00", b"\x01"):
+            login = (4102 + 11).to_bytes(4, "big") + b"\x00" + role + prerequisite_start
+            with self.assertRaises(LinkError) as raised:
+                FrameDecoder().feed(login)
+            self.assertEqual(raised.exception.code, GoAway.PROTOCOL_ERROR)
+            self.assertIn("the original TcpTunnel's protocol (C# version)",
+                          raised.exception.message)
+            self.assertIn("upgrade it", raised.exception.message)
+        for other in (bytes.fromhex("0000100000010fe8"),  # shorter than any LOGIN
+                      bytes.fromhex("0000101100020fe9")):  # not the prerequisite block
+            self.assertIn("not a tcptunnel peer", fr.describe_bad_magic(other))
+
     def test_open_validation(self) -> None:
         """OPEN refuses bad hosts and ports with INVALID_TARGET, bad windows with FLOW_CONTROL."""
         for host, port in [("", 22), ("a" * 254, 22), ("a b", 22), ("x", 0), ("x", 70000)]:
