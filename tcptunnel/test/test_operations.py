@@ -124,24 +124,30 @@ class ReloadTests(TestCase):
             await connect(bind2)
 
     async def test_changed_password_closes_session_links(self) -> None:
-        """A changed session password closes that session's links; the proxies come back with
-        the new settings and tunnel again."""
+        """A changed Proxy-Server password closes that role's link only: the Proxy-Server comes
+        back with the new settings and tunnels again, while the Proxy-Client keeps its link."""
         echo = await listen(self, EchoProtocol)
         gateway, bind = reserve_port(self), reserve_port(self)
         service, path = await self.start(settings_text(gateway, [(bind, echo)], [echo]))
         await wait_until(lambda: self.proxies_ready(service), 15, "login")
-        old_links = [child.link for child in service if isinstance(child, ProxyService)]
+        old_links = {child.config.role: child.link for child in service
+                     if isinstance(child, ProxyService)}
         with open(path, "w") as f:
             f.write(settings_text(gateway, [(bind, echo)], [echo], server_password="new-ps"))
         self.assertTrue(await service.reload())
 
-        def new_links_ready() -> bool:
-            proxies = [child for child in service if isinstance(child, ProxyService)]
-            return len(proxies) == 2 and all(
-                proxy.link is not None and all(proxy.link is not old for old in old_links)
-                for proxy in proxies) and self.proxies_ready(service)
+        def proxies() -> dict[str, ProxyService]:
+            return {child.config.role: child for child in service
+                    if isinstance(child, ProxyService)}
 
-        await wait_until(new_links_ready, 20, "both proxies to log in again after the reload")
+        def server_back() -> bool:
+            server = proxies().get("proxy-server")
+            return (server is not None and server.link is not None
+                    and server.link is not old_links["proxy-server"]
+                    and self.proxies_ready(service))
+
+        await wait_until(server_back, 20, "the Proxy-Server to log in again after the reload")
+        self.assertIs(proxies()["proxy-client"].link, old_links["proxy-client"])
         self.assertEqual(await self.echo_once(bind, b"new password"), b"new password")
 
 
