@@ -526,7 +526,7 @@ class MuxProtocol(LinkProtocol):
         self.streams.pop(stream_id, None)
 
     def handle_events(self, events: list[object]) -> None:
-        """Route stream events to their MuxStreams."""
+        """Route stream events to their MuxStreams, link events to :meth:`handle_link_event`."""
         streams = self.streams
         for event in events:
             if self._closing:
@@ -555,6 +555,12 @@ class MuxProtocol(LinkProtocol):
             elif isinstance(event, _mux.StreamOpenFailed | _mux.StreamReset):
                 remote = getattr(event, "remote", True)
                 self._finish(event.stream_id, (event.reason, event.message, remote))
+            else:
+                self.handle_link_event(event)
+
+    def handle_link_event(self, event: object) -> None:
+        """Hook: a link-level event (login, partner count), in its place among the stream
+        events of the same read: one dispatch per batch, stopped once the link closes."""
 
     def _finish(self, stream_id: int, reset: tuple[Reason, str, bool] | None) -> None:
         """Tell a stream's endpoint how it ended (once: the table entry goes first)."""

@@ -74,18 +74,14 @@ class ProxyLink(MuxProtocol):
         if self.core.state is not LinkState.READY:
             self.fail(GoAway.LOGIN_TIMEOUT, "the Gateway did not complete the login in time")
 
-    def handle_events(self, events: list[object]) -> None:
-        """Login frames and partner changes here; streams in MuxProtocol.  A login failure
-        closes the link before any later event of the same read is acted on."""
-        for event in events:
-            if self._closing:
-                return
-            if isinstance(event, AuthChallengeReceived | AuthResultReceived):
-                self._auth_event(event)
-            elif isinstance(event, PartnerChanged):
-                self.partners = event.count
-                self.proxy.partner_changed(self, event.count)
-        super().handle_events(events)
+    def handle_link_event(self, event: object) -> None:
+        """Login frames and partner changes (in wire order among the stream events; a login
+        failure closes the link before any later event of the same read is acted on)."""
+        if isinstance(event, AuthChallengeReceived | AuthResultReceived):
+            self._auth_event(event)
+        elif isinstance(event, PartnerChanged):
+            self.partners = event.count
+            self.proxy.partner_changed(self, event.count)
 
     def _auth_event(self, event: AuthChallengeReceived | AuthResultReceived) -> None:
         try:
