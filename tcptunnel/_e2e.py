@@ -1,0 +1,773 @@
+"""End-to-end encryption between the two proxies of a session, sans-IO (docs/protocol.md §9).
+
+The Gateway relays what the proxies exchange and is treated as an active attacker
+(docs/security.md, *End-to-end encryption*).  This module is the pure core; no Twisted, no
+clock, no sockets: bytes in, bytes out, typed errors.
+
+* **PAKE.**  CPace (draft-irtf-cfrg-cpace) with the cipher suite CPACE-X25519-SHA512, in the
+  initiator-responder setting: the Proxy-Server is always the initiator (:class:`PakeInitiator`),
+  the Proxy-Client always the responder (:class:`PakeResponder`), the session id and both roles
+  are in the channel identifier CI.  The scalar multiplications run in OpenSSL's X25519 (through
+  ``cryptography``); the glue written here (length-value encoding, generator string,
+  Elligator 2, transcript) is checked against the draft's test vectors.  Explicit key
+  confirmation as the draft's §"Key confirmation" suggests (HMAC-SHA-512 tags over each
+  party's own message), so each end decides a mismatch by its own check.
+* **Key schedule.**  HKDF-SHA-256 (RFC 5869): ``PRK = Extract(sid_output, ISK)``, then one
+  32-byte ChaCha20-Poly1305 key per stream and direction, ``Expand(PRK, "tcptunnel-e2e-1
+  stream" | stream u32 | direction u8)``.  The pairing id that names the keys in a sealed
+  OPEN is the first 8 bytes of CPace's public ``sid_output``.
+* **Records.**  ``type u8 | length u16 | ciphertext`` with ``length`` counting the 16-byte tag;
+  a whole record is at most 16 KiB (16,384 bytes, so it always fits the early-data window and
+  the smallest window a stream is granted), hence at most 16,365 bytes of plaintext.  The nonce
+  is the record's sequence number in its direction (implicit, never sent); the associated data
+  binds pairing id, stream number, direction, type, length and sequence number.  Sequence 0 of
+  the Proxy-Server's direction is the OPEN record (the target, inside the OPEN frame); the end
+  of a direction is an authenticated END record, so a cut stream can never pass as complete.
+
+Every failure of authentication, order or framing raises :class:`IntegrityError` (reason
+``"integrity"``); a different password raises :class:`PasswordMismatchError` at both ends with the
+same text.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+
+from tcptunnel import _frames as fr
+from tcptunnel._saslprep import prepare_password
+
+__all__ = [
+    "FIELD_PAKE",
+    "FIELD_SEALED",
+    "KIND_PAKE",
+    "KIND_SEALED",
+    "MAX_PLAINTEXT",
+    "MAX_RECORD",
+    "MESSAGE_MISMATCH",
+    "MESSAGE_NO_PASSWORD",
+    "PAKE_DEADLINE",
+    "Direction",
+    "E2EError",
+    "HandshakeBudget",
+    "IntegrityError",
+    "Pairing",
+    "PakeInitiator",
+    "PakeResponder",
+    "PasswordMismatchError",
+    "Record",
+    "RecordDecoder",
+    "RecordSealer",
+    "RecordType",
+    "StreamCipher",
+    "make_password",
+]
+
+# -- wire constants (docs/protocol.md §9) -------------------------------------------------
+
+#: Stream kinds of OPEN (§5.1 has 0 = tcp).  Both carry one critical field, so a Proxy-Client
+#: that predates them refuses them with UNSUPPORTED instead of misreading them.
+KIND_PAKE = 1
+KIND_SEALED = 2
+FIELD_SEALED = 0x81  # pairing id (8) | stream number u32 | the OPEN record
+FIELD_PAKE = 0x82  # the initiator's CPace message
+
+#: The one suite of version 1: CPACE-X25519-SHA512, HKDF-SHA-256, ChaCha20-Poly1305.
+SUITE_CPACE_X25519 = 1
+
+MAX_RECORD = 16 * 1024  # a whole record, header and tag included
+_HEADER = struct.Struct(">BH")  # type, length of the ciphertext with its tag
+TAG_SIZE = 16
+RECORD_OVERHEAD = _HEADER.size + TAG_SIZE  # 19 bytes: 0.12 % of a full record
+MAX_PLAINTEXT = MAX_RECORD - RECORD_OVERHEAD  # 16,365
+_AD = struct.Struct(">8sIBBHQ")  # pairing id, stream, direction, type, length, sequence
+_SEALED_PREFIX = struct.Struct(">8sI")  # pairing id, stream number
+_MAX_SEQUENCE = 2**64 - 1
+
+PAIRING_ID_SIZE = 8
+POINT_SIZE = 32
+CONFIRM_SIZE = 64  # HMAC-SHA-512
+INITIATOR_MESSAGE_SIZE = 1 + POINT_SIZE  # suite, Ya
+RESPONDER_MESSAGE_SIZE = POINT_SIZE + CONFIRM_SIZE  # Yb, Tb
+
+#: Seconds a pairing's handshake may take, from the OPEN of its ``pake`` stream to the
+#: confirmation (three one-way trips through the Gateway; 10 s as the login deadline).
+PAKE_DEADLINE = 10.0
+
+MESSAGE_NO_PASSWORD = "the partner proxy has no end-to-end password"
+MESSAGE_MISMATCH = "end-to-end password mismatch"
+MESSAGE_REQUIRED = ("this proxy requires end-to-end encryption and the stream came in clear "
+                    "(the partner proxy has no end-to-end password)")
+
+_LABEL = b"tcptunnel-e2e-1"
+
+
+class RecordType(enum.IntEnum):
+    """What a record carries; part of its associated data, so one cannot pass for another."""
+
+    OPEN = 1  # the stream's OPEN details (kind and fields), inside the OPEN frame
+    DATA = 2  # stream bytes
+    END = 3  # the end of this direction (empty); FIN must follow, nothing else
+
+
+class Direction(enum.IntEnum):
+    """The two directions of a stream; each has its own key and sequence numbers."""
+
+    TO_CLIENT = 0  # Proxy-Server -> Proxy-Client
+    TO_SERVER = 1  # Proxy-Client -> Proxy-Server
+
+
+_DIRECTION_NAMES = {Direction.TO_CLIENT: "to the Proxy-Client",
+                    Direction.TO_SERVER: "to the Proxy-Server"}
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class E2EError(Exception):
+    """A failure of end-to-end encryption; ``reason`` is the short word logs and RESETs use."""
+
+    reason = "end-to-end"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class IntegrityError(E2EError):
+    """Bytes that do not authenticate, arrive out of order, repeat, stop short or do not parse:
+    whatever the Gateway changed, the stream is reset with this reason."""
+
+    reason = "integrity"
+
+
+class PasswordMismatchError(E2EError):
+    """The partner derived other keys: its end-to-end password is not ours.
+
+    Both ends raise it with the same text; neither learns which password is "wrong".  At the
+    initiator ``reply`` holds its own confirmation, which must still be sent (then FIN), so
+    that the responder reaches the same verdict by its own check, not by trusting a message.
+    """
+
+    reason = "password mismatch"
+
+    def __init__(self, reply: bytes = b"") -> None:
+        super().__init__(MESSAGE_MISMATCH)
+        self.reply = reply
+
+
+class UnsupportedSuiteError(E2EError):
+    """The initiator asked for a cipher suite this end does not have."""
+
+    reason = "unsupported"
+
+
+# -- CPace glue (draft-irtf-cfrg-cpace; tested against its vectors) ----------------------
+
+_P = 2**255 - 19
+_A = 486662
+_Z = 2  # the non-square of Elligator 2 for Curve25519 (RFC 9380, the draft's find_z_ell2)
+_HALF_A = _A * pow(2, _P - 2, _P) % _P
+DSI = b"CPace255"
+_IDENTITY = bytes(POINT_SIZE)
+_SHA512_BLOCK = 128
+
+
+def prepend_len(data: bytes) -> bytes:
+    """``data`` preceded by its length in LEB128 (the draft's prepend_len)."""
+    length = len(data)
+    out = bytearray()
+    while True:
+        byte = length & 0x7F
+        length >>= 7
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(out) + data
+
+
+def lv_cat(*parts: bytes) -> bytes:
+    """The length-value concatenation of ``parts`` (the draft's lv_cat)."""
+    return b"".join(prepend_len(part) for part in parts)
+
+
+def generator_string(dsi: bytes, prs: bytes, ci: bytes, sid: bytes,
+                     s_in_bytes: int = _SHA512_BLOCK) -> bytes:
+    """The string hashed into the generator; the zero padding fills the hash's first block
+    so that the password's length does not change how many blocks are hashed."""
+    zpad = max(0, s_in_bytes - 1 - len(prepend_len(prs)) - len(prepend_len(dsi)))
+    return lv_cat(dsi, prs, bytes(zpad), ci, sid)
+
+
+def decode_u_coordinate(data: bytes) -> int:
+    """RFC 7748's decodeUCoordinate for 255 bits (bit 255 cleared)."""
+    return int.from_bytes(data[:POINT_SIZE], "little") & ((1 << 255) - 1)
+
+
+def elligator2(r: int) -> int:
+    """Map a field element to the u-coordinate of a Curve25519 point (RFC 9380's
+    map_to_curve_elligator2, in the draft's form).
+
+    Written without a branch on the value: the input is a hash of the password, and a
+    branch would let timing partition password candidates (the Dragonblood attacks on
+    SAE's hunting-and-pecking).  Python's integers are not constant-time; see
+    docs/security.md for what remains.
+    """
+    denominator = (1 + _Z * r * r) % _P
+    v = -_A * pow(denominator, _P - 2, _P) % _P  # inv0: 0 maps to 0, as RFC 9380 asks
+    epsilon = pow((v * v + _A * v + 1) * v % _P, (_P - 1) // 2, _P)  # Legendre symbol
+    # epsilon = 1: x = v; epsilon = -1: x = -v - A (and 0 only for v = 0).
+    return (epsilon * v - (1 - epsilon) * _HALF_A) % _P
+
+
+def calculate_generator(prs: bytes, ci: bytes, sid: bytes) -> bytes:
+    """G_X25519.calculate_generator with SHA-512: the password-derived point."""
+    digest = hashlib.sha512(generator_string(DSI, prs, ci, sid)).digest()[:POINT_SIZE]
+    return elligator2(decode_u_coordinate(digest)).to_bytes(POINT_SIZE, "little")
+
+
+def scalar_mult_vfy(scalar: bytes, point: bytes) -> bytes:
+    """X25519(scalar, point) in OpenSSL (constant-time); the neutral element (all zeros) for
+    the low-order points of the curve and its twist, whose result OpenSSL refuses."""
+    try:
+        return X25519PrivateKey.from_private_bytes(scalar).exchange(
+            X25519PublicKey.from_public_bytes(point))
+    except ValueError:
+        return _IDENTITY
+
+
+def transcript_ir(ya: bytes, ada: bytes, yb: bytes, adb: bytes) -> bytes:
+    """The initiator-responder transcript."""
+    return lv_cat(ya, ada) + lv_cat(yb, adb)
+
+
+def cpace_isk(sid: bytes, k: bytes, transcript: bytes) -> bytes:
+    """The intermediate session key ISK."""
+    return hashlib.sha512(lv_cat(DSI + b"_ISK", sid, k) + transcript).digest()
+
+
+def sid_output(transcript: bytes) -> bytes:
+    """The public session identifier CPace outputs when run with an empty sid."""
+    return hashlib.sha512(b"CPaceSidOutput" + transcript).digest()
+
+
+def channel_identifier(session_id: int) -> bytes:
+    """CI: the protocol, both roles in order, the session id.  Roles in CI keep a message of
+    one role from being answered by the same role; the session id keeps a Gateway from pairing
+    proxies of two sessions that happen to share an end-to-end password."""
+    return lv_cat(_LABEL, b"proxy-server", b"proxy-client", str(session_id).encode("ascii"))
+
+
+def _confirmation_tags(sid: bytes, isk: bytes, ya: bytes, ada: bytes, yb: bytes,
+                       adb: bytes) -> tuple[bytes, bytes]:
+    """(Ta, Tb): each party's HMAC over its own message (the draft's key confirmation)."""
+    mac_key = hashlib.sha512(b"CPaceMac" + sid + isk).digest()
+    return (hmac.new(mac_key, lv_cat(ya, ada), hashlib.sha512).digest(),
+            hmac.new(mac_key, lv_cat(yb, adb), hashlib.sha512).digest())
+
+
+# -- key schedule -------------------------------------------------------------------------
+
+
+def hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
+    """HKDF-Extract with SHA-256 (RFC 5869 §2.2)."""
+    return HKDF.extract(hashes.SHA256(), salt, ikm)
+
+
+def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-Expand with SHA-256 (RFC 5869 §2.3)."""
+    return HKDFExpand(hashes.SHA256(), length, info).derive(prk)
+
+
+def stream_key(prk: bytes, stream_number: int, direction: Direction) -> bytes:
+    """The ChaCha20-Poly1305 key of one direction of one stream."""
+    return hkdf_expand(prk, _LABEL + b" stream" + struct.pack(">IB", stream_number, direction),
+                       32)
+
+
+def _nonce(sequence: int) -> bytes:
+    return b"\x00\x00\x00\x00" + sequence.to_bytes(8, "big")
+
+
+# -- records ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One authenticated record: its type, its plaintext and its size on the wire (what the
+    receiver reports as consumed once the plaintext was taken: windows count wire bytes)."""
+
+    type: RecordType
+    data: bytes
+    size: int
+
+
+class RecordSealer:
+    """The sending side of one direction of one stream: seals records in sequence."""
+
+    def __init__(self, key: bytes, pairing_id: bytes, stream_number: int,
+                 direction: Direction, sequence: int = 0) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._pairing_id = pairing_id
+        self._stream = stream_number
+        self._direction = direction
+        self.sequence = sequence  # of the next record
+        self.ended = False
+
+    def seal(self, record_type: RecordType, plaintext: bytes) -> bytes:
+        """One record (``plaintext`` at most :data:`MAX_PLAINTEXT` bytes)."""
+        if self.ended:
+            raise RuntimeError("record after END")
+        if len(plaintext) > MAX_PLAINTEXT:
+            raise ValueError(f"{len(plaintext)} bytes do not fit in one record")
+        if self.sequence >= _MAX_SEQUENCE:
+            raise E2EError("sequence numbers of this stream are used up")
+        length = len(plaintext) + TAG_SIZE
+        ad = _AD.pack(self._pairing_id, self._stream, self._direction, record_type, length,
+                      self.sequence)
+        sealed = self._aead.encrypt(_nonce(self.sequence), plaintext, ad)
+        self.sequence += 1
+        if record_type is RecordType.END:
+            self.ended = True
+        return _HEADER.pack(record_type, length) + sealed
+
+    def seal_data(self, data: bytes) -> bytes:
+        """``data`` as DATA records of at most 16 KiB each, concatenated (empty for none)."""
+        if len(data) <= MAX_PLAINTEXT:
+            return self.seal(RecordType.DATA, data) if data else b""
+        with memoryview(data) as view:
+            return b"".join(self.seal(RecordType.DATA, bytes(view[i : i + MAX_PLAINTEXT]))
+                            for i in range(0, len(data), MAX_PLAINTEXT))
+
+    def seal_end(self) -> bytes:
+        """The END record: send it before FIN."""
+        return self.seal(RecordType.END, b"")
+
+
+class RecordDecoder:
+    """The receiving side of one direction of one stream: takes any split of the byte
+    stream, returns records in order, and raises :class:`IntegrityError` for anything that
+    does not authenticate at the next sequence number.
+
+    At most one incomplete record (< 16 KiB) is kept.  After an error every call raises
+    again: a stream that failed once is never trusted with more bytes.
+    """
+
+    def __init__(self, key: bytes, pairing_id: bytes, stream_number: int,
+                 direction: Direction, sequence: int = 0) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._pairing_id = pairing_id
+        self._stream = stream_number
+        self._direction = direction
+        self.sequence = sequence  # of the next record
+        self.ended = False
+        self._buffer = bytearray()
+        self._failed: IntegrityError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that are not yet a complete record."""
+        return len(self._buffer)
+
+    def _fail(self, what: str) -> IntegrityError:
+        self._failed = IntegrityError(
+            f"end-to-end integrity check failed on stream {self._stream} "
+            f"({_DIRECTION_NAMES[self._direction]}), record {self.sequence}: {what}")
+        self._buffer.clear()
+        return self._failed
+
+    def open_record(self, record: bytes, expected: RecordType) -> Record:
+        """Authenticate one whole record of type ``expected`` (the OPEN record)."""
+        records = self.feed(record)
+        if len(records) != 1 or self._buffer or records[0].type is not expected:
+            raise self._fail(f"not one {expected.name} record")
+        return records[0]
+
+    def feed(self, data: bytes) -> list[Record]:
+        """Add bytes; return the records completed, in order."""
+        if self._failed is not None:
+            raise self._failed
+        if not data:
+            return []
+        if self.ended:
+            raise self._fail("bytes after the END record")
+        # Records are cut straight out of ``data`` when nothing is pending (the bulk case);
+        # only a record split across reads is joined in the buffer.
+        if self._buffer:
+            self._buffer += data
+            work: bytes | bytearray = self._buffer
+        else:
+            work = data
+        records: list[Record] = []
+        offset = 0
+        available = len(work)
+        with memoryview(work) as view:
+            while available - offset >= _HEADER.size:
+                record_type, length = _HEADER.unpack_from(work, offset)
+                if record_type not in _RECORD_TYPES or not (
+                        TAG_SIZE <= length <= MAX_RECORD - _HEADER.size):
+                    raise self._fail(
+                        f"malformed record header {bytes(view[offset:offset + 3]).hex()}")
+                end = offset + _HEADER.size + length
+                if end > available:
+                    break
+                kind = RecordType(record_type)
+                ad = _AD.pack(self._pairing_id, self._stream, self._direction, kind, length,
+                              self.sequence)
+                try:
+                    plaintext = self._aead.decrypt(
+                        _nonce(self.sequence), view[offset + _HEADER.size : end], ad)
+                except InvalidTag:
+                    raise self._fail("it does not authenticate (changed, dropped, replayed, "
+                                     "reordered or from another stream)") from None
+                if kind is RecordType.END and plaintext:
+                    raise self._fail("END record with content")
+                self.sequence += 1
+                records.append(Record(kind, plaintext, end - offset))
+                offset = end
+                if kind is RecordType.END:
+                    if offset != available:
+                        raise self._fail("bytes after the END record")
+                    self.ended = True
+                    break
+            rest = bytes(view[offset:]) if offset < available else b""
+        self._buffer = bytearray(rest)
+        return records
+
+    def finish(self) -> None:
+        """The peer's FIN arrived: raise unless the END record came and nothing is left."""
+        if self._failed is not None:
+            raise self._failed
+        if not self.ended:
+            raise self._fail(f"the stream ended without its END record ({len(self._buffer)} "
+                             "bytes of an incomplete record): truncated")
+
+
+_RECORD_TYPES = frozenset(int(t) for t in RecordType)
+
+
+class StreamCipher:
+    """Both directions of one stream at one end: ``sealer`` for what this end sends,
+    ``decoder`` for what the partner sends."""
+
+    __slots__ = ("decoder", "sealer", "stream_number")
+
+    def __init__(self, sealer: RecordSealer, decoder: RecordDecoder, stream_number: int) -> None:
+        self.sealer = sealer
+        self.decoder = decoder
+        self.stream_number = stream_number
+
+
+# -- pairing ------------------------------------------------------------------------------
+
+
+class Pairing:
+    """The keys of one pairing of a Proxy-Server link with a Proxy-Client link, and the
+    streams opened under them (each stream number once, rising)."""
+
+    def __init__(self, prk: bytes, pairing_id: bytes, initiator: bool) -> None:
+        self._prk = prk
+        self.pairing_id = pairing_id
+        self.initiator = initiator
+        self.last_stream = 0
+
+    def _cipher(self, stream_number: int) -> StreamCipher:
+        to_client = stream_key(self._prk, stream_number, Direction.TO_CLIENT)
+        to_server = stream_key(self._prk, stream_number, Direction.TO_SERVER)
+        if self.initiator:
+            # Sequence 0 toward the Proxy-Client is the OPEN record.
+            sealer = RecordSealer(to_client, self.pairing_id, stream_number,
+                                  Direction.TO_CLIENT, 1)
+            decoder = RecordDecoder(to_server, self.pairing_id, stream_number,
+                                    Direction.TO_SERVER)
+        else:
+            sealer = RecordSealer(to_server, self.pairing_id, stream_number,
+                                  Direction.TO_SERVER)
+            decoder = RecordDecoder(to_client, self.pairing_id, stream_number,
+                                    Direction.TO_CLIENT, 1)
+        return StreamCipher(sealer, decoder, stream_number)
+
+    def open_stream(self, stream_number: int, inner: bytes) -> tuple[bytes, StreamCipher]:
+        """Proxy-Server: seal a stream's OPEN details (``inner``: kind and fields, see
+        :func:`inner_open`); return the FIELD_SEALED value and the stream's cipher."""
+        if not self.initiator:
+            raise RuntimeError("only the Proxy-Server opens streams")
+        if stream_number <= self.last_stream or stream_number > fr.STREAM_ID_MASK:
+            raise ValueError(f"stream number {stream_number} not above {self.last_stream}")
+        self.last_stream = stream_number
+        key = stream_key(self._prk, stream_number, Direction.TO_CLIENT)
+        record = RecordSealer(key, self.pairing_id, stream_number, Direction.TO_CLIENT).seal(
+            RecordType.OPEN, inner)
+        return (_SEALED_PREFIX.pack(self.pairing_id, stream_number) + record,
+                self._cipher(stream_number))
+
+    def accept_stream(self, value: bytes) -> tuple[bytes, StreamCipher]:
+        """Proxy-Client: authenticate a FIELD_SEALED value; return the OPEN details and the
+        stream's cipher.  A replayed or older OPEN (stream number not above the last one
+        accepted) is an integrity failure, checked only after it authenticated, so a forged
+        number cannot block later streams."""
+        if self.initiator:
+            raise RuntimeError("only the Proxy-Client accepts streams")
+        pairing_id, stream_number = parse_sealed_value(value)
+        if pairing_id != self.pairing_id:
+            raise IntegrityError("sealed OPEN for another pairing")
+        key = stream_key(self._prk, stream_number, Direction.TO_CLIENT)
+        decoder = RecordDecoder(key, self.pairing_id, stream_number, Direction.TO_CLIENT)
+        record = decoder.open_record(value[_SEALED_PREFIX.size :], RecordType.OPEN)
+        if stream_number <= self.last_stream:
+            raise IntegrityError(f"sealed OPEN of stream {stream_number} replayed (streams up "
+                                 f"to {self.last_stream} were opened)")
+        self.last_stream = stream_number
+        return record.data, self._cipher(stream_number)
+
+
+def _pairing(isk: bytes, transcript: bytes, initiator: bool) -> Pairing:
+    public_sid = sid_output(transcript)
+    return Pairing(hkdf_extract(public_sid, isk), public_sid[:PAIRING_ID_SIZE], initiator)
+
+
+def _random_scalar(random_bytes: Callable[[int], bytes]) -> bytes:
+    scalar = random_bytes(POINT_SIZE)
+    if len(scalar) != POINT_SIZE:
+        raise ValueError("the random source gave a short scalar")
+    return scalar
+
+
+class PakeInitiator:
+    """The Proxy-Server's side of a pairing.
+
+    ``message`` goes in the FIELD_PAKE of the ``pake`` stream's OPEN; the Proxy-Client's answer
+    arrives as that stream's DATA and goes to :meth:`receive_data` (any split); the bytes it
+    returns (the confirmation) are sent back as DATA.  Then :attr:`pairing` holds the keys.
+    """
+
+    def __init__(self, password: str, session_id: int,
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self._prs = prepare_password(password)
+        self._ci = channel_identifier(session_id)
+        self._scalar = _random_scalar(random_bytes)
+        self._ad = bytes([SUITE_CPACE_X25519])
+        generator = calculate_generator(self._prs, self._ci, b"")
+        self._point = scalar_mult_vfy(self._scalar, generator)
+        self.message = self._ad + self._point
+        self._received = bytearray()
+        self.pairing: Pairing | None = None
+        self.failed = False
+
+    def receive_data(self, data: bytes) -> bytes:
+        """Bytes of the answer; the confirmation to send once it is complete (else b"").
+
+        Raises IntegrityError for a malformed answer and PasswordMismatchError (whose ``reply``
+        must still be sent) for a partner with another password."""
+        if self.failed or self.pairing is not None:
+            if data:
+                self.failed = True
+                raise IntegrityError("bytes after the end-to-end handshake answer")
+            return b""
+        self._received += data
+        if len(self._received) < RESPONDER_MESSAGE_SIZE:
+            return b""
+        if len(self._received) > RESPONDER_MESSAGE_SIZE:
+            self.failed = True
+            raise IntegrityError("the end-to-end handshake answer is too long")
+        answer = bytes(self._received)
+        peer_point, peer_tag = answer[:POINT_SIZE], answer[POINT_SIZE:]
+        k = scalar_mult_vfy(self._scalar, peer_point)
+        if hmac.compare_digest(k, _IDENTITY):
+            self.failed = True
+            raise IntegrityError("the end-to-end handshake answer is a low-order point")
+        transcript = transcript_ir(self.message[1:], self._ad, peer_point, b"")
+        isk = cpace_isk(b"", k, transcript)
+        ours, expected = _confirmation_tags(b"", isk, self.message[1:], self._ad, peer_point,
+                                            b"")
+        if not hmac.compare_digest(peer_tag, expected):
+            self.failed = True
+            raise PasswordMismatchError(reply=ours)
+        self.pairing = _pairing(isk, transcript, initiator=True)
+        return ours
+
+
+class PakeResponder:
+    """The Proxy-Client's side of a pairing.
+
+    :meth:`receive_open` takes the FIELD_PAKE value and returns the answer to send as the
+    ``pake`` stream's first DATA; from then on :attr:`pairing` may open sealed streams (a
+    sealed OPEN that authenticates proves the Proxy-Server holds the same keys).  The
+    Proxy-Server's confirmation goes to :meth:`receive_data`; :attr:`confirmed` says it came.
+    """
+
+    def __init__(self, password: str, session_id: int,
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self._prs = prepare_password(password)
+        self._ci = channel_identifier(session_id)
+        self._scalar = _random_scalar(random_bytes)
+        self._expected: bytes | None = None
+        self._received = bytearray()
+        self.pairing: Pairing | None = None
+        self.confirmed = False
+        self.failed = False
+
+    def receive_open(self, message: bytes) -> bytes:
+        """The initiator's message; returns the answer (raises IntegrityError or
+        UnsupportedSuiteError)."""
+        if self._expected is not None or self.failed:
+            raise RuntimeError("receive_open called twice")
+        if len(message) != INITIATOR_MESSAGE_SIZE:
+            self.failed = True
+            if message and message[0] != SUITE_CPACE_X25519:
+                raise UnsupportedSuiteError(f"end-to-end suite {message[0]} is not supported here")
+            raise IntegrityError(f"end-to-end handshake message of {len(message)} bytes")
+        if message[0] != SUITE_CPACE_X25519:
+            self.failed = True
+            raise UnsupportedSuiteError(f"end-to-end suite {message[0]} is not supported here")
+        ada, peer_point = message[:1], message[1:]
+        generator = calculate_generator(self._prs, self._ci, b"")
+        point = scalar_mult_vfy(self._scalar, generator)
+        k = scalar_mult_vfy(self._scalar, peer_point)
+        if hmac.compare_digest(k, _IDENTITY):
+            self.failed = True
+            raise IntegrityError("the end-to-end handshake message is a low-order point")
+        transcript = transcript_ir(peer_point, ada, point, b"")
+        isk = cpace_isk(b"", k, transcript)
+        self._expected, ours = _confirmation_tags(b"", isk, peer_point, ada, point, b"")
+        self.pairing = _pairing(isk, transcript, initiator=False)
+        return point + ours
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes of the initiator's confirmation (any split); raises PasswordMismatchError when it
+        does not verify, IntegrityError for anything more."""
+        if self._expected is None:
+            raise RuntimeError("receive_data before receive_open")
+        if self.failed or self.confirmed:
+            if data:
+                self.failed = True
+                raise IntegrityError("bytes after the end-to-end handshake confirmation")
+            return
+        self._received += data
+        if len(self._received) < CONFIRM_SIZE:
+            return
+        if len(self._received) > CONFIRM_SIZE:
+            self.failed = True
+            raise IntegrityError("the end-to-end handshake confirmation is too long")
+        if not hmac.compare_digest(bytes(self._received), self._expected):
+            self.failed = True
+            self.pairing = None
+            raise PasswordMismatchError()
+        self.confirmed = True
+
+
+# -- OPEN payloads of the new kinds ------------------------------------------------------
+
+
+def inner_open(kind: int, fields: Iterable[tuple[int, bytes]]) -> bytes:
+    """The OPEN details that travel sealed: kind u8 and fields, as in §5.1 after ``origin``."""
+    return fr.open_payload(0, 0, kind, list(fields))[8:]
+
+
+def sealed_open_payload(window: int, value: bytes) -> bytes:
+    """The clear OPEN payload of a ``sealed`` stream: the window (which the Gateway checks)
+    and one critical field; origin 0 (the Gateway sets it)."""
+    return fr.open_payload(window, 0, KIND_SEALED, [(FIELD_SEALED, value)])
+
+
+def pake_open_payload(window: int, message: bytes) -> bytes:
+    """The clear OPEN payload of a ``pake`` stream."""
+    return fr.open_payload(window, 0, KIND_PAKE, [(FIELD_PAKE, message)])
+
+
+def _only_field(payload: bytes, kind: int, tag: int) -> bytes:
+    """The value of the one field ``tag`` of an OPEN of ``kind``; anything else is an
+    integrity failure (the clear part is the Gateway's to change)."""
+    if len(payload) < 9 or payload[8] != kind:
+        raise IntegrityError("not an OPEN of the expected kind")
+    if len(payload) < 12:
+        raise IntegrityError("OPEN field cut short")
+    field_tag, length = struct.unpack_from(">BH", payload, 9)
+    if field_tag != tag or len(payload) != 12 + length:
+        raise IntegrityError(f"an OPEN of kind {kind} carries exactly one field {tag:#04x}")
+    return payload[12:]
+
+
+def parse_sealed_open(payload: bytes) -> bytes:
+    """The FIELD_SEALED value of a ``sealed`` OPEN payload."""
+    return _only_field(payload, KIND_SEALED, FIELD_SEALED)
+
+
+def parse_pake_open(payload: bytes) -> bytes:
+    """The FIELD_PAKE value of a ``pake`` OPEN payload."""
+    return _only_field(payload, KIND_PAKE, FIELD_PAKE)
+
+
+def parse_sealed_value(value: bytes) -> tuple[bytes, int]:
+    """(pairing id, stream number) of a FIELD_SEALED value, to find the pairing's keys."""
+    if len(value) < _SEALED_PREFIX.size + RECORD_OVERHEAD:
+        raise IntegrityError("sealed OPEN too short")
+    pairing_id, stream_number = _SEALED_PREFIX.unpack_from(value)
+    return bytes(pairing_id), int(stream_number)
+
+
+def clear_open_payload(outer: bytes, inner: bytes) -> bytes:
+    """The OPEN payload the acceptor would have had in clear: the outer window and origin,
+    then the authenticated details (for :func:`tcptunnel._frames.parse_open`, which
+    validates the target)."""
+    return outer[:8] + inner
+
+
+# -- online guessing ----------------------------------------------------------------------
+
+
+class HandshakeBudget:
+    """How many unconfirmed handshakes the Proxy-Client answers: a token bucket.
+
+    Each answer is one online guess for a Gateway posing as a Proxy-Server (the answer's tag
+    tells whether its password guess was right), so each costs a token, refunded when the
+    handshake is confirmed.  Burst 64: every Proxy-Server of a session (links per session, 64)
+    can pair at once after a Gateway restart.  Refill 1 per 10 s: after that burst a Gateway
+    gets at most 8,640 guesses a day; a ``make-password`` secret (192 bits) makes that moot.
+    """
+
+    def __init__(self, burst: int = 64, per_second: float = 0.1, now: float = 0.0) -> None:
+        self.burst = burst
+        self.rate = per_second
+        self._tokens = float(burst)
+        self._stamp = now
+
+    def _refill(self, now: float) -> None:
+        if now > self._stamp:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+
+    def take(self, now: float) -> bool:
+        """Whether one more handshake may be answered now (taking a token if so)."""
+        self._refill(now)
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def refund(self, now: float) -> None:
+        """A handshake was confirmed: its token comes back."""
+        self._refill(now)
+        self._tokens = min(float(self.burst), self._tokens + 1.0)
+
+    def tokens(self, now: float) -> float:
+        """Tokens available at ``now``."""
+        self._refill(now)
+        return self._tokens
+
+
+def make_password(random_bytes: Callable[[int], bytes] = os.urandom) -> str:
+    """A strong random end-to-end password: 24 random bytes as 32 URL-safe characters
+    (192 bits; online guessing at 8,640 a day would need ~10^50 years)."""
+    return base64.urlsafe_b64encode(random_bytes(24)).decode("ascii")
