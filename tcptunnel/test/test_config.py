@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import subprocess
 import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tcptunnel.__main__ import main
 from tcptunnel.config import (
     ConfigError,
     GatewayConfig,
@@ -15,7 +18,7 @@ from tcptunnel.config import (
     load_settings,
     parse_settings,
 )
-from tcptunnel.test._harness import CONF, NS
+from tcptunnel.test._harness import CONF, NS, ROOT
 
 ORIGINAL_SAMPLE = f"""<?xml version="1.0" encoding="utf-8"?>
 <Settings {NS}>
@@ -36,6 +39,14 @@ ORIGINAL_SAMPLE = f"""<?xml version="1.0" encoding="utf-8"?>
   </Instance>
 </Settings>
 """
+
+
+def mint_pem(certificate: str | None, key: str) -> None:
+    """Write a self-signed certificate and its key at these paths (make-cert)."""
+    assert certificate is not None
+    code = main(["make-cert", "--cert", certificate, "--key", key],
+                stdout=io.StringIO(), stderr=io.StringIO())
+    assert code == 0
 
 
 def settings_with(body: str) -> bytes:
@@ -99,6 +110,39 @@ class SampleTests(SynchronousTestCase):
             [sys.executable, "-c", script, os.path.join(CONF, "settings.xsd"), mistake, *samples],
             capture_output=True, text=True, timeout=120, check=False)
         self.assertEqual((result.returncode, result.stdout.strip()), (0, "ok"), result.stderr)
+
+    def test_documentation_samples(self) -> None:
+        """Every XML sample in README.md and docs/configuration.md is a whole settings file
+        that check-config accepts once the certificates it names exist; every twistd
+        command in README.md names its own pid file (two roles can run in one folder)."""
+        samples = []
+        for name in ("README.md", os.path.join("docs", "configuration.md")):
+            with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+                text = f.read()
+            found = re.findall(r"```xml\n(.*?)```", text, re.DOTALL)
+            self.assertTrue(found, name)
+            samples += [(name, sample) for sample in found]
+            if name == "README.md":
+                commands = re.findall(r"twistd [^`\n]*", text)
+                self.assertTrue(commands)
+                for command in commands:
+                    self.assertIn("--pidfile=", command)
+        for number, (name, sample) in enumerate(samples):
+            folder = os.path.abspath(self.mktemp())
+            os.makedirs(folder)
+            path = os.path.join(folder, "settings.xml")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(sample)
+            os.chmod(path, 0o600)
+            settings = load_settings(path)
+            self.assertTrue(settings.instances, (name, number))
+            for instance in settings.instances:
+                for listener in getattr(instance, "listeners", ()):
+                    assert listener.tls is not None and listener.tls.pem_key is not None
+                    mint_pem(listener.tls.pem_certificate, listener.tls.pem_key)
+            out, err = io.StringIO(), io.StringIO()
+            code = main(["check-config", path], stdout=out, stderr=err)
+            self.assertEqual(code, 0, (name, number, err.getvalue()))
 
     def test_empty_allow_list(self) -> None:
         """A present but empty AllowedTargetEndpoints means nothing is allowed (empty tuple)."""
