@@ -138,6 +138,22 @@ class CommandTests(SynchronousTestCase):
                                        "--key", key, "--force")[0], 0)
         self.assertCertificateError(settings, "certificatePemKeyFilePath", "does not match")
 
+    def test_check_config_pfx(self) -> None:
+        """A PFX file that cannot be opened fails check-config, naming its attribute."""
+        folder = self.directory()
+        path, pfx = os.path.join(folder, "g.xml"), os.path.join(folder, "g.pfx")
+        with open(pfx, "wb") as f:
+            f.write(b"not PKCS#12")
+        os.chmod(pfx, 0o600)
+        with open(path, "w") as f:
+            f.write(f'<Settings {NS}>\n<Instance type="gateway">\n<Listener port="1" '
+                    f'certificatePfxFilePath="{pfx}" certificatePfxPassword="x"/>'
+                    "</Instance></Settings>")
+        self.assertEqual(self.run_main("check-config", path), (1, ""))
+        for fragment in (f"{path}:3:", "<Listener> attribute 'certificatePfxFilePath'", pfx,
+                         "PKCS#12"):
+            self.assertIn(fragment, self.stderr)
+
     def test_check_config_ca_file(self) -> None:
         """A proxy's unreadable caFile fails check-config, naming the attribute."""
         path = os.path.join(self.directory(), "p.xml")
