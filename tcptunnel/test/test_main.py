@@ -109,9 +109,11 @@ class CommandTests(SynchronousTestCase):
                                *fragments: str) -> None:
         """check-config fails on ``settings``, naming file, line, <Listener>, ``attribute``
         and ``fragments``."""
+        with open(settings) as f:
+            line = next(n for n, text in enumerate(f, 1) if "<Listener" in text)
         code, out = self.run_main("check-config", settings)
         self.assertEqual((code, out), (1, ""))
-        for fragment in (f"{settings}:17:", "<Listener>", f"attribute {attribute!r}",
+        for fragment in (f"{settings}:{line}:", "<Listener>", f"attribute {attribute!r}",
                          *fragments):
             self.assertIn(fragment, self.stderr)
 
