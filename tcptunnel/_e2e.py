@@ -384,7 +384,7 @@ class RecordDecoder:
         self._failed = IntegrityError(
             f"end-to-end integrity check failed on stream {self._stream} "
             f"({_DIRECTION_NAMES[self._direction]}), record {self.sequence}: {what}")
-        self._buffer.clear()
+        self._buffer = bytearray()  # a new one: a view of the old may still be open
         return self._failed
 
     def open_record(self, record: bytes, expected: RecordType) -> Record:

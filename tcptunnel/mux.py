@@ -26,6 +26,7 @@ from tcptunnel import _frames as fr
 from tcptunnel import _mux
 from tcptunnel._frames import GoAway, LinkError, Reason
 from tcptunnel._link import GoAwayReceived, LinkCore, LinkState, PongReceived
+from tcptunnel.config import format_address
 
 _UNKNOWN_ADDRESS = IPv4Address("TCP", "0.0.0.0", 0)
 # How long a closed link may take to send its GOAWAY before it is aborted.
@@ -69,6 +70,9 @@ class LinkProtocol(Protocol):
         self.close_reason = "connection lost"
         self.peer_description = "?"
         self.tls_description = ""
+        # The index of the <Instance> this link belongs to, set by the role's subclass: every
+        # log line about the link starts with "[index]" like the role's own lines.
+        self.instance_index: int | None = None
 
     # -- IProtocol ----------------------------------------------------------
 
@@ -76,7 +80,7 @@ class LinkProtocol(Protocol):
         """Register as the link transport's producer and send magic + HELLO."""
         self.connected_at = self.last_received = self.clock.seconds()
         peer = self.transport.getPeer() if self.transport is not None else None
-        self.peer_description = _describe_address(peer)
+        self.peer_description = describe_address(peer)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         set_socket_options(self.transport)
         self._schedule_keepalive()
@@ -123,8 +127,8 @@ class LinkProtocol(Protocol):
             return
         self.tls_description = f"{version}, {cipher}"
         if self.log_allowed():
-            self.log.info("Link {peer}: TLS established ({version}, {cipher})",
-                          peer=self.peer_description, version=version, cipher=cipher)
+            self.log_link(self.log.info, "TLS established ({version}, {cipher})",
+                          version=version, cipher=cipher)
 
     # -- IPushProducer ------------------------------------------------------
 
@@ -175,12 +179,20 @@ class LinkProtocol(Protocol):
         if self.log_allowed():
             # A normal close (shutdown) is news, not a problem.
             emit = self.log.info if code is GoAway.NORMAL else self.log.warn
-            emit("Link {peer}: closing ({code}): {message}",
-                 peer=self.peer_description, code=code.name, message=message)
+            self.log_link(emit, "closing ({code}): {message}", code=code.name, message=message)
         self.core.go_away(code, message)
         if abort_after is None:
             abort_after = TOO_SLOW_CLOSE_GRACE if code is GoAway.TOO_SLOW else CLOSE_GRACE
         self._close_transport(abort_after)
+
+    def log_link(self, emit: Any, text: str, **fields: Any) -> None:
+        """Log ``"[index] Link <peer>: " + text`` with ``emit`` (``self.log.info`` ...);
+        ``text`` is a format string over ``fields``."""
+        if self.instance_index is None:
+            emit("Link {peer}: " + text, peer=self.peer_description, **fields)
+        else:
+            emit("[{index}] Link {peer}: " + text, index=self.instance_index,
+                 peer=self.peer_description, **fields)
 
     def log_allowed(self) -> bool:
         """Hook: whether a log line about this link may be written now (the Gateway limits
@@ -259,12 +271,14 @@ class LinkProtocol(Protocol):
         self.flush()
 
 
-def _describe_address(address: Any) -> str:
+def describe_address(address: Any) -> str:
+    """``host:port`` of a Twisted address (IPv6 in brackets, as config.format_address writes
+    every address in our logs), or its str() when it has no host (a UNIX socket, tests)."""
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
-    if host is None:
+    if not isinstance(host, str) or not isinstance(port, int):
         return str(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_address(host, port)
 
 
 # Unsent bytes the kernel may hold for a link socket.  Beyond this, data
