@@ -114,6 +114,7 @@ class GatewayLink(LinkProtocol):
                          gateway.limits.keepalive_interval, gateway.limits.keepalive_timeout)
         self.core.adapter = self
         self.gateway = gateway
+        self.instance_index = gateway.config.index
         self._auth: GatewayAuth | None = None
         self._auth_session_id = 0
         self._auth_role = 0
@@ -485,6 +486,8 @@ class Gateway:
 
 class GatewayFactory(ServerFactory):
     """Builds a :class:`GatewayLink` per accepted connection."""
+
+    noisy = False  # no "Starting factory <... at 0x...>": GatewayService logs its listeners
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway

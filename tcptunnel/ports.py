@@ -9,6 +9,7 @@ from typing import Any, Generic, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from tcptunnel.config import Location, StartupError, format_address
@@ -28,8 +29,13 @@ def listen(reactor: Any, ip: str | None, port: int, factory: Any, what: str,
     """Listen on ip:port (all addresses, dual-stack, when ``ip`` is None), TLS if given.
 
     Raises StartupError "<what> could not listen on <address> (<file:line>): <reason>".
+    ``factory`` is made quiet (``noisy = False``): the caller logs its listener itself, and
+    Twisted's "Starting factory <... object at 0x...>" lines would only repeat it, with a
+    memory address.
     """
     interface = ip if ip is not None else "::"
+    if isinstance(factory, Factory):
+        factory.noisy = False
     try:
         if tls is not None:
             from tcptunnel.tls import tls_factory

@@ -10,6 +10,7 @@ does not answer is asked again every few seconds (``ProxyLinkFactory``).
 from __future__ import annotations
 
 import random
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -48,6 +49,7 @@ class ProxyLink(MuxProtocol):
                                   max_window=config.max_window)
         super().__init__(core, proxy.reactor, config.keepalive_interval, config.keepalive_timeout)
         self.proxy = proxy
+        self.instance_index = config.index
         role = fr.ROLE_PROXY_SERVER if config.role == "proxy-server" else fr.ROLE_PROXY_CLIENT
         assert config.password.cleartext is not None
         self._auth = ProxyAuth(config.session_id, role, config.password.cleartext)
@@ -109,7 +111,7 @@ class ProxyLink(MuxProtocol):
             self._login_call.cancel()
         self._login_call = None
         self.core.mark_ready()
-        self.log.info("[{index}] Authentication succeeded", index=self.proxy.config.index)
+        # Logged with the partner count that follows at once (ProxyService.partner_changed).
         self.proxy.link_ready(self)
 
     def handle_go_away(self, event: GoAwayReceived) -> None:
@@ -244,6 +246,8 @@ class ProxyService(service.MultiService):
         self.gateway_address = format_address(config.host, config.port)
         self.link: ProxyLink | None = None
         self.link_since = 0.0
+        # The link and partner count partner_changed logged last.
+        self._partners_logged: tuple[weakref.ref[ProxyLink], int] | None = None
         # Event counters for /metrics: (name, label...) -> count.
         self.stats: Counter[tuple[str, ...]] = Counter()
         self.factory = ProxyLinkFactory(self)
@@ -278,9 +282,18 @@ class ProxyService(service.MultiService):
                        session=self.config.session_id)
 
     def partner_changed(self, link: ProxyLink, count: int) -> None:
-        """Log partner availability."""
-        self.log.info("[{index}] Partner available: {yes} ({count})", index=self.config.index,
-                      yes="yes" if count else "no", count=count)
+        """Log partner availability: with the login the first time a link hears it (the
+        Gateway tells each link its count right after AUTH_RESULT), then each real change."""
+        logged = self._partners_logged
+        self._partners_logged = (weakref.ref(link), count)  # a lost link may go
+        if logged is None or logged[0]() is not link:
+            self.log.info("[{index}] Authentication succeeded: session {session} as {role}, "
+                          "partner available: {yes} ({count})", index=self.config.index,
+                          session=self.config.session_id, role=self.config.role,
+                          yes="yes" if count else "no", count=count)
+        elif logged[1] != count:
+            self.log.info("[{index}] Partner available: {yes} ({count})",
+                          index=self.config.index, yes="yes" if count else "no", count=count)
 
     def link_lost(self, link: ProxyLink, why: str) -> None:
         """Forget the link; the factory reconnects."""

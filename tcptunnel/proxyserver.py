@@ -9,6 +9,7 @@ from twisted.logger import Logger
 
 from tcptunnel._frames import StreamError
 from tcptunnel.config import BindingConfig, ProxyConfig, format_address
+from tcptunnel.mux import describe_address
 from tcptunnel.ports import AddressKey, ListenerSet, listen
 from tcptunnel.proxy import ProxyService
 from tcptunnel.splice import SpliceProtocol
@@ -42,7 +43,7 @@ class BindingConnection(SpliceProtocol):
         transport.pauseProducing()  # type: ignore[attr-defined]
         link = self.proxy.link
         peer = transport.getPeer()
-        self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.client = describe_address(peer)  # logged: [::1]:port like every address
         if link is None or not self.proxy.partner_available:
             why = "no link to the Gateway" if link is None else "no Proxy-Client in the session"
             self.proxy.log.warn("[{index}] Connection from {client} to {target} refused: {why}",
@@ -67,6 +68,8 @@ class BindingConnection(SpliceProtocol):
 
 class BindingFactory(ServerFactory):
     """Accepts connections of one Binding."""
+
+    noisy = False  # no "Starting factory <... at 0x...>": the service logs its Bindings
 
     def __init__(self, proxy: ProxyServerService, binding: BindingConfig) -> None:
         self.proxy = proxy

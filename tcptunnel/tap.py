@@ -9,15 +9,24 @@ in that order and stop in reverse.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import stat
+import sys
 import threading
 from typing import IO, Any, TextIO, cast
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.logger import ILogObserver, Logger, textFileLogObserver
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogFilterPredicate,
+    ILogObserver,
+    Logger,
+    PredicateResult,
+    textFileLogObserver,
+)
 from twisted.python import usage
 from twisted.python.components import Componentized
 
@@ -143,6 +152,35 @@ def twistd_log_file(options: usage.Options) -> LogFile | None:
     return LogFile(path or "twistd.log")
 
 
+def twistd_logs_to_stdout(options: usage.Options) -> bool:
+    """Whether twistd logs to stdout (``-n`` without ``--logfile`` or with ``--logfile=-``:
+    systemd units, the journal)."""
+    parent = options.parent
+    if parent is None or "logfile" not in parent or "nodaemon" not in parent:
+        return False
+    if parent.get("logger") or parent.get("syslog"):
+        return False
+    return bool(parent["nodaemon"]) and (parent["logfile"] == "-" or not parent["logfile"])
+
+
+# Twisted's own lines about listening ports ("GatewayFactory starting on 25201", "(TCP Port
+# 25201 Closed)"): they repeat what each instance logs itself, with its index and address.
+_TWISTED_PORT_LINES = re.compile(r"\w+ starting on \d+|\((?:TCP|UDP|UNIX) Port \S+ Closed\)")
+
+
+def _ours(event: dict[str, Any]) -> PredicateResult:
+    if event.get("log_namespace") == "log_legacy" and _TWISTED_PORT_LINES.fullmatch(
+            str(event.get("log_text", ""))):
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
+def quiet_observer(observer: ILogObserver) -> ILogObserver:
+    """``observer`` without Twisted's port start/stop lines (see _TWISTED_PORT_LINES)."""
+    return cast(ILogObserver,
+                FilteringLogObserver(observer, [cast(ILogFilterPredicate, _ours)]))
+
+
 def make_instance_service(instance: InstanceConfig, reactor: Any) -> service.IService:
     """The service for one Instance."""
     if isinstance(instance, GatewayConfig):
@@ -164,11 +202,12 @@ class TunnelService(service.MultiService):
     log = Logger()
 
     def __init__(self, settings: Settings, reactor: Any, log_file: LogFile | None = None,
-                 stderr_fd: int | None = None) -> None:
+                 stderr_fd: int | None = None, log_to_stdout: bool = False) -> None:
         super().__init__()
         self.settings = settings
         self.reactor = reactor
         self.log_file = log_file
+        self.log_to_stdout = log_to_stdout  # twistd logs to stdout: our observer does
         # A copy of the standard error twistd started with (see _tell_stderr).
         self.stderr_fd = stderr_fd
         # The signal that stopped us (SIGTERM), recorded by our own handler.
@@ -249,12 +288,17 @@ class TunnelService(service.MultiService):
         return True
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802
-        """Join twistd's application; when we own the log file, its observer becomes the
-        application's ILogObserver, which twistd then uses instead of opening its own."""
+        """Join twistd's application; when we own the log file (or twistd logs to stdout),
+        our observer becomes the application's ILogObserver, which twistd then uses instead
+        of its own (the same text format, without Twisted's port lines)."""
         super().setServiceParent(parent)
-        if self.log_file is not None and isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver,
-                                textFileLogObserver(cast(IO[Any], self.log_file)))
+        stream: IO[Any] | None = None
+        if self.log_file is not None:
+            stream = cast(IO[Any], self.log_file)
+        elif self.log_to_stdout:
+            stream = sys.stdout  # before twistd redirects it into the log, as twistd does
+        if stream is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, quiet_observer(textFileLogObserver(stream)))
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
@@ -273,8 +317,7 @@ class TunnelService(service.MultiService):
         # Twisted's own handler also records the signal for twistd, which then ends the
         # process with it; a stop on SIGTERM is our normal, graceful shutdown, and process
         # managers should see exit status 0.
-        self.exit_signal = signum
-        self.log.info("Received SIGTERM, stopping")
+        self.exit_signal = signum  # stopService logs "Stopping (SIGTERM)"
         self.reactor.callFromThread(self.reactor.stop)
 
     def _install_signal_handlers(self) -> None:
@@ -349,7 +392,8 @@ def makeService(options: Options) -> service.IService:  # noqa: N802
     from twisted.internet import reactor
 
     try:
-        tunnel = TunnelService(options.settings, reactor, twistd_log_file(options))
+        tunnel = TunnelService(options.settings, reactor, twistd_log_file(options),
+                               log_to_stdout=twistd_logs_to_stdout(options))
     except TlsSetupError as e:
         raise SystemExit(f"tcptunnel: {options.settings.path}: {e}") from None
     if options.parent is not None:  # twistd (or twist): keep its stderr for start-up errors

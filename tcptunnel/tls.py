@@ -40,6 +40,7 @@ class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
     """
 
     protocol = TLSMemoryBIOProtocol
+    noisy = False  # as Twisted's: the wrapped factory says (or not) that it starts
 
 
 def tls_factory(creator: Any, wrapped: IProtocolFactory, is_client: bool) -> Any:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
+import socket
 import stat
 import sys
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP6ClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -26,6 +30,7 @@ from tcptunnel.test._harness import (
     CONF,
     NS,
     EchoProtocol,
+    RecordingClient,
     TwistdProcess,
     child_environment,
     connect,
@@ -287,6 +292,95 @@ class StartupFailureTests(TestCase):
         self.assertEqual(process.exit_code, 1)
         self.assertEqual(process.stderr.decode(), f"tcptunnel: start-up failed: {reason}\n")
         self.assertEqual(process.output.decode(), "")
+
+
+def _reserve_ipv6_port(test: TestCase) -> int:
+    """A port on ::1 held (bound, not listening) until the test's cleanup (see
+    _harness.reserve_port)."""
+    holder = socket.socket(socket.AF_INET6)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("::1", 0))
+    test.addCleanup(holder.close)
+    return int(holder.getsockname()[1])
+
+
+# "<time> [<namespace>#<level>] <text>": twistd's text log format.
+_LOG_LINE = re.compile(r"(?P<time>\S+) \[(?P<namespace>[^\]#]+)#?\w*\] (?P<text>.*)")
+# Our lines about the whole process rather than one <Instance>.
+_PROCESS_WIDE = ("tcptunnel.tap.", "tcptunnel.status.")
+
+
+class LogLinesTests(TestCase):
+    """The log of a normal start, one tunnelled connection and a stop of conf/demo.xml."""
+
+    timeout = 60
+
+    async def test_demo_log_lines(self) -> None:
+        """conf/demo.xml under twistd (ports reserved, the links and the Binding on ::1, one
+        connection through the tunnel, SIGTERM): no line shows an object address (0x...),
+        every line of ours about an instance starts with its [N], IPv6 addresses are always
+        bracketed, no line repeats the one before it, and Twisted's own port lines are
+        gone; the partner state is logged with the login, then only when it changes."""
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        echo = await listen(self, EchoProtocol)
+        gateway, binding, status = (_reserve_ipv6_port(self), _reserve_ipv6_port(self),
+                                    reserve_port(self))
+        with open(os.path.join(CONF, "demo.xml")) as f:
+            text = f.read()
+        for old, new in [('<Listener ip="127.0.0.1" port="25201" />',
+                          f'<Listener ip="::1" port="{gateway}" />'),
+                         ('host="127.0.0.1" port="25201"', f'host="::1" port="{gateway}"'),
+                         ('listenIp="127.0.0.1" listenPort="18022"',
+                          f'listenIp="::1" listenPort="{binding}"'),
+                         ('port="18080"', f'port="{echo}"'),
+                         ('targetPort="18080"', f'targetPort="{echo}"'),
+                         ('listenPort="18090"', f'listenPort="{status}"')]:
+            self.assertIn(old, text)
+            text = text.replace(old, new)
+        config = os.path.join(work, "demo.xml")
+        with open(config, "w") as f:
+            f.write(text)
+        process = TwistdProcess()
+        reactor.spawnProcess(
+            process, sys.executable,
+            twistd_command("-n", "--pidfile=", "tcptunnel", "--config", config),
+            env=child_environment(), path=work)
+        self.addCleanup(process.kill)
+        await wait_until(lambda: process.output.count(b"vailable: yes (1)") == 2, 20,
+                         "both proxies to see their partner")
+        client = RecordingClient()
+        await TCP6ClientEndpoint(reactor, "::1", binding).connect(
+            Factory.forProtocol(lambda: client))
+        client.transport.write(b"through the demo")
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.ended, "clean")
+        await wait_until(lambda: b"Stream " in process.output, 10, "the stream's log line")
+        process.stop()
+        await process.ended
+        self.assertEqual(process.exit_code, 0, process.log())
+
+        lines = process.output.decode().splitlines()
+        self.assertTrue(any("Stream [::1]:" in line for line in lines), process.log())
+        previous = None
+        for line in lines:
+            self.assertNotRegex(line, r"0x[0-9a-f]{6,}")
+            self.assertNotRegex(line, r"(?<![\[\w:])::1:\d")  # [::1]:port, never ::1:port
+            self.assertNotRegex(line, r"starting on \d+$|Port \d+ Closed")
+            match = _LOG_LINE.fullmatch(line)
+            assert match is not None, f"not a log line: {line!r}"
+            namespace, body = match["namespace"], match["text"]
+            if namespace.startswith("tcptunnel.") and not namespace.startswith(_PROCESS_WIDE):
+                self.assertRegex(body, r"^\[\d+\] ", line)
+            self.assertNotEqual((namespace, body), previous, f"repeated: {line}")
+            previous = (namespace, body)
+        client_lines = [line for line in lines if "[1] " in line and "artner" in line]
+        self.assertEqual(len(client_lines), 2, client_lines)
+        self.assertIn("[1] Authentication succeeded: session 1 as proxy-client, partner "
+                      "available: no (0)", client_lines[0])
+        self.assertIn("[1] Partner available: yes (1)", client_lines[1])
+        self.assertIn("Stopping (SIGTERM)", process.log())
+        self.assertNotIn("Received SIGTERM", process.log())
 
 
 def _umask(test: SynchronousTestCase, value: int) -> None:
