@@ -15,10 +15,7 @@ from twisted.logger import ILogObserver, jsonFileLogObserver
 
 
 def observer() -> ILogObserver:
-    """The observer factory twistd's --logger option calls (without Twisted's port lines,
-    like the text log: see tap.quiet_observer)."""
-    from tcptunnel.tap import quiet_observer
-
+    """The observer factory twistd's --logger option calls."""
     path = os.environ.get("TCPTUNNEL_JSON_LOG")
     stream: IO[str] = open(path, "a", encoding="utf-8") if path else sys.stdout  # noqa: SIM115
-    return quiet_observer(jsonFileLogObserver(stream))
+    return jsonFileLogObserver(stream)
