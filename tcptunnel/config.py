@@ -454,6 +454,8 @@ class _Element:
         known = sorted(self._used)
         for name in sorted(set(self.node.attributes) - self._used):
             typo = _near_miss(name, known)
+            if typo is None and "useSsl" in known and re.search("ssl|tls", name, re.I):
+                typo = "useSsl"  # useTls="true", ssl="1": meant to switch TLS on
             if typo in _GUARDED_ATTRIBUTES:
                 raise self.error(
                     f"unknown attribute {name!r}: is it a typo of {typo!r}? Ignoring it, as "

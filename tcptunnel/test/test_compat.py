@@ -343,6 +343,9 @@ class ValuesTests(SynchronousTestCase):
         self.assertRefused('<Instance type="proxy-client" host="h" port="1" useSSL="true">'
                            '<Session id="1" password="a"/></Instance>',
                            "'useSSL'", "typo of 'useSsl'")
+        self.assertRefused('<Instance type="proxy-client" host="h" port="1" useTls="true">'
+                           '<Session id="1" password="a"/></Instance>',
+                           "'useTls'", "typo of 'useSsl'")
         self.assertRefused('<Instance type="proxy-client" host="h" port="1">'
                            '<Session id="1" password="a"/><AllowedTargetEndpoint/></Instance>',
                            "<AllowedTargetEndpoint>", "dial any target")
