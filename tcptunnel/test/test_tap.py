@@ -193,6 +193,12 @@ class TwistdProcessTests(TestCase):
                              process.log())
             self.assertIn("Server Shut Down.", process.log())
             self.assertNotIn("Traceback", process.log())
+            # Over TLS too, lines about a link carry the instance's [N] and no object address.
+            self.assertIn("TLS established (TLSv1.3", process.log())
+            for line in process.log().splitlines():
+                self.assertNotRegex(line, r"0x[0-9a-f]{6,}")
+                if line.startswith("[tcptunnel.") and "Link " in line:
+                    self.assertRegex(line, r"^\S+ \[0\] Link ", line)
 
     def spawn(self, config: str, work: str) -> TwistdProcess:
         """twistd with PYTHONOPTIMIZE=2, as conf/tcptunnel.service runs it."""
