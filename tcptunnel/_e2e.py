@@ -769,5 +769,5 @@ class HandshakeBudget:
 
 def make_password(random_bytes: Callable[[int], bytes] = os.urandom) -> str:
     """A strong random end-to-end password: 24 random bytes as 32 URL-safe characters
-    (192 bits; online guessing at 8,640 a day would need ~10^50 years)."""
+    (192 bits; online guessing at 8,640 a day would need ~10^51 years)."""
     return base64.urlsafe_b64encode(random_bytes(24)).decode("ascii")
