@@ -178,6 +178,10 @@ class BindingConfig:
     target_host: str
     target_port: int
     location: Location = field(compare=False)
+    # "tcp" (the default, the original's only kind) or "udp" (datagrams, one flow per sender).
+    protocol: str = "tcp"
+    # UDP: seconds a flow may stay idle (None: tcptunnel._udp.DEFAULT_IDLE_TIMEOUT).
+    idle_timeout: float | None = None
 
     def describe(self) -> str:
         """``listen -> target`` for log lines."""
@@ -194,6 +198,7 @@ class EndpointConfig:
     host: str
     port: int
     location: Location = field(compare=False)
+    protocol: str = "tcp"  # a "tcp" entry never allows UDP, and vice versa
 
 
 @dataclass(frozen=True)
@@ -867,14 +872,31 @@ def _no_children(element: _Element) -> None:
         pass  # pragma: no cover - children() yields nothing when nothing is allowed
 
 
+def _protocol(text: str) -> str:
+    if text not in ("tcp", "udp"):
+        raise ValueError(text)
+    return text
+
+
+_PROTOCOL_WHAT = '"tcp" or "udp"'
+
+
 def _binding(element: _Element) -> BindingConfig:
+    protocol = element.get("protocol", _protocol, _PROTOCOL_WHAT) or "tcp"
+    idle_timeout = element.get("idleTimeout", _positive_seconds,
+                               "a number of seconds greater than 0")
     binding = BindingConfig(
         listen_ip=_ip(element, "listenIp"),
         listen_port=element.get_required("listenPort", _PORT_OR_ZERO, _PORT_OR_ZERO_WHAT),
         target_host=element.get_required("targetHost", _host, _HOST_WHAT),
         target_port=element.get_required("targetPort", _PORT, _PORT_WHAT),
         location=element.location,
+        protocol=protocol,
+        idle_timeout=idle_timeout,
     )
+    if idle_timeout is not None and protocol != "udp":
+        raise element.error('idleTimeout applies to protocol="udp" Bindings only',
+                            "idleTimeout")
     element.check_unknown_attributes()
     _no_children(element)
     if binding.listen_ip is None:
@@ -998,16 +1020,18 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
     password = _proxy_password(session_element)
     session_element.check_unknown_attributes()
     bindings: list[BindingConfig] = []
-    seen: dict[tuple[str | None, int], Location] = {}
+    seen: dict[tuple[str | None, int, str], Location] = {}
     binding_children: tuple[str, ...] = ("Binding",) if role == "proxy-server" else ()
     session_ignored = {"Binding": "a Proxy-Client has no Bindings (they belong in a "
                        "Proxy-Server)"} if role == "proxy-client" else {}
     for child in session_element.children(binding_children, session_ignored):
         binding = _binding(child)
-        key = (binding.listen_ip, binding.listen_port)
+        # TCP and UDP ports are separate: a udp Binding may share a tcp Binding's port.
+        key = (binding.listen_ip, binding.listen_port, binding.protocol)
         clash = next(
-            (loc for (ip, p), loc in seen.items()
+            (loc for (ip, p, proto), loc in seen.items()
              if p == binding.listen_port and binding.listen_port != 0
+             and proto == binding.protocol
              and (ip == binding.listen_ip or ip is None or binding.listen_ip is None)),
             None,
         )
@@ -1045,13 +1069,15 @@ def _endpoints(allow_list: _Element) -> Iterator[EndpointConfig]:
     for endpoint in allow_list.children(("Endpoint",)):
         host = normalise_host(endpoint.get_required("host", _host, _HOST_WHAT))
         port = endpoint.get_required("port", _INT32, "a whole number (a port, 1 to 65535)")
+        protocol = endpoint.get("protocol", _protocol, _PROTOCOL_WHAT) or "tcp"
         endpoint.check_unknown_attributes()
         _no_children(endpoint)
         if not 1 <= port <= 65535:
             endpoint.warn(f"port {port} is no TCP port: this entry can never match and is "
                           "ignored", "port")
             continue
-        yield EndpointConfig(host=host, port=port, location=endpoint.location)
+        yield EndpointConfig(host=host, port=port, location=endpoint.location,
+                             protocol=protocol)
 
 
 def _status(element: _Element) -> StatusConfig:
