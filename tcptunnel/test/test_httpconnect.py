@@ -5,15 +5,26 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcptunnel import _httpconnect as hc
+from tcptunnel._allow import AllowList, parse_rule
 from tcptunnel._frames import Reason
 from tcptunnel._httpconnect import ConnectParser, ConnectRequested, EarlyData, HttpConnectError
-from tcptunnel.test.test_socks import split
+from tcptunnel.test.test_socks import (
+    _CURL,
+    TARGET_BODY,
+    TunnelAdapter,
+    _Target,
+    curl,
+    listen,
+    split,
+)
 
 EXAMPLES = int(os.environ.get("TCPTUNNEL_FUZZ_EXAMPLES", "200"))
 
@@ -237,3 +248,77 @@ class FuzzTests(SynchronousTestCase):
                 self.assertTrue(e.response.startswith(f"HTTP/1.1 {e.status} ".encode()))
                 self.assertTrue(parser.failed)
             self.assertLessEqual(parser.buffered, 2048 + 3000)
+
+
+class _ConnectAdapter(TunnelAdapter):
+    """The CONNECT parser on a real socket (test-only; see test_socks.TunnelAdapter)."""
+
+    def __init__(self, allow: AllowList, credentials: tuple[str, str] | None) -> None:
+        super().__init__(allow)
+        self.parser = ConnectParser(credentials)
+
+    def answer(self, reason: Reason) -> bytes:
+        return hc.response_for_reason(reason, "test adapter")
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        transport: Any = self.transport
+        try:
+            events = self.parser.receive_data(data)
+        except HttpConnectError as e:
+            transport.write(e.response)
+            transport.loseConnection()
+            return
+        for event in events:
+            if isinstance(event, ConnectRequested):
+                self.connect(event.host, event.port)
+            elif isinstance(event, EarlyData):
+                self.forward(event.data)
+
+
+class CurlConnectTests(TestCase):
+    """curl -x with --proxytunnel through the parser: allowed, denied, login, GET."""
+
+    if _CURL is None:
+        skip = "curl is not installed (Debian: apt-get install curl)"
+
+    def setUp(self) -> None:
+        self.target_port = listen(self, _Target)
+        self.allow = AllowList([parse_rule("localhost", str(self.target_port))])
+
+    def proxy(self, credentials: tuple[str, str] | None = None) -> str:
+        """An http-connect adapter's URL."""
+        port = listen(self, lambda: _ConnectAdapter(self.allow, credentials))
+        return f"http://127.0.0.1:{port}"
+
+    @inlineCallbacks
+    def test_allowed(self) -> Any:
+        """curl's CONNECT reaches the target and the tunnel carries its request."""
+        out, err, code = yield curl("-p", "-x", self.proxy(),
+                                    f"http://localhost:{self.target_port}/")
+        self.assertEqual((out, code), (TARGET_BODY, 0), err)
+
+    @inlineCallbacks
+    def test_denied_403(self) -> Any:
+        """A target outside the list makes curl report the proxy's 403."""
+        out, err, code = yield curl("-p", "-x", self.proxy(),
+                                    f"http://127.0.0.1:{self.target_port}/")
+        self.assertEqual((out, code), (b"", 56), err)
+        self.assertIn(b"403", err)
+
+    @inlineCallbacks
+    def test_login(self) -> Any:
+        """curl's Proxy-Authorization Basic is admitted; a wrong password is 407."""
+        proxy, url = self.proxy(("alice", "pä:ss")), f"http://localhost:{self.target_port}/"
+        out, err, code = yield curl("-p", "-x", proxy, "--proxy-user", "alice:pä:ss", url)
+        self.assertEqual((out, code), (TARGET_BODY, 0), err)
+        out, err, code = yield curl("-p", "-x", proxy, "--proxy-user", "alice:wrong", url)
+        self.assertEqual(code, 56, err)
+        self.assertIn(b"407", err)
+
+    @inlineCallbacks
+    def test_plain_proxy_request_405(self) -> Any:
+        """curl -x without -p sends GET http://...: answered 405, curl --fail exits 22."""
+        out, err, code = yield curl("--fail", "-x", self.proxy(),
+                                    f"http://localhost:{self.target_port}/")
+        self.assertEqual((out, code), (b"", 22), err)
+        self.assertIn(b"405", err)

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
 import struct
+from collections.abc import Callable
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcptunnel import _socks as socks
+from tcptunnel._allow import AllowList, parse_rule
 from tcptunnel._frames import Reason
 from tcptunnel._socks import (
     Authenticated,
@@ -251,3 +260,188 @@ class SplitTests(SynchronousTestCase):
                 self.assertLess(server.buffered, socks.MAX_REQUEST)
         except SocksError:
             self.assertTrue(server.must_close)
+
+
+# ---------------------------------------------------------------------------
+# Real clients.  A minimal adapter (test-only: the Binding's own is for proxyserver.py)
+# runs the parser on a real socket, checks the request with _allow and dials it directly,
+# so that curl, which no one here wrote, talks to our parsers.
+
+_CURL = shutil.which("curl")
+TARGET_BODY = b"hello from the target\n"
+
+
+class _Target(Protocol):
+    """Answers one HTTP request with TARGET_BODY and closes."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        """Answer once the request head is complete."""
+        self.received += data
+        if b"\r\n\r\n" in self.received:
+            transport: Any = self.transport
+            transport.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                            % (len(TARGET_BODY), TARGET_BODY))
+            transport.loseConnection()
+
+
+class _Pipe(Protocol):
+    """The dialled side: what the target sends goes to the client."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        """Pass on to the client."""
+        self.client.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        """The target closed: close the client."""
+        self.client.loseConnection()
+
+
+class TunnelAdapter(Protocol):
+    """Common to the SOCKS and CONNECT test adapters: check, dial, answer, splice."""
+
+    def __init__(self, allow: AllowList) -> None:
+        self.allow = allow
+        self.target: Any = None
+        self.pending: list[bytes] = []
+
+    def answer(self, reason: Reason) -> bytes:
+        """The parser's answer for ``reason``."""
+        raise NotImplementedError
+
+    def fail(self, reason: Reason) -> None:
+        """Answer a failure and close."""
+        transport: Any = self.transport
+        transport.write(self.answer(reason))
+        transport.loseConnection()
+
+    def connect(self, host: str, port: int) -> None:
+        """Check the target like a Proxy-Client would, then dial it."""
+        decision = self.allow.check(host, port)
+        if not decision.allowed or decision.target is None:
+            self.fail(decision.reason)
+            return
+        transport: Any = self.transport
+        transport.pauseProducing()
+        endpoint = HostnameEndpoint(reactor, decision.target.host, port, timeout=5)
+
+        def connected(pipe: _Pipe) -> None:
+            self.target = pipe.transport
+            transport.write(self.answer(Reason.OK))
+            for data in self.pending:
+                self.target.write(data)
+            transport.resumeProducing()
+
+        def failed(failure: Any) -> None:
+            self.fail(Reason.REFUSED)
+
+        endpoint.connect(Factory.forProtocol(lambda: _Pipe(transport))).addCallbacks(
+            connected, failed)
+
+    def forward(self, data: bytes) -> None:
+        """Early data waits for the dial; later data goes straight to the target."""
+        if self.target is None:
+            self.pending.append(data)
+        else:
+            self.target.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        """The client went away: close the target."""
+        if self.target is not None:
+            self.target.loseConnection()
+
+
+class _SocksAdapter(TunnelAdapter):
+    def __init__(self, allow: AllowList, credentials: tuple[str, str] | None) -> None:
+        super().__init__(allow)
+        self.server = SocksServer(credentials)
+
+    def answer(self, reason: Reason) -> bytes:
+        self.server.reply(socks.reply_for_reason(reason))
+        return self.server.data_to_send()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        transport: Any = self.transport
+        try:
+            events = self.server.receive_data(data)
+        except SocksError as e:
+            transport.write(e.reply)
+            transport.loseConnection()
+            return
+        transport.write(self.server.data_to_send())
+        for event in events:
+            if isinstance(event, ConnectRequested):
+                self.connect(event.host, event.port)
+            elif isinstance(event, EarlyData):
+                self.forward(event.data)
+        if self.server.must_close:
+            transport.loseConnection()
+
+
+def listen(test: TestCase, make: Callable[[], Protocol]) -> int:
+    """Listen on 127.0.0.1, port 0, until the test ends; the port chosen."""
+    factory: Any = ServerFactory.forProtocol(make)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    test.addCleanup(port.stopListening)
+    address: Any = port.getHost()
+    return int(address.port)
+
+
+def curl(*args: str) -> Deferred[tuple[bytes, bytes, int]]:
+    """Run curl with a deadline; (stdout, stderr, exit code)."""
+    assert _CURL is not None
+    run: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(
+        _CURL, ("-sS", "--max-time", "10", *args), env=dict(os.environ), reactor=reactor)
+    return run
+
+
+class CurlSocksTests(TestCase):
+    """curl --socks5-hostname through the parser: allowed, denied, with login."""
+
+    if _CURL is None:
+        skip = "curl is not installed (Debian: apt-get install curl)"
+
+    def setUp(self) -> None:
+        self.target_port = listen(self, _Target)
+        self.allow = AllowList([parse_rule("localhost", str(self.target_port))])
+
+    def proxy(self, credentials: tuple[str, str] | None = None) -> int:
+        """A SOCKS5 adapter's port."""
+        return listen(self, lambda: _SocksAdapter(self.allow, credentials))
+
+    @inlineCallbacks
+    def test_allowed_name(self) -> Any:
+        """curl's request for a name reaches the target; localhost. is dialled as localhost."""
+        proxy = self.proxy()
+        for host in ("localhost", "localhost."):
+            out, err, code = yield curl("--socks5-hostname", f"127.0.0.1:{proxy}",
+                                        f"http://{host}:{self.target_port}/")
+            self.assertEqual((out, code), (TARGET_BODY, 0), err)
+
+    @inlineCallbacks
+    def test_denied_is_not_allowed_by_ruleset(self) -> Any:
+        """A target outside the list makes curl report reply 2 (not allowed by ruleset)."""
+        proxy = self.proxy()
+        out, err, code = yield curl("--socks5-hostname", f"127.0.0.1:{proxy}",
+                                    f"http://127.0.0.1:{self.target_port}/")
+        self.assertEqual((out, code), (b"", 97), err)
+        self.assertIn(b"(2)", err)
+
+    @inlineCallbacks
+    def test_username_password(self) -> Any:
+        """curl's RFC 1929 login is admitted with the right password, refused without."""
+        proxy = self.proxy(("alice", "s3cret"))
+        url = f"http://localhost:{self.target_port}/"
+        out, err, code = yield curl("--socks5-hostname", f"127.0.0.1:{proxy}",
+                                    "--proxy-user", "alice:s3cret", url)
+        self.assertEqual((out, code), (TARGET_BODY, 0), err)
+        out, err, code = yield curl("--socks5-hostname", f"127.0.0.1:{proxy}",
+                                    "--proxy-user", "alice:wrong", url)
+        self.assertEqual((out, code), (b"", 97), err)
+        out, err, code = yield curl("--socks5-hostname", f"127.0.0.1:{proxy}", url)
+        self.assertEqual((out, code), (b"", 97), err)
