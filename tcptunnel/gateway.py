@@ -554,7 +554,8 @@ class GatewayService(service.Service):
     def startService(self) -> None:  # noqa: N802
         """Listen on every Listener; a bind failure fails start-up naming the address."""
         for warning in self.gateway.warnings():
-            self.log.warn("[{index}] {warning}", index=self.config.index, warning=warning)
+            # "problem", not "warning": legacy observers take that for a Python warning.
+            self.log.warn("[{index}] {problem}", index=self.config.index, problem=warning)
         self.listeners.start(self.config.listeners)
         super().startService()
 

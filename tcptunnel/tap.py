@@ -61,9 +61,9 @@ class Options(usage.Options):
         """Load the settings file; any problem is a :class:`ConfigFileError` naming file and
         line."""
         try:
+            # An empty <Settings> runs, doing nothing, as the original does (its warning
+            # says so at start-up).
             self.settings = load_settings(self["config"])
-            if not self.settings.instances:
-                raise ConfigError(f"{self['config']}: the file defines no <Instance>")
         except ConfigError as e:
             raise ConfigFileError(e, self["config"]) from None
 
@@ -254,6 +254,7 @@ class TunnelService(service.MultiService):
             self.log.error("Reload failed, keeping the running configuration: {error}",
                            error=str(e))
             return False
+        self._log_warnings(settings)
         current = {(child.config.index, child.config.role): child for child in self
                    if child.name not in AUXILIARY_SERVICES}
         if settings.status != self.settings.status:
@@ -286,6 +287,14 @@ class TunnelService(service.MultiService):
             return False
         self.log.info("Reloaded {path}", path=path)
         return True
+
+    def _log_warnings(self, settings: Settings) -> None:
+        """What the settings reader accepted but warns about ("file:line: ..."; an
+        instance's prefixed with its [N]), one line each."""
+        for warning in settings.all_warnings():
+            # Not a field named "warning": legacy observers (syslog, trial) take an event
+            # with one for a Python warning and fail on it.
+            self.log.warn("{problem}", problem=warning)
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802
         """Join twistd's application; when we own the log file (or twistd logs to stdout),
@@ -339,6 +348,7 @@ class TunnelService(service.MultiService):
         """Start the instances in file order; if one fails, stop those already started."""
         self.log.info("Starting {n} instance(s) from {path}", n=len(self.settings.instances),
                       path=self.settings.path)
+        self._log_warnings(self.settings)
         service.Service.startService(self)
         started: list[service.IService] = []
         for child in self:

@@ -101,6 +101,45 @@ class PluginTests(SynchronousTestCase):
                           HeapTrimmer])
 
 
+class StartupWarningTests(SynchronousTestCase):
+    """What the settings reader accepts with a warning is logged at start-up."""
+
+    def start(self, body: str) -> list[str]:
+        """Start the settings ``body`` through tap.Options on a MemoryReactor; the text of
+        each warning logged."""
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(f"<Settings {NS}>\n{body}</Settings>")
+        os.chmod(path, 0o600)  # not the warning about a file others can read
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        tunnel = tap.TunnelService(options.settings, MemoryReactorClock())
+        with capturedLogs() as events:
+            tunnel.startService()
+        self.addCleanup(tunnel.stopService)
+        return [formatEvent(e) for e in events if e["log_level"] is LogLevel.warn]
+
+    def test_binding_without_listen_ip(self) -> None:
+        """A Binding without listenIp: one warning, with the instance's [0], the file and
+        line, saying it listens on every address."""
+        warnings = self.start(
+            '<Instance type="proxy-server" host="127.0.0.1" port="1"><Session id="1" '
+            'password="p">\n<Binding listenPort="2" targetHost="127.0.0.1" targetPort="3"/>'
+            "</Session></Instance>")
+        listen_ip = [w for w in warnings if "listenIp" in w]
+        self.assertEqual(len(listen_ip), 1, warnings)
+        self.assertRegex(listen_ip[0], r"^\[0\] \S+:3: .*every address")
+
+    def test_empty_settings_run(self) -> None:
+        """An empty <Settings> is not refused (the original runs it): it starts, runs
+        nothing, and says so."""
+        warnings = self.start("")
+        self.assertTrue(any("nothing runs" in w for w in warnings), warnings)
+
+
 class TwistdProcessTests(TestCase):
     """Real ``twistd -n tcptunnel`` processes."""
 
