@@ -34,13 +34,14 @@ import re
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from tcptunnel._frames import MAX_HOST_BYTES, Reason, printable
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 RuleKind = Literal["address", "network", "name", "suffix"]
+ProxyProtocol = Literal["v1", "v2"]
 
 # ::ffff:0:0/96: IPv4-mapped IPv6 addresses, which a dual-stack socket dials as IPv4.
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
@@ -204,6 +205,9 @@ class AllowRule:
     ports: PortSet
     written: str  # the host attribute as written, for logs
     where: str = field(default="", compare=False)  # "file:line", for logs
+    # proxyProtocol="v1"|"v2": the header to send to targets this rule allowed
+    # (tcptunnel._proxyproto.build_header); the rule of the Decision decides.
+    proxy_protocol: ProxyProtocol | None = None
 
     def describe(self) -> str:
         """``host="..." port="..."`` and where, for log lines."""
@@ -225,9 +229,14 @@ def _in_network(address: IPAddress, network: IPNetwork) -> bool:
     return address.version == network.version and address in network
 
 
-def parse_rule(host: str, ports: str, where: str = "") -> AllowRule:
-    """An ``<Endpoint host=... port=...>`` as a rule (raises AllowListError)."""
+def parse_rule(host: str, ports: str, where: str = "",
+               proxy_protocol: str | None = None) -> AllowRule:
+    """An ``<Endpoint host=... port=... [proxyProtocol=...]>`` as a rule (raises
+    AllowListError)."""
     port_set = PortSet.parse(ports)
+    if proxy_protocol not in (None, "v1", "v2"):
+        raise AllowListError(f"proxyProtocol is v1 or v2, not {printable(proxy_protocol)!r}")
+    pp = cast("ProxyProtocol | None", proxy_protocol)  # checked just above
     written = printable(host)
     if "/" in host:
         try:
@@ -239,7 +248,7 @@ def parse_rule(host: str, ports: str, where: str = "") -> AllowRule:
             # ::ffff:10.0.0.0/104 is 10.0.0.0/8: targets are compared as IPv4 (see _unmapped).
             network = ipaddress.IPv4Network(
                 (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96))
-        return AllowRule("network", network, "", port_set, written, where)
+        return AllowRule("network", network, "", port_set, written, where, pp)
     if host.startswith("*."):
         try:
             suffix = normalise_name(host[2:])
@@ -247,7 +256,7 @@ def parse_rule(host: str, ports: str, where: str = "") -> AllowRule:
             raise AllowListError(f"{written!r}: after '*.' comes a host name") from None
         if "*" in suffix:
             raise AllowListError(f"{written!r}: '*' is allowed only as the whole first label")
-        return AllowRule("suffix", None, suffix, port_set, written, where)
+        return AllowRule("suffix", None, suffix, port_set, written, where, pp)
     if "*" in host:
         raise AllowListError(f"{written!r}: '*' is allowed only as the whole first label "
                              "(*.example.org)")
@@ -257,8 +266,8 @@ def parse_rule(host: str, ports: str, where: str = "") -> AllowRule:
         raise AllowListError(str(e)) from None
     if target.address is not None:
         return AllowRule("address", ipaddress.ip_network(target.address), "", port_set,
-                         written, where)
-    return AllowRule("name", None, target.host, port_set, written, where)
+                         written, where, pp)
+    return AllowRule("name", None, target.host, port_set, written, where, pp)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,9 +75,10 @@ class Reply(enum.IntEnum):
 # What a client hears for each OPEN_RESULT / RESET reason.  Our UNREACHABLE is "no route"
 # (the dial's EHOSTUNREACH/ENETUNREACH), DNS_FAILURE a name that did not resolve at the
 # Proxy-Client, which a client should see as that host being unreachable; TIMEOUT is the
-# connect deadline, which RFC 1928 has only "TTL expired" for (Dante and OpenSSH answer
-# the same).  Everything that is not about the target (no Proxy-Client, limits, links
-# lost, protocol errors) is a general failure.
+# connect deadline, for which RFC 1928's nearest code is "TTL expired" (issue 17 asks for
+# it).  A target refused by the allow-list, or one it calls malformed (INVALID_TARGET,
+# e.g. "127.1"), is "not allowed by ruleset".  Everything that is not about the target (no
+# Proxy-Client, limits, links lost, protocol errors) is a general failure.
 _REPLY_FOR_REASON = {
     Reason.OK: Reply.SUCCEEDED,
     Reason.DENIED: Reply.NOT_ALLOWED,

@@ -468,8 +468,8 @@ class Gateway:
             self.log.warn("[{index}] {warning}", index=new.index, warning=warning)
 
     def warnings(self) -> list[str]:
-        """Configuration risks worth a warning at start-up."""
-        return [
+        """Configuration risks worth a warning at start-up (the reader's, then ours)."""
+        return list(self.config.warnings) + [
             f"{s.location}: session {s.id} uses the same password for the Proxy-Client and the "
             "Proxy-Server role: a Proxy-Server credential could take the Proxy-Client role"
             for s in self.config.sessions if same_password(s.proxy_client, s.proxy_server)
@@ -527,9 +527,9 @@ class GatewayService(service.Service):
 
     def _load_tls(self, config: GatewayConfig) -> dict[AddressKey, Any]:
         """The CertificateOptions of each TLS Listener (TlsSetupError names a bad file)."""
-        from tcptunnel.tls import server_context_factory
+        from tcptunnel.tls import listener_context_factory
 
-        return {key: server_context_factory(listener.tls)
+        return {key: listener_context_factory(listener)
                 for listener, key in zip(config.listeners, self._keys(config), strict=True)
                 if listener.tls is not None}
 

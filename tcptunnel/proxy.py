@@ -254,10 +254,9 @@ class ProxyService(service.MultiService):
         # What connectTCP is given: the link factory, wrapped in TLS when configured.
         self._connecting_factory: Any = self.factory
         if config.use_tls:
-            from tcptunnel.tls import client_connection_creator, tls_factory
+            from tcptunnel.tls import proxy_connection_creator, tls_factory
 
-            creator = client_connection_creator(config.server_name or config.host,
-                                                config.ca_file, config.certificate_pin)
+            creator = proxy_connection_creator(config)
             self._connecting_factory = tls_factory(creator, self.factory, is_client=True)
         self._connector: Any = None
 
@@ -316,6 +315,8 @@ class ProxyService(service.MultiService):
         if any(getattr(self.config, name) != getattr(new, name)
                for name in self._LINK_SETTINGS):
             return False
+        for warning in new.warnings:
+            self.log.warn("[{index}] {warning}", index=new.index, warning=warning)
         self.config = new
         return True
 
@@ -343,6 +344,8 @@ class ProxyService(service.MultiService):
         """Start the children (Bindings), then connect to the Gateway; the factory
         reconnects from then on.  (Done here rather than with twisted.application's
         TCPClient, whose module pulls in ClientService and automat: 0.3 MiB unused.)"""
+        for warning in self.config.warnings:
+            self.log.warn("[{index}] {warning}", index=self.config.index, warning=warning)
         super().startService()
         self._connector = connect_tcp(
             self.reactor, self.config.host, self.config.port, self._connecting_factory,

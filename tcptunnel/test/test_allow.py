@@ -132,6 +132,15 @@ class RuleTests(SynchronousTestCase):
                      "*corp.example", "*.", "*.*.x", "x*.example", "127.1", "a..b"):
             self.assertRaises(AllowListError, parse_rule, host, "22")
 
+    def test_proxy_protocol(self) -> None:
+        """proxyProtocol v1/v2 is kept on the rule that allows the target; others refused."""
+        allow = AllowList([parse_rule("10.0.0.0/8", "25", "", "v2"), parse_rule("*.x", "25")])
+        decision = allow.check("10.1.2.3", 25)
+        self.assertEqual(decision.rule and decision.rule.proxy_protocol, "v2")
+        other = allow.check("mail.x", 25)
+        self.assertIsNone(other.rule and other.rule.proxy_protocol)
+        self.assertRaises(AllowListError, parse_rule, "10.0.0.0/8", "25", "", "v3")
+
     def test_describe_names_rule_and_place(self) -> None:
         """A rule describes itself as written, with its file and line."""
         rule = parse_rule("10.0.0.0/8", "8000-8100,22", "s.xml:12")
