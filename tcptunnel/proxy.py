@@ -345,7 +345,7 @@ class ProxyService(service.MultiService):
         reconnects from then on.  (Done here rather than with twisted.application's
         TCPClient, whose module pulls in ClientService and automat: 0.3 MiB unused.)"""
         for warning in self.config.warnings:
-            self.log.warn("[{index}] {warning}", index=self.config.index, warning=warning)
+            self.log.warn("[{index}] {problem}", index=self.config.index, problem=warning)
         super().startService()
         self._connector = connect_tcp(
             self.reactor, self.config.host, self.config.port, self._connecting_factory,
