@@ -316,7 +316,7 @@ class ProxyService(service.MultiService):
                for name in self._LINK_SETTINGS):
             return False
         for warning in new.warnings:
-            self.log.warn("[{index}] {warning}", index=new.index, warning=warning)
+            self.log.warn("[{index}] {problem}", index=new.index, problem=warning)
         self.config = new
         return True
 
