@@ -50,6 +50,8 @@ from tcptunnel import _frames as fr
 from tcptunnel._saslprep import prepare_password
 
 __all__ = [
+    "ADMIT_OPEN",
+    "ADMIT_WAIT",
     "FIELD_PAKE",
     "FIELD_SEALED",
     "KIND_PAKE",
@@ -59,9 +61,12 @@ __all__ = [
     "MESSAGE_MISMATCH",
     "MESSAGE_NO_PASSWORD",
     "PAKE_DEADLINE",
+    "Admission",
+    "ClientPairings",
     "Direction",
     "E2EError",
     "HandshakeBudget",
+    "HandshakeRefusedError",
     "IntegrityError",
     "Pairing",
     "PakeInitiator",
@@ -71,6 +76,8 @@ __all__ = [
     "RecordDecoder",
     "RecordSealer",
     "RecordType",
+    "ServerPairing",
+    "ServerState",
     "StreamCipher",
     "make_password",
 ]
@@ -765,6 +772,281 @@ class HandshakeBudget:
         """Tokens available at ``now``."""
         self._refill(now)
         return self._tokens
+
+    def next_token_at(self, now: float) -> float:
+        """When :meth:`take` will next succeed (``now`` if it would now; infinity if never)."""
+        self._refill(now)
+        if self._tokens >= 1.0:
+            return now
+        if self.rate <= 0:
+            return float("inf")
+        return now + (1.0 - self._tokens) / self.rate
+
+
+# -- pairing policy at each end ----------------------------------------------------------
+
+
+class ServerState(enum.Enum):
+    """Where a Proxy-Server link stands with its pairing."""
+
+    IDLE = "no pairing"  # no partner, or waiting for the next attempt
+    HANDSHAKING = "end-to-end handshake in progress"
+    PAIRED = "paired"
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What to do with a new local connection: ``open`` it sealed, ``wait`` (unread) for the
+    handshake in progress, or ``refuse`` it at once with ``message``."""
+
+    action: str
+    message: str = ""
+
+
+ADMIT_OPEN = Admission("open")
+ADMIT_WAIT = Admission("wait")
+
+
+class ServerPairing:
+    """The end-to-end state of one Proxy-Server link (docs/protocol.md §9.3, §9.8): when to
+    start a handshake, its deadline, how often to try again, and what to do with a new local
+    connection.  Pure: every method is given ``now``.
+
+    Every handshake started takes a token of ``budget`` (burst 5, 1 per 60 s) and a confirmed
+    one gives it back, so a Gateway posing as the Proxy-Client gets at most 5 + 1,440 password
+    guesses a day, however it alternates failed handshakes with good ones, toggles PARTNER or
+    resets pairings.  After a refusal by a partner without a password it waits at least 60 s
+    or until PARTNER changes.
+    """
+
+    UNAVAILABLE_RETRY = 60.0
+
+    def __init__(self, password: str, session_id: int, budget: HandshakeBudget | None = None,
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self._password = password
+        self._session_id = session_id
+        self._random = random_bytes
+        self.budget = budget if budget is not None else HandshakeBudget(5, 1 / 60)
+        self.state = ServerState.IDLE
+        self.partner = False
+        self.pairing: Pairing | None = None
+        self.stream_id: int | None = None  # of the pake stream
+        self.deadline: float | None = None
+        self.failure: str | None = None  # why the last attempt failed, for refusals
+        self._not_before = 0.0
+        self._pake: PakeInitiator | None = None
+
+    def set_partner(self, present: bool, now: float) -> None:
+        """PARTNER said whether a Proxy-Client is present.  A change ends the wait after a
+        partner without a password (the new one may have one); never the token budget."""
+        if present != self.partner:
+            self.partner = present
+            self._not_before = min(self._not_before, now)
+
+    def start(self, now: float) -> bytes | None:
+        """The FIELD_PAKE value for a new ``pake`` OPEN if a handshake should start now (the
+        caller opens the stream and calls :meth:`opened`), else None."""
+        if (self.state is not ServerState.IDLE or not self.partner or now < self._not_before
+                or not self.budget.take(now)):
+            return None
+        self._pake = PakeInitiator(self._password, self._session_id, self._random)
+        self.state = ServerState.HANDSHAKING
+        self.deadline = now + PAKE_DEADLINE
+        return self._pake.message
+
+    def opened(self, stream_id: int) -> None:
+        """The ``pake`` stream of the handshake just started has this id."""
+        self.stream_id = stream_id
+
+    def _fail(self, message: str, now: float, wait: float = 0.0) -> None:
+        self.state = ServerState.IDLE
+        self.failure = message
+        self.pairing = None
+        self._pake = None
+        self.stream_id = None
+        self.deadline = None
+        self._not_before = now + wait
+
+    def receive(self, data: bytes, now: float) -> bytes:
+        """Bytes of the ``pake`` stream; returns what to send on it.  Raises
+        PasswordMismatchError (send its ``reply``, then FIN) or IntegrityError (reset the
+        stream ``INTEGRITY``); either way the state is already updated."""
+        if self._pake is None:
+            raise IntegrityError("end-to-end handshake bytes with no handshake in progress")
+        try:
+            reply = self._pake.receive_data(data)
+        except E2EError as e:
+            self._fail(e.message, now)
+            raise
+        if self._pake.pairing is not None and self.state is ServerState.HANDSHAKING:
+            self.pairing = self._pake.pairing
+            self.state = ServerState.PAIRED
+            self.deadline = None
+            self.failure = None
+            self.budget.refund(now)
+        return reply
+
+    def refused(self, unsupported: bool, now: float) -> None:
+        """The ``pake`` OPEN was refused: ``E2E_UNAVAILABLE`` (the partner has no password),
+        or ``UNSUPPORTED`` (it predates end-to-end encryption) when ``unsupported``."""
+        message = MESSAGE_NO_PASSWORD + (
+            " (or runs a release without end-to-end encryption)" if unsupported else "")
+        self._fail(message, now, self.UNAVAILABLE_RETRY)
+
+    def ended(self, message: str, now: float) -> None:
+        """The ``pake`` stream ended otherwise (RESET, FIN, link lost): the pairing is gone;
+        a new one starts when :meth:`start` allows."""
+        self._fail(message if self.state is not ServerState.PAIRED else (
+            f"the end-to-end pairing ended ({message})"), now)
+
+    def expire(self, now: float) -> bool:
+        """Whether the handshake's deadline passed (then the caller resets the ``pake`` stream
+        with TIMEOUT; the state is already updated)."""
+        if self.state is ServerState.HANDSHAKING and self.deadline is not None and (
+                now >= self.deadline):
+            self._fail(f"the end-to-end handshake did not finish within {PAKE_DEADLINE:g} s",
+                       now)
+            return True
+        return False
+
+    def next_timer(self, now: float) -> float | None:
+        """When to call :meth:`expire` or :meth:`start` next, or None."""
+        if self.state is ServerState.HANDSHAKING:
+            return self.deadline
+        if self.state is ServerState.IDLE and self.partner:
+            return max(self._not_before, self.budget.next_token_at(now))
+        return None
+
+    def admission(self) -> Admission:
+        """What to do with a new local connection now."""
+        if self.state is ServerState.PAIRED:
+            return ADMIT_OPEN
+        if self.state is ServerState.HANDSHAKING:
+            return ADMIT_WAIT
+        if not self.partner:
+            return Admission("refuse", "the session has no Proxy-Client")
+        return Admission("refuse", self.failure or "no end-to-end pairing yet")
+
+    def open_stream(self, stream_id: int, inner: bytes) -> tuple[bytes, StreamCipher]:
+        """Seal a new stream's OPEN details under the current pairing (see
+        :meth:`Pairing.open_stream`); only in state PAIRED."""
+        if self.pairing is None:
+            raise RuntimeError("no end-to-end pairing")
+        return self.pairing.open_stream(stream_id, inner)
+
+
+class HandshakeRefusedError(E2EError):
+    """The Proxy-Client does not answer this handshake now (budget or pairing bound):
+    OPEN_RESULT ``LIMIT``."""
+
+    reason = "limit"
+
+
+class _ClientHandshake:
+    __slots__ = ("deadline", "pairing_id", "responder")
+
+    def __init__(self, responder: PakeResponder, pairing_id: bytes, deadline: float) -> None:
+        self.responder = responder
+        self.pairing_id = pairing_id
+        self.deadline: float | None = deadline  # None once confirmed
+
+
+class ClientPairings:
+    """The end-to-end state of one Proxy-Client link: one pairing per ``pake`` stream (one
+    per Proxy-Server link), found by pairing id for sealed OPENs.  Pure: given ``now``.
+
+    An answered handshake takes a token of ``budget``; it is refunded at the confirmation
+    (Ta) or at the first sealed OPEN that authenticates.  At most ``max_pairings`` at once
+    (the links of a session, 64): more is refused ``LIMIT``.
+    """
+
+    def __init__(self, password: str, session_id: int, budget: HandshakeBudget | None = None,
+                 max_pairings: int = 64,
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self._password = password
+        self._session_id = session_id
+        self._random = random_bytes
+        self.budget = budget if budget is not None else HandshakeBudget()
+        self.max_pairings = max_pairings
+        self._by_stream: dict[int, _ClientHandshake] = {}
+        self._by_id: dict[bytes, tuple[int, _ClientHandshake]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_stream)
+
+    def handshake_requested(self, stream_id: int, payload: bytes, now: float) -> bytes:
+        """A ``pake`` OPEN (its whole payload): the answer to send as the stream's first
+        DATA after OPEN_RESULT ok.  Raises HandshakeRefusedError (LIMIT), IntegrityError or
+        UnsupportedSuiteError (refuse the OPEN with that reason)."""
+        message = parse_pake_open(payload)
+        if len(self._by_stream) >= self.max_pairings:
+            raise HandshakeRefusedError(f"{len(self._by_stream)} end-to-end pairings already")
+        if not self.budget.take(now):
+            raise HandshakeRefusedError("too many unconfirmed end-to-end handshakes; "
+                                        "try again later")
+        responder = PakeResponder(self._password, self._session_id, self._random)
+        answer = responder.receive_open(message)
+        assert responder.pairing is not None
+        handshake = _ClientHandshake(responder, responder.pairing.pairing_id,
+                                     now + PAKE_DEADLINE)
+        self._by_stream[stream_id] = handshake
+        self._by_id[handshake.pairing_id] = (stream_id, handshake)
+        return answer
+
+    def _confirm(self, handshake: _ClientHandshake, now: float) -> None:
+        if handshake.deadline is not None:
+            handshake.deadline = None
+            self.budget.refund(now)
+
+    def handshake_data(self, stream_id: int, data: bytes, now: float) -> None:
+        """Bytes of a ``pake`` stream (the confirmation).  Raises PasswordMismatchError
+        (reset the stream ``E2E_MISMATCH``) or IntegrityError; the pairing is then gone."""
+        handshake = self._by_stream.get(stream_id)
+        if handshake is None:
+            return
+        try:
+            handshake.responder.receive_data(data)
+        except E2EError:
+            self.handshake_ended(stream_id)
+            raise
+        if handshake.responder.confirmed:
+            self._confirm(handshake, now)
+
+    def handshake_ended(self, stream_id: int) -> None:
+        """The ``pake`` stream ended (RESET, FIN, link lost): forget the pairing."""
+        handshake = self._by_stream.pop(stream_id, None)
+        if handshake is not None:
+            self._by_id.pop(handshake.pairing_id, None)
+
+    def expire(self, now: float) -> list[int]:
+        """The ``pake`` streams whose confirmation is overdue (forgotten here; the caller
+        resets them with TIMEOUT)."""
+        overdue = [sid for sid, h in self._by_stream.items()
+                   if h.deadline is not None and now >= h.deadline]
+        for stream_id in overdue:
+            self.handshake_ended(stream_id)
+        return overdue
+
+    def next_timer(self) -> float | None:
+        """The earliest confirmation deadline, or None."""
+        deadlines = [h.deadline for h in self._by_stream.values() if h.deadline is not None]
+        return min(deadlines) if deadlines else None
+
+    def accept(self, payload: bytes, now: float) -> tuple[bytes, StreamCipher]:
+        """A ``sealed`` OPEN (its whole payload): the authenticated OPEN details (for
+        :func:`clear_open_payload`) and the stream's cipher.  Raises IntegrityError (refuse
+        the OPEN ``INTEGRITY``)."""
+        value = parse_sealed_open(payload)
+        pairing_id, _ = parse_sealed_value(value)
+        found = self._by_id.get(pairing_id)
+        if found is None or found[1].responder.pairing is None:
+            raise IntegrityError("no end-to-end keys for this pairing (it ended, or the "
+                                 "Proxy-Client was replaced)")
+        handshake = found[1]
+        assert handshake.responder.pairing is not None
+        details, cipher = handshake.responder.pairing.accept_stream(value)
+        self._confirm(handshake, now)  # it authenticated: the Proxy-Server has the keys
+        return details, cipher
 
 
 def make_password(random_bytes: Callable[[int], bytes] = os.urandom) -> str:

@@ -714,3 +714,223 @@ class MakePasswordTests(SynchronousTestCase):
         self.assertTrue(all(c.isalnum() or c in "-_" for c in password))
         self.assertNotEqual(password, e2e.make_password())
         self.assertEqual(e2e.make_password(lambda n: bytes(n)), "A" * 32)
+
+
+def handshake(server: e2e.ServerPairing, client: e2e.ClientPairings, stream_id: int,
+              now: float) -> None:
+    """One handshake between a Proxy-Server link's state and a Proxy-Client's, relayed as the
+    Gateway would (origin set, answer and confirmation cut in two)."""
+    message = server.start(now)
+    assert message is not None
+    server.opened(stream_id)
+    payload = fr.with_origin(e2e.pake_open_payload(65536, message), 1)
+    answer = client.handshake_requested(stream_id, payload, now)
+    confirmation = server.receive(answer[:50], now) + server.receive(answer[50:], now)
+    client.handshake_data(stream_id, confirmation[:1], now)
+    client.handshake_data(stream_id, confirmation[1:], now)
+
+
+def sealed_payload(server: e2e.ServerPairing, stream_id: int) -> tuple[bytes, e2e.StreamCipher]:
+    """A sealed OPEN payload to HOST:PORT under the server's pairing."""
+    value, cipher = server.open_stream(stream_id, e2e.inner_open(
+        fr.KIND_TCP, fr.target_fields(HOST, PORT)))
+    return fr.with_origin(e2e.sealed_open_payload(65536, value), 1), cipher
+
+
+class ServerPairingTests(SynchronousTestCase):
+    """A Proxy-Server link's pairing policy (docs/protocol.md §9.8)."""
+
+    def test_pairs_and_opens(self) -> None:
+        """With a partner it starts a handshake, pairs, and new connections open sealed; the
+        Proxy-Client's budget is whole again."""
+        server = e2e.ServerPairing("pw", SESSION)
+        client = e2e.ClientPairings("pw", SESSION)
+        self.assertIsNone(server.start(0.0))  # no partner yet
+        self.assertEqual(server.admission().action, "refuse")
+        server.set_partner(True, 0.0)
+        handshake(server, client, 1, 0.0)
+        self.assertIs(server.state, e2e.ServerState.PAIRED)
+        self.assertIs(server.admission(), e2e.ADMIT_OPEN)
+        self.assertIsNone(server.next_timer(0.0))
+        payload, server_cipher = sealed_payload(server, 3)
+        details, client_cipher = client.accept(payload, 0.0)
+        self.assertEqual(fr.parse_open(e2e.clear_open_payload(payload, details)).host, HOST)
+        self.assertEqual(client_cipher.decoder.feed(server_cipher.sealer.seal_data(b"x"))[0]
+                         .data, b"x")
+        self.assertEqual(client.budget.tokens(0.0), client.budget.burst)
+        self.assertEqual(server.budget.tokens(0.0), server.budget.burst)
+
+    def test_waits_during_handshake_then_times_out(self) -> None:
+        """While a handshake runs, new connections wait; at its deadline it is given up and
+        connections are refused with that reason."""
+        server = e2e.ServerPairing("pw", SESSION)
+        server.set_partner(True, 0.0)
+        self.assertIsNotNone(server.start(0.0))
+        self.assertIs(server.admission(), e2e.ADMIT_WAIT)
+        self.assertIsNone(server.start(1.0))  # one at a time
+        self.assertEqual(server.next_timer(1.0), e2e.PAKE_DEADLINE)
+        self.assertFalse(server.expire(9.9))
+        self.assertTrue(server.expire(10.0))
+        admission = server.admission()
+        self.assertEqual(admission.action, "refuse")
+        self.assertIn("did not finish within 10 s", admission.message)
+
+    def test_mismatch_refuses_with_reason(self) -> None:
+        """A mismatch leaves the reply to send and refuses connections with the mismatch."""
+        server = e2e.ServerPairing("one", SESSION)
+        client = e2e.ClientPairings("two", SESSION)
+        server.set_partner(True, 0.0)
+        message = server.start(0.0)
+        assert message is not None
+        answer = client.handshake_requested(1, e2e.pake_open_payload(65536, message), 0.0)
+        with self.assertRaises(PasswordMismatchError) as caught:
+            server.receive(answer, 0.0)
+        with self.assertRaises(PasswordMismatchError):
+            client.handshake_data(1, caught.exception.reply, 0.0)
+        self.assertEqual(server.admission(), e2e.Admission("refuse", e2e.MESSAGE_MISMATCH))
+        self.assertEqual(len(client), 0)
+
+    def test_guesses_bounded_however_the_gateway_plays(self) -> None:
+        """A Gateway that alternates good pairings (which it then resets) with handshakes of
+        its own, and toggles PARTNER, still gets at most burst + rate * time failures."""
+        server = e2e.ServerPairing("pw", SESSION)
+        real = e2e.ClientPairings("pw", SESSION)
+        fake = e2e.ClientPairings("guess", SESSION, budget=HandshakeBudget(10**6, 0))
+        server.set_partner(True, 0.0)
+        failures = 0
+        stream_id = 1
+        for step in range(3600 * 4):  # an hour in 0.25 s steps
+            now = step * 0.25
+            server.set_partner(step % 3 != 0, now)
+            server.set_partner(True, now)
+            message = server.start(now)
+            if message is None:
+                continue
+            server.opened(stream_id)
+            if stream_id % 2:
+                answer = real.handshake_requested(stream_id, e2e.pake_open_payload(
+                    65536, message), now)
+                real.handshake_data(stream_id, server.receive(answer, now), now)
+                server.ended("reset by the Gateway", now)
+            else:
+                answer = fake.handshake_requested(stream_id, e2e.pake_open_payload(
+                    65536, message), now)
+                with self.assertRaises(PasswordMismatchError):
+                    server.receive(answer, now)
+                failures += 1
+            stream_id += 1
+        self.assertLessEqual(failures, 5 + 60 + 1)
+        self.assertGreater(failures, 50)  # the bound is reached: the test can fail
+
+    def test_partner_without_password(self) -> None:
+        """A refusal by a partner without a password waits 60 s or a PARTNER change, and
+        says so to local connections (UNSUPPORTED adds the old-release hint)."""
+        server = e2e.ServerPairing("pw", SESSION)
+        server.set_partner(True, 0.0)
+        server.start(0.0)
+        server.refused(False, 0.0)
+        self.assertEqual(server.admission().message, e2e.MESSAGE_NO_PASSWORD)
+        self.assertIsNone(server.start(30.0))
+        self.assertEqual(server.next_timer(30.0), 60.0)
+        server.set_partner(False, 31.0)
+        server.set_partner(True, 31.0)
+        self.assertIsNotNone(server.start(31.0))
+        server.refused(True, 31.0)
+        self.assertIn("release without end-to-end", server.admission().message)
+        self.assertIsNotNone(server.start(91.0))
+
+    def test_bytes_after_pairing_end_it(self) -> None:
+        """Any byte on the pake stream after the confirmation is an integrity failure that
+        ends the pairing; so does the stream's end."""
+        server = e2e.ServerPairing("pw", SESSION)
+        server.set_partner(True, 0.0)
+        handshake(server, e2e.ClientPairings("pw", SESSION), 1, 0.0)
+        with self.assertRaises(IntegrityError):
+            server.receive(b"x", 0.0)
+        self.assertIs(server.state, e2e.ServerState.IDLE)
+        with self.assertRaises(RuntimeError):
+            server.open_stream(5, b"\x00")
+        server.set_partner(True, 0.0)
+        handshake(server, e2e.ClientPairings("pw", SESSION), 3, 0.0)
+        server.ended("link lost", 1.0)
+        self.assertIn("pairing ended (link lost)", server.admission().message)
+
+
+class ClientPairingsTests(SynchronousTestCase):
+    """A Proxy-Client link's pairings."""
+
+    def test_budget_bounds_unconfirmed_answers(self) -> None:
+        """Answers to handshakes that are never confirmed take tokens; past the budget the
+        OPEN is refused LIMIT; a confirmed handshake refunds its own token."""
+        client = e2e.ClientPairings("pw", SESSION, budget=HandshakeBudget(2, 0.0))
+        for stream_id in (1, 2):
+            client.handshake_requested(stream_id, e2e.pake_open_payload(
+                65536, PakeInitiator("guess", SESSION).message), 0.0)
+        with self.assertRaises(e2e.HandshakeRefusedError) as caught:
+            client.handshake_requested(3, e2e.pake_open_payload(
+                65536, PakeInitiator("pw", SESSION).message), 0.0)
+        self.assertEqual(caught.exception.reason, "limit")
+        client.handshake_ended(1)
+        client.handshake_ended(2)
+        self.assertEqual(client.budget.tokens(0.0), 0.0)  # failures are not refunded
+
+    def test_sealed_open_confirms_implicitly(self) -> None:
+        """A sealed OPEN that authenticates before Ta arrives is accepted and refunds."""
+        server = e2e.ServerPairing("pw", SESSION)
+        client = e2e.ClientPairings("pw", SESSION, budget=HandshakeBudget(1, 0.0))
+        server.set_partner(True, 0.0)
+        message = server.start(0.0)
+        assert message is not None
+        answer = client.handshake_requested(1, e2e.pake_open_payload(65536, message), 0.0)
+        confirmation = server.receive(answer, 0.0)
+        payload, _ = sealed_payload(server, 3)
+        client.accept(payload, 0.0)
+        self.assertEqual(client.budget.tokens(0.0), 1.0)
+        client.handshake_data(1, confirmation, 0.0)  # Ta still checked when it comes
+        self.assertEqual(client.budget.tokens(0.0), 1.0)  # refunded once
+        self.assertEqual(client.expire(100.0), [])
+
+    def test_unknown_or_ended_pairing(self) -> None:
+        """A sealed OPEN for a pairing that ended (or never was) is an integrity refusal."""
+        server = e2e.ServerPairing("pw", SESSION)
+        client = e2e.ClientPairings("pw", SESSION)
+        server.set_partner(True, 0.0)
+        handshake(server, client, 1, 0.0)
+        payload, _ = sealed_payload(server, 3)
+        client.handshake_ended(1)
+        with self.assertRaises(IntegrityError):
+            client.accept(payload, 0.0)
+        with self.assertRaises(IntegrityError):
+            e2e.ClientPairings("pw", SESSION).accept(payload, 0.0)
+
+    def test_overdue_confirmation(self) -> None:
+        """A handshake whose Ta does not come within 10 s is dropped (reset TIMEOUT)."""
+        client = e2e.ClientPairings("pw", SESSION)
+        client.handshake_requested(7, e2e.pake_open_payload(
+            65536, PakeInitiator("pw", SESSION).message), 0.0)
+        self.assertEqual(client.next_timer(), e2e.PAKE_DEADLINE)
+        self.assertEqual(client.expire(9.0), [])
+        self.assertEqual(client.expire(10.0), [7])
+        self.assertEqual(len(client), 0)
+        self.assertIsNone(client.next_timer())
+
+    def test_pairing_bound(self) -> None:
+        """At most max_pairings handshakes at once; more is refused LIMIT."""
+        client = e2e.ClientPairings("pw", SESSION, max_pairings=2)
+        for stream_id in (1, 2):
+            client.handshake_requested(stream_id, e2e.pake_open_payload(
+                65536, PakeInitiator("pw", SESSION).message), 0.0)
+        with self.assertRaises(e2e.HandshakeRefusedError):
+            client.handshake_requested(3, e2e.pake_open_payload(
+                65536, PakeInitiator("pw", SESSION).message), 0.0)
+
+    def test_malformed_pake_open(self) -> None:
+        """A pake OPEN with extra fields, or a sealed one, is an integrity refusal and costs
+        no token."""
+        client = e2e.ClientPairings("pw", SESSION)
+        message = PakeInitiator("pw", SESSION).message
+        for payload in (e2e.pake_open_payload(65536, message) + b"\x01\x00\x00",
+                        e2e.sealed_open_payload(65536, bytes(40))):
+            with self.assertRaises(IntegrityError):
+                client.handshake_requested(1, payload, 0.0)
+        self.assertEqual(client.budget.tokens(0.0), client.budget.burst)
