@@ -13,15 +13,16 @@ A rule is one ``<Endpoint host=... port=...>``.  Its ``host`` is one of
 and its ``port`` is a list of ports and ranges, ``22,80,8000-8100``.
 
 Hosts, of rules and of requests alike, are compared after one normalisation
-(:func:`parse_target`): lower case, IDNA (so ``Bücher.example`` and
-``xn--bcher-kva.example`` are one name), one trailing dot removed, brackets removed from
-IPv6 literals, IPv4-mapped IPv6 (``::ffff:10.0.0.1``) taken as its IPv4 address.  The host
-that a caller dials is :attr:`Target.host`, the normalised one that was checked: a request
-for ``127.0.0.1.`` is checked and dialled as the IP literal ``127.0.0.1`` (never a DNS query
-for a name that only looks like the entry), and ``localhost.`` is dialled as ``localhost``
-(so ``/etc/hosts`` applies).  Names the resolver would read as numbers in a legacy form
-(``127.1``, ``0x7f000001``, ``010.0.0.1``, any name whose last label is all digits) are
-refused: their meaning would depend on the resolver, not on this list.
+(:func:`parse_target`): lower case, IDNA 2008 with UTS 46 for non-ASCII names (so
+``Bücher.example`` and ``xn--bcher-kva.example`` are one name), one trailing dot removed,
+brackets removed from IPv6 literals, IPv4-mapped IPv6 (``::ffff:10.0.0.1``) taken as its
+IPv4 address.  The host that a caller dials is :attr:`Target.host`, the normalised one that
+was checked: a request for ``127.0.0.1.`` is checked and dialled as the IP literal
+``127.0.0.1`` (never a DNS query for a name that only looks like the entry), and
+``localhost.`` is dialled as ``localhost`` (so ``/etc/hosts`` applies).  Names the
+resolver would read as numbers in a legacy form (``127.1``, ``0x7f000001``, ``010.0.0.1``,
+any name whose last label is all digits) are refused: their meaning would depend on the
+resolver, not on this list.
 
 Every :class:`Decision` says which rule allowed it, or which rule came closest and why the
 target was refused, for the log line.
@@ -35,6 +36,8 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, cast
+
+import idna
 
 from tcptunnel._frames import MAX_HOST_BYTES, Reason, printable
 
@@ -109,10 +112,16 @@ def normalise_name(text: str) -> str:
     if not text or not text.isprintable() or any(c in text for c in " /\\"):
         raise TargetError(f"invalid host {printable(text[:64])!r}")
     name = text[:-1] if text.endswith(".") else text
-    try:
-        ascii_name = name.lower().encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        raise TargetError(f"invalid host name {printable(text[:64])!r}") from None
+    if name.isascii():
+        ascii_name = name.lower()  # "xn--" labels are compared as they are sent
+    else:
+        # IDNA 2008 with the UTS 46 mapping, as browsers and curl (libidn2) convert names
+        # before they send them: "straße.de" is xn--strae-oqa.de, not Python's IDNA 2003
+        # "strasse.de", so a rule and the request a client sends for it agree.
+        try:
+            ascii_name = idna.encode(name, uts46=True).decode("ascii").lower()
+        except UnicodeError:  # idna.IDNAError is one
+            raise TargetError(f"invalid host name {printable(text[:64])!r}") from None
     if len(ascii_name) > MAX_HOST_BYTES or not _NAME.fullmatch(ascii_name):
         raise TargetError(f"invalid host name {printable(text[:64])!r}")
     return ascii_name

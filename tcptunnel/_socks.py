@@ -205,7 +205,7 @@ class SocksServer:
         """The reply to the CONNECT (also queued in data_to_send); the handshake is over:
         the stream is open on SUCCEEDED, else the client must be closed."""
         if self.state is not State.REQUESTED:
-            raise SocksError(f"no request to answer in state {self.state.value}")
+            raise RuntimeError(f"no request to answer in state {self.state.value}")
         data = build_reply(code, address, port)
         self._out += data
         self.state = State.OPEN if code is Reply.SUCCEEDED else State.CLOSED

@@ -79,6 +79,9 @@ class TargetTests(SynchronousTestCase):
         self.assertEqual(parse_target("WWW.Example.ORG").host, "www.example.org")
         self.assertEqual(parse_target("Bücher.Example.").host, "xn--bcher-kva.example")
         self.assertEqual(parse_target("xn--bcher-kva.example").host, "xn--bcher-kva.example")
+        # IDNA 2008, as clients send it (IDNA 2003 would make this strasse.de)
+        self.assertEqual(parse_target("straße.de").host, "xn--strae-oqa.de")
+        self.assertEqual(parse_rule("straße.de", "443").name, "xn--strae-oqa.de")
 
     def test_mapped_and_bracketed(self) -> None:
         """IPv4-mapped IPv6 is its IPv4 address; ``[::1]`` is ``::1``."""

@@ -109,7 +109,7 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(server.data_to_send(), b"\x05\x00" + sent)
         self.assertEqual(server.state, socks.State.OPEN)
         self.assertEqual(server.receive_data(b"\r\n\r\n"), [EarlyData(b"\r\n\r\n")])
-        self.assertRaises(SocksError, server.reply, Reply.SUCCEEDED)
+        self.assertRaises(RuntimeError, server.reply, Reply.SUCCEEDED)
 
     def test_failure_reply_closes(self) -> None:
         """A failure reply ends the handshake: must_close, and later bytes are not read."""
