@@ -817,6 +817,9 @@ class ServerPairing:
     guesses a day, however it alternates failed handshakes with good ones, toggles PARTNER or
     resets pairings.  After a refusal by a partner without a password it waits at least 60 s
     or until PARTNER changes.
+
+    Keep one per Proxy-Server instance, across its links (call :meth:`ended` when a link is
+    lost): a fresh object per link would give a Gateway that closes links a fresh budget.
     """
 
     UNAVAILABLE_RETRY = 60.0
@@ -958,6 +961,9 @@ class ClientPairings:
     An answered handshake takes a token of ``budget``; it is refunded at the confirmation
     (Ta) or at the first sealed OPEN that authenticates.  At most ``max_pairings`` at once
     (the links of a session, 64): more is refused ``LIMIT``.
+
+    One per Proxy-Client link (pairings die with it), but pass the same ``budget`` to each
+    one of a Proxy-Client instance, so that reconnects give a Gateway no fresh tokens.
     """
 
     def __init__(self, password: str, session_id: int, budget: HandshakeBudget | None = None,
