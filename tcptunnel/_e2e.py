@@ -84,10 +84,11 @@ __all__ = [
 
 # -- wire constants (docs/protocol.md §9) -------------------------------------------------
 
-#: Stream kinds of OPEN (§5.1 has 0 = tcp).  Both carry one critical field, so a Proxy-Client
-#: that predates them refuses them with UNSUPPORTED instead of misreading them.
-KIND_PAKE = 1
-KIND_SEALED = 2
+#: Stream kinds of OPEN (§5.1: 0 = tcp; 1 = udp, being added for issue 18).  Both carry
+#: one critical field, so a Proxy-Client that predates them refuses them with UNSUPPORTED
+#: instead of misreading them.
+KIND_PAKE = 2
+KIND_SEALED = 3
 FIELD_SEALED = 0x81  # pairing id (8) | stream number u32 | the OPEN record
 FIELD_PAKE = 0x82  # the initiator's CPace message
 
