@@ -320,6 +320,35 @@ class ProxyService(service.MultiService):
         self.config = new
         return True
 
+    # How a stream ended (the start of SpliceProtocol's description) -> the code counted for
+    # /metrics.  Codes and Reason names only: the description's message part can come from
+    # the peer and is unbounded, so it never becomes a label value.
+    _END_CODES = (
+        ("closed", "closed"),
+        ("reset by the far end", "reset_remote"),
+        ("reset by this end", "reset_local"),
+        ("reset here", "reset_local"),
+        ("failed to open", "open_failed"),
+        ("refused here", "refused"),
+    )
+
+    @classmethod
+    def end_labels(cls, how: str) -> tuple[str, str]:
+        """``(code, reason)`` for a stream end description: a code of ``_END_CODES`` (or
+        ``lost_before_open``, ``lost_after_end``, ``other``) and the Reason name given in
+        brackets (``""`` when none: a refusal here, a clean close)."""
+        code = next((code for prefix, code in cls._END_CODES if how.startswith(prefix)), "")
+        if not code:
+            if how.endswith("lost before its stream was opened"):
+                return "lost_before_open", ""
+            if " lost after the stream ended" in how:
+                return "lost_after_end", ""
+            return "other", ""
+        if code in ("closed", "refused"):
+            return code, ""
+        name = how.partition("(")[2].partition(":")[0].partition(")")[0]
+        return code, name if name in Reason.__members__ else "other"
+
     def stream_ended(self, connection: Any, how: str) -> None:
         """One structured log event per finished stream, and its counts for /metrics.
 
@@ -328,7 +357,7 @@ class ProxyService(service.MultiService):
         """
         stream = connection.stream
         sent, received = (stream.bytes_out, stream.bytes_in) if stream else (0, 0)
-        self.stats["streams_ended", how.split(" (")[0]] += 1
+        self.stats[("streams_ended", *self.end_labels(how))] += 1
         self.stats["bytes_sent",] += sent
         self.stats["bytes_received",] += received
         self.log.info(

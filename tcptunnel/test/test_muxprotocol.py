@@ -330,7 +330,7 @@ class LocalTeardownTests(TestCase):
         self.assertTrue(far.startswith(
             "reset by the far end (CONNECTION_RESET: the client connection was lost: "), far)
         self.assertNotIn("before the stream existed", here)
-        self.assertEqual(server.stats["streams_ended", "reset here"], 1)
+        self.assertEqual(server.stats["streams_ended", "reset_local", "CONNECTION_RESET"], 1)
 
     async def test_clean_close_mid_transfer_is_fin(self) -> None:
         """A client that closes cleanly after writing has its data delivered and a FIN sent:

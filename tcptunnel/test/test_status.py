@@ -6,18 +6,40 @@ import json
 import os
 import re
 import shutil
+import socket
+import struct
 import sys
+import time
+from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
 from twisted.application.service import MultiService
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
+from zope.interface import provider
 
-from tcptunnel.config import load_settings, parse_settings
-from tcptunnel.status import StatusService, host_allowed
+from tcptunnel import __version__
+from tcptunnel import _frames as fr
+from tcptunnel.config import GatewayConfig, load_settings, parse_settings
+from tcptunnel.gateway import GatewayService
+from tcptunnel.proxy import ProxyService
+from tcptunnel.proxyserver import ProxyServerService
+from tcptunnel.status import (
+    StatusService,
+    TunnelCollector,
+    host_allowed,
+    human_bytes,
+    human_duration,
+    render_page,
+    snapshot,
+)
 from tcptunnel.tap import TunnelService
 from tcptunnel.test._harness import (
     NS,
@@ -26,6 +48,7 @@ from tcptunnel.test._harness import (
     child_environment,
     connect,
     listen,
+    raw_peer,
     reserve_port,
     twistd_command,
     wait_until,
@@ -54,26 +77,36 @@ class StatusTests(TestCase):
 
     timeout = 60
 
-    async def start(self) -> tuple[TunnelService, int, int]:
+    async def start(self, proxy_client: bool = True,
+                    refused_target: int | None = None) -> tuple[TunnelService, int, int]:
+        """A process running a Gateway, a Proxy-Server with a Binding to an echo target (and
+        a second Binding to ``refused_target`` when given) and, unless ``proxy_client`` is
+        False, the session's Proxy-Client; logged in.  (service, status port, Binding port)"""
         echo = await listen(self, EchoProtocol)
         gateway, binding = reserve_port(self), reserve_port(self)
+        client = (f'<Instance type="proxy-client" host="127.0.0.1" port="{gateway}">'
+                  '<Session id="7" password="secret-pc"/></Instance>') if proxy_client else ""
+        refused = (f'<Binding listenIp="127.0.0.1" listenPort="0" targetHost="127.0.0.1" '
+                   f'targetPort="{refused_target}"/>') if refused_target is not None else ""
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             f.write(
                 f'<Settings {NS}><Status listenPort="0"/>'
                 f'<Instance type="gateway"><Listener ip="127.0.0.1" port="{gateway}"/>'
                 '<Session id="7" proxyClientPassword="secret-pc" proxyServerPassword="secret-ps"/>'
-                f'</Instance><Instance type="proxy-client" host="127.0.0.1" port="{gateway}">'
-                '<Session id="7" password="secret-pc"/></Instance>'
+                f'</Instance>{client}'
                 f'<Instance type="proxy-server" host="127.0.0.1" port="{gateway}">'
                 f'<Session id="7" password="secret-ps"><Binding listenIp="127.0.0.1" '
-                f'listenPort="{binding}" targetHost="127.0.0.1" targetPort="{echo}"/>'
+                f'listenPort="{binding}" targetHost="127.0.0.1" targetPort="{echo}"/>{refused}'
                 "</Session></Instance></Settings>")
         service = TunnelService(load_settings(path), reactor)
         service.startService()
         self.addCleanup(lambda: defer.maybeDeferred(service.stopService))
-        await wait_until(lambda: all(getattr(c, "partner_available", True) for c in service),
-                         15, "login")
+        proxies = [c for c in service if isinstance(c, ProxyService)]
+        if proxy_client:
+            await wait_until(lambda: all(c.partner_available for c in proxies), 15, "login")
+        else:
+            await wait_until(lambda: all(c.link is not None for c in proxies), 15, "login")
         status = service.getServiceNamed("status")
         return service, status.port.getHost().port, binding
 
@@ -139,6 +172,156 @@ class StatusTests(TestCase):
         self.assertTrue(client["connected"] and server["connected"])
         self.assertEqual(server["bindings"][0]["listen"], f"127.0.0.1:{binding}")
         self.assertEqual(server["bytes_sent"], 1000)
+        self.assertEqual((client["state"], server["state"]), ("ready", "ready"))
+        self.assertEqual((gateway["unauthenticated_slots"]["taken"], gateway["queued_bytes"]),
+                         (0, 0))
+
+    async def test_proxy_server_without_partner(self) -> None:
+        """A Proxy-Server logged in to a session without Proxy-Client is "no_partner" in
+        /status, amber "no Proxy-Client" on the page (not green) and 0 partners in /metrics;
+        with the partner it is "ready"."""
+        _service, port, _binding = await self.start(proxy_client=False)
+        status = json.loads((await get(f"http://127.0.0.1:{port}/status"))[1])
+        (server,) = [i for i in status["instances"] if i["role"] == "proxy-server"]
+        self.assertEqual((server["connected"], server["partners"], server["state"]),
+                         (True, 0, "no_partner"))
+        page = (await get(f"http://127.0.0.1:{port}/"))[1].decode()
+        self.assertIn('<span class="warn">connected, no Proxy-Client (local connections are '
+                      "refused)</span>", page)
+        self.assertNotIn('<span class="ok">connected</span>', page)
+        metrics = (await get(f"http://127.0.0.1:{port}/metrics"))[1].decode()
+        self.assertIn('tcptunnel_proxy_partners{instance="1",role="proxy-server"} 0.0', metrics)
+        _service, port, _binding = await self.start()
+        page = (await get(f"http://127.0.0.1:{port}/"))[1].decode()
+        self.assertEqual(page.count('<span class="ok">connected</span>'), 2)  # both proxies
+        self.assertNotIn('class="warn"', page)
+        metrics = (await get(f"http://127.0.0.1:{port}/metrics"))[1].decode()
+        self.assertEqual(metric(metrics, "tcptunnel_proxy_partners", role="proxy-server"), 1)
+
+    async def test_live_streams_count_their_bytes(self) -> None:
+        """The proxies' byte counts include a stream still open, in /status and /metrics,
+        and its bytes are not counted again once it ends."""
+        service, port, binding = await self.start()
+        live = await connect(binding)
+        live.transport.write(b"l" * 200_000)
+        await wait_until(lambda: len(live.received) == 200_000, 10, "the echo")
+        status = json.loads((await get(f"http://127.0.0.1:{port}/status"))[1])
+        _gateway, client, server = status["instances"]
+        self.assertEqual(server["streams"], 1)
+        self.assertEqual((server["bytes_sent"], server["bytes_received"]), (200_000, 200_000))
+        self.assertEqual((client["bytes_sent"], client["bytes_received"]), (200_000, 200_000))
+        during = (await get(f"http://127.0.0.1:{port}/metrics"))[1].decode()
+        self.assertEqual(metric(during, "tcptunnel_proxy_bytes_total", role="proxy-server",
+                                direction="received"), 200_000)
+        live.transport.loseWriteConnection()
+        self.assertEqual(await live.ended, "clean")
+        await wait_until(lambda: all(c.link is not None and not c.link.streams for c in service
+                                     if isinstance(c, ProxyService)),
+                         10, "both ends of the stream to finish")
+        after = (await get(f"http://127.0.0.1:{port}/metrics"))[1].decode()
+        for role in ("proxy-server", "proxy-client"):
+            for direction in ("sent", "received"):
+                self.assertEqual(metric(after, "tcptunnel_proxy_bytes_total", role=role,
+                                        direction=direction), 200_000, (role, direction))
+
+    async def test_stream_end_labels_are_codes(self) -> None:
+        """tcptunnel_streams_ended_total says how with a code and the Reason name apart: a
+        clean close, a client's RST (reset here, reset by the far end) and a refused target
+        (open failed at the Proxy-Client, reset by the far end at the Proxy-Server); no
+        label value is a sentence, and every real end has a code (never "other")."""
+        ends: list[str] = []
+
+        @provider(ILogObserver)
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("event") == "stream_ended":
+                ends.append(event["how"])
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        service, port, binding = await self.start(refused_target=reserve_port(self))
+        await self.transfer(binding, 1000)
+        app = await connect(binding)
+        app.transport.write(b"r" * 100_000)
+        await wait_until(lambda: len(app.received) > 0, 10, "the first echoed bytes")
+        app.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                             struct.pack("ii", 1, 0))
+        app.transport.abortConnection()  # a TCP RST
+        server = next(c for c in service if isinstance(c, ProxyServerService))
+        refused = await connect(int(server.ports[1].getHost().port))
+        self.assertEqual(await refused.ended, "reset")
+        await wait_until(lambda: len(ends) == 6, 10, "both ends of three streams")
+        text = (await get(f"http://127.0.0.1:{port}/metrics"))[1].decode()
+        samples = {tuple(re.findall(r'(\w+)="([^"]*)"', line)): float(line.rsplit(" ", 1)[1])
+                   for line in text.splitlines()
+                   if line.startswith("tcptunnel_streams_ended_total{")}
+        seen = {(dict(labels)["role"], dict(labels)["how"], dict(labels)["reason"]): count
+                for labels, count in samples.items()}
+        self.assertEqual(seen, {
+            ("proxy-server", "closed", ""): 1, ("proxy-client", "closed", ""): 1,
+            ("proxy-server", "reset_local", "CONNECTION_RESET"): 1,
+            ("proxy-client", "reset_remote", "CONNECTION_RESET"): 1,
+            ("proxy-client", "open_failed", "REFUSED"): 1,
+            ("proxy-server", "reset_remote", "REFUSED"): 1,
+        }, ends)
+        for labels in samples:
+            for name, value in labels:
+                self.assertRegex(value, r"^[A-Za-z0-9_.-]*$", f"{name}={value!r}")
+
+    async def test_process_info(self) -> None:
+        """/status and the page name the version, host name and start time of the process;
+        /metrics has tcptunnel_info and the standard process_* metrics."""
+        before = time.time()
+        _service, port, _binding = await self.start()
+        status = json.loads((await get(f"http://127.0.0.1:{port}/status"))[1])
+        process = status["process"]
+        self.assertEqual((process["version"], process["host"], process["pid"]),
+                         (__version__, socket.gethostname(), os.getpid()))
+        self.assertTrue(before - 1 <= process["started_unix"] <= time.time(), process)
+        self.assertRegex(process["started"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertGreaterEqual(process["uptime_s"], 0)
+        page = (await get(f"http://127.0.0.1:{port}/"))[1].decode()
+        self.assertIn(f"version {__version__} on {socket.gethostname()}", page)
+        self.assertIn(process["started"].replace("T", " ").replace("Z", " UTC"), page)
+        metrics = (await get(f"http://127.0.0.1:{port}/metrics"))[1].decode()
+        self.assertEqual(metric(metrics, "tcptunnel_info", version=__version__), 1)
+        self.assertGreater(metric(metrics, "process_resident_memory_bytes"), 1e6)
+        self.assertGreater(metric(metrics, "process_open_fds"), 0)
+        # This process (trial) started before the test, and not a day before.
+        self.assertTrue(before - 86400 < metric(metrics, "process_start_time_seconds") <= before)
+
+    async def test_page_shows_human_units(self) -> None:
+        """The page shows sizes in KiB/MiB and durations in s/min; /status keeps the raw
+        numbers."""
+        _service, port, binding = await self.start()
+        await self.transfer(binding, 300_000)
+        page = (await get(f"http://127.0.0.1:{port}/"))[1].decode()
+        self.assertIn("293 KiB / 293 KiB", page)  # the session, to client / to server
+        self.assertIn("293 KiB sent, 293 KiB received", page)  # each proxy
+        self.assertRegex(page, r"up \d+\.\d s")
+        self.assertNotIn("300,000", page)
+        self.assertNotIn("300000", page)
+        status = json.loads((await get(f"http://127.0.0.1:{port}/status"))[1])
+        self.assertEqual(status["instances"][2]["bytes_sent"], 300_000)
+
+    async def test_unauthenticated_link_takes_a_slot(self) -> None:
+        """A connection that has not logged in shows as a taken unauthenticated slot in
+        /status and /metrics, and the slot is free again once it is gone."""
+        service, port, _binding = await self.start()
+        gateway = next(c for c in service if isinstance(c, GatewayService))
+        peer = await raw_peer(gateway.ports[0].getHost().port)
+        await wait_until(lambda: len(gateway.gateway.slots) == 1, 10, "the slot")
+        status = json.loads((await get(f"http://127.0.0.1:{port}/status"))[1])
+        self.assertEqual(status["instances"][0]["unauthenticated_slots"],
+                         {"taken": 1, "held": 0, "limit": 256, "limit_per_address": 32})
+        self.assertEqual(status["instances"][0]["unauthenticated_links"], 1)
+        metrics = (await get(f"http://127.0.0.1:{port}/metrics"))[1].decode()
+        self.assertEqual(metric(metrics, "tcptunnel_unauthenticated_slots", state="open"), 1)
+        self.assertEqual(metric(metrics, "tcptunnel_unauthenticated_slots_limit"), 256)
+        peer.transport.loseConnection()
+        await peer.closed
+        await wait_until(lambda: len(gateway.gateway.slots) == 0, 10, "the slot to be freed")
+        metrics = (await get(f"http://127.0.0.1:{port}/metrics"))[1].decode()
+        self.assertEqual(metric(metrics, "tcptunnel_unauthenticated_slots", state="open"), 0)
 
     async def test_page_in_chromium(self) -> None:
         """The status page renders in headless Chromium and shows the connected session."""
@@ -162,12 +345,162 @@ class StatusTests(TestCase):
         self.assertIn("Proxy-Client connected", dom)
         self.assertRegex(dom, r"<td>7</td>")
         self.assertIn("proxy-server 127.0.0.1:", dom)
+        self.assertIn(f"version {__version__} on ", dom)
         _out, err, code = await getProcessOutputAndValue(
             browser, [*flags, f"--screenshot={screenshot}", "--window-size=1100,700",
                       f"http://127.0.0.1:{port}/"], env=dict(os.environ))
         self.assertEqual(code, 0, err.decode()[-2000:])
         with open(screenshot, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+
+def gateway_process(clock: Clock) -> tuple[MultiService, GatewayService]:
+    """A process with one Gateway (session 7) that is built but not listening."""
+    settings = parse_settings(
+        f'<Settings {NS}><Instance type="gateway"><Listener ip="127.0.0.1" port="0"/>'
+        '<Session id="7" proxyClientPassword="pc" proxyServerPassword="ps"/></Instance>'
+        "</Settings>".encode())
+    config = settings.instances[0]
+    assert isinstance(config, GatewayConfig)
+    tunnel = MultiService()
+    gateway = GatewayService(config, clock)
+    gateway.setServiceParent(tunnel)
+    return tunnel, gateway
+
+
+def scrape(tunnel: MultiService) -> str:
+    """What /metrics would answer for ``tunnel``."""
+    registry = CollectorRegistry()
+    registry.register(TunnelCollector(tunnel))
+    return generate_latest(registry).decode()
+
+
+class GatewayCountersTests(SynchronousTestCase):
+    """The Gateway's login throttle, unauthenticated slots and queued bytes in /status and
+    /metrics, driven through the Gateway's own objects on a Clock."""
+
+    def test_throttle_tables(self) -> None:
+        """Each login attempt's buckets show in both; buckets that refilled are forgotten
+        before they are counted."""
+        clock = Clock()
+        clock.advance(1000)
+        tunnel, service = gateway_process(clock)
+        throttle = service.gateway.throttle
+        throttle.attempt("198.51.100.7", 7, clock.seconds())
+        throttle.attempt("2001:db8:1:2::5", 7, clock.seconds())
+        (instance,) = snapshot(tunnel, clock.seconds())["instances"]
+        self.assertEqual(instance["login_throttle"]["buckets"],
+                         {"address_sessions": 2, "addresses": 2, "sessions": 1})
+        text = scrape(tunnel)
+        self.assertEqual(metric(text, "tcptunnel_login_throttle_buckets", table="addresses"), 2)
+        self.assertEqual(metric(text, "tcptunnel_login_throttle_buckets", table="sessions"), 1)
+        clock.advance(3600)  # every bucket is full again
+        (instance,) = snapshot(tunnel, clock.seconds())["instances"]
+        self.assertEqual(instance["login_throttle"]["buckets"],
+                         {"address_sessions": 0, "addresses": 0, "sessions": 0})
+        self.assertEqual(metric(scrape(tunnel), "tcptunnel_login_throttle_buckets"), 0)
+
+    def test_slots_open_and_held(self) -> None:
+        """Slots of links logging in are "open", slots kept after a failed login "held",
+        until their time; the limit is shown."""
+        clock = Clock()
+        tunnel, service = gateway_process(clock)
+        slots = service.gateway.slots
+        self.assertIsNone(slots.acquire("198.51.100.7", clock.seconds()))
+        self.assertIsNone(slots.acquire("198.51.100.8", clock.seconds()))
+        slots.release("198.51.100.8", clock.seconds(), hold_until=clock.seconds() + 3)
+        (instance,) = snapshot(tunnel, clock.seconds())["instances"]
+        self.assertEqual(instance["unauthenticated_slots"],
+                         {"taken": 2, "held": 1, "limit": 256, "limit_per_address": 32})
+        text = scrape(tunnel)
+        self.assertEqual(metric(text, "tcptunnel_unauthenticated_slots", state="open"), 1)
+        self.assertEqual(metric(text, "tcptunnel_unauthenticated_slots", state="held"), 1)
+        clock.advance(3)
+        (instance,) = snapshot(tunnel, clock.seconds())["instances"]
+        self.assertEqual((instance["unauthenticated_slots"]["taken"],
+                          instance["unauthenticated_slots"]["held"]), (1, 0))
+        self.assertEqual(metric(scrape(tunnel), "tcptunnel_unauthenticated_slots",
+                                state="held"), 0)
+
+    def test_queued_bytes(self) -> None:
+        """What the relay queued toward a session's Proxy-Client is the Gateway's and the
+        session's queued bytes, and nothing once the link took it."""
+        clock = Clock()
+        tunnel, service = gateway_process(clock)
+        relay = service.gateway.relay
+        link = relay.new_link()
+        link.mark_ready()
+        relay.attach(link, 7, fr.ROLE_PROXY_CLIENT)
+        link.queue_control(fr.encode(fr.FrameType.PING, payload=b"12345678"))
+        queued = link.queued_bytes
+        self.assertGreaterEqual(queued, fr.HEADER_SIZE + 8)
+        (instance,) = snapshot(tunnel, clock.seconds())["instances"]
+        self.assertEqual((instance["queued_bytes"], instance["sessions"][0]["queued_bytes"]),
+                         (queued, queued))
+        text = scrape(tunnel)
+        self.assertEqual(metric(text, "tcptunnel_queued_bytes", role="gateway"), queued)
+        self.assertEqual(metric(text, "tcptunnel_session_queued_bytes", session="7"), queued)
+        while link.data_to_send():
+            pass
+        (instance,) = snapshot(tunnel, clock.seconds())["instances"]
+        self.assertEqual(instance["queued_bytes"], 0)
+        self.assertEqual(metric(scrape(tunnel), "tcptunnel_queued_bytes", role="gateway"), 0)
+
+    def test_page_shows_them(self) -> None:
+        """The page names the slots taken and held, the throttle's tables and the queue."""
+        clock = Clock()
+        tunnel, service = gateway_process(clock)
+        service.gateway.slots.acquire("198.51.100.7", 0)
+        service.gateway.throttle.attempt("198.51.100.7", 7, 0)
+        page = render_page(snapshot(tunnel, clock.seconds()))
+        self.assertIn("unauthenticated slots 1 of 256 taken (0 held", page)
+        self.assertIn("login throttle remembers 1 address/session, 1 address and 1 session "
+                      "bucket(s); 0 B queued", page)
+
+
+class HumanUnitsTests(SynchronousTestCase):
+    """The page's units."""
+
+    def test_bytes(self) -> None:
+        """Bytes below 1 KiB are counted; above, binary units with about three digits, and
+        a value that rounds up to 1024 of a unit moves to the next unit."""
+        cases = {0: "0 B", 1023: "1023 B", 1024: "1.00 KiB", 1536: "1.50 KiB",
+                 10 * 1024 - 1: "10.0 KiB", 300_000: "293 KiB", 1024**2 - 1: "1.00 MiB",
+                 5 * 1024**3 + 1024**3 // 4: "5.25 GiB", 3 * 1024**4: "3.00 TiB"}
+        for count, text in cases.items():
+            self.assertEqual(human_bytes(count), text, count)
+
+    def test_durations(self) -> None:
+        """Seconds below a minute with one decimal, then the two largest units."""
+        cases = {0: "0.0 s", 4.24: "4.2 s", 59.96: "1 min 0 s", 200: "3 min 20 s",
+                 3600: "1 h 0 min", 18060: "5 h 1 min",
+                 12 * 86400 + 3 * 3600 + 5: "12 d 3 h"}
+        for seconds, text in cases.items():
+            self.assertEqual(human_duration(seconds), text, seconds)
+
+
+class EndLabelsTests(SynchronousTestCase):
+    """ProxyService.end_labels: the label values of tcptunnel_streams_ended_total."""
+
+    CODES = {"closed", "reset_remote", "reset_local", "open_failed", "refused",
+             "lost_before_open", "lost_after_end", "other"}
+
+    @given(st.text(max_size=80), st.sampled_from(
+        ["", "closed ", "reset by the far end (", "reset by this end (", "reset here (",
+         "failed to open (", "refused here ("]))
+    def test_bounded(self, text: str, prefix: str) -> None:
+        """Whatever the description (a peer chooses its message part), the code is one of
+        a fixed set and the reason a Reason name, "" or "other"."""
+        code, reason = ProxyService.end_labels(prefix + text)
+        self.assertIn(code, self.CODES)
+        self.assertIn(reason, {*fr.Reason.__members__, "", "other"})
+
+    def test_peer_text_is_not_a_label(self) -> None:
+        """A reason name the peer made up is "other", not its text."""
+        self.assertEqual(ProxyService.end_labels("reset by the far end (EVIL)"),
+                         ("reset_remote", "other"))
+        self.assertEqual(ProxyService.end_labels("reset by the far end (LINK_LOST: x (y))"),
+                         ("reset_remote", "LINK_LOST"))
 
 
 class HostHeaderTests(TestCase):
@@ -215,7 +548,7 @@ class HostHeaderTests(TestCase):
                      "localhost", f"LocalHost:{port}", "localhost.", "status.example.org",
                      f"STATUS.example.org.:{port}", "other"):
             code, body = await self.request(port, "/status", host)
-            self.assertEqual((code, json.loads(body)), (200, {"instances": []}), host)
+            self.assertEqual((code, json.loads(body)["instances"]), (200, []), host)
             code, body = await self.request(port, "/", host)
             self.assertEqual(code, 200, host)
             self.assertIn(b"<h1>tcptunnel</h1>", body)
