@@ -432,7 +432,10 @@ def parse_auth_result(payload: bytes) -> tuple[bool, str]:
 # Stream kinds (OPEN).  The Gateway forwards the kind and the fields untouched; only the
 # acceptor (the Proxy-Client) interprets them, so a new kind needs no change at the Gateway.
 KIND_TCP = 0
-KIND_NAMES = {KIND_TCP: "tcp"}
+# A stream of datagrams (docs/protocol.md §5.2): one DATA frame is one datagram, an empty
+# DATA frame an empty datagram; HOST and PORT as for ``tcp``.
+KIND_UDP = 1
+KIND_NAMES = {KIND_TCP: "tcp", KIND_UDP: "udp"}
 
 # OPEN fields: (tag u8, length u16, value).  Tags below 0x80 may be ignored by a receiver
 # that does not know them; a tag from 0x80 up is critical: the stream is refused
@@ -480,12 +483,12 @@ def open_payload(window: int, origin: int, kind: int,
 
 
 def target_fields(host: str, port: int) -> list[tuple[int, bytes]]:
-    """The HOST and PORT fields of a ``tcp`` stream's OPEN."""
+    """The HOST and PORT fields of a ``tcp`` or ``udp`` stream's OPEN."""
     return [(FIELD_HOST, host.encode("utf-8")), (FIELD_PORT, _U16.pack(port))]
 
 
 def build_open(stream_id: int, request: OpenRequest) -> bytes:
-    """An OPEN frame (a ``tcp`` kind carries the target as the HOST and PORT fields)."""
+    """An OPEN frame (``tcp`` and ``udp`` carry the target as the HOST and PORT fields)."""
     validate_target(request.host, request.port)
     return encode(FrameType.OPEN, stream_id, open_payload(
         request.window, request.origin, request.kind,
@@ -511,7 +514,7 @@ def with_origin(payload: bytes, origin: int) -> bytes:
 def parse_open(payload: bytes) -> OpenRequest:
     """Decode and validate an OPEN payload at the acceptor (raises StreamError)."""
     window, origin, kind = parse_open_header(payload)
-    if kind != KIND_TCP:
+    if kind not in KIND_NAMES:
         raise StreamError(Reason.UNSUPPORTED, f"stream kind {kind} is not supported here")
     host: str | None = None
     port: int | None = None

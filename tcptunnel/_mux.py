@@ -35,6 +35,25 @@ LINK_RECEIVE_BUDGET = 32 * 1024 * 1024
 MIN_WINDOW = fr.EARLY_WINDOW  # a stream's window always covers its early data
 DEFAULT_MAX_STREAMS = 1024
 
+# Datagram (``udp``) streams, docs/protocol.md §5.2.  A datagram is sent whole or dropped:
+# dropped when the stream's credit does not cover it, when its flow already has
+# MAX_FLOW_DATAGRAMS (or MAX_FLOW_QUEUED bytes) waiting for the link, or when the link's
+# datagram queue holds MAX_LINK_DATAGRAM_BYTES.  The queues only smooth over a link that is
+# briefly busy: at 100 Mbit/s, 256 KiB is 20 ms of traffic, and UDP's users (DNS, games,
+# VoIP, WireGuard) prefer a loss to a late datagram.
+MAX_FLOW_DATAGRAMS = 64
+MAX_FLOW_QUEUED = 256 * 1024
+MAX_LINK_DATAGRAM_BYTES = 1024 * 1024
+# A datagram stream's window grows to at most this (a byte stream's to max_window): what the
+# Gateway may queue for one flow stays a few milliseconds of traffic, not 16 MiB.
+MAX_DATAGRAM_WINDOW = 1024 * 1024
+#: Why :meth:`MuxConnection.send_datagram` dropped a datagram (the keys of the drop counts).
+DROP_NO_CREDIT = "no_credit"
+DROP_FLOW_QUEUE = "flow_queue"
+DROP_LINK_QUEUE = "link_queue"
+DROP_TOO_LARGE = "too_large"
+DROP_NOT_OPEN = "not_open"  # not open yet (acceptor), or ended
+
 
 class StreamIdsExhaustedError(StreamError):
     """Every stream id of this link was used: the link must be replaced."""
@@ -120,6 +139,7 @@ class StreamRecord:
 
     __slots__ = (
         "blocked_seen",
+        "datagram",
         "id",
         "last_update",
         "paused_at",
@@ -131,6 +151,7 @@ class StreamRecord:
         "send_buffer",
         "send_buffered",
         "send_offset",
+        "starved",
         "state",
     )
 
@@ -149,6 +170,10 @@ class StreamRecord:
         self.last_update = 0.0  # time of the last credit update (or the open)
         self.paused_at: float | None = None  # since when the local socket is paused
         self.paused_total = 0.0  # paused time since the last credit update
+        # A ``udp`` stream: send_buffer holds whole datagrams (their credit already taken),
+        # each leaves as one DATA frame; an empty DATA frame received is an empty datagram.
+        self.datagram = False
+        self.starved = False  # a datagram was dropped for want of credit: flag the next
 
     def move(self, event: StreamEvent) -> StreamState:
         """Apply ``event`` per the table (raises StreamError PROTOCOL_ERROR)."""
@@ -210,6 +235,8 @@ class MuxConnection(LinkCore):
         # for the adapter to collect.
         self.closed_by_send: list[int] = []
         self.blocked_sent = 0  # DATA frames that spent the window with more waiting
+        self.datagram_queued = 0  # bytes of datagrams waiting for the link, all streams
+        self.max_link_datagram_bytes = MAX_LINK_DATAGRAM_BYTES
 
     # -- helpers ----------------------------------------------------------
 
@@ -229,6 +256,8 @@ class MuxConnection(LinkCore):
             self.granted_total -= stream.recv_window
         self._ready.pop(stream.id, None)
         self.drained.discard(stream.id)
+        if stream.datagram:
+            self.datagram_queued -= stream.send_buffered
         stream.send_buffer.clear()
         stream.send_buffered = 0
         stream.send_offset = 0
@@ -240,8 +269,9 @@ class MuxConnection(LinkCore):
 
     # -- commands from the adapter -----------------------------------------
 
-    def open_stream(self, host: str, port: int) -> int:
-        """Queue OPEN for a new stream; return its id.  Raises StreamError."""
+    def open_stream(self, host: str, port: int, kind: int = fr.KIND_TCP) -> int:
+        """Queue OPEN for a new stream of ``kind`` (``tcp`` or ``udp``); return its id.
+        Raises StreamError."""
         if not self.opener:
             raise RuntimeError("only the Proxy-Server end opens streams")
         if len(self.streams) >= self.max_streams:
@@ -252,9 +282,10 @@ class MuxConnection(LinkCore):
             raise StreamIdsExhaustedError(Reason.LIMIT, "stream ids of this link are used up")
         self._next_stream_id += 1
         stream = self._add_stream(stream_id, StreamEvent.SEND_OPEN)
+        stream.datagram = kind == fr.KIND_UDP
         stream.send.credit = fr.EARLY_WINDOW  # early data, before OPEN_RESULT
         self.queue_control(
-            fr.build_open(stream_id, OpenRequest(stream.recv_window, 0, host, port))
+            fr.build_open(stream_id, OpenRequest(stream.recv_window, 0, host, port, kind))
         )
         return stream_id
 
@@ -288,6 +319,34 @@ class MuxConnection(LinkCore):
         stream.send_buffered += len(data)
         if stream.send.credit > 0:
             self._mark_ready_stream(stream_id)
+
+    def send_datagram(self, stream_id: int, data: bytes) -> str | None:
+        """Queue one datagram of a ``udp`` stream to leave whole as one DATA frame; None
+        when queued, else why it was dropped (``DROP_*``).  Never blocks, never splits."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.send.fin or (stream.state, _SEND_DATA) not in TRANSITIONS:
+            return DROP_NOT_OPEN
+        if not stream.datagram:
+            raise RuntimeError("send_datagram on a byte stream")
+        size = len(data)
+        if size > fr.MAX_PAYLOAD:
+            return DROP_TOO_LARGE
+        send = stream.send
+        if size > send.credit:
+            stream.starved = True
+            return DROP_NO_CREDIT
+        if (len(stream.send_buffer) >= MAX_FLOW_DATAGRAMS
+                or stream.send_buffered + size > MAX_FLOW_QUEUED):
+            return DROP_FLOW_QUEUE
+        if self.datagram_queued + size > self.max_link_datagram_bytes:
+            return DROP_LINK_QUEUE
+        # The credit is taken now: what waits is covered by the window, as for byte streams.
+        send.credit -= size
+        stream.send_buffer.append(data)
+        stream.send_buffered += size
+        self.datagram_queued += size
+        self._mark_ready_stream(stream_id)
+        return None
 
     def send_buffered(self, stream_id: int) -> int:
         """Bytes buffered for a stream and not yet framed."""
@@ -354,7 +413,8 @@ class MuxConnection(LinkCore):
         increment = stream.recv_to_ack
         if stream.blocked_seen and self._consumer_keeps_up(stream, now):
             room = self.receive_budget - self.granted_total
-            grown = min(stream.recv_window * 2, self.max_window, stream.recv_window + room)
+            cap = MAX_DATAGRAM_WINDOW if stream.datagram else self.max_window
+            grown = min(stream.recv_window * 2, cap, stream.recv_window + room)
             if grown > stream.recv_window:
                 increment += grown - stream.recv_window
                 self.granted_total += grown - stream.recv_window
@@ -424,6 +484,7 @@ class MuxConnection(LinkCore):
                 stream_id, Reason.LIMIT, 0, f"{len(self.streams)} streams already open"))
             return
         stream = self._add_stream(stream_id, StreamEvent.RECV_OPEN)
+        stream.datagram = request.kind == fr.KIND_UDP
         stream.send.credit = request.window
         stream.recv.credit = fr.EARLY_WINDOW  # all the opener may send before we accept
         events.append(StreamOpenRequested(stream_id, request))
@@ -456,7 +517,7 @@ class MuxConnection(LinkCore):
         stream.recv.take(size)
         if frame.flags & fr.FLAG_BLOCKED:
             stream.blocked_seen = True
-        if size:
+        if size or stream.datagram:  # an empty DATA frame is an empty datagram
             events.append(DataReceived(stream.id, frame.payload))
 
     # -- outbound ---------------------------------------------------------
@@ -465,6 +526,8 @@ class MuxConnection(LinkCore):
         stream = self.streams.get(stream_id)
         if stream is None:
             return 0, False
+        if stream.datagram:
+            return self._pull_datagrams(stream, budget, out)
         size = 0
         send = stream.send
         amount = min(budget, send.credit, stream.send_buffered)
@@ -515,3 +578,31 @@ class MuxConnection(LinkCore):
                 self.closed_by_send.append(stream_id)
             return size + fr.HEADER_SIZE, False
         return size, stream.send_buffered > 0 and send.credit > 0
+
+    def _pull_datagrams(self, stream: StreamRecord, budget: int,
+                        out: list[bytes]) -> tuple[int, bool]:
+        """Whole datagrams of a ``udp`` stream, one DATA frame each, at least one and about
+        ``budget`` bytes (a 64 KiB datagram exceeds a 32 KiB chunk: it is never cut)."""
+        size = 0
+        buffer = stream.send_buffer
+        stream_id = stream.id
+        while buffer and (size == 0 or size < budget):
+            datagram = buffer.pop(0)
+            flags = 0
+            if stream.starved:
+                # The receiver grows the window of a flow that ran out of it.
+                stream.starved = False
+                flags = fr.FLAG_BLOCKED
+                self.blocked_sent += 1
+            out.append(fr.encode_header(FrameType.DATA, flags, stream_id, len(datagram)))
+            out.append(datagram)
+            stream.send_buffered -= len(datagram)
+            self.datagram_queued -= len(datagram)
+            size += len(datagram) + fr.HEADER_SIZE
+        if not buffer and stream.send.fin and stream.state in CAN_SEND_FIN:
+            out.append(fr.build_fin(stream_id))
+            if stream.move(_SEND_FIN) is _CLOSED:
+                self._remove(stream)
+                self.closed_by_send.append(stream_id)
+            return size + fr.HEADER_SIZE, False
+        return size, bool(buffer)

@@ -406,6 +406,15 @@ class MuxStream:
             self._producer_paused = True
             self.producer.pauseProducing()
 
+    def send_datagram(self, data: bytes) -> str | None:
+        """Send one datagram of a ``udp`` stream whole, or drop it: None when it was
+        queued, else why it was dropped (``tcptunnel._mux.DROP_*``).  Never pauses anyone."""
+        why = self.mux.core.send_datagram(self.stream_id, data)
+        if why is None:
+            self.bytes_out += len(data)
+            self.mux.flush()
+        return why
+
     def writeSequence(self, data: Iterable[bytes]) -> None:  # noqa: N802
         """Send several byte strings."""
         self.write(b"".join(data))
@@ -505,10 +514,12 @@ class MuxProtocol(LinkProtocol):
         self.streams: dict[int, MuxStream] = {}
         self.on_open_requested: Callable[[int, fr.OpenRequest], None] | None = None
 
-    def open_stream(self, host: str, port: int, endpoint: StreamEndpoint) -> MuxStream:
-        """Open a stream to host:port; raises StreamError (e.g. LIMIT)."""
+    def open_stream(self, host: str, port: int, endpoint: StreamEndpoint,
+                    kind: int = fr.KIND_TCP) -> MuxStream:
+        """Open a stream of ``kind`` (``tcp``, or ``udp``: datagrams) to host:port; raises
+        StreamError (e.g. LIMIT)."""
         try:
-            stream_id = self.core.open_stream(host, port)
+            stream_id = self.core.open_stream(host, port, kind)
         except _mux.StreamIdsExhaustedError:
             # Ids never repeat on a link: start a new one (the proxy reconnects).
             self.fail(GoAway.NORMAL, "stream ids of this link are used up; reconnecting")

@@ -11,12 +11,13 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tcptunnel._frames import OpenRequest, Reason
+from tcptunnel._frames import KIND_UDP, OpenRequest, Reason
 from tcptunnel.config import ProxyConfig, format_address, normalise_host
 from tcptunnel.mux import MuxProtocol
 from tcptunnel.proxy import ProxyService
 from tcptunnel.sockets import connect_tcp, dialing_reactor
 from tcptunnel.splice import SpliceProtocol
+from tcptunnel.udp import ClientFlow, reason_for_udp_failure
 
 MAX_DIALS_IN_PROGRESS = 64
 
@@ -160,9 +161,9 @@ class ProxyClientService(ProxyService):
         self.dials_in_progress = 0
 
     @staticmethod
-    def _allowed_set(config: ProxyConfig) -> set[tuple[str, int]] | None:
+    def _allowed_set(config: ProxyConfig) -> set[tuple[str, int, str]] | None:
         allowed = config.allowed_targets
-        return None if allowed is None else {(e.host, e.port) for e in allowed}
+        return None if allowed is None else {(e.host, e.port, e.protocol) for e in allowed}
 
     def apply_config(self, new: ProxyConfig) -> bool:
         """Reload: a changed allow-list applies to new streams."""
@@ -177,24 +178,29 @@ class ProxyClientService(ProxyService):
             link, stream_id, request)
         super().link_ready(link)
 
-    def is_allowed(self, host: str, port: int) -> bool:
-        """Allow-list check: names (case-insensitive, trailing dot ignored) and exact ports."""
-        return self.allowed is None or (normalise_host(host), port) in self.allowed
+    def is_allowed(self, host: str, port: int, protocol: str = "tcp") -> bool:
+        """Allow-list check: names (case-insensitive, trailing dot ignored), exact ports, and
+        the protocol (a tcp entry never allows UDP, nor a udp entry TCP)."""
+        return self.allowed is None or (normalise_host(host), port, protocol) in self.allowed
 
     def open_requested(self, link: MuxProtocol, stream_id: int, request: OpenRequest) -> None:
         """Check and dial a target for a new stream."""
         target = format_address(request.host, request.port)
         index = self.config.index
-        if not self.is_allowed(request.host, request.port):
-            self.log.warn("[{index}] Stream to {target} from Proxy-Server #{origin} denied: not "
-                          "in AllowedTargetEndpoints", index=index, target=target,
-                          origin=request.origin)
+        protocol = "udp" if request.kind == KIND_UDP else "tcp"
+        if not self.is_allowed(request.host, request.port, protocol):
+            self.log.warn("[{index}] {protocol} stream to {target} from Proxy-Server #{origin} "
+                          "denied: not in AllowedTargetEndpoints", index=index, target=target,
+                          origin=request.origin, protocol=protocol.upper())
             link.reject_stream(stream_id, Reason.DENIED, f"{target} is not an allowed target")
             return
         if self.dials_in_progress >= MAX_DIALS_IN_PROGRESS:
             self.log.warn("[{index}] Stream to {target} refused: {n} dials in progress (limit)",
                           index=index, target=target, n=self.dials_in_progress)
             link.reject_stream(stream_id, Reason.LIMIT, "too many connects in progress")
+            return
+        if request.kind == KIND_UDP:
+            self._open_udp_flow(link, stream_id, request)
             return
         connection = TargetConnection(self, request)
         connection.stream = link.attach_stream(stream_id, connection)
@@ -225,3 +231,29 @@ class ProxyClientService(ProxyService):
             connection._finish(f"failed to open ({reason.name})")
 
         dial.addBoth(done).addErrback(failed)
+
+    def _open_udp_flow(self, link: MuxProtocol, stream_id: int, request: OpenRequest) -> None:
+        """A ``udp`` stream: a connected UDP socket to the target (tcptunnel.udp)."""
+        flow = ClientFlow(self, request, self.stream_ended)
+        flow.stream = link.attach_stream(stream_id, flow)
+        # Nothing is acknowledged until the socket exists (the early datagrams wait).
+        flow.stream.pauseProducing()
+        self.dials_in_progress += 1
+        self.stats["udp_flows_opened",] += 1
+
+        def done(result: Any) -> Any:
+            self.dials_in_progress -= 1
+            return result
+
+        def failed(failure: Failure) -> None:
+            stream = flow.stream
+            if stream is None or stream.finished:
+                return
+            reason = reason_for_udp_failure(failure)
+            message = f"cannot open a UDP flow to {flow.target}: {failure.getErrorMessage()}"
+            self.log.warn("[{index}] UDP stream to {target}: {why}", index=self.config.index,
+                          target=flow.target, why=message)
+            link.reject_stream(stream_id, reason, message)
+            flow._finish(f"failed to open ({reason.name})")
+
+        flow.start(self.config.connect_timeout).addBoth(done).addErrback(failed)

@@ -13,6 +13,7 @@ from tcptunnel.mux import describe_address
 from tcptunnel.ports import AddressKey, ListenerSet, listen
 from tcptunnel.proxy import ProxyService
 from tcptunnel.splice import SpliceProtocol
+from tcptunnel.udp import ServerFlows, UdpBinding, listen_udp
 
 
 class BindingConnection(SpliceProtocol):
@@ -90,11 +91,37 @@ class ProxyServerService(ProxyService):
         self.bindings: ListenerSet[BindingConfig, BindingFactory] = ListenerSet(
             f"[{config.index}] Binding", lambda b: (b.listen_ip, b.listen_port),
             self._open_binding, self._announce_binding)
+        # UDP Bindings: their own sockets (a UDP port is not a TCP port) and flow table.
+        self.udp = ServerFlows(self)
+        self.udp_bindings: ListenerSet[BindingConfig, UdpBinding] = ListenerSet(
+            f"[{config.index}] UDP Binding", lambda b: (b.listen_ip, b.listen_port),
+            self._open_udp_binding, self._announce_binding)
 
     @property
     def ports(self) -> list[Any]:
-        """Listening ports, in the order of the Bindings."""
-        return self.bindings.ports
+        """Listening ports (TCP and UDP), in the order of the Bindings."""
+        tcp, udp = iter(self.bindings.ports), iter(self.udp_bindings.ports)
+        ports = []
+        for binding in self.config.bindings:
+            port = next(udp if binding.protocol == "udp" else tcp, None)
+            if port is not None:
+                ports.append(port)
+        return ports
+
+    def _open_udp_binding(self, key: AddressKey, binding: BindingConfig) -> tuple[Any, UdpBinding]:
+        from twisted.internet.error import CannotListenError
+
+        from tcptunnel.config import StartupError
+
+        protocol = UdpBinding(self.udp, binding)
+        try:
+            port = listen_udp(self.reactor, protocol)
+        except CannotListenError as e:
+            raise StartupError(f"[{self.config.index}] UDP Binding could not listen on "
+                               f"{format_address(binding.listen_ip, binding.listen_port)} "
+                               f"({binding.location}): {e.socketError}") from None
+        self.udp.add_binding(protocol)
+        return port, protocol
 
     def _open_binding(self, key: AddressKey,
                       binding: BindingConfig) -> tuple[Any, BindingFactory]:
@@ -104,15 +131,20 @@ class ProxyServerService(ProxyService):
         return port, factory
 
     def _announce_binding(self, binding: BindingConfig, port: Any,
-                          factory: BindingFactory) -> None:
-        self.log.info("[{index}] Binding {listen} -> {target} listening",
-                      index=self.config.index,
+                          factory: Any) -> None:
+        self.log.info("[{index}] Binding {listen} -> {target} listening{udp}",
+                      index=self.config.index, udp=" (udp)" if binding.protocol == "udp" else "",
                       listen=format_address(binding.listen_ip, port.getHost().port),
                       target=format_address(binding.target_host, binding.target_port))
 
     def startService(self) -> None:  # noqa: N802
         """Listen on every Binding first (a failure stops start-up), then connect."""
-        self.bindings.start(self.config.bindings)
+        self.bindings.start(_of(self.config.bindings, "tcp"))
+        try:
+            self.udp_bindings.start(_of(self.config.bindings, "udp"))
+        except Exception:
+            self.bindings.stop()
+            raise
         super().startService()
 
     def apply_config(self, new: ProxyConfig) -> Any:
@@ -123,12 +155,25 @@ class ProxyServerService(ProxyService):
         def retarget(key: AddressKey, factory: BindingFactory, binding: BindingConfig) -> None:
             factory.binding = binding  # new target for new connections
 
+        def retarget_udp(key: AddressKey, protocol: UdpBinding, binding: BindingConfig) -> None:
+            self.udp.retarget(protocol, binding)  # new flows; open flows keep their target
+
         apply_link_settings = super().apply_config
-        return self.bindings.reload(new.bindings, retarget).addCallback(
+        # UDP first: when it cannot apply, nothing changed.  (A TCP Binding that then fails
+        # leaves the UDP changes applied: the two sets are not one transaction.)
+        return self.udp_bindings.reload(_of(new.bindings, "udp"), retarget_udp).addCallback(
+            lambda _: self.bindings.reload(_of(new.bindings, "tcp"), retarget)).addCallback(
             lambda _: apply_link_settings(new))
 
     def stopService(self) -> Any:  # noqa: N802
         """Stop listening, then close the link; fires when the ports are closed."""
         from twisted.internet.defer import gatherResults, maybeDeferred
 
-        return gatherResults([self.bindings.stop(), maybeDeferred(super().stopService)])
+        self.udp.stop()
+        return gatherResults([self.bindings.stop(), self.udp_bindings.stop(),
+                              maybeDeferred(super().stopService)])
+
+
+def _of(bindings: tuple[BindingConfig, ...], protocol: str) -> list[BindingConfig]:
+    """The Bindings of one protocol, in their order."""
+    return [binding for binding in bindings if binding.protocol == protocol]

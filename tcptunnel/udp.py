@@ -1,0 +1,518 @@
+"""UDP through the tunnel: the Twisted adapters at both proxies.
+
+At the Proxy-Server, a UDP Binding is one listening socket (:class:`UdpBinding`); each sender
+address is one flow (:mod:`tcptunnel._udp` keeps the table) carried by one ``udp`` stream
+(:class:`ServerFlow`).  At the Proxy-Client, each ``udp`` stream gets its own connected UDP
+socket to the target (:class:`ClientFlow`), so the target's replies (and its ICMP errors) are
+told apart per flow and travel back through the stream to the sender's address.
+
+Datagrams keep their boundaries (one DATA frame each) and are dropped, never queued without
+bound, whenever the tunnel cannot take them at once: every drop is counted in the instance's
+``stats`` under ``("udp_dropped", why)`` (``/metrics`` and the status page show them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet import error as neterror
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tcptunnel import _frames as fr
+from tcptunnel import _mux
+from tcptunnel._frames import OpenRequest, Reason, StreamError
+from tcptunnel._udp import Flow, FlowTable, policy_for
+from tcptunnel.config import BindingConfig, format_address
+from tcptunnel.mux import MuxProtocol, MuxStream, StreamEndpoint
+
+#: Datagrams are read whole: a UDP payload is at most 65,507 bytes over IPv4 (65,527 over
+#: IPv6), within a frame (65,536); Twisted's default buffer, 8,192, would cut them.
+MAX_DATAGRAM = 65536
+#: Before OPEN_RESULT a flow may send only the early-data window (16 KiB).  At the
+#: Proxy-Server, datagrams beyond it wait for the OPEN_RESULT in a queue of at most
+#: MAX_EARLY_DATAGRAMS and MAX_EARLY_BYTES (two datagrams of the largest size), then leave
+#: in order; beyond that they are dropped ("early_queue").  At the Proxy-Client, the
+#: datagrams that arrived while its socket is being set up (resolving the target's name)
+#: wait likewise, bounded by the same count and the early window.
+MAX_EARLY_DATAGRAMS = 64
+MAX_EARLY_BYTES = 2 * MAX_DATAGRAM
+#: How long a flow that sent its FIN may wait for the far end's FIN before it is reset.
+FLOW_CLOSE_GRACE = 5.0
+#: At most one "dropped: no link" line per Binding in this many seconds (a flood would
+#: otherwise write one per datagram).
+DROP_LOG_INTERVAL = 10.0
+
+
+def count_drop(stats: Any, why: str) -> None:
+    """Count one dropped datagram under ``("udp_dropped", why)``."""
+    stats["udp_dropped", why] += 1
+
+
+def count_flow_end(stats: Any, how: str) -> None:
+    """Count one ended flow under ``("udp_flows_ended", closed|reset_local|reset_remote|
+    open_failed)`` (fixed labels: ``how`` holds peer text)."""
+    code = ("closed" if how.startswith("closed") else
+            "reset_remote" if how.startswith("reset by the far end") else
+            "open_failed" if how.startswith("failed to open") else "reset_local")
+    stats["udp_flows_ended", code] += 1
+
+
+def _remove_port(port: Any) -> None:
+    """Close a UDP socket (once)."""
+    if port is not None and getattr(port, "connected", False):
+        port.stopListening()
+
+
+# -- Proxy-Server -------------------------------------------------------------------------
+
+
+class ServerFlow(StreamEndpoint):
+    """One sender at a UDP Binding: its stream, and its replies back to the sender."""
+
+    __slots__ = ("binding", "close_timer", "ending", "flow", "flows", "pending",
+                 "pending_bytes", "started", "stream")
+
+    def __init__(self, flows: ServerFlows, binding: UdpBinding, flow: Flow) -> None:
+        self.flows = flows
+        self.binding = binding
+        self.flow = flow
+        self.stream: MuxStream | None = None
+        self.started = flows.proxy.reactor.seconds()
+        self.ending = ""  # why we ended it (idle, answered, evicted), once we did
+        self.close_timer: Any = None
+        # Datagrams waiting for the OPEN_RESULT (None once it came).
+        self.pending: list[bytes] | None = []
+        self.pending_bytes = 0
+
+    def send(self, datagram: bytes) -> str | None:
+        """A datagram from the sender into the stream: None when it was sent or waits for
+        the OPEN_RESULT, else why it was dropped."""
+        stream = self.stream
+        if stream is None:
+            return "not_open"
+        pending = self.pending
+        if pending is None:
+            return stream.send_datagram(datagram)
+        if not pending:
+            why = stream.send_datagram(datagram)  # early data, within the early window
+            if why != _mux.DROP_NO_CREDIT:
+                return why
+        if (len(pending) >= MAX_EARLY_DATAGRAMS
+                or self.pending_bytes + len(datagram) > MAX_EARLY_BYTES):
+            return "early_queue"
+        pending.append(datagram)  # behind the others: the order is kept
+        self.pending_bytes += len(datagram)
+        return None
+
+    @property
+    def sender(self) -> tuple[str, int]:
+        """The sender's (ip, port)."""
+        sender: tuple[str, int] = self.flow.sender  # type: ignore[assignment]
+        return sender
+
+    @property
+    def target(self) -> str:
+        """host:port of the target."""
+        config = self.binding.config
+        return format_address(config.target_host, config.target_port)
+
+    def describe(self) -> str:
+        """``udp sender -> target``, for the stream's log event."""
+        return f"udp {format_address(*self.sender)} -> {self.target}"
+
+    def end(self, why: str) -> None:
+        """End the flow (FIN); the far end's FIN closes the stream, or the grace runs out."""
+        if self.ending or self.stream is None or self.stream.finished:
+            return
+        self.ending = why
+        self.stream.loseWriteConnection()
+        if not self.stream.finished:
+            self.close_timer = self.flows.proxy.reactor.callLater(
+                FLOW_CLOSE_GRACE, self._close_overdue)
+
+    def _close_overdue(self) -> None:
+        self.close_timer = None
+        if self.stream is not None and not self.stream.finished:
+            self.stream.abortConnection(Reason.CANCELLED, "no FIN for an ended UDP flow")
+            self._done(f"reset here (CANCELLED: no FIN within {FLOW_CLOSE_GRACE:g} s)")
+
+    # -- StreamEndpoint ------------------------------------------------------------------
+
+    def stream_opened(self) -> None:
+        """The Proxy-Client has its socket: what waited for the OPEN_RESULT goes now."""
+        pending, self.pending = self.pending or [], None
+        self.pending_bytes = 0
+        stats = self.flows.proxy.stats
+        for datagram in pending:
+            why = self.send(datagram)
+            if why is not None:
+                count_drop(stats, why)
+
+    def stream_data(self, data: bytes) -> None:
+        """A reply: to the sender's address, whole."""
+        flows = self.flows
+        stats = flows.proxy.stats
+        transport = self.binding.transport
+        if transport is None:
+            count_drop(stats, "binding_closed")
+            return
+        try:
+            transport.write(data, self.sender)
+        except (OSError, neterror.MessageLengthError):
+            count_drop(stats, "send_error")
+            return
+        stats["udp_datagrams", "to_senders"] += 1
+        if flows.table.reply_to(self.flow, flows.proxy.reactor.seconds()):
+            self.end("answered")
+        flows.arm()
+
+    def stream_ended(self) -> None:
+        """The Proxy-Client ended the flow: end ours too."""
+        self.flows.table.remove(self.flow)
+        self.end(self.ending or "ended by the far end")
+
+    def stream_closed(self) -> None:
+        """FIN both ways."""
+        self._done(f"closed (FIN both ways{', ' + self.ending if self.ending else ''})")
+
+    def stream_reset(self, reason: Reason, message: str, remote: bool) -> None:
+        """Reset (the target answered ICMP, the link was lost, ...): forget the flow."""
+        by = "the far end" if remote else "this end"
+        self._done(f"reset by {by} ({reason.name}{': ' + message if message else ''})")
+
+    def _done(self, how: str) -> None:
+        self.pending = None
+        if self.close_timer is not None and self.close_timer.active():
+            self.close_timer.cancel()
+        self.close_timer = None
+        self.flows.table.remove(self.flow)
+        if self.flow.handle is self:
+            self.flow.handle = None
+            count_flow_end(self.flows.proxy.stats, how)
+            self.flows.proxy.stream_ended(self, how)
+
+
+class UdpBinding(DatagramProtocol):
+    """The socket of one UDP Binding at the Proxy-Server."""
+
+    noisy = False
+
+    def __init__(self, flows: ServerFlows, config: BindingConfig) -> None:
+        self.flows = flows
+        self.config = config
+        self.last_drop_log = -DROP_LOG_INTERVAL
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:  # noqa: N802
+        """A datagram from a sender: into its flow's stream, or dropped."""
+        self.flows.datagram_received(self, datagram, (addr[0], addr[1]))
+
+    def stopProtocol(self) -> None:  # noqa: N802
+        """The socket closed (the Binding was removed, the instance stops): end its flows."""
+        self.flows.remove_binding(self)
+
+
+class ServerFlows:
+    """The UDP flows of one Proxy-Server instance: the flow table, its timer, the counts."""
+
+    log = Logger()
+
+    def __init__(self, proxy: Any, max_flows: int | None = None) -> None:
+        self.proxy = proxy  # a ProxyServerService
+        self.table = FlowTable() if max_flows is None else FlowTable(max_flows)
+        self._timer: Any = None
+
+    def add_binding(self, binding: UdpBinding) -> None:
+        """Keep flows for a Binding that is listening now."""
+        config = binding.config
+        self.table.add_binding(binding, policy_for(config.target_port, config.idle_timeout))
+
+    def retarget(self, binding: UdpBinding, config: BindingConfig) -> None:
+        """A reload changed a Binding's target or timeout: new flows use it."""
+        binding.config = config
+        self.table.add_binding(binding, policy_for(config.target_port, config.idle_timeout))
+
+    def remove_binding(self, binding: UdpBinding) -> None:
+        """A Binding stopped listening: end its flows."""
+        for flow in self.table.remove_binding(binding):
+            if isinstance(flow.handle, ServerFlow):
+                flow.handle.end("the Binding was removed")
+        self.arm()
+
+    def datagram_received(self, binding: UdpBinding, datagram: bytes,
+                          sender: tuple[str, int]) -> None:
+        """Route a datagram from ``sender`` at ``binding`` into its flow, opening one."""
+        proxy = self.proxy
+        stats = proxy.stats
+        stats["udp_datagrams", "from_senders"] += 1
+        link: MuxProtocol | None = proxy.link
+        if link is None or not proxy.partner_available:
+            count_drop(stats, "no_link" if link is None else "no_partner")
+            now = proxy.reactor.seconds()
+            if now - binding.last_drop_log >= DROP_LOG_INTERVAL:
+                binding.last_drop_log = now
+                proxy.log.warn("[{index}] UDP Binding {listen}: datagrams dropped: {why}",
+                               index=proxy.config.index, listen=binding.config.describe(),
+                               why="no link to the Gateway" if link is None
+                               else "no Proxy-Client in the session")
+            return
+        now = proxy.reactor.seconds()
+        arrival = self.table.datagram_from(binding, sender, now)
+        for evicted in arrival.evicted:
+            stats["udp_flows_evicted",] += 1
+            if isinstance(evicted.handle, ServerFlow):
+                evicted.handle.end("evicted: flow limit")
+        flow = arrival.flow
+        if arrival.new:
+            endpoint = ServerFlow(self, binding, flow)
+            config = binding.config
+            try:
+                endpoint.stream = link.open_stream(config.target_host, config.target_port,
+                                                   endpoint, kind=fr.KIND_UDP)
+            except StreamError as e:
+                self.table.remove(flow)
+                count_drop(stats, "stream_refused")
+                proxy.log.warn("[{index}] UDP flow {flow} refused: {why}",
+                               index=proxy.config.index, flow=endpoint.describe(),
+                               why=e.message)
+                return
+            flow.handle = endpoint
+            stats["udp_flows_opened",] += 1
+        endpoint = flow.handle
+        why = endpoint.send(datagram) if isinstance(endpoint, ServerFlow) else "not_open"
+        if why is not None:
+            count_drop(stats, why)
+        self.arm()
+
+    # -- the idle timer -------------------------------------------------------------------
+
+    def arm(self) -> None:
+        """Keep one timer at the next flow's idle deadline."""
+        deadline = self.table.next_expiry()
+        timer = self._timer
+        if deadline is None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._timer = None
+            return
+        if timer is not None and timer.active():
+            if timer.getTime() <= deadline:
+                return  # fires first; it re-arms for what is then next
+            timer.cancel()
+        reactor = self.proxy.reactor
+        self._timer = reactor.callLater(max(0.0, deadline - reactor.seconds()), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        for flow in self.table.expire(self.proxy.reactor.seconds()):
+            if isinstance(flow.handle, ServerFlow):
+                flow.handle.end("idle")
+        self.arm()
+
+    def stop(self) -> None:
+        """The instance stops: no timer left behind."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+def listen_udp(reactor: Any, binding: UdpBinding) -> Any:
+    """Listen for a UDP Binding (every address, dual-stack, without ``listenIp``)."""
+    config = binding.config
+    interface = config.listen_ip if config.listen_ip is not None else "::"
+    return reactor.listenUDP(config.listen_port, binding, interface=interface,
+                             maxPacketSize=MAX_DATAGRAM)
+
+
+# -- Proxy-Client -------------------------------------------------------------------------
+
+
+def resolve_udp(reactor: Any, host: str, port: int) -> Deferred[str]:
+    """The first address of ``host`` for UDP (an IP literal as it is; a name through
+    getaddrinfo in the reactor's thread pool)."""
+    try:
+        return _succeed(str(ipaddress.ip_address(host)))
+    except ValueError:
+        pass
+    from twisted.internet.threads import deferToThreadPool
+
+    def first(infos: list[Any]) -> str:
+        if not infos:
+            raise neterror.DNSLookupError(host)
+        address: str = infos[0][4][0]
+        return address
+
+    def lookup() -> list[Any]:
+        try:
+            return socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+        except socket.gaierror as e:
+            raise neterror.DNSLookupError(f"{host}: {e.strerror}") from None
+
+    found: Deferred[list[Any]] = deferToThreadPool(reactor, reactor.getThreadPool(), lookup)
+    return found.addCallback(first)
+
+
+def _succeed(value: str) -> Deferred[str]:
+    done: Deferred[str] = Deferred()
+    done.callback(value)
+    return done
+
+
+class ClientFlow(DatagramProtocol, StreamEndpoint):
+    """One ``udp`` stream at the Proxy-Client: a connected UDP socket to the target."""
+
+    noisy = False
+
+    def __init__(self, proxy: Any, request: OpenRequest,
+                 on_end: Callable[[ClientFlow, str], None]) -> None:
+        self.proxy = proxy  # a ProxyClientService
+        self.request = request
+        self.stream: MuxStream | None = None
+        self.started = proxy.reactor.seconds()
+        self.early: list[bytes] = []
+        self.port: Any = None
+        self.ready = False
+        self.end_description = ""
+        self._on_end = on_end
+
+    @property
+    def target(self) -> str:
+        """host:port of the target."""
+        return format_address(self.request.host, self.request.port)
+
+    def describe(self) -> str:
+        """``udp from Proxy-Server #n to target``, for the stream's log event."""
+        return f"udp from Proxy-Server #{self.request.origin} to {self.target}"
+
+    def start(self, timeout: float) -> Deferred[None]:
+        """Resolve the target, open a connected socket, accept the stream.  Fires when the
+        flow is ready or refused (errback: the reason the stream is refused with)."""
+        reactor = self.proxy.reactor
+        resolved = resolve_udp(reactor, self.request.host, self.request.port)
+        resolved.addTimeout(timeout, reactor)
+
+        def connect(address: str) -> None:
+            if self.stream is None or self.stream.finished:
+                return
+            family_any = "::" if ":" in address else "0.0.0.0"
+            self.port = reactor.listenUDP(0, self, interface=family_any,
+                                          maxPacketSize=MAX_DATAGRAM)
+            self.port.connect(address, self.request.port)
+            self.stream.mux.accept_stream(self.stream.stream_id)
+            self.ready = True
+            early, self.early = self.early, []
+            for datagram in early:
+                self._to_target(datagram)
+            if self.stream.remote_ended:
+                self.stream_ended()
+            self.stream.resumeProducing()  # acknowledges the early datagrams
+
+        return resolved.addCallback(connect)
+
+    # -- from the target --------------------------------------------------------------------
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:  # noqa: N802
+        """A reply from the target: back through the stream, whole, or dropped."""
+        stream = self.stream
+        stats = self.proxy.stats
+        if stream is None or stream.finished:
+            count_drop(stats, "not_open")
+            return
+        stats["udp_datagrams", "from_targets"] += 1
+        why = stream.send_datagram(datagram)
+        if why is not None:
+            count_drop(stats, why)
+
+    def connectionRefused(self) -> None:  # noqa: N802
+        """ICMP port unreachable from the target: the flow ends (RESET REFUSED)."""
+        self._icmp_error(errno.ECONNREFUSED)
+
+    def stopProtocol(self) -> None:  # noqa: N802
+        """The socket closed.  Not by us: Twisted's epoll reactor drops a connected UDP
+        socket with a pending ICMP error (EPOLLERR without EPOLLIN) before any read could
+        report it through connectionRefused; SO_ERROR still says which error it was."""
+        if self.end_description:
+            return
+        code = 0
+        handle = getattr(self.port, "socket", None)
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                code = handle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._icmp_error(code)
+
+    def _icmp_error(self, code: int) -> None:
+        stream = self.stream
+        if code == errno.ECONNREFUSED:
+            reason, message = Reason.REFUSED, f"{self.target} answered ICMP port unreachable"
+        else:
+            why = os.strerror(code) if code else "the socket closed"
+            reason, message = Reason.UNREACHABLE, f"UDP to {self.target}: {why}"
+        if stream is not None and not stream.finished:
+            stream.abortConnection(reason, message)
+        self._finish(f"reset here ({reason.name}: {message})")
+
+    # -- StreamEndpoint ---------------------------------------------------------------------
+
+    def stream_data(self, data: bytes) -> None:
+        """A datagram for the target (kept while the socket is set up)."""
+        if not self.ready:
+            if len(self.early) >= MAX_EARLY_DATAGRAMS:
+                count_drop(self.proxy.stats, "early_queue")
+                return
+            self.early.append(data)
+            return
+        self._to_target(data)
+
+    def _to_target(self, data: bytes) -> None:
+        stats = self.proxy.stats
+        transport = self.transport
+        if transport is None:
+            count_drop(stats, "not_open")
+            return
+        try:
+            transport.write(data, None)
+        except (OSError, neterror.MessageLengthError):
+            count_drop(stats, "send_error")
+            return
+        stats["udp_datagrams", "to_targets"] += 1
+
+    def stream_ended(self) -> None:
+        """The Proxy-Server ended the flow: FIN back (the stream closes)."""
+        if self.stream is not None and self.ready:
+            self.stream.loseWriteConnection()
+
+    def stream_closed(self) -> None:
+        """FIN both ways."""
+        self._finish("closed (FIN both ways)")
+
+    def stream_reset(self, reason: Reason, message: str, remote: bool) -> None:
+        """Reset by either end (or refused before it opened)."""
+        by = "the far end" if remote else "this end"
+        self._finish(f"reset by {by} ({reason.name}{': ' + message if message else ''})")
+
+    def _finish(self, how: str) -> None:
+        _remove_port(self.port)
+        self.early = []
+        if self.end_description:
+            return
+        self.end_description = how
+        count_flow_end(self.proxy.stats, how)
+        self._on_end(self, how)
+
+
+def reason_for_udp_failure(failure: Failure) -> Reason:
+    """The wire reason for a flow that could not be set up."""
+    if failure.check(neterror.DNSLookupError):
+        return Reason.DNS_FAILURE
+    if failure.check(neterror.TimeoutError, defer.TimeoutError):
+        return Reason.TIMEOUT
+    return Reason.UNREACHABLE
