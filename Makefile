@@ -41,13 +41,21 @@ run: $(STAMP)
 	  trap 'kill $$web 2>/dev/null' EXIT INT TERM; \
 	  $(VENV)/bin/twistd -n --pidfile= tcptunnel --config conf/demo.xml
 
-# The status page test drives Debian's headless Chromium; install it when we may
-# (the test says clearly that it skipped if this was not possible).
+# Real third-party programs the tests drive, as "command:Debian package": headless Chromium for
+# the status page; tinyproxy and microsocks as outbound proxies.  Installed when missing and we
+# may (as root, with apt-get); each test says clearly that it could not run otherwise.
+TEST_PROGRAMS := chromium:chromium tinyproxy:tinyproxy microsocks:microsocks
+
 test: $(STAMP)
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  { echo "installing Debian's chromium for the status page test"; \
-	    (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) \
-	    >/dev/null 2>&1 || echo "could not install chromium"; }; } || true
+	@missing=""; for entry in $(TEST_PROGRAMS); do \
+	  command -v $${entry%%:*} >/dev/null || [ -x /usr/sbin/$${entry%%:*} ] || \
+	    missing="$$missing $${entry#*:}"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's$$missing for the tests"; \
+	  (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) \
+	    >/dev/null 2>&1 || echo "could not install$$missing: the tests that need them say so"; \
+	  for service in tinyproxy; do systemctl disable --now $$service >/dev/null 2>&1 || true; done; \
+	fi
 	@rm -rf _trial_temp
 	@set -o pipefail 2>/dev/null; $(VENV)/bin/trial --jobs=2 tcptunnel 2>&1 | tee .trial-output.txt; \
 	  status=$${PIPESTATUS[0]}; $(PY) .ci/trial-summary .trial-output.txt; exit $$status

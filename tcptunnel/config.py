@@ -40,6 +40,8 @@ from typing import Any, Literal, TypeVar
 import defusedxml
 import defusedxml.sax
 
+from tcptunnel._outbound import ProxyUrl, parse_proxy_url, proxy_from_environment
+
 NAMESPACE = "https://github.com/kpreisser/TcpTunnel"
 # Attributes in the XML Schema instance namespace (xsi:schemaLocation) are there for
 # editors, and xml:lang / xml:space are XML's own annotations: all accepted silently.
@@ -230,6 +232,8 @@ class ProxyConfig:
     max_window: int = 16 * 1024 * 1024
     # Start-up warnings about this instance ("file:line: ..."), for the service to log.
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # The outbound HTTP CONNECT or SOCKS5 proxy the link goes through (ours), or None.
+    outbound_proxy: ProxyUrl | None = None
 
 
 InstanceConfig = GatewayConfig | ProxyConfig
@@ -953,6 +957,24 @@ def _proxy_password(session: _Element) -> Secret:
     return Secret(cleartext=password)
 
 
+def _outbound_proxy(element: _Element, gateway_host: str) -> ProxyUrl | None:
+    """``httpProxy`` (a URL, or ``environment``: HTTPS_PROXY with NO_PROXY) or ``socksProxy``."""
+    http = element.raw("httpProxy")
+    socks = element.raw("socksProxy")
+    if http is not None and socks is not None:
+        raise element.error("give only one of 'httpProxy' and 'socksProxy'")
+    try:
+        if http is not None and http.strip().lower() == "environment":
+            return proxy_from_environment(os.environ, gateway_host)
+        if http is not None:
+            return parse_proxy_url(http, "http")
+        if socks is not None:
+            return parse_proxy_url(socks, "socks5")
+    except ValueError as e:
+        raise element.error(str(e), "httpProxy" if http is not None else "socksProxy") from None
+    return None
+
+
 def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
     host = element.get_required("host", _host, _HOST_WHAT)
     port = element.get_required("port", _PORT, _PORT_WHAT)
@@ -982,6 +1004,7 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
     max_window = max_window or ProxyConfig.max_window
     if max_window < initial_window:
         raise element.error("maxWindow must not be smaller than initialWindow", "maxWindow")
+    outbound_proxy = _outbound_proxy(element, host)
     element.raw("type")
     element.check_unknown_attributes()
     if not use_tls and (ca_file or server_name or pin):
@@ -1057,6 +1080,7 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
         location=element.location,
         initial_window=initial_window,
         max_window=max_window,
+        outbound_proxy=outbound_proxy,
         warnings=_in_line_order(element.sink),
         **timing,
     )

@@ -243,7 +243,9 @@ class ProxyService(service.MultiService):
         self.config = config
         self.initial_window = config.initial_window
         self.reactor = reactor
-        self.gateway_address = format_address(config.host, config.port)
+        self.gateway_address = format_address(config.host, config.port) + (
+            f" via the {'HTTP' if config.outbound_proxy.scheme == 'http' else 'SOCKS5'} proxy "
+            f"{config.outbound_proxy.describe()}" if config.outbound_proxy is not None else "")
         self.link: ProxyLink | None = None
         self.link_since = 0.0
         # The link and partner count partner_changed logged last.
@@ -308,7 +310,7 @@ class ProxyService(service.MultiService):
     _LINK_SETTINGS = ("host", "port", "use_tls", "session_id", "password", "ca_file",
                       "server_name", "certificate_pin", "keepalive_interval",
                       "keepalive_timeout", "connect_timeout", "max_retry_delay",
-                      "initial_window", "max_window")
+                      "initial_window", "max_window", "outbound_proxy")
 
     def apply_config(self, new: ProxyConfig) -> bool:
         """Reload in place if the link settings are unchanged; False asks for a restart."""
@@ -376,9 +378,17 @@ class ProxyService(service.MultiService):
         for warning in self.config.warnings:
             self.log.warn("[{index}] {problem}", index=self.config.index, problem=warning)
         super().startService()
-        self._connector = connect_tcp(
-            self.reactor, self.config.host, self.config.port, self._connecting_factory,
-            timeout=self.config.connect_timeout)
+        config = self.config
+        factory, host, port = self._connecting_factory, config.host, config.port
+        if config.outbound_proxy is not None:
+            from tcptunnel.outbound import ProxiedClientFactory
+
+            # TCP to the outbound proxy; TLS and the link run inside its tunnel.
+            factory = ProxiedClientFactory(factory, config.outbound_proxy, host, port,
+                                           self.reactor, timeout=config.connect_timeout)
+            host, port = config.outbound_proxy.host, config.outbound_proxy.port
+        self._connector = connect_tcp(self.reactor, host, port, factory,
+                                      timeout=config.connect_timeout)
 
     def stopService(self) -> Any:  # noqa: N802
         """Stop retrying, close the link with GOAWAY (streams reset), stop children."""
