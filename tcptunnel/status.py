@@ -152,9 +152,23 @@ def _proxy_snapshot(child: ProxyService, now: float) -> dict[str, Any]:
     if child.config.role == "proxy-server" and bindings is not None:
         entry["bindings"] = [
             {"listen": format_address(b.listen_ip, port.getHost().port),
-             "target": format_address(b.target_host, b.target_port)}
+             "target": format_address(b.target_host, b.target_port),
+             "protocol": b.protocol}
             for b, port in zip(child.config.bindings, bindings, strict=False)]
+    entry["udp"] = _udp_status(child)
     return entry
+
+
+def _udp_status(proxy: ProxyService) -> dict[str, Any]:
+    """A proxy's UDP counts (issue 18): live flows, datagrams by direction, drops by reason."""
+    link = proxy.link
+    return {
+        "flows": sum(1 for stream in link.streams.values() if stream.record.datagram)
+        if link is not None else 0,
+        "flows_opened": proxy.stats["udp_flows_opened",],
+        "datagrams": {key[1]: n for key, n in proxy.stats.items() if key[0] == "udp_datagrams"},
+        "dropped": {key[1]: n for key, n in proxy.stats.items() if key[0] == "udp_dropped"},
+    }
 
 
 def snapshot(tunnel: service.MultiService, now: float,
@@ -238,6 +252,15 @@ class TunnelCollector(Collector):
                                          labels=["instance", "role"])
         limits = CounterMetricFamily("tcptunnel_limits_hit", "Limits hit at the Gateway",
                                      labels=["instance", "limit"])
+        udp_flows = GaugeMetricFamily("tcptunnel_udp_flows", "UDP flows open now at a proxy",
+                                      labels=["instance", "role"])
+        udp_datagrams = CounterMetricFamily(
+            "tcptunnel_udp_datagrams", "UDP datagrams at a proxy, by direction (from_senders, "
+            "to_senders at a Proxy-Server; to_targets, from_targets at a Proxy-Client)",
+            labels=["instance", "role", "direction"])
+        udp_dropped = CounterMetricFamily(
+            "tcptunnel_udp_dropped", "UDP datagrams dropped at a proxy, by reason",
+            labels=["instance", "role", "reason"])
         slots = GaugeMetricFamily(
             "tcptunnel_unauthenticated_slots",
             "Unauthenticated slots taken at the Gateway: by links logging in (open) and kept "
@@ -310,10 +333,15 @@ class TunnelCollector(Collector):
                 for key, count in child.stats.items():
                     if key[0] == "streams_ended":
                         streams_ended.add_metric([index, role, *key[1:]], count)
+                    elif key[0] == "udp_datagrams":
+                        udp_datagrams.add_metric([index, role, key[1]], count)
+                    elif key[0] == "udp_dropped":
+                        udp_dropped.add_metric([index, role, key[1]], count)
+                udp_flows.add_metric([index, role], _udp_status(child)["flows"])
         yield from (info, links, logins, with_client, partners, streams_open, streams_opened,
                     streams_refused, streams_ended, streams_reset, session_bytes,
                     proxy_bytes_total, stalls, queued, session_queued, rtt, reconnects, limits,
-                    slots, slots_limit, throttle)
+                    slots, slots_limit, throttle, udp_flows, udp_datagrams, udp_dropped)
 
 
 # -- the page -----------------------------------------------------------------
