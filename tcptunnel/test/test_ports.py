@@ -22,7 +22,7 @@ from tcptunnel.gateway import GatewayService
 from tcptunnel.ports import AddressKey, ListenerSet, listen
 from tcptunnel.proxyserver import ProxyServerService
 from tcptunnel.tap import TunnelService
-from tcptunnel.test._harness import NS, wait_until
+from tcptunnel.test._harness import NS, reserve_port, wait_until
 
 _WILDCARDS = ("", "::", "0.0.0.0")
 
@@ -291,10 +291,9 @@ class RealSocketTests(TestCase):
         listeners.start([Spec("127.0.0.1", 0)])
         self.addCleanup(listeners.stop)
         port = listeners.ports[0]
-        extra = socket.socket()
-        extra.bind(("127.0.0.1", 0))
-        free = extra.getsockname()[1]
-        extra.close()
+        # Held for the test by a socket that never listens: only a listener (SO_REUSEADDR)
+        # can open it, so no other process takes it between here and the reload.
+        free = reserve_port(self)
         with self.assertRaises(StartupError) as raised:
             await listeners.reload([Spec("127.0.0.1", 0), Spec("127.0.0.1", free),
                                     Spec("127.0.0.1", busy)])
@@ -341,7 +340,9 @@ class ServiceReloadTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def write(self, text: str) -> None:
-        with open(self.path, "w") as f:
+        # Private, as settings holding passwords should be: a reload logs the file's
+        # warnings again, and errors() is about what the reload could not apply.
+        with open(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(text)
 
     def start(self, text: str) -> TunnelService:

@@ -34,10 +34,8 @@ from tcptunnel.test._harness import (
     TwistdProcess,
     child_environment,
     connect,
-    free_port,
     listen,
     reserve_port,
-    sleep,
     twistd_command,
     wait_until,
 )
@@ -179,7 +177,7 @@ class TwistdProcessTests(TestCase):
         work = os.path.abspath(self.mktemp())
         certs = mint(os.path.join(work, "certs"))
         echo = await listen(self, EchoProtocol)
-        gateway_port, binding_port = free_port(), free_port()
+        gateway_port, binding_port = reserve_port(self), reserve_port(self)
 
         def adapt(name: str, replacements: list[tuple[str, str]]) -> str:
             with open(os.path.join(CONF, name)) as f:
@@ -205,22 +203,17 @@ class TwistdProcessTests(TestCase):
             *common, ('listenPort="5920" targetHost="192.168.40.80" targetPort="5900"',
                       f'listenPort="{binding_port}" targetHost="127.0.0.1" '
                       f'targetPort="{echo}"'),
-            ('listenPort="2222"', f'listenPort="{free_port()}"')])
+            ('listenPort="2222"', f'listenPort="{reserve_port(self)}"')])
         processes = [self.spawn(path, work) for path in (gateway, client, server)]
         data = b"through three processes" * 1000
-        received = b""
-        for _ in range(100):
-            await sleep(0.2)
-            try:
-                probe = await connect(binding_port)
-            except Exception:  # not listening yet
-                continue
-            probe.transport.write(data)
-            probe.transport.loseWriteConnection()
-            how = await probe.ended
-            if how == "clean":
-                received = bytes(probe.received)
-                break
+        # Its Bindings listen before it connects; a partner means the Proxy-Client is in.
+        await wait_until(lambda: re.search("(?i)partner available: yes", processes[2].log())
+                         is not None, 60, "the Proxy-Server to have its partner")
+        probe = await connect(binding_port)
+        probe.transport.write(data)
+        probe.transport.loseWriteConnection()
+        how = await probe.ended
+        received = bytes(probe.received) if how == "clean" else b""
         self.assertEqual(received, data, "logs:\n" + "\n".join(p.log() for p in processes))
         for process in processes:
             process.stop()
