@@ -465,7 +465,7 @@ class Gateway:
         self.slots.per_address = new.limits.max_unauthenticated_links_per_address
         self.apply_effects()
         for warning in self.warnings():
-            self.log.warn("[{index}] {warning}", index=new.index, warning=warning)
+            self.log.warn("[{index}] {problem}", index=new.index, problem=warning)
 
     def warnings(self) -> list[str]:
         """Configuration risks worth a warning at start-up (the reader's, then ours)."""

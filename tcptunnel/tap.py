@@ -254,7 +254,7 @@ class TunnelService(service.MultiService):
             self.log.error("Reload failed, keeping the running configuration: {error}",
                            error=str(e))
             return False
-        self._log_warnings(settings)
+        self._log_warnings(settings, self.settings)
         current = {(child.config.index, child.config.role): child for child in self
                    if child.name not in AUXILIARY_SERVICES}
         if settings.status != self.settings.status:
@@ -288,13 +288,16 @@ class TunnelService(service.MultiService):
         self.log.info("Reloaded {path}", path=path)
         return True
 
-    def _log_warnings(self, settings: Settings) -> None:
-        """What the settings reader accepted but warns about ("file:line: ..."; an
-        instance's prefixed with its [N]), one line each."""
-        for warning in settings.all_warnings():
-            # Not a field named "warning": legacy observers (syslog, trial) take an event
-            # with one for a Python warning and fail on it.
-            self.log.warn("{problem}", problem=warning)
+    def _log_warnings(self, settings: Settings, previous: Settings | None = None) -> None:
+        """What the settings reader accepted but warns about in the file itself ("file:line:
+        ..."), one line each; at a reload, only what the running file did not have.  (Each
+        instance's service logs the warnings about its own part, with its [N].)"""
+        known = set(previous.warnings) if previous is not None else set()
+        for warning in settings.warnings:
+            if warning not in known:
+                # Not a field named "warning": legacy observers (trial's) take an event
+                # with one for a Python warning and fail on it.
+                self.log.warn("{problem}", problem=warning)
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802
         """Join twistd's application; when we own the log file (or twistd logs to stdout),
