@@ -320,7 +320,9 @@ class UnauthenticatedSlotTests(AttackTestCase):
         gateway, bystander = await self.tls_gateway('maxUnauthenticatedLinks="8"')
         bystander.begin()
         silent = await hostile_peers(gateway.port, 12, "127.0.0.2")
-        await wait_until(lambda: sum(p.closed_called() for p in silent) >= 4, 1.0,
+        # At once: well before the 10 s login deadline that would close them anyway (3 s
+        # leaves room for a loaded machine; 1 s was flaky with two cores busy).
+        await wait_until(lambda: sum(p.closed_called() for p in silent) >= 4, 3.0,
                          "the connections over the limit to be closed")
         self.assertEqual(sum(p.closed_called() for p in silent), 4)
         await bystander.end(at_least=1)
@@ -545,10 +547,12 @@ class LogHygieneTests(AttackTestCase):
 
     async def test_unauthenticated_log_lines_are_rate_limited(self) -> None:
         """200 connections from one address that each break the protocol before login (a
-        DATA frame after HELLO) each get GOAWAY PROTOCOL_ERROR, but add at most 51 log
-        lines about that address (50 and a summary)."""
+        DATA frame after HELLO) each get GOAWAY PROTOCOL_ERROR, but add at most the log
+        budget's lines about that address: a burst of 50 and 10 a second (three lines each
+        without the budget: 600)."""
         gateway, bystander = await attacked_gateway(self)
         bystander.begin()
+        started = reactor.seconds()
         for _ in range(10):
             batch = await hostile_peers(gateway.port, 20, "127.0.0.5")
             for peer in batch:
@@ -565,7 +569,9 @@ class LogHygieneTests(AttackTestCase):
         await wait_until(lambda: re.search(rf":{port}\b.*authenticated", gateway.log())
                          is not None, 5, "the probe's login to be logged")
         lines = [line for line in gateway.log().splitlines() if "127.0.0.5" in line]
-        self.assertLessEqual(len(lines), 51, f"{len(lines)} log lines about one "
+        budget = 50 + 10 * (reactor.seconds() - started)
+        self.assertLessEqual(len(lines), budget, f"{len(lines)} log lines about one "
                              "unauthenticated address; the first: " + "\n".join(lines[:3]))
+        self.assertIn("suppressed", gateway.log())
         await bystander.end()
 
