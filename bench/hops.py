@@ -181,6 +181,15 @@ def perf_counts(pids: dict[str, int], run: Any, pings: int) -> dict[str, dict[st
     return out
 
 
+# The ping-pong client makes this many warm-up round trips before the ``count`` it times.
+WARM_UP = 50
+
+
+def trips(count: int) -> int:
+    """The round trips one ping-pong run of ``count`` makes (what the counters see)."""
+    return count + WARM_UP
+
+
 def pings(port: int, count: int) -> list[float]:
     samples: list[float] = bench.helper_output("pingpong", port, count)
     return samples
@@ -205,14 +214,14 @@ def measure_system(tls: bool, args: argparse.Namespace, work: str,
         for role in ROLES:
             # The total from schedstat (ns); its user/kernel split from the ticks of stat.
             user, kernel = (after[role][i] - before[role][i] for i in (0, 1))
-            total = (after[role][2] - before[role][2]) / args.pings * 1e6
+            total = (after[role][2] - before[role][2]) / trips(args.pings) * 1e6
             user_share = user / (user + kernel) if user + kernel else 0.5
             result["cpu_us_per_round_trip"][role] = {
                 "total": total, "user": total * user_share, "kernel": total * (1 - user_share)}
         result["perf"] = perf_counts(pids, lambda: pings(system.echo_port, args.pings),
-                                     args.pings)
+                                     trips(args.pings))
         result["syscalls_per_round_trip"] = strace_counts(
-            pids, lambda: pings(system.echo_port, args.strace_pings), args.strace_pings)
+            pids, lambda: pings(system.echo_port, args.strace_pings), trips(args.strace_pings))
     finally:
         procs.stop_all()
     profiles = os.path.join(work, "profiles")
@@ -229,7 +238,8 @@ def measure_system(tls: bool, args: argparse.Namespace, work: str,
             procs.stop_all()  # twistd writes its profile as it exits
     result["profile"] = {
         role: profile_shares(os.path.join(profiles, f"{label}-{args.pings}-{role}.prof"),
-                             os.path.join(profiles, f"{label}-0-{role}.prof"), args.pings)
+                             os.path.join(profiles, f"{label}-0-{role}.prof"),
+                             trips(args.pings))
         for role in ROLES}
     return result
 

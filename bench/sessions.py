@@ -103,8 +103,8 @@ class Layout:
 
 
 def gateway_xml(port: int, sessions: int, certs: Any, nat: bool) -> str:
-    """A Gateway with ``sessions`` sessions on one TLS listener (product limits unless
-    ``nat``)."""
+    """A Gateway with ``sessions`` sessions on one listener, TLS unless ``certs`` is None
+    (product limits unless ``nat``)."""
     limits = ""
     if nat:
         links = 2 * sessions + NAT_HEADROOM
@@ -113,15 +113,23 @@ def gateway_xml(port: int, sessions: int, certs: Any, nat: bool) -> str:
     body = "".join(f'<Session id="{i}" proxyClientPassword="pc{i}" proxyServerPassword="ps{i}"/>'
                    for i in range(1, sessions + 1))
     return (f'<Settings {NS}><Instance type="gateway"{limits}>'
-            f'<Listener ip="127.0.0.1" port="{port}" certificatePemFilePath="{certs.cert}" '
-            f'certificatePemKeyFilePath="{certs.key}"/>{body}</Instance></Settings>')
+            f'<Listener ip="127.0.0.1" port="{port}"{tls_listener(certs)}/>{body}'
+            '</Instance></Settings>')
+
+
+def tls_listener(certs: Any) -> str:
+    """The Listener's certificate attributes (none: plain links, ``--plain``)."""
+    if certs is None:
+        return ""
+    return (f' certificatePemFilePath="{certs.cert}" '
+            f'certificatePemKeyFilePath="{certs.key}"')
 
 
 def proxy_instances(port: int, session: int, entrance: int, echo: int, certs: Any,
                     roles: tuple[str, ...] = ("proxy-client", "proxy-server")) -> str:
     """A Proxy-Client and/or a Proxy-Server ``<Instance>`` of ``session`` (product defaults:
     keepalives, retry delays)."""
-    tls = f'useSsl="true" caFile="{certs.ca}" serverName="localhost"'
+    tls = f'useSsl="true" caFile="{certs.ca}" serverName="localhost"' if certs else ""
     out = []
     if "proxy-client" in roles:
         out.append(f'<Instance type="proxy-client" host="127.0.0.1" port="{port}" {tls}>'
@@ -272,9 +280,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with open("/proc/sys/net/core/somaxconn") as f:
         somaxconn = int(f.read())
     results: dict[str, Any] = {"sessions": n, "links": 2 * n, "nat_limits": args.nat,
+                               "tls": not args.plain,
                                "nofile_limit": hard, "somaxconn": somaxconn}
     try:
-        certs = mint(os.path.join(work, "certs"))
+        certs = None if args.plain else mint(os.path.join(work, "certs"))
         *entrances, small_entrance = entrance_ports(n + 1)
         layout = Layout(n, bench.free_port(), bench.free_port(), bench.free_port(),
                         dict(enumerate(entrances, 1)), small_entrance)
@@ -410,6 +419,8 @@ def main() -> None:
     parser.add_argument("--nat", action="store_true",
                         help="raise the Gateway's unauthenticated-link limits to 2N+64, as a "
                              "deployment with all proxies behind one address needs")
+    parser.add_argument("--plain", action="store_true",
+                        help="plain TCP links instead of TLS (what TLS costs per link)")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = parser.parse_args()
