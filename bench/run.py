@@ -890,10 +890,10 @@ NOTES = """\
   writes; the decoder alone handles 4.5-5 GB/s of 16 KiB records). Over TLS, tcptunnel and
   OpenSSH are level: the 1-stream median ratio moved between 0.84x and 1.32x across runs, the
   8-stream one between 0.83x and 1.12x.
-* **Ping-pong latency** (idle): per round trip the Gateway spends about 160 µs of user CPU and
-  55 µs in the kernel, each proxy about 105-145 µs and 35-60 µs (from `/proc/<pid>/stat` over
-  5,000 pings): about 0.5 ms of CPU, one process after the other, for a 0.5-0.75 ms round trip
-  (full runs differ that much with the load of this shared machine). Each hop is now the minimum
+* **Ping-pong latency** (idle) is the three processes' CPU, one after the other: over TLS links
+  the Gateway spends 122-146 µs per round trip and each proxy 93-120 µs, a sum equal to the
+  round trip p50 within a few µs (`make bench-hops`; the per-hop table below splits it into our
+  code, Twisted dispatch, TLS and the kernel). Each hop is now the minimum
   an event loop can do: `strace -c` counts exactly one `epoll_wait`, one `recvfrom` and one
   `sendto` per process per hop. Twisted's TCP transport sends one reactor iteration after a
   write (watch for writability, wait, dispatch, send, stop watching); the links, Bindings and
