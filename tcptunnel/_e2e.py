@@ -383,6 +383,11 @@ class RecordSealer:
         """The END record: send it before FIN."""
         return self.seal(RecordType.END, b"")
 
+    def seal_datagram(self, datagram: bytes) -> bytes:
+        """One datagram of a sealed ``udp`` stream as the payload of its one DATA frame:
+        whole records (one empty record for an empty datagram)."""
+        return self.seal_data(datagram) if datagram else self.seal(RecordType.DATA, b"")
+
 
 class RecordDecoder:
     """The receiving side of one direction of one stream: takes any split of the byte
@@ -473,6 +478,18 @@ class RecordDecoder:
             rest = bytes(view[offset:]) if offset < available else b""
         self._buffer = bytearray(rest)
         return records
+
+    def open_datagram(self, payload: bytes) -> bytes | None:
+        """The datagram in one DATA frame of a sealed ``udp`` stream (None for the frame
+        holding the END record); a frame must hold whole records."""
+        records = self.feed(payload)
+        if self._buffer or not records:
+            raise self._fail("a datagram frame that does not hold whole records")
+        if records[-1].type is RecordType.END:
+            if len(records) > 1:
+                raise self._fail("END in the frame of a datagram")
+            return None
+        return b"".join(r.data for r in records)
 
     def finish(self) -> None:
         """The peer's FIN arrived: raise unless the END record came and nothing is left."""
