@@ -1,0 +1,496 @@
+"""Unit tests of UDP through the tunnel: datagram streams in the multiplexer (framing,
+boundaries, drops), the Proxy-Server's flow table (tcptunnel._udp: limits, eviction, idle
+timeout, request/response), and the flow adapter's idle timer on a Clock."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tcptunnel import _frames as fr
+from tcptunnel import _mux, _udp
+from tcptunnel._frames import FrameDecoder, FrameType, Reason, StreamError
+from tcptunnel._udp import FlowPolicy, FlowTable, policy_for
+from tcptunnel.test.test_mux import Pair
+
+FUZZ_EXAMPLES = int(os.environ.get("TCPTUNNEL_FUZZ_EXAMPLES", "100"))
+
+
+def open_udp(pair: Pair, accept: bool = True) -> int:
+    """Open a ``udp`` stream from the Proxy-Server end (and accept it)."""
+    stream_id = pair.server.open_stream("127.0.0.1", 5353, fr.KIND_UDP)
+    pair.pump()
+    request = pair.client_events.pop()
+    assert isinstance(request, _mux.StreamOpenRequested), request
+    assert request.request.kind == fr.KIND_UDP
+    if accept:
+        pair.client.accept_stream(stream_id)
+        pair.pump()
+        opened = pair.server_events.pop()
+        assert isinstance(opened, _mux.StreamOpened), opened
+    return stream_id
+
+
+def datagrams_of(events: list[object], stream_id: int) -> list[bytes]:
+    """The DataReceived payloads of one stream, one per datagram."""
+    return [e.data for e in events
+            if isinstance(e, _mux.DataReceived) and e.stream_id == stream_id]
+
+
+class OpenKindTests(SynchronousTestCase):
+    """The ``udp`` kind in OPEN."""
+
+    def test_udp_kind_round_trips(self) -> None:
+        """An OPEN of kind udp (1) parses with its HOST and PORT, like tcp."""
+        payload = fr.open_payload(1000, 3, fr.KIND_UDP, fr.target_fields("dns.example", 53))
+        request = fr.parse_open(payload)
+        self.assertEqual((request.kind, request.host, request.port, request.origin),
+                         (fr.KIND_UDP, "dns.example", 53, 3))
+        self.assertEqual(fr.KIND_NAMES[fr.KIND_UDP], "udp")
+
+    def test_unknown_kind_still_unsupported(self) -> None:
+        """Kinds other than tcp and udp stay UNSUPPORTED."""
+        with self.assertRaises(StreamError) as caught:
+            fr.parse_open(fr.open_payload(1000, 0, 2, fr.target_fields("h", 1)))
+        self.assertIs(caught.exception.reason, Reason.UNSUPPORTED)
+
+
+class DatagramStreamTests(SynchronousTestCase):
+    """Datagram streams of _mux: one DATA frame per datagram, drops instead of queues."""
+
+    def test_each_datagram_is_one_frame(self) -> None:
+        """Datagrams of 0, 1, 40,000 and 65,507 bytes leave as one DATA frame each, an empty
+        one as an empty DATA frame, and arrive as one event each."""
+        pair = Pair()
+        stream_id = open_udp(pair)
+        sent = [b"", b"a", b"b" * 40000, b"c" * 65507]
+        for datagram in sent:
+            self.assertIsNone(pair.server.send_datagram(stream_id, datagram))
+        wire = b"".join(pair.server.data_to_send())
+        decoder = FrameDecoder(expect_magic=False)
+        frames = [f for f in decoder.feed(wire) if f.type == FrameType.DATA]
+        self.assertEqual([f.payload for f in frames], sent)
+        pair.client_events.extend(pair.client.receive_data(wire))
+        self.assertEqual(datagrams_of(pair.client_events, stream_id), sent)
+
+    def test_replies_keep_boundaries(self) -> None:
+        """The acceptor's datagrams come back one event each, the empty one too."""
+        pair = Pair()
+        stream_id = open_udp(pair)
+        for datagram in (b"x" * 700, b"", b"y"):
+            self.assertIsNone(pair.client.send_datagram(stream_id, datagram))
+        pair.pump()
+        self.assertEqual(datagrams_of(pair.server_events, stream_id), [b"x" * 700, b"", b"y"])
+
+    def test_empty_data_on_a_tcp_stream_is_no_event(self) -> None:
+        """An empty DATA frame means an empty datagram only on a udp stream."""
+        pair = Pair()
+        stream_id = pair.open()
+        events = pair.client.receive_data(fr.encode(FrameType.DATA, stream_id, b""))
+        self.assertEqual(events, [])
+
+    def test_early_datagrams_within_the_early_window(self) -> None:
+        """Before OPEN_RESULT only the early window (16 KiB) may be sent: a datagram beyond
+        it is dropped for credit, and the next frame carries BLOCKED."""
+        pair = Pair()
+        stream_id = open_udp(pair, accept=False)
+        self.assertIsNone(pair.server.send_datagram(stream_id, b"e" * 10000))
+        self.assertEqual(pair.server.send_datagram(stream_id, b"f" * 10000),
+                         _mux.DROP_NO_CREDIT)
+        self.assertIsNone(pair.server.send_datagram(stream_id, b"g" * 6384))
+        wire = b"".join(pair.server.data_to_send())
+        frames = [f for f in FrameDecoder(expect_magic=False).feed(wire)
+                  if f.type == FrameType.DATA]
+        self.assertEqual([len(f.payload) for f in frames], [10000, 6384])
+        self.assertEqual([f.flags & fr.FLAG_BLOCKED for f in frames], [fr.FLAG_BLOCKED, 0])
+        pair.client_events.extend(pair.client.receive_data(wire))
+        self.assertEqual(len(datagrams_of(pair.client_events, stream_id)), 2)
+
+    def test_acceptor_cannot_send_before_accepting(self) -> None:
+        """The acceptor's datagrams before its OPEN_RESULT are dropped (not open)."""
+        pair = Pair()
+        stream_id = open_udp(pair, accept=False)
+        self.assertEqual(pair.client.send_datagram(stream_id, b"no"), _mux.DROP_NOT_OPEN)
+
+    def test_flow_queue_bound(self) -> None:
+        """A flow whose datagrams the link does not take holds at most 64 of them; more
+        are dropped (flow_queue), and none of them is lost silently."""
+        pair = Pair()
+        stream_id = open_udp(pair)
+        results = [pair.server.send_datagram(stream_id, b"d") for _ in range(100)]
+        self.assertEqual(results.count(None), _mux.MAX_FLOW_DATAGRAMS)
+        self.assertEqual(results.count(_mux.DROP_FLOW_QUEUE), 100 - _mux.MAX_FLOW_DATAGRAMS)
+        pair.pump()
+        self.assertEqual(len(datagrams_of(pair.client_events, stream_id)),
+                         _mux.MAX_FLOW_DATAGRAMS)
+
+    def test_link_queue_bound(self) -> None:
+        """All flows of a link together queue at most the link bound; beyond it each new
+        datagram is dropped (link_queue) while TCP data still queues."""
+        pair = Pair()
+        pair.server.max_link_datagram_bytes = 100_000
+        flows = [open_udp(pair) for _ in range(4)]
+        tcp = pair.open()
+        results = [pair.server.send_datagram(flow, b"q" * 30000) for flow in flows]
+        self.assertEqual(results, [None, None, None, _mux.DROP_LINK_QUEUE])
+        self.assertEqual(pair.server.datagram_queued, 90000)
+        pair.server.send_data(tcp, b"t" * 1000)
+        self.assertEqual(pair.server.send_buffered(tcp), 1000)
+        pair.pump()
+        self.assertEqual(pair.server.datagram_queued, 0)
+
+    def test_too_large_and_no_credit(self) -> None:
+        """A datagram above the frame limit is dropped (too_large); one above the credit
+        left is dropped (no_credit), and credit comes back as the far end consumes."""
+        pair = Pair(initial_window=64 * 1024)
+        stream_id = open_udp(pair)
+        self.assertEqual(pair.server.send_datagram(stream_id, b"z" * (fr.MAX_PAYLOAD + 1)),
+                         _mux.DROP_TOO_LARGE)
+        for _ in range(4):
+            self.assertIsNone(pair.server.send_datagram(stream_id, b"w" * 16000))
+        self.assertEqual(pair.server.send_datagram(stream_id, b"w" * 16000),
+                         _mux.DROP_NO_CREDIT)
+        pair.pump()
+        for _ in datagrams_of(pair.client_events, stream_id):
+            pair.client.data_consumed(stream_id, 16000)
+        pair.pump()
+        self.assertIsNone(pair.server.send_datagram(stream_id, b"w" * 16000))
+
+    def test_starved_flow_window_grows_to_the_datagram_cap(self) -> None:
+        """A flow that keeps running out of credit gets a bigger window, up to 1 MiB (the
+        Gateway may then hold at most that for it), not a byte stream's 16 MiB."""
+        pair = Pair(initial_window=64 * 1024)
+        stream_id = open_udp(pair)
+        for _ in range(60):
+            # Send until the credit runs out (the link taking what the flow queued).
+            while (why := pair.server.send_datagram(stream_id, b"s" * 8000)) is not (
+                    _mux.DROP_NO_CREDIT):
+                if why == _mux.DROP_FLOW_QUEUE:
+                    pair.pump()
+            pair.pump()
+            for datagram in datagrams_of(pair.client_events, stream_id):
+                pair.client.data_consumed(stream_id, len(datagram), 1.0)
+            pair.client_events.clear()
+            pair.pump()
+        window = pair.client.streams[stream_id].recv_window
+        self.assertEqual(window, _mux.MAX_DATAGRAM_WINDOW)
+
+    def test_fin_after_queued_datagrams(self) -> None:
+        """Ending a flow sends its FIN after the datagrams queued before it; the far end's
+        FIN closes the stream; datagrams after the end are dropped (not open)."""
+        pair = Pair()
+        stream_id = open_udp(pair)
+        pair.server.send_datagram(stream_id, b"last")
+        pair.server.end_stream(stream_id)
+        self.assertEqual(pair.server.send_datagram(stream_id, b"late"), _mux.DROP_NOT_OPEN)
+        pair.pump()
+        self.assertEqual(datagrams_of(pair.client_events, stream_id), [b"last"])
+        self.assertIsInstance(pair.client_events[-1], _mux.StreamEnded)
+        pair.client.end_stream(stream_id)
+        pair.pump()
+        self.assertIsNone(pair.server.stream_state(stream_id))
+        self.assertIsNone(pair.client.stream_state(stream_id))
+
+    def test_reset_releases_the_link_queue(self) -> None:
+        """A reset flow's queued datagrams leave the link's datagram count at once."""
+        pair = Pair()
+        stream_id = open_udp(pair)
+        pair.server.send_datagram(stream_id, b"r" * 5000)
+        self.assertEqual(pair.server.datagram_queued, 5000)
+        pair.server.reset_stream(stream_id, Reason.CANCELLED)
+        self.assertEqual(pair.server.datagram_queued, 0)
+
+    def test_send_datagram_on_tcp_stream_is_a_bug(self) -> None:
+        """send_datagram on a byte stream raises (a programming error, not a drop)."""
+        pair = Pair()
+        stream_id = pair.open()
+        self.assertRaises(RuntimeError, pair.server.send_datagram, stream_id, b"x")
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(sizes=st.lists(st.integers(0, 3000), max_size=40),
+           cuts=st.lists(st.integers(1, 5000), min_size=1, max_size=20))
+    def test_boundaries_survive_any_read_split(self, sizes: list[int],
+                                               cuts: list[int]) -> None:
+        """Whatever the sizes and however the bytes are cut into reads, the acceptor sees
+        exactly the datagrams that were queued, in order (and the drops are the rest)."""
+        pair = Pair()
+        stream_id = open_udp(pair)
+        queued = []
+        for i, size in enumerate(sizes):
+            datagram = bytes([i % 256]) * size
+            if pair.server.send_datagram(stream_id, datagram) is None:
+                queued.append(datagram)
+        wire = b"".join(pair.server.data_to_send())
+        offset, events, turn = 0, [], 0
+        while offset < len(wire):
+            step = cuts[turn % len(cuts)]
+            events.extend(pair.client.receive_data(wire[offset : offset + step]))
+            offset += step
+            turn += 1
+        self.assertEqual(datagrams_of(events, stream_id), queued)
+
+
+class FlowTableTests(SynchronousTestCase):
+    """The Proxy-Server's flow table."""
+
+    def test_one_flow_per_sender(self) -> None:
+        """A sender's datagrams share its flow; another sender gets another."""
+        table = FlowTable()
+        table.add_binding("b", FlowPolicy())
+        first = table.datagram_from("b", ("10.0.0.1", 1000), 0.0)
+        again = table.datagram_from("b", ("10.0.0.1", 1000), 1.0)
+        other = table.datagram_from("b", ("10.0.0.1", 1001), 1.0)
+        self.assertTrue(first.new)
+        self.assertFalse(again.new)
+        self.assertIs(again.flow, first.flow)
+        self.assertTrue(other.new)
+        self.assertEqual(len(table), 2)
+
+    def test_idle_timeout(self) -> None:
+        """A flow expires when idle for its Binding's timeout; a reply counts as activity."""
+        table = FlowTable()
+        table.add_binding("b", FlowPolicy(idle_timeout=30.0))
+        flow = table.datagram_from("b", "s", 0.0).flow
+        self.assertEqual(table.next_expiry(), 30.0)
+        table.reply_to(flow, 20.0)
+        self.assertEqual(table.expire(49.9), [])
+        self.assertEqual(table.expire(50.0), [flow])
+        self.assertIsNone(table.next_expiry())
+
+    def test_binding_limit_evicts_its_longest_idle(self) -> None:
+        """At a full Binding a new sender evicts that Binding's longest-idle flow."""
+        table = FlowTable()
+        table.add_binding("b", FlowPolicy(max_flows=2))
+        table.add_binding("c", FlowPolicy(max_flows=2))
+        a = table.datagram_from("b", "a", 0.0).flow
+        table.datagram_from("c", "old-in-c", -1.0)
+        b = table.datagram_from("b", "b", 1.0).flow
+        table.datagram_from("b", "a", 2.0)  # a is now the more recent
+        arrival = table.datagram_from("b", "n", 3.0)
+        self.assertEqual(arrival.evicted, (b,))
+        self.assertEqual({f.sender for f in table.flows("b")}, {"a", "n"})
+        self.assertIsNotNone(table.lookup("c", "old-in-c"))
+        del a
+
+    def test_link_limit_evicts_the_longest_idle_anywhere(self) -> None:
+        """At a full link a new sender evicts the longest-idle flow of any Binding."""
+        table = FlowTable(max_flows=3)
+        table.add_binding("b", FlowPolicy())
+        table.add_binding("c", FlowPolicy())
+        table.datagram_from("b", "b1", 5.0)
+        oldest = table.datagram_from("c", "c1", 1.0).flow
+        table.datagram_from("b", "b2", 6.0)
+        arrival = table.datagram_from("b", "b3", 7.0)
+        self.assertEqual(arrival.evicted, (oldest,))
+        self.assertEqual(len(table), 3)
+
+    def test_request_response_closes_on_answer(self) -> None:
+        """A request/response flow (DNS) is done once each request has its reply."""
+        table = FlowTable()
+        table.add_binding("dns", policy_for(53))
+        flow = table.datagram_from("dns", "s", 0.0).flow
+        table.datagram_from("dns", "s", 0.1)
+        self.assertFalse(table.reply_to(flow, 0.2))
+        self.assertTrue(table.reply_to(flow, 0.3))
+        self.assertEqual(len(table), 0)
+        self.assertFalse(table.reply_to(flow, 0.4))
+
+    def test_policy_for(self) -> None:
+        """Port 53 is request/response with at most 10 s idle; others take the setting or
+        60 s."""
+        self.assertEqual(policy_for(53), FlowPolicy(_udp.DNS_IDLE_TIMEOUT, 256, True))
+        self.assertEqual(policy_for(53, 3.0).idle_timeout, 3.0)
+        self.assertEqual(policy_for(51820), FlowPolicy(60.0, 256, False))
+        self.assertEqual(policy_for(51820, 120.0).idle_timeout, 120.0)
+
+    def test_remove_binding_returns_its_flows(self) -> None:
+        """Removing a Binding hands back its flows and frees their places."""
+        table = FlowTable(max_flows=2)
+        table.add_binding("b", FlowPolicy())
+        table.add_binding("c", FlowPolicy())
+        flow = table.datagram_from("b", "x", 0.0).flow
+        table.datagram_from("c", "y", 0.0)
+        self.assertEqual(table.remove_binding("b"), [flow])
+        self.assertEqual(len(table), 1)
+        self.assertFalse(table.datagram_from("c", "z", 1.0).evicted)
+
+    def test_invalid_policies_refused(self) -> None:
+        """A policy without flows or with a non-positive timeout is refused."""
+        table = FlowTable()
+        self.assertRaises(ValueError, table.add_binding, "b", FlowPolicy(max_flows=0))
+        self.assertRaises(ValueError, table.add_binding, "b", FlowPolicy(idle_timeout=0))
+        self.assertRaises(ValueError, FlowTable, 0)
+
+
+class FlowTableMachine(RuleBasedStateMachine):
+    """The flow table against a model: limits always kept, eviction takes the longest idle
+    (of the Binding, then of the link), expiry exactly the idle ones."""
+
+    BINDINGS = ("b0", "b1", "b2")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = FlowTable(max_flows=5)
+        self.limits = {"b0": 2, "b1": 3, "b2": 4}
+        self.timeouts = {"b0": 5.0, "b1": 10.0, "b2": 30.0}
+        for name in self.BINDINGS:
+            self.table.add_binding(name, FlowPolicy(self.timeouts[name], self.limits[name],
+                                                    request_response=name == "b2"))
+        self.now = 0.0
+        # (binding, sender) -> [last_active, unanswered]
+        self.model: dict[tuple[str, int], list[float]] = {}
+
+    def _oldest(self, keys: list[tuple[str, int]]) -> tuple[str, int]:
+        return min(keys, key=lambda k: self.model[k][0])
+
+    @rule(binding=st.sampled_from(BINDINGS), sender=st.integers(0, 6))
+    def datagram(self, binding: str, sender: int) -> None:
+        key = (binding, sender)
+        arrival = self.table.datagram_from(binding, sender, self.now)
+        evicted: set[Any] = {(f.binding, f.sender) for f in arrival.evicted}
+        expected: set[Any] = set()
+        if key in self.model:
+            assert not arrival.new
+            self.model[key][0] = self.now
+            self.model[key][1] += 1
+        else:
+            assert arrival.new
+            mine = [k for k in self.model if k[0] == binding]
+            if len(mine) >= self.limits[binding]:
+                expected.add(self._oldest(mine))
+            rest = [k for k in self.model if k not in expected]
+            if len(rest) >= 5:
+                # Ties between Bindings: the table may pick either flow of the same age.
+                candidate = self._oldest(rest)
+                age = self.model[candidate][0]
+                tied = {k for k in rest if self.model[k][0] == age}
+                chosen = evicted - expected
+                assert len(chosen) == 1 and chosen <= tied, (chosen, tied)
+                expected |= chosen
+            for k in expected:
+                del self.model[k]
+            self.model[key] = [self.now, 1]
+        assert evicted == expected, (evicted, expected)
+
+    @precondition(lambda self: bool(self.model))
+    @rule(data=st.data())
+    def reply(self, data: Any) -> None:
+        key = data.draw(st.sampled_from(sorted(self.model)))
+        flow = self.table.lookup(*key)
+        assert flow is not None
+        done = self.table.reply_to(flow, self.now)
+        entry = self.model[key]
+        entry[0] = self.now
+        entry[1] = max(0, entry[1] - 1)
+        assert done == (key[0] == "b2" and entry[1] == 0)
+        if done:
+            del self.model[key]
+
+    @rule(step=st.floats(0.0, 12.0))
+    def advance(self, step: float) -> None:
+        self.now += step
+        expired = {(f.binding, f.sender) for f in self.table.expire(self.now)}
+        expected = {k for k, (last, _n) in self.model.items()
+                    if last + self.timeouts[k[0]] <= self.now}
+        assert expired == expected, (expired, expected)
+        for k in expected:
+            del self.model[k]
+
+    @invariant()
+    def matches_model(self) -> None:
+        live = {(f.binding, f.sender) for f in self.table.flows()}
+        assert live == set(self.model), (live, set(self.model))
+        assert len(self.table) == len(self.model) <= 5
+        for name in self.BINDINGS:
+            assert len(self.table.flows(name)) <= self.limits[name]
+        expiry = self.table.next_expiry()
+        if self.model:
+            assert expiry == min(last + self.timeouts[k[0]]
+                                 for k, (last, _n) in self.model.items())
+        else:
+            assert expiry is None
+
+
+FlowTableMachineTests = FlowTableMachine.TestCase
+FlowTableMachineTests.settings = settings(max_examples=FUZZ_EXAMPLES, deadline=None,
+                                          stateful_step_count=40)
+
+
+class _FakeProxy:
+    """What ServerFlows needs of a ProxyServerService: a clock, stats, no link."""
+
+    def __init__(self, clock: Clock) -> None:
+        from collections import Counter
+
+        self.reactor = clock
+        self.stats: Counter[tuple[str, ...]] = Counter()
+        self.link = None
+        self.partner_available = False
+
+
+class ServerFlowsTimerTests(SynchronousTestCase):
+    """The adapter's one idle timer, on a Clock."""
+
+    def test_one_timer_at_the_next_expiry(self) -> None:
+        """ServerFlows keeps one timer at the table's next deadline; when it fires the idle
+        flows are ended and it re-arms for the next one; with no flows, no timer."""
+        from tcptunnel.udp import ServerFlows
+
+        clock = Clock()
+        flows = ServerFlows(_FakeProxy(clock))
+        flows.table.add_binding("b", FlowPolicy(idle_timeout=10.0))
+        flows.table.datagram_from("b", "early", 0.0)
+        clock.advance(4.0)
+        flows.table.datagram_from("b", "late", 4.0)
+        flows.arm()
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [10.0])
+        clock.advance(6.0)
+        self.assertEqual([f.sender for f in flows.table.flows()], ["late"])
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [14.0])
+        clock.advance(4.0)
+        self.assertEqual(len(flows.table), 0)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_no_link_drops_and_counts(self) -> None:
+        """Without a link a datagram is dropped, counted (no_link), and opens no flow."""
+        from tcptunnel.udp import ServerFlows
+
+        clock = Clock()
+        proxy = _FakeProxy(clock)
+        proxy.log = _NullLog()  # type: ignore[attr-defined]
+        proxy.config = _Config()  # type: ignore[attr-defined]
+        flows = ServerFlows(proxy)
+        binding = _Binding()
+        flows.datagram_received(binding, b"x", ("127.0.0.1", 9))  # type: ignore[arg-type]
+        flows.datagram_received(binding, b"y", ("127.0.0.1", 9))  # type: ignore[arg-type]
+        self.assertEqual(proxy.stats["udp_dropped", "no_link"], 2)
+        self.assertEqual(len(flows.table), 0)
+        self.assertEqual(proxy.log.lines, 1)  # type: ignore[attr-defined]
+
+
+class _NullLog:
+    def __init__(self) -> None:
+        self.lines = 0
+
+    def warn(self, *args: Any, **kwargs: Any) -> None:
+        self.lines += 1
+
+
+class _Config:
+    index = 0
+
+
+class _Binding:
+    last_drop_log = -1e9
+
+    class config:  # noqa: N801
+        @staticmethod
+        def describe() -> str:
+            return "127.0.0.1:9 -> 127.0.0.1:53"
+
