@@ -58,6 +58,7 @@ __all__ = [
     "KIND_SEALED",
     "MAX_PLAINTEXT",
     "MAX_RECORD",
+    "MAX_SEALED_DATAGRAM",
     "MESSAGE_MISMATCH",
     "MESSAGE_NO_PASSWORD",
     "PAKE_DEADLINE",
@@ -100,6 +101,9 @@ _HEADER = struct.Struct(">BH")  # type, length of the ciphertext with its tag
 TAG_SIZE = 16
 RECORD_OVERHEAD = _HEADER.size + TAG_SIZE  # 19 bytes: 0.12 % of a full record
 MAX_PLAINTEXT = MAX_RECORD - RECORD_OVERHEAD  # 16,365
+#: The largest datagram of a sealed ``udp`` stream: four full records, exactly one DATA
+#: frame of 65,536 bytes (a fifth record would need more than the frame has left).
+MAX_SEALED_DATAGRAM = 4 * MAX_PLAINTEXT  # 65,460
 _AD = struct.Struct(">8sIBBHQ")  # pairing id, stream, direction, type, length, sequence
 _SEALED_PREFIX = struct.Struct(">8sI")  # pairing id, stream number
 _MAX_SEQUENCE = 2**64 - 1
@@ -385,7 +389,10 @@ class RecordSealer:
 
     def seal_datagram(self, datagram: bytes) -> bytes:
         """One datagram of a sealed ``udp`` stream as the payload of its one DATA frame:
-        whole records (one empty record for an empty datagram)."""
+        whole records (one empty record for an empty datagram); at most
+        :data:`MAX_SEALED_DATAGRAM` bytes."""
+        if len(datagram) > MAX_SEALED_DATAGRAM:
+            raise ValueError(f"a datagram of {len(datagram)} bytes does not fit one sealed frame")
         return self.seal_data(datagram) if datagram else self.seal(RecordType.DATA, b"")
 
 

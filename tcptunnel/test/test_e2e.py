@@ -580,8 +580,13 @@ class RecordTests(SynchronousTestCase):
         """A sealed udp stream: one DATA frame per datagram, empty and large ones included;
         a frame cut or merged by the Gateway, or a dropped datagram, is an integrity failure."""
         sealer, decoder = self.server_cipher.sealer, self.client_cipher.decoder
-        for datagram in (b"", b"dns query", b"y" * 65507):
-            self.assertEqual(decoder.open_datagram(sealer.seal_datagram(datagram)), datagram)
+        for datagram in (b"", b"dns query", b"y" * e2e.MAX_SEALED_DATAGRAM):
+            frame = sealer.seal_datagram(datagram)
+            self.assertLessEqual(len(frame), fr.MAX_PAYLOAD)
+            self.assertEqual(decoder.open_datagram(frame), datagram)
+        self.assertEqual(len(frame), fr.MAX_PAYLOAD)  # the largest fills a frame exactly
+        with self.assertRaises(ValueError):
+            sealer.seal_datagram(b"y" * (e2e.MAX_SEALED_DATAGRAM + 1))
         self.assertIsNone(decoder.open_datagram(sealer.seal_end()))
         decoder.finish()
         self.setUp()
