@@ -42,9 +42,13 @@ run: $(STAMP)
 	  $(VENV)/bin/twistd -n --pidfile= tcptunnel --config conf/demo.xml
 
 # Real third-party programs the tests drive, as "command:Debian package": headless Chromium for
-# the status page; tinyproxy and microsocks as outbound proxies.  Installed when missing and we
-# may (as root, with apt-get); each test says clearly that it could not run otherwise.
-TEST_PROGRAMS := chromium:chromium tinyproxy:tinyproxy microsocks:microsocks
+# the status page; tinyproxy and microsocks as outbound proxies; dig (against a dnsmasq the
+# test runs itself: dnsmasq-base, the program without Debian's system service), socat and
+# iperf3 through UDP Bindings.  Installed when missing and we may (as root, with apt-get);
+# each test says clearly that it could not run otherwise.  (Non-interactive: iperf3's package
+# asks whether to start a daemon.)
+TEST_PROGRAMS := chromium:chromium tinyproxy:tinyproxy microsocks:microsocks \
+	dig:bind9-dnsutils dnsmasq:dnsmasq-base socat:socat iperf3:iperf3
 
 test: $(STAMP)
 	@missing=""; for entry in $(TEST_PROGRAMS); do \
@@ -52,6 +56,7 @@ test: $(STAMP)
 	    missing="$$missing $${entry#*:}"; done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Debian's$$missing for the tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
 	  (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) \
 	    >/dev/null 2>&1 || echo "could not install$$missing: the tests that need them say so"; \
 	  for service in tinyproxy; do systemctl disable --now $$service >/dev/null 2>&1 || true; done; \
