@@ -207,8 +207,11 @@ class TwistdProcessTests(TestCase):
         processes = [self.spawn(path, work) for path in (gateway, client, server)]
         data = b"through three processes" * 1000
         # Its Bindings listen before it connects; a partner means the Proxy-Client is in.
-        await wait_until(lambda: re.search("(?i)partner available: yes", processes[2].log())
-                         is not None, 60, "the Proxy-Server to have its partner")
+        try:
+            await wait_until(lambda: re.search("(?i)partner available: yes", processes[2].log())
+                             is not None, 60, "the Proxy-Server to have its partner")
+        except AssertionError as e:
+            self.fail(f"{e}; logs:\n" + "\n".join(p.log() for p in processes))
         probe = await connect(binding_port)
         probe.transport.write(data)
         probe.transport.loseWriteConnection()
