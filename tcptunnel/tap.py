@@ -333,14 +333,18 @@ class TunnelService(service.MultiService):
         self.reactor.callFromThread(self.reactor.stop)
 
     def _install_signal_handlers(self) -> None:
-        """SIGHUP reloads, SIGUSR1 reopens the log file, SIGTERM stops with status 0.
-        Called once the reactor runs (after it installed its own SIGTERM handler)."""
-        if not self.running or threading.current_thread() is not threading.main_thread():
+        """SIGHUP reloads, SIGUSR1 reopens the log file, SIGTERM stops with status 0; then
+        "Started." says so.  Called once the reactor runs (after it installed its own SIGTERM
+        handler).  Until then a SIGUSR1 would end the process (its default action): "Started."
+        is logged only now, so that whoever waits for it may signal."""
+        if not self.running:
             return
-        for number, handler in ((signal.SIGHUP, self._on_sighup),
-                                (signal.SIGUSR1, self._on_sigusr1),
-                                (signal.SIGTERM, self._on_sigterm)):
-            self._previous_handlers.setdefault(number, signal.signal(number, handler))
+        if threading.current_thread() is threading.main_thread():
+            for number, handler in ((signal.SIGHUP, self._on_sighup),
+                                    (signal.SIGUSR1, self._on_sigusr1),
+                                    (signal.SIGTERM, self._on_sigterm)):
+                self._previous_handlers.setdefault(number, signal.signal(number, handler))
+        self.log.info("Started. Send SIGHUP to reload, SIGTERM or Ctrl+C to stop.")
 
     def _restore_signal_handlers(self) -> None:
         for number, handler in self._previous_handlers.items():
@@ -368,7 +372,6 @@ class TunnelService(service.MultiService):
             self.log.info("[{name}] started", name=child.name)
         self._tell_stderr(None)
         self.reactor.callWhenRunning(self._install_signal_handlers)
-        self.log.info("Started. Send SIGHUP to reload, SIGTERM or Ctrl+C to stop.")
 
     def _tell_stderr(self, text: str | None) -> None:
         """Write ``text`` on the standard error twistd was started with, then let it go.
