@@ -191,6 +191,7 @@ def trips(count: int) -> int:
 
 
 def pings(port: int, count: int) -> list[float]:
+    """``count`` timed 1-byte round trips through ``port`` (seconds each)."""
     samples: list[float] = bench.helper_output("pingpong", port, count)
     return samples
 
@@ -266,6 +267,7 @@ def table(name: str, result: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
+    """Measure the systems asked for; print the tables (and write the JSON)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pings", type=int, default=5000)

@@ -143,6 +143,7 @@ def proxy_instances(port: int, session: int, entrance: int, echo: int, certs: An
 
 
 def write(path: str, text: str) -> str:
+    """Write ``text`` to ``path``; returns the path."""
     with open(path, "w") as f:
         f.write(text)
     return path
@@ -158,6 +159,7 @@ def twistd(procs: bench.Processes, work: str, name: str, settings: str) -> int:
 
 
 def read_log(path: str, offset: int = 0) -> str:
+    """A log file's text from ``offset`` on (empty while it does not exist yet)."""
     try:
         with open(path, errors="replace") as f:
             f.seek(offset)
@@ -167,6 +169,7 @@ def read_log(path: str, offset: int = 0) -> str:
 
 
 def log_size(path: str) -> int:
+    """A log file's size now (0 while it does not exist yet): where a later read starts."""
     try:
         return os.path.getsize(path)
     except FileNotFoundError:
@@ -266,10 +269,12 @@ def entrance_ports(count: int) -> list[int]:
 
 
 def gateway_fds(pid: int) -> int:
+    """The file descriptors a process holds open now."""
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Start everything, take every figure in order, stop everything; the results."""
     from tcptunnel.test._certs import mint
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -407,6 +412,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
+    """Parse the options, run, print the results (and write the JSON)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=1000)
