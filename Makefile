@@ -95,7 +95,7 @@ bench: $(STAMP)
 SESSIONS ?= 1000
 .PHONY: bench-sessions bench-hops
 bench-sessions: $(STAMP)
-	$(PY) bench/sessions.py --sessions $(SESSIONS) $(SESSIONS_ARGS) --json bench-sessions.json
+	$(PY) bench/sessions.py --sessions $(SESSIONS) $(SESSIONS_ARGS) --json bench/out/sessions.json
 
 # Where one round trip's CPU goes per hop, TLS and plain links (strace, perf, cProfile; ~3 min).
 bench-hops: $(STAMP)
@@ -105,7 +105,7 @@ bench-hops: $(STAMP)
 	    (apt-get install -y -q strace linux-perf || \
 	     (apt-get update -q && apt-get install -y -q strace linux-perf)) >/dev/null; \
 	  else sudo apt-get install -y strace linux-perf; fi; fi
-	$(PY) bench/hops.py --json bench-hops.json
+	$(PY) bench/hops.py --json bench/out/hops.json
 
 clean:
 	rm -rf $(VENV) _trial_temp* .trial-output.txt twisted/plugins/dropin.cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -295,6 +295,7 @@ def main() -> None:
     for label in args.systems:
         print("\n".join(table(f"tcptunnel {label}", results[label])) + "\n")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
 

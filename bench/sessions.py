@@ -434,6 +434,7 @@ def main() -> None:
     text = json.dumps(results, indent=1)
     print(text)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             f.write(text + "\n")
 
