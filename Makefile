@@ -44,11 +44,12 @@ run: $(STAMP)
 # Real third-party programs the tests drive, as "command:Debian package": headless Chromium for
 # the status page; tinyproxy and microsocks as outbound proxies; dig (against a dnsmasq the
 # test runs itself: dnsmasq-base, the program without Debian's system service), socat and
-# iperf3 through UDP Bindings.  Installed when missing and we may (as root, with apt-get);
-# each test says clearly that it could not run otherwise.  (Non-interactive: iperf3's package
+# iperf3 through UDP Bindings; nginx as the reverse proxy in front of a WebSocket Listener
+# (its service disabled after install, as tinyproxy's).  Installed when missing and we may
+# (as root, with apt-get); each test says clearly that it could not run otherwise.  (Non-interactive: iperf3's package
 # asks whether to start a daemon.)
 TEST_PROGRAMS := chromium:chromium tinyproxy:tinyproxy microsocks:microsocks \
-	dig:bind9-dnsutils dnsmasq:dnsmasq-base socat:socat iperf3:iperf3
+	dig:bind9-dnsutils dnsmasq:dnsmasq-base socat:socat iperf3:iperf3 nginx:nginx
 
 test: $(STAMP)
 	@missing=""; for entry in $(TEST_PROGRAMS); do \
@@ -59,7 +60,7 @@ test: $(STAMP)
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) \
 	    >/dev/null 2>&1 || echo "could not install$$missing: the tests that need them say so"; \
-	  for service in tinyproxy; do systemctl disable --now $$service >/dev/null 2>&1 || true; done; \
+	  for service in tinyproxy nginx; do systemctl disable --now $$service >/dev/null 2>&1 || true; done; \
 	fi
 	@rm -rf _trial_temp
 	@set -o pipefail 2>/dev/null; $(VENV)/bin/trial --jobs=2 tcptunnel 2>&1 | tee .trial-output.txt; \

@@ -41,6 +41,7 @@ import defusedxml
 import defusedxml.sax
 
 from tcptunnel._outbound import ProxyUrl, parse_proxy_url, proxy_from_environment
+from tcptunnel._websocket import Network, parse_networks
 
 NAMESPACE = "https://github.com/kpreisser/TcpTunnel"
 # Attributes in the XML Schema instance namespace (xsi:schemaLocation) are there for
@@ -120,6 +121,10 @@ class ListenerConfig:
     port: int
     tls: TlsFiles | None
     location: Location = field(compare=False)
+    # Links arrive as WebSockets on this path (ours; None: the link protocol on TCP/TLS).
+    websocket_path: str | None = None
+    # Reverse proxies whose X-Forwarded-For is believed (ours; WebSocket Listeners only).
+    trusted_proxies: tuple[Network, ...] = ()
 
     def describe(self) -> str:
         """Human-readable address, as used in log lines and errors."""
@@ -234,6 +239,8 @@ class ProxyConfig:
     warnings: tuple[str, ...] = field(default=(), compare=False)
     # The outbound HTTP CONNECT or SOCKS5 proxy the link goes through (ours), or None.
     outbound_proxy: ProxyUrl | None = None
+    # The link is a WebSocket to this path on the Gateway (ours), or None.
+    websocket_path: str | None = None
 
 
 InstanceConfig = GatewayConfig | ProxyConfig
@@ -754,9 +761,27 @@ def _listener(element: _Element) -> ListenerConfig:
         mode_warning = others_access_warning(key_file, "private key file")
         if mode_warning is not None:
             element.warn(mode_warning)
+    websocket_path = element.get("webSocketPath", _websocket_path, _WEBSOCKET_PATH_WHAT)
+    trusted = element.get("trustedProxies", parse_networks,
+                          "IP addresses or networks separated by commas") or ()
+    if trusted and websocket_path is None:
+        raise element.error("trustedProxies needs webSocketPath (X-Forwarded-For is read "
+                            "only from WebSocket requests)", "trustedProxies")
     element.check_unknown_attributes()
     _no_children(element)
-    return ListenerConfig(ip=ip, port=port, tls=tls, location=element.location)
+    return ListenerConfig(ip=ip, port=port, tls=tls, location=element.location,
+                          websocket_path=websocket_path, trusted_proxies=trusted)
+
+
+_WEBSOCKET_PATH_WHAT = "a URL path starting with / (e.g. /tunnel), without query or spaces"
+
+
+def _websocket_path(text: str) -> str:
+    """An absolute URL path: printable ASCII, no query, fragment or spaces."""
+    if (not text.startswith("/") or len(text) > 256 or any(c in text for c in "?# ")
+            or not all("!" <= c <= "~" for c in text)):
+        raise ValueError(text)
+    return text
 
 
 def _relative(element: _Element, path: str) -> str:
@@ -1005,9 +1030,11 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
     if max_window < initial_window:
         raise element.error("maxWindow must not be smaller than initialWindow", "maxWindow")
     outbound_proxy = _outbound_proxy(element, host)
+    websocket_path = element.get("webSocketPath", _websocket_path, _WEBSOCKET_PATH_WHAT)
     element.raw("type")
     element.check_unknown_attributes()
-    if not use_tls and (ca_file or server_name or pin):
+    # A plain WebSocket link still sends serverName, as its Host header.
+    if not use_tls and (ca_file or pin or (server_name and websocket_path is None)):
         raise element.error("caFile, serverName and certificatePin need useSsl=\"true\"")
 
     session_element: _Element | None = None
@@ -1081,6 +1108,7 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
         initial_window=initial_window,
         max_window=max_window,
         outbound_proxy=outbound_proxy,
+        websocket_path=websocket_path,
         warnings=_in_line_order(element.sink),
         **timing,
     )

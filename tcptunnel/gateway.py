@@ -515,6 +515,8 @@ class GatewayService(service.Service):
             self._open_listener, self._announce_listener)
         # Load certificates now so that a bad one fails start-up with its name.
         self._tls = self._load_tls(config)
+        # Per WebSocket Listener, its GatewayWebSocketFactory (reloads update it in place).
+        self._websockets: dict[AddressKey, Any] = {}
 
     @property
     def ports(self) -> list[Any]:
@@ -534,20 +536,35 @@ class GatewayService(service.Service):
                 if listener.tls is not None}
 
     def _open_listener(self, key: AddressKey, listener: ListenerConfig) -> tuple[Any, Any]:
-        from tcptunnel.tls import ReloadableServerTls
+        from tcptunnel.tls import ALPN_HTTP_1_1, ALPN_PROTOCOL, ReloadableServerTls
 
         options = self._tls.get(key)
-        tls = ReloadableServerTls(options) if options is not None else None
-        port = listen(self.reactor, listener.ip, listener.port, self.factory,
+        alpn = ALPN_PROTOCOL if listener.websocket_path is None else ALPN_HTTP_1_1
+        tls = ReloadableServerTls(options, alpn) if options is not None else None
+        factory: Any = self.factory
+        if listener.websocket_path is not None:
+            from tcptunnel.websocket import GatewayWebSocketFactory  # imports autobahn
+
+            factory = GatewayWebSocketFactory(
+                self.factory, listener.websocket_path, listener.trusted_proxies,
+                self.gateway.limits.login_timeout, self.reactor)
+            self._websockets[key] = factory
+        port = listen(self.reactor, listener.ip, listener.port, factory,
                       f"[{self.config.index}] Gateway", listener.location, tls)
         return port, tls
 
     def _announce_listener(self, listener: ListenerConfig, port: Any, tls: Any) -> None:
         index = self.config.index
-        self.log.info("[{index}] Gateway listener started on {address} (TLS: {tls})",
+        self.log.info("[{index}] Gateway listener started on {address} (TLS: {tls}{ws})",
                       index=index, address=format_address(listener.ip, port.getHost().port),
-                      tls="on" if tls is not None else "off")
-        if tls is None:
+                      tls="on" if tls is not None else "off",
+                      ws=f", WebSocket: {listener.websocket_path}"
+                      if listener.websocket_path is not None else "")
+        if tls is None and listener.websocket_path is not None:
+            self.log.info("[{index}] Listener {address} is plain WebSocket: links are "
+                          "encrypted only if a reverse proxy in front terminates TLS",
+                          index=index, address=listener.describe())
+        elif tls is None:
             self.log.warn("[{index}] Listener {address} is plain TCP: links through it are "
                           "not encrypted", index=index, address=listener.describe())
 
@@ -576,6 +593,13 @@ class GatewayService(service.Service):
                               "restart", index=new.index, address=listener.describe())
             elif holder is not None:
                 holder.update(tls[key])  # renewed certificate for new links
+            websocket = self._websockets.get(key)
+            if (websocket is None) != (listener.websocket_path is None):
+                self.log.warn("[{index}] Listener {address}: switching webSocketPath on or "
+                              "off needs a restart", index=new.index,
+                              address=listener.describe())
+            elif websocket is not None:
+                websocket.update(listener.websocket_path, listener.trusted_proxies)
 
         def applied(_: Any) -> bool:
             self.gateway.update(new)

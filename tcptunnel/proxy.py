@@ -253,13 +253,22 @@ class ProxyService(service.MultiService):
         # Event counters for /metrics: (name, label...) -> count.
         self.stats: Counter[tuple[str, ...]] = Counter()
         self.factory = ProxyLinkFactory(self)
-        # What connectTCP is given: the link factory, wrapped in TLS when configured.
+        # What connectTCP is given: the link factory, wrapped in a WebSocket and then TLS
+        # when configured (TCP -> [outbound proxy] -> [TLS] -> [WebSocket] -> link).
         self._connecting_factory: Any = self.factory
+        if config.websocket_path is not None:
+            from tcptunnel.websocket import ProxyWebSocketFactory, websocket_url  # autobahn
+
+            url = websocket_url(config.use_tls, config.server_name or config.host,
+                                config.port, config.websocket_path)
+            self._connecting_factory = ProxyWebSocketFactory(
+                self.factory, url, config.connect_timeout, reactor)
         if config.use_tls:
             from tcptunnel.tls import proxy_connection_creator, tls_factory
 
             creator = proxy_connection_creator(config)
-            self._connecting_factory = tls_factory(creator, self.factory, is_client=True)
+            self._connecting_factory = tls_factory(creator, self._connecting_factory,
+                                                   is_client=True)
         self._connector: Any = None
 
     @property
@@ -310,7 +319,7 @@ class ProxyService(service.MultiService):
     _LINK_SETTINGS = ("host", "port", "use_tls", "session_id", "password", "ca_file",
                       "server_name", "certificate_pin", "keepalive_interval",
                       "keepalive_timeout", "connect_timeout", "max_retry_delay",
-                      "initial_window", "max_window", "outbound_proxy")
+                      "initial_window", "max_window", "outbound_proxy", "websocket_path")
 
     def apply_config(self, new: ProxyConfig) -> bool:
         """Reload in place if the link settings are unchanged; False asks for a restart."""

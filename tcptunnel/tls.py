@@ -126,17 +126,27 @@ def server_context_factory(files: TlsFiles) -> ssl.CertificateOptions:
 # The ALPN protocol id of a link.  Proxies offer it; a Gateway selects it when offered and
 # selects nothing (the handshake goes on, without ALPN) for a client that offers only others.
 ALPN_PROTOCOL = b"tcptunnel/1"
+# What a WebSocket Listener selects: browsers, curl and reverse proxies offer h2 and
+# http/1.1, and a WebSocket upgrade is HTTP/1.1 (RFC 6455; RFC 8441 over h2 is not spoken).
+ALPN_HTTP_1_1 = b"http/1.1"
 
 
-def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
-    """Our protocol id if the client offers it, else no ALPN at all.
+def _alpn_selector(protocol: bytes) -> Any:
+    """The ALPN select callback choosing ``protocol`` if the client offers it, else no ALPN
+    at all.
 
     Twisted's own select callback (which CertificateOptions installs on every context since
     Twisted 26) answers a client whose list has no overlap with b"", which OpenSSL turns
     into an internal_error alert: ``openssl s_client -alpn h2,http/1.1`` could not even
     complete a handshake.  NO_OVERLAPPING_PROTOCOLS completes it without ALPN.
     """
-    return ALPN_PROTOCOL if ALPN_PROTOCOL in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+    def select(connection: SSL.Connection, offered: list[bytes]) -> Any:
+        return protocol if protocol in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+    return select
+
+
+_select_alpn = _alpn_selector(ALPN_PROTOCOL)
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -146,16 +156,18 @@ class ReloadableServerTls:
 
     Declares IOpenSSLServerConnectionCreator (a bare ``getContext`` object makes Twisted
     log a LegacyContextFactoryWarning for every listener) and completes handshakes whose
-    client offers ALPN (see :func:`_select_alpn`).
+    client offers ALPN (see :func:`_alpn_selector`), selecting ``alpn`` when offered: our
+    protocol id, or :data:`ALPN_HTTP_1_1` on a WebSocket Listener.
     """
 
-    def __init__(self, options: ssl.CertificateOptions) -> None:
+    def __init__(self, options: ssl.CertificateOptions, alpn: bytes = ALPN_PROTOCOL) -> None:
+        self._select = _select_alpn if alpn == ALPN_PROTOCOL else _alpn_selector(alpn)
         self.update(options)
 
     def update(self, options: ssl.CertificateOptions) -> None:
         """Use ``options`` (e.g. a renewed certificate) for the connections made from now."""
         context = options.getContext()
-        context.set_alpn_select_callback(_select_alpn)  # replaces Twisted's (see above)
+        context.set_alpn_select_callback(self._select)  # replaces Twisted's (see above)
         self.options = options
         self._context = context
 

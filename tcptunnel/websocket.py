@@ -1,0 +1,421 @@
+"""WebSocket links (RFC 6455, autobahn): a wrapping layer between TLS (or TCP) and the link.
+
+The link protocol does not change: binary WebSocket messages carry our frames, as a byte
+stream (message boundaries mean nothing; each flush of the link is one message).  Two
+wrapping factories put the layer into the stack:
+
+- :class:`GatewayWebSocketFactory` wraps a Listener's :class:`~tcptunnel.gateway.GatewayFactory`:
+  a request that upgrades the Listener's ``webSocketPath`` becomes a link; any other request
+  gets a plain 404 (:mod:`tcptunnel._websocket` decides).  ``X-Forwarded-For`` is honoured
+  only from the Listener's ``trustedProxies``: the link's ``getPeer()`` is then the
+  forwarded client, which the login throttle, the slot limits and the logs use.
+- :class:`ProxyWebSocketFactory` wraps the proxy's :class:`~tcptunnel.proxy.ProxyLinkFactory`:
+  the link starts once the Gateway accepted the upgrade; a refused upgrade (a 404, a
+  reverse proxy's 502) is reported to it as a failed connection naming the answer, so the
+  normal backoff applies.
+
+:class:`WebSocketLinkTransport` is what the link protocol runs on: an ITransport over the
+WebSocket whose producer registration goes straight through to the TLS or TCP transport
+beneath, so a full socket buffer pauses the link protocol exactly as it does on a plain
+link (autobahn's own frames, pongs and closes, are small and go out regardless).  Received
+binary frames are handed to the link as their bytes arrive, never gathered into whole
+messages, so a peer's message size costs no memory here.
+
+The module imports autobahn (~300 ms and 4.4 MiB of RSS in a proxy process), so it is
+imported only where a Listener or an Instance has ``webSocketPath``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.protocol import WebSocketProtocol
+from OpenSSL import SSL
+from twisted.internet import interfaces
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tcptunnel import __version__
+from tcptunnel._websocket import (
+    HEAD_TOO_LARGE,
+    MAX_REQUEST_HEAD,
+    Network,
+    RequestHead,
+    forwarded_client,
+    route_request,
+)
+from tcptunnel.config import format_address
+
+# RFC 6455 §7.4.1: 1003, "received a type of data it cannot accept" (a text message).
+_CLOSE_UNSUPPORTED_DATA = 1003
+_CLOSE_NORMAL = 1000
+_DONE = Failure(ConnectionDone())
+
+
+class WebSocketHandshakeError(ConnectError):
+    """The Gateway (or a reverse proxy in front of it) did not upgrade to a WebSocket."""
+
+
+@implementer(interfaces.ITransport, interfaces.IPushProducer, interfaces.IConsumer)
+class WebSocketLinkTransport:
+    """The link protocol's transport: writes are binary messages, reads the bytes of
+    received binary messages (handed over by the WebSocket protocol).
+
+    ``transport`` is the TCP transport underneath (TLS unwrapped), which is where
+    :func:`tcptunnel.mux.set_socket_options` sets the socket options.
+    """
+
+    def __init__(self, websocket: Any, peer: Any = None) -> None:
+        self._websocket = websocket
+        self._peer = peer
+        self.connected = True
+        self.disconnecting = False
+
+    @property
+    def _below(self) -> Any:
+        """The transport the WebSocket runs on (TLS or TCP)."""
+        return self._websocket.transport
+
+    @property
+    def transport(self) -> Any:
+        """The TCP transport at the bottom of the stack."""
+        below = self._below
+        return getattr(below, "transport", None) or below
+
+    # -- ITransport ---------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` as one binary message (dropped once closing, like TCP's)."""
+        if data and not self.disconnecting and \
+                self._websocket.state == WebSocketProtocol.STATE_OPEN:
+            self._websocket.sendMessage(bytes(data), isBinary=True)
+
+    def writeSequence(self, data: Any) -> None:  # noqa: N802
+        """One flush of the link, one message."""
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:  # noqa: N802
+        """Close the WebSocket (close frame, then TCP) once what was written is sent."""
+        if self.disconnecting:
+            return
+        self.disconnecting = True
+        websocket = self._websocket
+        if websocket.state == WebSocketProtocol.STATE_OPEN:
+            websocket.sendClose(code=_CLOSE_NORMAL)
+        else:
+            self._below.loseConnection()
+
+    def abortConnection(self) -> None:  # noqa: N802
+        """Drop the connection now (TCP RST)."""
+        self.disconnecting = True
+        self._below.abortConnection()
+
+    def getPeer(self) -> Any:  # noqa: N802
+        """The forwarded client behind a trusted reverse proxy, else the TCP peer."""
+        return self._peer if self._peer is not None else self._below.getPeer()
+
+    def getHost(self) -> Any:  # noqa: N802
+        """Our end of the TCP connection."""
+        return self._below.getHost()
+
+    def getHandle(self) -> Any:  # noqa: N802
+        """The TLS connection (for the cipher in logs), or the socket."""
+        return self._below.getHandle()
+
+    # -- IConsumer: the link protocol registers itself here -------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
+        """Straight through: the socket beneath pauses the link protocol when full."""
+        self._below.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:  # noqa: N802
+        """Straight through."""
+        self._below.unregisterProducer()
+
+    # -- IPushProducer: reading ------------------------------------------------
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        """Stop reading the socket."""
+        self._below.pauseProducing()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        """Read the socket again."""
+        self._below.resumeProducing()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        """Close the connection."""
+        self.abortConnection()
+
+
+@implementer(interfaces.IHandshakeListener)
+class _LinkWebSocket:
+    """What the Gateway's and the proxy's WebSocket protocols share: the link on top."""
+
+    factory: Any
+    transport: Any
+    state: int
+    failedByMe: bool  # noqa: N815 - autobahn's attribute
+
+    link: Any = None
+    link_transport: WebSocketLinkTransport | None = None
+    _tls_done = False
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:  # noqa: N802
+        """The TLS and WebSocket handshakes must be done by the deadline (our own timer on
+        the factory's clock: autobahn's batched timers leave their buckets behind)."""
+        super().connectionMade()  # type: ignore[misc]
+        self._deadline = self.factory.clock.callLater(self.factory.handshake_timeout,
+                                                      self._handshake_timed_out)
+
+    def _handshake_timed_out(self) -> None:
+        self._deadline = None
+        self.wasNotCleanReason = (f"no WebSocket upgrade within "
+                                  f"{self.factory.handshake_timeout:g} s")
+        self.transport.abortConnection()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        """TLS is up (before the WebSocket handshake): the link logs it once it exists."""
+        self._tls_done = True
+
+    def _open_link(self, peer: Any = None) -> None:
+        """The WebSocket is open: build the link on it."""
+        self._cancel_deadline()
+        transport = WebSocketLinkTransport(self, peer)
+        link = self.factory.wrapped.buildProtocol(transport.getPeer())
+        if link is None:
+            self.sendClose(code=_CLOSE_NORMAL)  # type: ignore[attr-defined]
+            return
+        self.link, self.link_transport = link, transport
+        link.makeConnection(transport)
+        if self._tls_done:
+            link.handshakeCompleted()
+
+    # Received messages are streamed: each piece of a binary frame goes to the link as it
+    # arrives (autobahn's defaults would gather whole messages in memory first).
+
+    def onMessageBegin(self, isBinary: bool) -> None:  # noqa: N802, N803
+        """Text messages are not ours: close with 1003."""
+        if not isBinary:
+            self._fail_connection(  # type: ignore[attr-defined]
+                _CLOSE_UNSUPPORTED_DATA, "only binary messages carry a tcptunnel link")
+
+    def onMessageFrameBegin(self, length: int) -> None:  # noqa: N802
+        """Nothing to gather."""
+
+    def onMessageFrameData(self, payload: bytes) -> None:  # noqa: N802
+        """Bytes of the link."""
+        if self.link is not None and not self.failedByMe:
+            self.link.dataReceived(payload)
+
+    def onMessageFrameEnd(self) -> None:  # noqa: N802
+        """Nothing gathered."""
+
+    def onMessageEnd(self) -> None:  # noqa: N802
+        """Nothing gathered."""
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:  # noqa: N802
+        """Tear the WebSocket down, then tell the link."""
+        # autobahn's own connectionLost only logs before calling this (a TLS error at
+        # level error: any stranger's garbage would reach the Gateway's log); the link
+        # logs how it ended.
+        self._cancel_deadline()
+        self._connectionLost(reason)  # type: ignore[attr-defined]
+        if self.link_transport is not None:
+            self.link_transport.connected = False
+        link, self.link = self.link, None
+        if link is not None:
+            link.connectionLost(reason)
+
+
+def _address(host: str) -> Any:
+    """A Twisted address for a forwarded client (its port is not known: 0)."""
+    if ":" in host:
+        return IPv6Address("TCP", host, 0)
+    return IPv4Address("TCP", host, 0)
+
+
+# (autobahn's own base classes disagree on some attribute types: its problem, not ours.)
+class GatewayWebSocket(_LinkWebSocket, WebSocketServerProtocol):  # type: ignore[misc]
+    """A connection to a WebSocket Listener: 404 unless it upgrades the tunnel path."""
+
+    factory: GatewayWebSocketFactory
+    _request: RequestHead | None = None
+    _forwarded: Any = None
+
+    def processHandshake(self) -> None:  # noqa: N802
+        """Route the request before autobahn sees it: only the tunnel path upgrades."""
+        data: bytes = self.data
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(data) > MAX_REQUEST_HEAD:
+                self._answer(HEAD_TOO_LARGE)
+            return
+        if self._request is None:
+            request, response = route_request(data[:end + 4], self.factory.path)
+            if response is not None:
+                self._answer(response)
+                return
+            self._request = request
+        super().processHandshake()
+
+    def _answer(self, response: bytes) -> None:
+        """A plain HTTP answer, then close."""
+        self.sendData(response)
+        self.dropConnection(abort=False)
+
+    def failHandshake(self, reason: str, code: int = 400,  # noqa: N802
+                      responseHeaders: Any = None) -> None:  # noqa: N803
+        """A malformed upgrade: the HTTP error, without autobahn's log line (anyone can
+        send one; the Gateway logs only links)."""
+        self.wasNotCleanReason = reason
+        self.sendHttpErrorResponse(code, reason, responseHeaders)
+        self.dropConnection(abort=False)
+
+    def onConnect(self, request: Any) -> None:  # noqa: N802
+        """Accept (no subprotocol); remember the forwarded client if the peer is trusted."""
+        head = self._request
+        tcp_peer = self.transport.getPeer()
+        client = forwarded_client(str(getattr(tcp_peer, "host", "")),
+                                  head.header("x-forwarded-for") if head else None,
+                                  self.factory.trusted)
+        self._forwarded = _address(client) if client is not None else None
+        return None
+
+    def onOpen(self) -> None:  # noqa: N802
+        """The upgrade succeeded: the link starts (login deadline, slot, HELLO)."""
+        self._open_link(self._forwarded)
+
+
+class GatewayWebSocketFactory(WebSocketServerFactory):
+    """Wraps a Listener's link factory: links arrive as WebSockets on ``path``."""
+
+    protocol = GatewayWebSocket  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, wrapped: Any, path: str, trusted: tuple[Network, ...],
+                 handshake_timeout: float, reactor: Any) -> None:
+        super().__init__(server=None, reactor=reactor)
+        self.wrapped = wrapped
+        self.clock = reactor
+        # The TLS and WebSocket handshakes must end within the login deadline (issue 14:
+        # no connection holds the Gateway's resources past it).
+        self.handshake_timeout = handshake_timeout
+        self.path = path
+        self.trusted = trusted
+        self.setProtocolOptions(
+            webStatus=False,
+            # Our frames bound themselves; received frames are streamed, not gathered.
+            maxFramePayloadSize=0, maxMessagePayloadSize=0,
+            # Deadlines are ours: the handshake's above, the close's the link's (its
+            # abort after CLOSE_GRACE).
+            openHandshakeTimeout=0, closeHandshakeTimeout=0,
+            perMessageCompressionAccept=lambda offers: None,
+            tcpNoDelay=True, failByDrop=True)
+
+    def update(self, path: str, trusted: tuple[Network, ...]) -> None:
+        """A reload: new connections use the new path and trusted proxies."""
+        self.path, self.trusted = path, trusted
+
+
+class ProxyWebSocket(_LinkWebSocket, WebSocketClientProtocol):  # type: ignore[misc]
+    """The proxy's end: upgrade, then the link."""
+
+    factory: ProxyWebSocketFactory
+
+    def onOpen(self) -> None:  # noqa: N802
+        """The Gateway upgraded: the link logs in."""
+        self._open_link()
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:  # noqa: N802
+        """A connection that never became a link is a failed connection: say why."""
+        opened = self.link is not None or self.link_transport is not None
+        super().connectionLost(reason)
+        if opened:
+            return
+        factory = self.factory
+        if reason.check(SSL.Error) is not None:
+            why = (f"TLS handshake with the Gateway failed ({reason.getErrorMessage()}): the "
+                   "Gateway did not answer with TLS (plain Listener?) or its certificate did "
+                   "not verify (check caFile, serverName, certificatePin)")
+        elif self.wasNotCleanReason:
+            why = (f"the WebSocket upgrade to {factory.url} was refused "
+                   f"({self.wasNotCleanReason}): check webSocketPath and any reverse proxy "
+                   "in front of the Gateway")
+        else:
+            why = (f"the connection closed before the WebSocket upgrade to {factory.url} "
+                   f"({reason.getErrorMessage()})")
+        factory.handshake_failed = Failure(WebSocketHandshakeError(string=why))
+
+
+class ProxyWebSocketFactory(WebSocketClientFactory):
+    """Wraps the proxy's link factory: the link is a WebSocket to ``url``.
+
+    Passes the connector's callbacks on to ``wrapped`` (a ReconnectingClientFactory); a
+    connection that ended before the upgrade as a failed connection.
+    """
+
+    protocol = ProxyWebSocket  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, wrapped: Any, url: str, handshake_timeout: float, reactor: Any) -> None:
+        super().__init__(url=url, useragent=f"tcptunnel/{__version__}", reactor=reactor)
+        self.wrapped = wrapped
+        self.clock = reactor
+        self.handshake_timeout = handshake_timeout
+        self.handshake_failed: Failure | None = None
+        self.setProtocolOptions(
+            maxFramePayloadSize=0, maxMessagePayloadSize=0,
+            openHandshakeTimeout=0, closeHandshakeTimeout=0,
+            # After the close frames the Gateway drops the TCP connection; if it does not,
+            # we do, a second later.
+            serverConnectionDropTimeout=1.0, tcpNoDelay=True, failByDrop=True)
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802
+        """A new connection's WebSocket."""
+        self.handshake_failed = None
+        return super().buildProtocol(addr)
+
+    def startedConnecting(self, connector: Any) -> None:  # noqa: N802
+        """Passed on."""
+        self.wrapped.startedConnecting(connector)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:  # noqa: N802
+        """Passed on."""
+        self.wrapped.clientConnectionFailed(connector, reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:  # noqa: N802
+        """A WebSocket that never opened is a failed connection; an open one was lost."""
+        failed, self.handshake_failed = self.handshake_failed, None
+        if failed is not None:
+            self.wrapped.clientConnectionFailed(connector, failed)
+        else:
+            self.wrapped.clientConnectionLost(connector, reason)
+
+    def doStart(self) -> None:  # noqa: N802
+        """Start the wrapped factory too."""
+        super().doStart()
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:  # noqa: N802
+        """Stop the wrapped factory too."""
+        self.wrapped.doStop()
+        super().doStop()
+
+
+def websocket_url(secure: bool, host: str, port: int, path: str) -> str:
+    """``wss://host:port/path`` (``ws://`` when not secure; IPv6 in brackets)."""
+    return f"{'wss' if secure else 'ws'}://{format_address(host, port)}{path}"
