@@ -411,6 +411,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def summary(results: dict[str, Any]) -> list[str]:
+    """The figures of docs/benchmarks.md's table, as its Markdown rows (one column)."""
+    idle, trip, storm = results["idle"], results["round_trip"], results["storm"]
+
+    def seconds(value: float | None) -> str:
+        return "not all" if value is None else f"{value:.1f} s"
+
+    def p50(which: str) -> str:
+        spread = trip[which]["p50_us"]
+        return f"{spread['median']:.0f} µs ({spread['min']:.0f}-{spread['max']:.0f})"
+
+    n = results["sessions"]
+    rows = [
+        ("links logged in", f"{results['start']['logged_in']:,}"),
+        (f"first start: all {2 * n:,} links logged in", seconds(results["start"]["seconds"])),
+        ("Gateway RSS before any link", f"{results['gateway_rss_no_links_MiB']:.1f} MiB"),
+        (f"Gateway RSS with {2 * n:,} idle links", f"{idle['gateway_rss_MiB']:.1f} MiB"),
+        ("Gateway memory per link", f"{idle['gateway_bytes_per_link'] / 1000:.1f} KB"),
+        ("Gateway file descriptors", f"{idle['gateway_fds']:,}"),
+        (f"Gateway CPU at idle ({idle['seconds']:.0f} s)", f"{idle['gateway_cpu_percent']:.1f} %"),
+        ("load generator RSS / CPU at idle",
+         f"{idle['loader_rss_MiB']:.1f} MiB / {idle['loader_cpu_percent']:.1f} %"),
+        (f"round trip p50, session 1 of {n:,}", p50("big")),
+        ("round trip p50, the one-session Gateway", p50("small")),
+        (f"ratio, {n:,} sessions over 1", f"{trip['p50_ratio']:.2f}x"),
+        ("storm: old Gateway gone after", seconds(storm["old_gateway_exit_s"])),
+        ("storm: new Gateway listening, after the stop", seconds(storm["listening_after_s"])),
+        ("storm: all links logged in again, after the stop", seconds(storm["seconds_from_stop"])),
+        ("GOAWAY LIMIT received by the proxies", f"{storm['goaway_limit']:,}"),
+        ("authentication failures", f"{storm['auth_failed']:,}"),
+        ("closed by the Gateway before the TLS handshake ended",
+         f"{storm['reset_while_connecting']:,}"),
+        ("refused while no Gateway listened",
+         f"{storm['unable_to_connect'] - storm['reset_while_connecting']:,}"),
+        ("SYNs dropped at the full accept queue", f"{storm['listen_overflows']:,}"),
+        ("first stream of every session after the storm",
+         f"{results['first_streams']['ok']:,} of {n:,}"),
+    ]
+    return ["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
 def main() -> None:
     """Parse the options, run, print the results (and write the JSON)."""
     parser = argparse.ArgumentParser(description=__doc__,
@@ -420,7 +461,7 @@ def main() -> None:
     parser.add_argument("--start-deadline", type=float, default=300.0,
                         help="seconds the first logins of all links may take")
     parser.add_argument("--storm-deadline", type=float, default=60.0)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--pings", type=int, default=1000)
     parser.add_argument("--nat", action="store_true",
                         help="raise the Gateway's unauthenticated-link limits to 2N+64, as a "
@@ -433,6 +474,7 @@ def main() -> None:
     results = run(args)
     text = json.dumps(results, indent=1)
     print(text)
+    print("\n".join(["", *summary(results)]))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
