@@ -236,6 +236,42 @@ class DatagramStreamTests(SynchronousTestCase):
         self.assertEqual(datagrams_of(events, stream_id), queued)
 
 
+class UdpConfigTests(SynchronousTestCase):
+    """<Binding protocol="udp"> and its idleTimeout in the settings file."""
+
+    def _bindings(self, inner: str) -> Any:
+        from tcptunnel.config import NAMESPACE, parse_settings
+
+        xml = (f'<Settings xmlns="{NAMESPACE}"><Instance type="proxy-server" host="gw" '
+               f'port="1"><Session id="1" password="p">{inner}</Session></Instance></Settings>')
+        instance: Any = parse_settings(xml.encode(), "udp.xml").instances[0]
+        return instance.bindings
+
+    def test_udp_binding(self) -> None:
+        """protocol="udp" and idleTimeout are read; tcp stays the default; a udp Binding
+        may share a tcp Binding's port."""
+        tcp, udp = self._bindings(
+            '<Binding listenIp="127.0.0.1" listenPort="53" targetHost="h" targetPort="53"/>'
+            '<Binding protocol="udp" idleTimeout="2.5" listenIp="127.0.0.1" listenPort="53" '
+            'targetHost="h" targetPort="53"/>')
+        self.assertEqual((tcp.protocol, tcp.idle_timeout), ("tcp", None))
+        self.assertEqual((udp.protocol, udp.idle_timeout), ("udp", 2.5))
+
+    def test_refusals(self) -> None:
+        """An unknown protocol, idleTimeout on a tcp Binding, and two udp Bindings on one
+        port are refused."""
+        from tcptunnel.config import ConfigError
+
+        for inner in (
+            '<Binding protocol="sctp" listenPort="1" targetHost="h" targetPort="1"/>',
+            '<Binding idleTimeout="5" listenPort="1" targetHost="h" targetPort="1"/>',
+            '<Binding protocol="udp" listenIp="127.0.0.1" listenPort="7" targetHost="h" '
+            'targetPort="1"/><Binding protocol="udp" listenIp="127.0.0.1" listenPort="7" '
+            'targetHost="h" targetPort="2"/>',
+        ):
+            self.assertRaises(ConfigError, self._bindings, inner)
+
+
 class FlowTableTests(SynchronousTestCase):
     """The Proxy-Server's flow table."""
 

@@ -355,15 +355,16 @@ class RealClientTests(TestCase):
         return int(dns_port)
 
     async def test_dig_through_the_tunnel(self) -> None:
-        """dig asks the tunnel's UDP Binding (targetPort 53 semantics: request/response) and
-        gets dnsmasq's answer for test.example; each query's flow ends after its reply."""
+        """dig asks the tunnel's UDP Binding three times and gets dnsmasq's answer for
+        test.example each time, one flow per query (dig sends each from a new port)."""
         dig = need("dig")
         dns_port = await self._dnsmasq()
         udp = UdpTunnel(self)
         port = await udp.start(dns_port)
         server = udp.server
         assert server is not None
-        # The Binding's target is not port 53: say so with a short idle timeout instead.
+        # dnsmasq listens on a free port, not 53: these flows idle out (60 s) instead of
+        # ending at their answer (FlowTableTests covers port 53's request/response rule).
         for _ in range(3):
             out = await utils.getProcessOutput(
                 dig, ["@127.0.0.1", "-p", str(port), "+short", "+tries=1", "+time=3",
