@@ -99,8 +99,8 @@ def describe_settings(settings: Settings) -> list[str]:
                 if instance.allowed_targets is None:
                     lines.append("    allowed targets: any")
                 else:
-                    targets = ", ".join(format_address(e.host, e.port)
-                                        for e in instance.allowed_targets) or "none"
+                    targets = ", ".join(e.describe() for e in instance.allowed_targets) \
+                        or "none"
                     lines.append(f"    allowed targets: {targets}")
     return lines
 

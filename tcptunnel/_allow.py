@@ -10,7 +10,8 @@ A rule is one ``<Endpoint host=... port=...>``.  Its ``host`` is one of
   (``a.corp.example``, ``b.a.corp.example``; not ``corp.example``, not ``xcorp.example``);
 * any other name: matches exactly that name.
 
-and its ``port`` is a list of ports and ranges, ``22,80,8000-8100``.
+and its ``port`` is a list of ports and ranges, ``22,80,8000-8100``; its ``protocol`` is
+``tcp`` (the default) or ``udp``, and a rule allows streams of its protocol only.
 
 Hosts, of rules and of requests alike, are compared after one normalisation
 (:func:`parse_target`): lower case, IDNA 2008 with UTS 46 for non-ASCII names (so
@@ -34,7 +35,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
 import idna
@@ -45,6 +46,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 RuleKind = Literal["address", "network", "name", "suffix"]
 ProxyProtocol = Literal["v1", "v2"]
+Protocol = Literal["tcp", "udp"]
 
 # ::ffff:0:0/96: IPv4-mapped IPv6 addresses, which a dual-stack socket dials as IPv4.
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
@@ -217,11 +219,15 @@ class AllowRule:
     # proxyProtocol="v1"|"v2": the header to send to targets this rule allowed
     # (tcptunnel._proxyproto.build_header); the rule of the Decision decides.
     proxy_protocol: ProxyProtocol | None = None
+    # protocol="tcp"|"udp" (<Endpoint protocol=...>): a tcp rule never allows a udp stream,
+    # nor a udp rule a tcp one.
+    protocol: Protocol = "tcp"
 
     def describe(self) -> str:
         """``host="..." port="..."`` and where, for log lines."""
         place = f" at {self.where}" if self.where else ""
-        return f'<Endpoint host="{self.written}" port="{self.ports}">{place}'
+        udp = ' protocol="udp"' if self.protocol == "udp" else ""
+        return f'<Endpoint host="{self.written}" port="{self.ports}"{udp}>{place}'
 
     def matches_host(self, target: Target) -> bool:
         """Whether the host part of this rule covers ``target`` (ports aside)."""
@@ -239,9 +245,19 @@ def _in_network(address: IPAddress, network: IPNetwork) -> bool:
 
 
 def parse_rule(host: str, ports: str, where: str = "",
-               proxy_protocol: str | None = None) -> AllowRule:
-    """An ``<Endpoint host=... port=... [proxyProtocol=...]>`` as a rule (raises
-    AllowListError)."""
+               proxy_protocol: str | None = None, protocol: str = "tcp") -> AllowRule:
+    """An ``<Endpoint host=... port=... [proxyProtocol=...] [protocol=...]>`` as a rule
+    (raises AllowListError)."""
+    rule = _parse_rule(host, ports, where, proxy_protocol)
+    if protocol not in ("tcp", "udp"):
+        raise AllowListError(f"protocol is tcp or udp, not {printable(protocol)!r}")
+    if protocol == "udp" and proxy_protocol is not None:
+        # A PROXY header is the first bytes of a TCP connection; a UDP flow has none.
+        raise AllowListError("proxyProtocol applies to tcp Endpoints only")
+    return replace(rule, protocol=cast("Protocol", protocol))
+
+
+def _parse_rule(host: str, ports: str, where: str, proxy_protocol: str | None) -> AllowRule:
     port_set = PortSet.parse(ports)
     if proxy_protocol not in (None, "v1", "v2"):
         raise AllowListError(f"proxyProtocol is v1 or v2, not {printable(proxy_protocol)!r}")
@@ -335,8 +351,9 @@ class AllowList:
         if self.rules is None and check_resolved_addresses:
             raise AllowListError("checkResolvedAddresses needs an allow-list")
 
-    def check(self, host: str, port: int) -> Decision:
-        """Check a requested ``host``/``port``; dial ``decision.target.host`` if allowed."""
+    def check(self, host: str, port: int, protocol: Protocol = "tcp") -> Decision:
+        """Check a requested ``host``/``port`` for a stream of ``protocol``; dial
+        ``decision.target.host`` if allowed."""
         if not 1 <= port <= 65535:
             return Decision(Reason.INVALID_TARGET, None, port, None, f"invalid port {port}")
         try:
@@ -347,14 +364,19 @@ class AllowList:
             return Decision(Reason.OK, target, port, None,
                             "no AllowedTargetEndpoints: every target is allowed")
         near: AllowRule | None = None
+        other: AllowRule | None = None  # host and port match, of the other protocol
         for rule in self.rules:
             if not rule.matches_host(target):
                 continue
             if port not in rule.ports:
                 near = near or rule
                 continue
+            if rule.protocol != protocol:
+                other = other or rule
+                continue
             if target.is_name and self.check_resolved_addresses:
-                if not any(port in r.ports for r in self.rules if r.network is not None):
+                if not any(port in r.ports for r in self.rules
+                           if r.network is not None and r.protocol == protocol):
                     return Decision(
                         Reason.DENIED, target, port, rule,
                         f"{rule.describe()} allows the name, but with checkResolvedAddresses "
@@ -365,6 +387,10 @@ class AllowList:
                                 "checked when resolved", resolve=True)
             return Decision(Reason.OK, target, port, rule, f"allowed by {rule.describe()}")
         shown = target.host if target.is_name else target.host + " (an IP literal)"
+        if other is not None:
+            return Decision(Reason.DENIED, target, port, other,
+                            f"{protocol} to port {port} of {shown} is not allowed: "
+                            f"{other.describe()} allows {other.protocol} only")
         if near is not None:
             return Decision(Reason.DENIED, target, port, near,
                             f"port {port} of {shown} is not allowed: {near.describe()} "
@@ -374,9 +400,10 @@ class AllowList:
         return Decision(Reason.DENIED, target, port, None,
                         f"{shown} is not in AllowedTargetEndpoints: {what}")
 
-    def check_addresses(self, port: int,
-                        addresses: Iterable[str | IPAddress]) -> AddressDecision:
-        """Which resolved ``addresses`` an address or network rule allows for ``port``."""
+    def check_addresses(self, port: int, addresses: Iterable[str | IPAddress],
+                        protocol: Protocol = "tcp") -> AddressDecision:
+        """Which resolved ``addresses`` an address or network rule allows for ``port``
+        (and ``protocol``)."""
         allowed: list[tuple[IPAddress, AllowRule]] = []
         refused: list[tuple[str, str]] = []
         rules = () if self.rules is None else self.rules
@@ -390,7 +417,8 @@ class AllowList:
                 continue
             address = _unmapped(address)
             rule = next((r for r in rules if r.network is not None and port in r.ports
-                         and _in_network(address, r.network)), None)
+                         and r.protocol == protocol and _in_network(address, r.network)),
+                        None)
             if rule is None:
                 refused.append((address.compressed,
                                 f"no address or network rule allows it for port {port}"))

@@ -442,6 +442,11 @@ KIND_NAMES = {KIND_TCP: "tcp", KIND_UDP: "udp"}
 # (UNSUPPORTED) rather than opened without it.
 FIELD_HOST = 0x01  # UTF-8 host name or IP literal, 1-253 bytes
 FIELD_PORT = 0x02  # u16
+# The original client's address as the Proxy-Server saw it, for PROXY protocol headers to
+# targets (tcptunnel._proxyproto): family u8 (4 or 6) | source address | source port u16 |
+# destination address | destination port u16, 13 or 37 bytes.  Non-critical: an older
+# Proxy-Client skips it.
+FIELD_CLIENT_ADDRESS = 0x03
 FIELD_CRITICAL = 0x80
 _FIELD = struct.Struct(">BH")
 

@@ -273,9 +273,10 @@ class MuxConnection(LinkCore):
 
     # -- commands from the adapter -----------------------------------------
 
-    def open_stream(self, host: str, port: int, kind: int = fr.KIND_TCP) -> int:
-        """Queue OPEN for a new stream of ``kind`` (``tcp`` or ``udp``); return its id.
-        Raises StreamError."""
+    def open_stream(self, host: str, port: int, kind: int = fr.KIND_TCP,
+                    fields: tuple[tuple[int, bytes], ...] = ()) -> int:
+        """Queue OPEN for a new stream of ``kind`` (``tcp`` or ``udp``) with extra OPEN
+        ``fields`` (tag, value), such as CLIENT_ADDRESS; return its id.  Raises StreamError."""
         if not self.opener:
             raise RuntimeError("only the Proxy-Server end opens streams")
         if len(self.streams) >= self.max_streams:
@@ -289,7 +290,8 @@ class MuxConnection(LinkCore):
         stream.datagram = kind == fr.KIND_UDP
         stream.send.credit = fr.EARLY_WINDOW  # early data, before OPEN_RESULT
         self.queue_control(
-            fr.build_open(stream_id, OpenRequest(stream.recv_window, 0, host, port, kind))
+            fr.build_open(stream_id, OpenRequest(stream.recv_window, 0, host, port, kind,
+                                                 fields))
         )
         return stream_id
 

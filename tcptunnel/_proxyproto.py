@@ -21,13 +21,10 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from tcptunnel._frames import FIELD_CLIENT_ADDRESS  # the OPEN field (docs/protocol.md §5.1)
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# The OPEN field (docs/protocol.md §5.1).  Proposed for tcptunnel/_frames.py beside
-# FIELD_HOST (0x01) and FIELD_PORT (0x02); below 0x80, so a receiver that does not know
-# it skips it.  Value: family u8 (4 or 6) | source address (4 or 16 bytes) | source port u16
-# | destination address | destination port u16: 13 or 37 bytes.
-FIELD_CLIENT_ADDRESS = 0x03
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_VERSION = 0x20

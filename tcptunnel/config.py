@@ -40,6 +40,7 @@ from typing import Any, Literal, TypeVar
 import defusedxml
 import defusedxml.sax
 
+from tcptunnel._allow import AllowListError, AllowRule, PortSet, parse_rule
 from tcptunnel._outbound import ProxyUrl, parse_proxy_url, proxy_from_environment
 from tcptunnel._websocket import Network, parse_networks
 
@@ -176,36 +177,78 @@ class GatewayConfig:
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
+BindingType = Literal["tcp", "socks5", "http-connect"]
+BINDING_TYPES: tuple[BindingType, ...] = ("tcp", "socks5", "http-connect")
+
+
 @dataclass(frozen=True)
 class BindingConfig:
     """A Proxy-Server ``<Binding>``: a local listener and the target it leads to."""
 
     listen_ip: str | None
     listen_port: int
-    target_host: str
-    target_port: int
+    # The fixed target of a type="tcp" Binding; None for socks5 and http-connect, which take
+    # the target from each client's request.
+    target_host: str | None
+    target_port: int | None
     location: Location = field(compare=False)
     # "tcp" (the default, the original's only kind) or "udp" (datagrams, one flow per sender).
     protocol: str = "tcp"
     # UDP: seconds a flow may stay idle (None: tcptunnel._udp.DEFAULT_IDLE_TIMEOUT).
     idle_timeout: float | None = None
+    # type="tcp" (a fixed target, the default), "socks5" (RFC 1928) or "http-connect".
+    type: BindingType = "tcp"
+    # socks5/http-connect: the login clients must give (RFC 1929 / Proxy-Authorization
+    # Basic), both or neither.
+    username: str | None = None
+    password: Secret | None = None
+
+    @property
+    def target(self) -> str:
+        """``host:port``, or where a socks5/http-connect Binding's targets come from."""
+        if self.target_host is None or self.target_port is None:
+            return {"socks5": "SOCKS5 request", "http-connect": "CONNECT request"}.get(
+                self.type, "?")
+        return format_address(self.target_host, self.target_port)
+
+    @property
+    def fixed_target(self) -> tuple[str, int]:
+        """(host, port) of a type="tcp" Binding (every UDP Binding is one)."""
+        if self.target_host is None or self.target_port is None:
+            raise ValueError(f'a type="{self.type}" Binding has no fixed target')
+        return self.target_host, self.target_port
+
+    @property
+    def credentials(self) -> tuple[str, str] | None:
+        """(username, password) clients must give, or None."""
+        if self.username is None or self.password is None or self.password.cleartext is None:
+            return None
+        return self.username, self.password.cleartext
 
     def describe(self) -> str:
         """``listen -> target`` for log lines."""
-        return (
-            f"{format_address(self.listen_ip, self.listen_port)} -> "
-            f"{format_address(self.target_host, self.target_port)}"
-        )
+        return f"{format_address(self.listen_ip, self.listen_port)} -> {self.target}"
 
 
 @dataclass(frozen=True)
 class EndpointConfig:
-    """An allowed target of a Proxy-Client, host normalised for comparison."""
+    """An allowed target of a Proxy-Client: one rule of :mod:`tcptunnel._allow` (host,
+    network or ``*.`` suffix; ports and ranges; protocol; proxyProtocol)."""
 
-    host: str
-    port: int
+    rule: AllowRule
     location: Location = field(compare=False)
-    protocol: str = "tcp"  # a "tcp" entry never allows UDP, and vice versa
+
+    @property
+    def protocol(self) -> str:
+        """``tcp`` or ``udp``: a tcp entry never allows UDP, and vice versa."""
+        return self.rule.protocol
+
+    def describe(self) -> str:
+        """``host:ports`` as written, for check-config."""
+        host = self.rule.written
+        if ":" in host and "/" not in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.rule.ports}" + (" (udp)" if self.rule.protocol == "udp" else "")
 
 
 @dataclass(frozen=True)
@@ -241,6 +284,9 @@ class ProxyConfig:
     outbound_proxy: ProxyUrl | None = None
     # The link is a WebSocket to this path on the Gateway (ours), or None.
     websocket_path: str | None = None
+    # <AllowedTargetEndpoints checkResolvedAddresses="true">: a name is dialled only at
+    # resolved addresses that an address or network Endpoint allows (tcptunnel._allow).
+    check_resolved_addresses: bool = False
 
 
 InstanceConfig = GatewayConfig | ProxyConfig
@@ -910,31 +956,114 @@ def _protocol(text: str) -> str:
 _PROTOCOL_WHAT = '"tcp" or "udp"'
 
 
+def _binding_type(text: str) -> BindingType:
+    for kind in BINDING_TYPES:
+        if text == kind:
+            return kind
+    raise ValueError(text)
+
+
+# RFC 1929 carries each of user name and password in 1-255 bytes; a Proxy-Authorization
+# header is bounded by the head size (16 KiB), of which these are a small part.
+_CREDENTIAL_BYTES = {"socks5": 255, "http-connect": 1024}
+
+
+def _binding_credentials(element: _Element,
+                         kind: BindingType) -> tuple[str | None, Secret | None]:
+    """``username`` with ``password`` / ``passwordFile`` / ``passwordEnv`` (read as the
+    Session's password is): both or neither, on socks5 and http-connect Bindings only."""
+    username = element.raw("username")
+    given = [n for n in ("password", "passwordFile", "passwordEnv") if element.raw(n) is not None]
+    if username is None and not given:
+        return None, None
+    if kind == "tcp":
+        raise element.error('username and password apply to type="socks5" and '
+                            'type="http-connect" Bindings only',
+                            "username" if username is not None else given[0])
+    if username is None:
+        raise element.error("a password needs a username too", given[0])
+    if not given:
+        raise element.error("a username needs a password too (password, passwordFile or "
+                            "passwordEnv)", "username")
+    if element.raw("password") == "":
+        raise element.error("the password is empty", "password")
+    secret = _proxy_password(element)
+    assert secret.cleartext is not None
+    limit = _CREDENTIAL_BYTES[kind]
+    for name, value in (("username", username), (given[0], secret.cleartext)):
+        what = "username" if name == "username" else "password"
+        if not 1 <= len(value.encode("utf-8")) <= limit:
+            raise element.error(f"a {kind} Binding's {what} is 1 to {limit} bytes (UTF-8)",
+                                name)
+    if kind == "http-connect" and ":" in username:
+        # Basic authentication sends "user:password": the first ':' ends the user name.
+        raise element.error("an http-connect Binding's username cannot contain ':'",
+                            "username")
+    return username, secret
+
+
 def _binding(element: _Element) -> BindingConfig:
     protocol = element.get("protocol", _protocol, _PROTOCOL_WHAT) or "tcp"
+    kind = element.get("type", _binding_type, '"tcp", "socks5" or "http-connect"') or "tcp"
     idle_timeout = element.get("idleTimeout", _positive_seconds,
                                "a number of seconds greater than 0")
+    target_host: str | None = None
+    target_port: int | None = None
+    if kind == "tcp":
+        target_host = element.get_required("targetHost", _host, _HOST_WHAT)
+        target_port = element.get_required("targetPort", _PORT, _PORT_WHAT)
+    else:
+        for name in ("targetHost", "targetPort"):
+            if element.raw(name) is not None:
+                raise element.error(f'a type="{kind}" Binding takes its target from each '
+                                    "client's request: leave out targetHost and targetPort",
+                                    name)
+        if protocol != "tcp":
+            raise element.error(f'a type="{kind}" Binding is TCP: protocol="udp" applies to '
+                                'type="tcp" Bindings only', "protocol")
+    username, password = _binding_credentials(element, kind)
     binding = BindingConfig(
         listen_ip=_ip(element, "listenIp"),
         listen_port=element.get_required("listenPort", _PORT_OR_ZERO, _PORT_OR_ZERO_WHAT),
-        target_host=element.get_required("targetHost", _host, _HOST_WHAT),
-        target_port=element.get_required("targetPort", _PORT, _PORT_WHAT),
+        target_host=target_host,
+        target_port=target_port,
         location=element.location,
         protocol=protocol,
         idle_timeout=idle_timeout,
+        type=kind,
+        username=username,
+        password=password,
     )
     if idle_timeout is not None and protocol != "udp":
         raise element.error('idleTimeout applies to protocol="udp" Bindings only',
                             "idleTimeout")
     element.check_unknown_attributes()
     _no_children(element)
-    if binding.listen_ip is None:
+    if kind != "tcp":
+        if username is None and not _is_loopback(binding.listen_ip):
+            where = ("every address of this machine" if binding.listen_ip is None
+                     else binding.listen_ip)
+            element.warn(
+                f"a {kind} proxy on {where} without username and password: anyone who can "
+                f"reach port {binding.listen_port} here can reach every target the "
+                "Proxy-Client allows; set username and password, or listenIp=\"127.0.0.1\"")
+    elif binding.listen_ip is None:
         element.warn(
             f"no listenIp: it listens on every address of this machine, so anyone who can "
             f"reach port {binding.listen_port} here can use the tunnel to "
-            f"{format_address(binding.target_host, binding.target_port)}; add "
+            f"{binding.target}; add "
             "listenIp=\"127.0.0.1\" to accept only local connections")
     return binding
+
+
+def _is_loopback(ip: str | None) -> bool:
+    """Whether a listenIp accepts only local connections."""
+    if ip is None:
+        return False
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
 
 
 def _proxy_password(session: _Element) -> Secret:
@@ -1040,6 +1169,7 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
     session_element: _Element | None = None
     allowed: tuple[EndpointConfig, ...] | None = None
     allowed_at: Location | None = None
+    check_resolved_addresses = False
     if role == "proxy-client":
         wanted: tuple[str, ...] = ("Session", "AllowedTargetEndpoints")
         ignored = {"Binding": "a Proxy-Client has no Bindings (they belong in a "
@@ -1061,9 +1191,12 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
                 child.warn(f"a second <AllowedTargetEndpoints> is ignored: the original uses "
                            f"only the first (at {allowed_at})")
                 continue
+            check_resolved = child.get("checkResolvedAddresses", _bool,
+                                       _bool_what(child.raw("checkResolvedAddresses") or ""))
             child.check_unknown_attributes()
             allowed_at = child.location
             allowed = tuple(_endpoints(child))
+            check_resolved_addresses = bool(check_resolved)
     if session_element is None:
         raise element.error("missing required child element <Session id=\"...\" password=\"...\">")
     session_id = session_element.get_required("id", _INT32, "a 32-bit whole number")
@@ -1109,27 +1242,47 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
         max_window=max_window,
         outbound_proxy=outbound_proxy,
         websocket_path=websocket_path,
+        check_resolved_addresses=check_resolved_addresses,
         warnings=_in_line_order(element.sink),
         **timing,
     )
 
 
 def _endpoints(allow_list: _Element) -> Iterator[EndpointConfig]:
-    """The Endpoints of an AllowedTargetEndpoints element.  The original reads the port
-    as any int32 and never matches one outside 1-65535: such an entry is dropped with a
-    warning."""
+    """The Endpoints of an AllowedTargetEndpoints element, as tcptunnel._allow rules: host
+    an IP literal, a network (CIDR), ``*.suffix`` or a name; port a list of ports and
+    ranges (``22,80,8000-8100``).  The original reads the port as any int32 and never
+    matches one outside 1-65535: such an entry (one number) is dropped with a warning."""
     for endpoint in allow_list.children(("Endpoint",)):
-        host = normalise_host(endpoint.get_required("host", _host, _HOST_WHAT))
-        port = endpoint.get_required("port", _INT32, "a whole number (a port, 1 to 65535)")
+        host = endpoint.required("host")
+        ports = endpoint.required("port")
         protocol = endpoint.get("protocol", _protocol, _PROTOCOL_WHAT) or "tcp"
+        proxy_protocol = endpoint.raw("proxyProtocol")
         endpoint.check_unknown_attributes()
         _no_children(endpoint)
-        if not 1 <= port <= 65535:
-            endpoint.warn(f"port {port} is no TCP port: this entry can never match and is "
+        try:
+            number = _INT32(ports.strip())
+        except ValueError:
+            number = None
+        if number is not None and not 1 <= number <= 65535:
+            endpoint.warn(f"port {number} is no TCP port: this entry can never match and is "
                           "ignored", "port")
             continue
-        yield EndpointConfig(host=host, port=port, location=endpoint.location,
-                             protocol=protocol)
+        try:
+            PortSet.parse(ports)
+        except AllowListError as e:
+            raise endpoint.error(str(e), "port") from None
+        if proxy_protocol not in (None, "v1", "v2"):
+            raise endpoint.error(f'expected "v1" or "v2", got {proxy_protocol!r}',
+                                 "proxyProtocol")
+        if proxy_protocol is not None and protocol == "udp":
+            raise endpoint.error("proxyProtocol applies to tcp Endpoints only (a PROXY "
+                                 "header starts a TCP connection)", "proxyProtocol")
+        try:
+            rule = parse_rule(host, ports, str(endpoint.location), proxy_protocol, protocol)
+        except AllowListError as e:
+            raise endpoint.error(str(e), "host") from None
+        yield EndpointConfig(rule=rule, location=endpoint.location)
 
 
 def _status(element: _Element) -> StatusConfig:

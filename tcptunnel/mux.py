@@ -515,11 +515,12 @@ class MuxProtocol(LinkProtocol):
         self.on_open_requested: Callable[[int, fr.OpenRequest], None] | None = None
 
     def open_stream(self, host: str, port: int, endpoint: StreamEndpoint,
-                    kind: int = fr.KIND_TCP) -> MuxStream:
-        """Open a stream of ``kind`` (``tcp``, or ``udp``: datagrams) to host:port; raises
-        StreamError (e.g. LIMIT)."""
+                    kind: int = fr.KIND_TCP,
+                    fields: tuple[tuple[int, bytes], ...] = ()) -> MuxStream:
+        """Open a stream of ``kind`` (``tcp``, or ``udp``: datagrams) to host:port, with
+        extra OPEN ``fields`` (e.g. CLIENT_ADDRESS); raises StreamError (e.g. LIMIT)."""
         try:
-            stream_id = self.core.open_stream(host, port, kind)
+            stream_id = self.core.open_stream(host, port, kind, fields)
         except _mux.StreamIdsExhaustedError:
             # Ids never repeat on a link: start a new one (the proxy reconnects).
             self.fail(GoAway.NORMAL, "stream ids of this link are used up; reconnecting")

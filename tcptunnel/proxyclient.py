@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from twisted.internet import error as neterror
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.interfaces import IResolutionReceiver
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from tcptunnel._allow import AllowList, Decision
 from tcptunnel._frames import KIND_UDP, OpenRequest, Reason
-from tcptunnel.config import ProxyConfig, format_address, normalise_host
+from tcptunnel._proxyproto import ClientAddressError, build_header, client_address_from_fields
+from tcptunnel.config import ProxyConfig, format_address
 from tcptunnel.mux import MuxProtocol
 from tcptunnel.proxy import ProxyService
 from tcptunnel.sockets import connect_tcp, dialing_reactor
@@ -22,8 +28,14 @@ from tcptunnel.udp import ClientFlow, reason_for_udp_failure
 MAX_DIALS_IN_PROGRESS = 64
 
 
+class _DeniedError(Exception):
+    """checkResolvedAddresses: no resolved address of the name is allowed."""
+
+
 def reason_for_dial_failure(failure: Failure) -> Reason:
     """Map a connect error to the wire reason."""
+    if failure.check(_DeniedError):
+        return Reason.DENIED
     if failure.check(neterror.ConnectionRefusedError):
         return Reason.REFUSED
     if failure.check(neterror.DNSLookupError):
@@ -95,11 +107,70 @@ def dial_target(reactor: Any, host: str, port: int, timeout: float,
     return dial
 
 
+@implementer(IResolutionReceiver)
+class _Addresses:
+    """Collects what the reactor's resolver finds for a name (checkResolvedAddresses)."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.found: list[str] = []
+        self.done: Deferred[list[str]] = Deferred()
+
+    def resolutionBegan(self, resolution: Any) -> None:  # noqa: N802
+        """Nothing to do."""
+
+    def addressResolved(self, address: Any) -> None:  # noqa: N802
+        """One address (IPv4Address / IPv6Address), kept in the resolver's order."""
+        if address.host not in self.found:
+            self.found.append(address.host)
+
+    def resolutionComplete(self) -> None:  # noqa: N802
+        """All addresses are in; none is a DNS failure."""
+        if self.done.called:
+            return
+        if self.found:
+            self.done.callback(self.found)
+        else:
+            self.done.errback(neterror.DNSLookupError(f"{self.host}: no address"))
+
+
+def resolve_addresses(reactor: Any, host: str, port: int) -> Deferred[list[str]]:
+    """The addresses of ``host`` (through the reactor's resolver: getaddrinfo in the thread
+    pool), for checking before anything is dialled."""
+    receiver = _Addresses(host)
+    reactor.nameResolver.resolveHostName(receiver, host, port)
+    return receiver.done
+
+
+@inlineCallbacks
+def dial_addresses(reactor: Any, addresses: Sequence[str], port: int, timeout: float,
+                   connection: Protocol) -> Any:
+    """Dial IP literals in order until one connects, within ``timeout`` in all (what
+    HostnameEndpoint does for a name, but only to addresses the allow-list checked)."""
+    deadline = reactor.seconds() + timeout
+    failure: Failure | None = None
+    for address in addresses:
+        remaining = deadline - reactor.seconds()
+        if remaining <= 0:
+            break
+        try:
+            result = yield dial_target(reactor, address, port, remaining, connection)
+        except CancelledError:
+            raise
+        except Exception:  # refused, unreachable: the next address may answer
+            failure = Failure()
+            continue
+        return result
+    if failure is not None:
+        failure.raiseException()
+    raise neterror.TimeoutError(f"no address of the target answered within {timeout:g} s")
+
+
 class TargetConnection(SpliceProtocol):
     """The connection to a target, spliced to the stream that asked for it."""
 
     local_name = "target connection"
-    __slots__ = ("dial", "early", "proxy", "request", "started")
+    __slots__ = ("dial", "early", "header", "proxy", "request", "started")
 
     def __init__(self, proxy: ProxyClientService, request: OpenRequest) -> None:
         super().__init__(on_end=proxy.stream_ended)
@@ -109,6 +180,8 @@ class TargetConnection(SpliceProtocol):
         self.dial: Deferred[Any] | None = None
         # Early data that arrived while we dialled (at most EARLY_WINDOW bytes).
         self.early: list[bytes] = []
+        # A PROXY protocol header (<Endpoint proxyProtocol=...>), written before any data.
+        self.header = b""
 
     @property
     def target(self) -> str:
@@ -129,6 +202,8 @@ class TargetConnection(SpliceProtocol):
             return
         stream.mux.accept_stream(stream.stream_id)
         self.attach(stream)
+        if self.header:
+            transport.write(self.header)
         early, self.early = self.early, []
         for data in early:
             transport.write(data)
@@ -157,19 +232,20 @@ class ProxyClientService(ProxyService):
 
     def __init__(self, config: ProxyConfig, reactor: Any) -> None:
         super().__init__(config, reactor)
-        self.allowed = self._allowed_set(config)
+        self.allow = self._allow_list(config)
         self.dials_in_progress = 0
 
     @staticmethod
-    def _allowed_set(config: ProxyConfig) -> set[tuple[str, int, str]] | None:
-        allowed = config.allowed_targets
-        return None if allowed is None else {(e.host, e.port, e.protocol) for e in allowed}
+    def _allow_list(config: ProxyConfig) -> AllowList:
+        targets = config.allowed_targets
+        return AllowList(None if targets is None else [e.rule for e in targets],
+                         config.check_resolved_addresses)
 
     def apply_config(self, new: ProxyConfig) -> bool:
         """Reload: a changed allow-list applies to new streams."""
         if not super().apply_config(new):
             return False
-        self.allowed = self._allowed_set(new)
+        self.allow = self._allow_list(new)
         return True
 
     def link_ready(self, link: Any) -> None:
@@ -179,36 +255,58 @@ class ProxyClientService(ProxyService):
         super().link_ready(link)
 
     def is_allowed(self, host: str, port: int, protocol: str = "tcp") -> bool:
-        """Allow-list check: names (case-insensitive, trailing dot ignored), exact ports, and
-        the protocol (a tcp entry never allows UDP, nor a udp entry TCP)."""
-        return self.allowed is None or (normalise_host(host), port, protocol) in self.allowed
+        """Allow-list check (tcptunnel._allow): addresses, networks, names and ``*.``
+        suffixes, port lists, and the protocol (a tcp entry never allows UDP, nor a udp
+        entry TCP)."""
+        return self.allow.check(host, port, "udp" if protocol == "udp" else "tcp").allowed
 
     def open_requested(self, link: MuxProtocol, stream_id: int, request: OpenRequest) -> None:
         """Check and dial a target for a new stream."""
         target = format_address(request.host, request.port)
         index = self.config.index
-        protocol = "udp" if request.kind == KIND_UDP else "tcp"
-        if not self.is_allowed(request.host, request.port, protocol):
+        protocol: Literal["tcp", "udp"] = "udp" if request.kind == KIND_UDP else "tcp"
+        decision = self.allow.check(request.host, request.port, protocol)
+        if not decision.allowed or decision.target is None:
             self.log.warn("[{index}] {protocol} stream to {target} from Proxy-Server #{origin} "
-                          "denied: not in AllowedTargetEndpoints", index=index, target=target,
+                          "denied: {why}", index=index, target=target, why=decision.why,
                           origin=request.origin, protocol=protocol.upper())
-            link.reject_stream(stream_id, Reason.DENIED, f"{target} is not an allowed target")
+            link.reject_stream(stream_id, decision.reason,
+                               f"{target} is not an allowed target"
+                               if decision.reason is Reason.DENIED else decision.why)
             return
+        try:
+            client = client_address_from_fields(request.fields)
+        except ClientAddressError as e:
+            self.log.warn("[{index}] Stream to {target} from Proxy-Server #{origin} refused: "
+                          "{why}", index=index, target=target, origin=request.origin, why=str(e))
+            link.reject_stream(stream_id, Reason.PROTOCOL_ERROR, str(e))
+            return
+        rule = decision.rule
+        header = b""
+        if rule is not None and rule.proxy_protocol is not None and protocol == "tcp":
+            header = build_header(rule.proxy_protocol, client)
+        # What is dialled is what was checked: "127.0.0.1." as the literal 127.0.0.1,
+        # "Host.Example." as "host.example".
+        request = dataclasses.replace(request, host=decision.target.host)
         if self.dials_in_progress >= MAX_DIALS_IN_PROGRESS:
             self.log.warn("[{index}] Stream to {target} refused: {n} dials in progress (limit)",
                           index=index, target=target, n=self.dials_in_progress)
             link.reject_stream(stream_id, Reason.LIMIT, "too many connects in progress")
             return
         if request.kind == KIND_UDP:
-            self._open_udp_flow(link, stream_id, request)
+            self._open_udp_flow(link, stream_id, request, decision)
             return
         connection = TargetConnection(self, request)
+        connection.header = header
         connection.stream = link.attach_stream(stream_id, connection)
         # Nothing is consumed (no credit returned) until the target is connected.
         connection.stream.pauseProducing()
         self.dials_in_progress += 1
-        dial = dial_target(self.reactor, request.host, request.port,
-                           self.config.connect_timeout, connection)
+        if decision.resolve:
+            dial = self._resolve_and_dial(decision, request, connection)
+        else:
+            dial = dial_target(self.reactor, request.host, request.port,
+                               self.config.connect_timeout, connection)
         connection.dial = dial
 
         def done(result: Any) -> Any:
@@ -222,17 +320,54 @@ class ProxyClientService(ProxyService):
             if cancelled or stream is None or stream.finished:
                 return
             reason = reason_for_dial_failure(failure)
-            message = f"cannot connect to {target}: {failure.getErrorMessage()}"
-            # Not "message=": with a legacy observer installed (trial's), Twisted's legacy
-            # wrapper replaces a "message" field of a new-style event with ().
-            self.log.warn("[{index}] Stream to {target}: {why}", index=index, target=target,
-                          why=message)
+            if reason is Reason.DENIED:  # logged with the addresses and rules
+                message = failure.getErrorMessage()
+            else:
+                message = f"cannot connect to {target}: {failure.getErrorMessage()}"
+                # Not "message=": with a legacy observer installed (trial's), Twisted's legacy
+                # wrapper replaces a "message" field of a new-style event with ().
+                self.log.warn("[{index}] Stream to {target}: {why}", index=index,
+                              target=target, why=message)
             link.reject_stream(stream_id, reason, message)
             connection._finish(f"failed to open ({reason.name})")
 
         dial.addBoth(done).addErrback(failed)
 
-    def _open_udp_flow(self, link: MuxProtocol, stream_id: int, request: OpenRequest) -> None:
+    def _resolve_and_dial(self, decision: Decision, request: OpenRequest,
+                          connection: Protocol) -> Deferred[Any]:
+        """checkResolvedAddresses: resolve the name, keep the addresses an address or
+        network Endpoint allows, dial those (never the name), all within connectTimeout."""
+        timeout = self.config.connect_timeout
+        started = self.reactor.seconds()
+
+        def dial(addresses: list[str]) -> Deferred[Any]:
+            remaining = timeout - (self.reactor.seconds() - started)
+            return dial_addresses(self.reactor, addresses, request.port, remaining, connection)
+
+        return self._allowed_addresses(request, "tcp", timeout).addCallback(dial)
+
+    def _allowed_addresses(self, request: OpenRequest, protocol: Literal["tcp", "udp"],
+                           timeout: float) -> Deferred[list[str]]:
+        """The resolved addresses of the request's name that the allow-list allows, in the
+        resolver's order (errback _DeniedError when there is none, logged with why)."""
+        resolved = resolve_addresses(self.reactor, request.host, request.port)
+        resolved.addTimeout(timeout, self.reactor)
+        target = format_address(request.host, request.port)
+
+        def check(addresses: list[str]) -> list[str]:
+            checked = self.allow.check_addresses(request.port, addresses, protocol)
+            if not checked.allowed:
+                self.log.warn("[{index}] {protocol} stream to {target} from Proxy-Server "
+                              "#{origin} denied after resolution: {why}",
+                              index=self.config.index, target=target, origin=request.origin,
+                              why=checked.why(), protocol=protocol.upper())
+                raise _DeniedError(f"{target} resolved to no allowed address")
+            return [address.compressed for address in checked.addresses]
+
+        return resolved.addCallback(check)
+
+    def _open_udp_flow(self, link: MuxProtocol, stream_id: int, request: OpenRequest,
+                       decision: Decision | None = None) -> None:
         """A ``udp`` stream: a connected UDP socket to the target (tcptunnel.udp)."""
         flow = ClientFlow(self, request, self.stream_ended)
         flow.stream = link.attach_stream(stream_id, flow)
@@ -249,6 +384,10 @@ class ProxyClientService(ProxyService):
             stream = flow.stream
             if stream is None or stream.finished:
                 return
+            if failure.check(_DeniedError):  # logged with the addresses and rules
+                link.reject_stream(stream_id, Reason.DENIED, failure.getErrorMessage())
+                flow._finish("failed to open (DENIED)")
+                return
             reason = reason_for_udp_failure(failure)
             message = f"cannot open a UDP flow to {flow.target}: {failure.getErrorMessage()}"
             self.log.warn("[{index}] UDP stream to {target}: {why}", index=self.config.index,
@@ -256,4 +395,16 @@ class ProxyClientService(ProxyService):
             link.reject_stream(stream_id, reason, message)
             flow._finish(f"failed to open ({reason.name})")
 
-        flow.start(self.config.connect_timeout).addBoth(done).addErrback(failed)
+        timeout = self.config.connect_timeout
+        if decision is not None and decision.resolve:
+            # checkResolvedAddresses: the flow goes to the first allowed address, not the name.
+            started = self.reactor.seconds()
+
+            def start(addresses: list[str]) -> Deferred[None]:
+                flow.request = dataclasses.replace(request, host=addresses[0])
+                return flow.start(timeout - (self.reactor.seconds() - started))
+
+            ready = self._allowed_addresses(request, "udp", timeout).addCallback(start)
+        else:
+            ready = flow.start(timeout)
+        ready.addBoth(done).addErrback(failed)

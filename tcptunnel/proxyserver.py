@@ -7,7 +7,9 @@ from typing import Any
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from tcptunnel._frames import StreamError
+from tcptunnel import _httpconnect, _socks
+from tcptunnel._frames import Reason, StreamError
+from tcptunnel._proxyproto import ClientAddress, ClientAddressError, encode_client_address
 from tcptunnel.config import BindingConfig, ProxyConfig, format_address
 from tcptunnel.mux import describe_address
 from tcptunnel.ports import AddressKey, ListenerSet, listen
@@ -31,7 +33,19 @@ class BindingConnection(SpliceProtocol):
     @property
     def target(self) -> str:
         """host:port of the target."""
-        return format_address(self.binding.target_host, self.binding.target_port)
+        return self.binding.target
+
+    def client_fields(self) -> tuple[tuple[int, bytes], ...]:
+        """The OPEN fields about the client: CLIENT_ADDRESS (its address and the one it
+        connected to), for a PROXY protocol header at the target; none when the
+        transport's addresses are not IP (tests' fakes, UNIX sockets)."""
+        transport: Any = self.transport
+        peer, host = transport.getPeer(), transport.getHost()
+        try:
+            address = ClientAddress.from_hosts(peer.host, peer.port, host.host, host.port)
+        except (AttributeError, ClientAddressError):
+            return ()
+        return (encode_client_address(address),)
 
     def describe(self) -> str:
         """``client -> target``, for the stream's log event."""
@@ -54,8 +68,8 @@ class BindingConnection(SpliceProtocol):
             transport.abortConnection()  # type: ignore[attr-defined]
             return
         try:
-            self.stream = link.open_stream(self.binding.target_host, self.binding.target_port,
-                                           self)
+            host, port = self.binding.fixed_target
+            self.stream = link.open_stream(host, port, self, fields=self.client_fields())
             # Read at once: the first bytes travel as early data with the OPEN.
             self.attach(self.stream)
         except StreamError as e:
@@ -65,6 +79,160 @@ class BindingConnection(SpliceProtocol):
             self._finish(f"refused here ({e.message})")
             transport.abortConnection()  # type: ignore[attr-defined]
 
+
+class RequestBindingConnection(BindingConnection):
+    """A connection to a ``type="socks5"`` or ``type="http-connect"`` Binding: the client
+    names its target in a handshake (tcptunnel._socks, tcptunnel._httpconnect), which
+    becomes the stream's OPEN; the client hears success only once the Proxy-Client's dial
+    succeeded (OPEN_RESULT ok), else the reason it failed.  Then it is the same splice."""
+
+    __slots__ = ("deadline", "http", "opened", "requested", "socks")
+
+    def __init__(self, proxy: ProxyServerService, binding: BindingConfig) -> None:
+        super().__init__(proxy, binding)
+        self.socks: _socks.SocksServer | None = None
+        self.http: _httpconnect.ConnectParser | None = None
+        self.requested: tuple[str, int] | None = None
+        self.opened = False
+        self.deadline: Any = None
+
+    @property
+    def target(self) -> str:
+        """host:port the client asked for (or what is still awaited)."""
+        if self.requested is None:
+            return f"({self.binding.target})"
+        return format_address(*self.requested)
+
+    def connectionMade(self) -> None:  # noqa: N802
+        """Start the handshake, with a deadline; the stream waits for the request."""
+        transport: Any = self.transport
+        self.client = describe_address(transport.getPeer())
+        credentials = self.binding.credentials
+        if self.binding.type == "socks5":
+            self.socks = _socks.SocksServer(credentials)
+            timeout = _socks.HANDSHAKE_TIMEOUT
+        else:
+            self.http = _httpconnect.ConnectParser(credentials)
+            timeout = _httpconnect.HEAD_TIMEOUT
+        self.deadline = self.proxy.reactor.callLater(timeout, self._handshake_timeout)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        """Handshake bytes to the parser; once the stream exists, straight to it."""
+        if self.stream is not None:
+            super().dataReceived(data)
+            return
+        if self.done:
+            return
+        try:
+            if self.socks is not None:
+                events: list[Any] = self.socks.receive_data(data)
+                self._write(self.socks.data_to_send())
+            else:
+                assert self.http is not None
+                events = self.http.receive_data(data)
+        except _socks.SocksError as e:
+            self._refuse(f"SOCKS5: {e.message}", e.reply)
+            return
+        except _httpconnect.HttpConnectError as e:
+            self._refuse(f"HTTP {e.status}: {e.message}", e.response)
+            return
+        for event in events:
+            if self.done:
+                return
+            if isinstance(event, _socks.ConnectRequested | _httpconnect.ConnectRequested):
+                self._request(event.host, event.port)
+            elif isinstance(event, _socks.EarlyData | _httpconnect.EarlyData):
+                if self.stream is not None:  # bytes after the request: early data
+                    super().dataReceived(event.data)
+            elif isinstance(event, _socks.AuthenticationFailed):
+                self._refuse(f"SOCKS5 login refused: {event.why}", b"")
+            elif isinstance(event, _socks.CommandRefused):
+                self._refuse(f"SOCKS5 {event.name} is not supported (CONNECT only)", b"")
+
+    def _request(self, host: str, port: int) -> None:
+        """The client asked for host:port: open the stream (names unresolved: the
+        Proxy-Client resolves them, where the target network's DNS is)."""
+        self._cancel_deadline()  # from here the dial's own deadline runs, at the Proxy-Client
+        self.requested = (host, port)
+        link = self.proxy.link
+        if link is None or not self.proxy.partner_available:
+            why = "no link to the Gateway" if link is None else "no Proxy-Client in the session"
+            self._refuse(why, self._answer(Reason.NO_PARTNER, why))
+            return
+        try:
+            stream = link.open_stream(host, port, self, fields=self.client_fields())
+        except StreamError as e:
+            self._refuse(e.message, self._answer(e.reason, e.message))
+            return
+        self.stream = stream
+        self.attach(stream)
+
+    def _answer(self, reason: Reason, message: str = "") -> bytes:
+        """The client's reply for a stream's OPEN_RESULT (or a refusal here)."""
+        if self.socks is not None:
+            return self.socks.reply(_socks.reply_for_reason(reason))
+        return _httpconnect.response_for_reason(reason, message)
+
+    def stream_opened(self) -> None:
+        """The target is connected: tell the client, then the tunnel carries its bytes."""
+        self.opened = True
+        self._write(self._answer(Reason.OK))
+        super().stream_opened()
+
+    def stream_reset(self, reason: Reason, message: str, remote: bool) -> None:
+        """Before the open: the client hears why (refused, unreachable, denied, ...) and the
+        connection closes cleanly after it; after it, a reset as for any stream."""
+        if self.opened or self.done:
+            super().stream_reset(reason, message, remote)
+            return
+        self._write(self._answer(reason, message))
+        self._finish(f"failed to open ({reason.name}{': ' + message if message else ''})")
+        self._close()
+
+    def _refuse(self, why: str, answer: bytes) -> None:
+        """The handshake failed or was refused here: answer, log, close."""
+        self._cancel_deadline()
+        self.proxy.log.warn("[{index}] {kind} connection from {client} to {target} refused: "
+                            "{why}", index=self.proxy.config.index, kind=self.binding.type,
+                            client=self.client, target=self.target, why=why)
+        self._write(answer)
+        self._finish(f"refused here ({why})")
+        self._close()
+
+    def _handshake_timeout(self) -> None:
+        self.deadline = None
+        if self.done or self.requested is not None:
+            return
+        answer = _httpconnect.timeout_response() if self.http is not None else b""
+        what = "SOCKS5 handshake" if self.socks is not None else "CONNECT request head"
+        timeout = (_socks.HANDSHAKE_TIMEOUT if self.socks is not None
+                   else _httpconnect.HEAD_TIMEOUT)
+        self._refuse(f"the {what} did not arrive within {timeout:g} s", answer)
+
+    def _cancel_deadline(self) -> None:
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
+
+    def _write(self, data: bytes) -> None:
+        transport: Any = self.transport
+        if data and transport is not None:
+            transport.write(data)
+
+    def _close(self) -> None:
+        """Close after what was written (a paused producer would hold the close back)."""
+        transport: Any = self.transport
+        if transport is not None:
+            transport.unregisterProducer()
+            transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        """Also stop the handshake deadline."""
+        self._cancel_deadline()
+        if reason is None:
+            super().connectionLost()
+        else:
+            super().connectionLost(reason)
 
 
 class BindingFactory(ServerFactory):
@@ -77,8 +245,10 @@ class BindingFactory(ServerFactory):
         self.binding = binding
 
     def buildProtocol(self, addr: Any) -> BindingConnection:  # noqa: N802
-        """A connection to tunnel."""
-        return BindingConnection(self.proxy, self.binding)
+        """A connection to tunnel (a handshake first on socks5 / http-connect Bindings)."""
+        if self.binding.type == "tcp":
+            return BindingConnection(self.proxy, self.binding)
+        return RequestBindingConnection(self.proxy, self.binding)
 
 
 class ProxyServerService(ProxyService):
@@ -135,7 +305,8 @@ class ProxyServerService(ProxyService):
         self.log.info("[{index}] Binding {listen} -> {target} listening{udp}",
                       index=self.config.index, udp=" (udp)" if binding.protocol == "udp" else "",
                       listen=format_address(binding.listen_ip, port.getHost().port),
-                      target=format_address(binding.target_host, binding.target_port))
+                      target=binding.target if binding.type == "tcp"
+                      else f"each {binding.target} ({binding.type})")
 
     def startService(self) -> None:  # noqa: N802
         """Listen on every Binding first (a failure stops start-up), then connect."""

@@ -152,7 +152,7 @@ def _proxy_snapshot(child: ProxyService, now: float) -> dict[str, Any]:
     if child.config.role == "proxy-server" and bindings is not None:
         entry["bindings"] = [
             {"listen": format_address(b.listen_ip, port.getHost().port),
-             "target": format_address(b.target_host, b.target_port),
+             "target": b.target,
              "protocol": b.protocol}
             for b, port in zip(child.config.bindings, bindings, strict=False)]
     entry["udp"] = _udp_status(child)

@@ -123,8 +123,7 @@ class ServerFlow(StreamEndpoint):
     @property
     def target(self) -> str:
         """host:port of the target."""
-        config = self.binding.config
-        return format_address(config.target_host, config.target_port)
+        return str(self.binding.config.target)
 
     def describe(self) -> str:
         """``udp sender -> target``, for the stream's log event."""
@@ -234,12 +233,12 @@ class ServerFlows:
     def add_binding(self, binding: UdpBinding) -> None:
         """Keep flows for a Binding that is listening now."""
         config = binding.config
-        self.table.add_binding(binding, policy_for(config.target_port, config.idle_timeout))
+        self.table.add_binding(binding, policy_for(config.fixed_target[1], config.idle_timeout))
 
     def retarget(self, binding: UdpBinding, config: BindingConfig) -> None:
         """A reload changed a Binding's target or timeout: new flows use it."""
         binding.config = config
-        self.table.add_binding(binding, policy_for(config.target_port, config.idle_timeout))
+        self.table.add_binding(binding, policy_for(config.fixed_target[1], config.idle_timeout))
 
     def remove_binding(self, binding: UdpBinding) -> None:
         """A Binding stopped listening: end its flows."""
@@ -276,8 +275,8 @@ class ServerFlows:
             endpoint = ServerFlow(self, binding, flow)
             config = binding.config
             try:
-                endpoint.stream = link.open_stream(config.target_host, config.target_port,
-                                                   endpoint, kind=fr.KIND_UDP)
+                endpoint.stream = link.open_stream(*config.fixed_target, endpoint,
+                                                   kind=fr.KIND_UDP)
             except StreamError as e:
                 self.table.remove(flow)
                 count_drop(stats, "stream_refused")

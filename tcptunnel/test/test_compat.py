@@ -109,7 +109,8 @@ class IgnoredWithWarningTests(SynchronousTestCase):
         client = settings.instances[0]
         assert isinstance(client, ProxyConfig)
         assert client.allowed_targets is not None
-        self.assertEqual([(e.host, e.port) for e in client.allowed_targets], [("t", 22)])
+        self.assertEqual([(e.rule.name, str(e.rule.ports)) for e in client.allowed_targets],
+                         [("t", "22")])
         self.assertWarned(client.warnings, "settings.xml:5:", "<Description>")
         self.assertWarned(client.warnings, "settings.xml:7:", "<Note>", "inside <Endpoint>")
 
@@ -152,7 +153,7 @@ class IgnoredWithWarningTests(SynchronousTestCase):
         self.assertWarned(server.warnings, "settings.xml:4:", "<AllowedTargetEndpoints>",
                           "only a Proxy-Client")
         assert client.allowed_targets is not None
-        self.assertEqual([e.host for e in client.allowed_targets], ["t"])
+        self.assertEqual([e.rule.name for e in client.allowed_targets], ["t"])
         self.assertWarned(client.warnings, "settings.xml:7:", "second <AllowedTargetEndpoints>")
 
     def test_binding_in_proxy_client(self) -> None:

@@ -79,7 +79,7 @@ class SampleTests(SynchronousTestCase):
         self.assertEqual(client.role, "proxy-client")
         self.assertEqual(client.session_id, -7)
         assert client.allowed_targets is not None
-        self.assertEqual(client.allowed_targets[0].host, "host.example.org")
+        self.assertEqual(client.allowed_targets[0].rule.name, "host.example.org")
 
     def test_conf_samples(self) -> None:
         """Every sample in conf/ loads."""

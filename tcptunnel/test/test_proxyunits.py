@@ -342,7 +342,8 @@ class ProxyClientUnitTests(SynchronousTestCase):
         self.assertEqual(self.result(stream_id),
                          (Reason.DENIED, 0, "10.0.0.1:22 is not an allowed target"))
         self.assertEqual(self.reactor.tcpClients, [])
-        self.assertIn("denied: not in AllowedTargetEndpoints", self.logs.text())
+        self.assertIn("denied: 10.0.0.1 (an IP literal) is not in AllowedTargetEndpoints: no "
+                      "address or network rule contains it", self.logs.text())
         self.assertEqual(self.link.core.streams, {})
 
     def test_allow_list_names_and_ports(self) -> None:
