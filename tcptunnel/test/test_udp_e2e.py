@@ -100,7 +100,8 @@ class UdpTunnel:
         self.client: ProxyClientService | None = None
 
     async def start(self, target_port: int, binding: str = "", tcp_target: int | None = None,
-                    allowed: str | None = None, same_port: bool = False) -> int:
+                    allowed: str | None = None, same_port: bool = False,
+                    listen_ip: str = "127.0.0.1") -> int:
         """Start the three roles; the UDP Binding's port.  ``same_port``: the TCP Binding
         listens on the UDP Binding's port number (iperf3 sends its datagrams to the port of
         its control connection)."""
@@ -123,7 +124,7 @@ class UdpTunnel:
                     ProxyServerService,
                     f'<Instance type="proxy-server" {tunnel._proxy_attributes("")}>'
                     f'<Session id="1" password="server-pw">'
-                    f'<Binding protocol="udp" listenIp="127.0.0.1" listenPort="{listen}" '
+                    f'<Binding protocol="udp" listenIp="{listen_ip}" listenPort="{listen}" '
                     f'targetHost="127.0.0.1" targetPort="{target_port}" {binding}/>{tcp}'
                     f'</Session></Instance>')
                 break
@@ -257,6 +258,67 @@ class DatagramTests(TestCase):
         self.assertIn("tcptunnel_udp_datagrams", names)
         self.assertIn("tcptunnel_udp_dropped", names)
         json.dumps(status)
+
+
+class BindingLifeTests(TestCase):
+    """UDP Bindings come and go with a reload; IPv6 senders."""
+
+    async def test_reload_adds_and_removes_a_udp_binding(self) -> None:
+        """A reload that adds a UDP Binding listens on it; one that removes it closes the
+        port and ends its flows (FIN both ways at both proxies)."""
+        echo = UdpEcho()
+        target = udp_port_of(self, echo)
+        udp = UdpTunnel(self)
+        await udp.start(target)
+        server, proxy_client = udp.server, udp.client
+        assert server is not None and proxy_client is not None
+        old = server.config
+        added = udp.tunnel._parse(
+            f'<Instance type="proxy-server" {udp.tunnel._proxy_attributes("")}>'
+            f'<Session id="1" password="server-pw">'
+            f'<Binding protocol="udp" listenIp="127.0.0.1" listenPort="0" '
+            f'targetHost="127.0.0.1" targetPort="{target}"/>'
+            f'<Binding protocol="udp" listenIp="127.0.0.1" listenPort="0" '
+            f'targetHost="127.0.0.1" targetPort="{target}" idleTimeout="30"/>'
+            f'</Session></Instance>')
+        await server.apply_config(added)
+        server.config = added
+        self.assertEqual(len(server.udp_bindings.ports), 2)
+        second = int(server.ports[1].getHost().port)
+        client = client_to(self, second)
+        client.send(b"via the new Binding")
+        await wait_until(lambda: client.received == [b"via the new Binding"], 10, "the echo")
+        await server.apply_config(old)
+        server.config = old
+        await wait_until(lambda: server.stats["udp_flows_ended", "closed"] == 1
+                         and proxy_client.stats["udp_flows_ended", "closed"] == 1, 10,
+                         "the removed Binding's flow to close")
+        self.assertEqual(len(server.udp_bindings.ports), 1)
+        self.assertEqual(len(server.udp.table), 0)
+
+    async def test_ipv6_sender(self) -> None:
+        """A Binding on ::1 takes an IPv6 sender's datagrams and answers it there."""
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            raise SkipTest("no IPv6 loopback here: this test could not run") from None
+        target = udp_port_of(self, UdpEcho())
+        udp = UdpTunnel(self)
+        port = await udp.start(target, listen_ip="::1")
+        sender = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        self.addCleanup(sender.close)
+        sender.setblocking(False)
+        sender.sendto(b"six", ("::1", port))
+        got: list[bytes] = []
+
+        def answered() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                got.append(sender.recv(100))
+            return bool(got)
+
+        await wait_until(answered, 10, "the echo to the IPv6 sender")
+        self.assertEqual(got, [b"six"])
 
 
 class FloodTests(TestCase):
