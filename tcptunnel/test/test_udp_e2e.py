@@ -296,6 +296,27 @@ class BindingLifeTests(TestCase):
         self.assertEqual(len(server.udp_bindings.ports), 1)
         self.assertEqual(len(server.udp.table), 0)
 
+    async def test_busy_udp_port_fails_start_up(self) -> None:
+        """A UDP Binding whose port is taken fails start-up with a StartupError naming it,
+        and the TCP Bindings opened before it are closed again."""
+        holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        busy = holder.getsockname()[1]
+        tunnel = Tunnel(self)
+        tunnel.gateway_port = reserve_port(self)
+        config = tunnel._parse(
+            f'<Instance type="proxy-server" {tunnel._proxy_attributes("")}>'
+            f'<Session id="1" password="server-pw">'
+            f'<Binding listenIp="127.0.0.1" listenPort="0" targetHost="h" targetPort="1"/>'
+            f'<Binding protocol="udp" listenIp="127.0.0.1" listenPort="{busy}" '
+            f'targetHost="h" targetPort="1"/></Session></Instance>')
+        service = ProxyServerService(config, reactor)
+        with self.assertRaises(StartupError) as caught:
+            service.startService()
+        self.assertIn(f"UDP Binding could not listen on 127.0.0.1:{busy}", str(caught.exception))
+        self.assertEqual(service.bindings.ports, [])
+
     async def test_ipv6_sender(self) -> None:
         """A Binding on ::1 takes an IPv6 sender's datagrams and answers it there."""
         try:
