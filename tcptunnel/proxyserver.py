@@ -223,7 +223,8 @@ class RequestBindingConnection(BindingConnection):
         """Close after what was written (a paused producer would hold the close back)."""
         transport: Any = self.transport
         if transport is not None:
-            transport.unregisterProducer()
+            if getattr(transport, "producer", None) is not None:
+                transport.unregisterProducer()
             transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
