@@ -199,9 +199,12 @@ def listener_context_factory(listener: ListenerConfig) -> ssl.CertificateOptions
 def proxy_connection_creator(config: ProxyConfig) -> IOpenSSLClientConnectionCreator:
     """:func:`client_connection_creator` for a proxy with useSsl: a TlsSetupError (an
     unusable caFile) names the settings file, line, element and attribute."""
+    # A WebSocket link offers http/1.1: a reverse proxy in front (nginx) refuses a client
+    # whose ALPN list has nothing it speaks ("no application protocol" alert).
+    alpn = ALPN_PROTOCOL if config.websocket_path is None else ALPN_HTTP_1_1
     try:
         return client_connection_creator(config.server_name or config.host, config.ca_file,
-                                         config.certificate_pin)
+                                         config.certificate_pin, alpn)
     except TlsSetupError as e:
         raise TlsSetupError(f"{config.location}: <Instance> attribute 'caFile': {e}") from None
 
@@ -220,13 +223,13 @@ def certificate_pin(certificate_der: bytes) -> bytes:
 class _PinnedClientCreator:
     """Accept exactly the Gateway certificate whose SHA-256 is the pin."""
 
-    def __init__(self, pin: bytes, server_name: str) -> None:
+    def __init__(self, pin: bytes, server_name: str, alpn: bytes = ALPN_PROTOCOL) -> None:
         self._pin = pin
         self._server_name = server_name.encode("idna")
         context = SSL.Context(SSL.TLS_METHOD)
         context.set_min_proto_version(SSL.TLS1_2_VERSION)
         context.set_verify(SSL.VERIFY_PEER, self._verify)
-        context.set_alpn_protos([ALPN_PROTOCOL])
+        context.set_alpn_protos([alpn])
         self._context = context
 
     def _verify(self, connection: SSL.Connection, certificate: crypto.X509, errno: int,
@@ -245,11 +248,12 @@ class _PinnedClientCreator:
 
 
 def client_connection_creator(
-    server_name: str, ca_file: str | None, pin: bytes | None
+    server_name: str, ca_file: str | None, pin: bytes | None, alpn: bytes = ALPN_PROTOCOL
 ) -> IOpenSSLClientConnectionCreator:
-    """How a proxy verifies the Gateway: pin, CA file + hostname, or system store + hostname."""
+    """How a proxy verifies the Gateway: pin, CA file + hostname, or system store + hostname;
+    offering ``alpn`` (our protocol id, or http/1.1 for a WebSocket link)."""
     if pin is not None:
-        return _PinnedClientCreator(pin, server_name)
+        return _PinnedClientCreator(pin, server_name, alpn)
     trust_root: Any = None
     if ca_file is not None:
         data = _read(ca_file, "CA file")
@@ -260,5 +264,5 @@ def client_connection_creator(
         trust_root = ssl.trustRootFromCertificates(
             [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certificates])
     return ssl.optionsForClientTLS(
-        server_name, trustRoot=trust_root, acceptableProtocols=[ALPN_PROTOCOL],
+        server_name, trustRoot=trust_root, acceptableProtocols=[alpn],
         extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2})

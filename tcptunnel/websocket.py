@@ -167,6 +167,7 @@ class _LinkWebSocket:
     link: Any = None
     link_transport: WebSocketLinkTransport | None = None
     _tls_done = False
+    _refused = False  # a text message came: closing, nothing more for the link
     _deadline: Any = None
 
     def connectionMade(self) -> None:  # noqa: N802
@@ -208,17 +209,20 @@ class _LinkWebSocket:
     # arrives (autobahn's defaults would gather whole messages in memory first).
 
     def onMessageBegin(self, isBinary: bool) -> None:  # noqa: N802, N803
-        """Text messages are not ours: close with 1003."""
-        if not isBinary:
-            self._fail_connection(  # type: ignore[attr-defined]
-                _CLOSE_UNSUPPORTED_DATA, "only binary messages carry a tcptunnel link")
+        """Text messages are not ours: close with 1003 (nothing more reaches the link)."""
+        if not isBinary and not self._refused:
+            self._refused = True
+            # (sendClose allows only application codes; 1003 is the protocol's own.)
+            self.sendCloseFrame(  # type: ignore[attr-defined]
+                code=_CLOSE_UNSUPPORTED_DATA,
+                reasonUtf8=b"only binary messages carry a tcptunnel link")
 
     def onMessageFrameBegin(self, length: int) -> None:  # noqa: N802
         """Nothing to gather."""
 
     def onMessageFrameData(self, payload: bytes) -> None:  # noqa: N802
         """Bytes of the link."""
-        if self.link is not None and not self.failedByMe:
+        if self.link is not None and not self.failedByMe and not self._refused:
             self.link.dataReceived(payload)
 
     def onMessageFrameEnd(self) -> None:  # noqa: N802

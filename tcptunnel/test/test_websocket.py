@@ -5,7 +5,6 @@ front of a plain WebSocket Listener."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ipaddress
 import os
@@ -15,10 +14,14 @@ import ssl
 import subprocess
 from typing import Any
 
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor, threads
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.python.failure import Failure
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
@@ -32,6 +35,7 @@ from tcptunnel._websocket import (
     route_request,
 )
 from tcptunnel.config import ConfigError, parse_settings
+from tcptunnel.test import test_faults
 from tcptunnel.test._harness import (
     NS,
     EchoProtocol,
@@ -44,6 +48,7 @@ from tcptunnel.test._harness import (
 )
 from tcptunnel.test.test_endtoend import TunnelTestsMixin
 
+_DONE = Failure(ConnectionDone())
 UPGRADE = (b"GET /tunnel HTTP/1.1\r\nHost: gw.example\r\nUpgrade: websocket\r\n"
            b"Connection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
@@ -278,8 +283,54 @@ class WebSocketTunnelTestsMixin(TunnelTestsMixin):
         from tcptunnel.websocket import WebSocketLinkTransport
 
         for proxy in (pc, ps):
+            assert proxy.link is not None
             self.assertIsInstance(proxy.link.transport,  # type: ignore[attr-defined]
                                   WebSocketLinkTransport)
+
+
+    async def test_link_loss_resets_streams(self) -> None:
+        """The TCP connection under the Proxy-Server's WebSocket is reset mid-stream: the
+        local client sees a reset (never a clean EOF), the proxy reconnects over a new
+        WebSocket and the tunnel works again; the Gateway's links record TLS under wss."""
+        tunnel, port = await self.echo_tunnel()
+        assert tunnel.gateway is not None
+        gateway = tunnel.gateway.gateway
+        if self.tls:
+            self.assertTrue(  # type: ignore[attr-defined]
+                all(link.tls_description.startswith("TLS") for link in gateway.links))
+        ps = tunnel.services[-1]
+        client = await connect(port)
+        client.transport.write(b"x" * 100_000)
+        await wait_until(lambda: len(client.received) == 100_000, what="the echo")
+        old = ps.link
+        old.transport.transport.abortConnection()  # the TCP socket beneath TLS and WebSocket
+        self.assertEqual(await client.ended, "reset")  # type: ignore[attr-defined]
+        await wait_until(lambda: ps.link is not None and ps.link is not old
+                         and ps.partner_available, 15, "the proxy to log in again")
+        again = await connect(port)
+        again.transport.write(b"again")
+        again.transport.loseWriteConnection()
+        self.assertEqual(await again.ended, "clean")  # type: ignore[attr-defined]
+        self.assertEqual(bytes(again.received), b"again")  # type: ignore[attr-defined]
+
+    async def test_reload_updates_trusted_proxies(self) -> None:
+        """A reload that changes trustedProxies applies to the next WebSocket in place (the
+        Listener keeps listening, its links stay up)."""
+        tunnel, port = await self.echo_tunnel()
+        assert tunnel.gateway is not None
+        service = tunnel.gateway
+        links = set(service.gateway.links)
+        tunnel.listener_extra = 'trustedProxies="127.0.0.1/32"'  # type: ignore[attr-defined]
+        new = tunnel._parse(tunnel.gateway_xml(tunnel.gateway_port))
+        self.assertTrue(await service.apply_config(new))  # type: ignore[attr-defined]
+        (factory,) = service._websockets.values()
+        self.assertEqual(factory.trusted,  # type: ignore[attr-defined]
+                         (ipaddress.ip_network("127.0.0.1/32"),))
+        self.assertEqual(service.gateway.links, links)  # type: ignore[attr-defined]
+        client = await connect(port)
+        client.transport.write(b"still")
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.ended, "clean")  # type: ignore[attr-defined]
 
 
 class WsTunnelTests(WebSocketTunnelTestsMixin, TestCase):
@@ -293,3 +344,407 @@ class WssTunnelTests(WebSocketTunnelTestsMixin, TestCase):
 
     tls = True
     timeout = 60
+
+
+class HttpProbe(Protocol):
+    """Sends one request, records the answer until the server closes."""
+
+    transport: Any
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.answer = bytearray()
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.answer += data
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:  # noqa: N802
+        self.closed.callback(None)
+
+
+async def http_probe(port: int, request: bytes) -> bytes:
+    """What a plain TCP client hears for ``request`` until the server closes."""
+    probe = HttpProbe(request)
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+        Factory.forProtocol(lambda: probe))
+    await probe.closed
+    return bytes(probe.answer)
+
+
+class RawWebSocket(WebSocketClientProtocol):
+    """A WebSocket client of the test's own: records whether it opened and how it closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: defer.Deferred[None] = defer.Deferred()
+        self.ended: defer.Deferred[tuple[bool, int | None, str | None]] = defer.Deferred()
+
+    def onOpen(self) -> None:  # noqa: N802
+        self.opened.callback(None)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802, N803
+        if not self.ended.called:
+            self.ended.callback((wasClean, code, reason))
+
+
+async def raw_websocket(port: int, headers: dict[str, str] | None = None,
+                        path: str = "/tunnel") -> RawWebSocket:
+    """Open a RawWebSocket to ws://127.0.0.1:port/path, with extra request headers."""
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", headers=headers or {},
+                                     reactor=reactor)
+    factory.protocol = RawWebSocket
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+    protocol: Any = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    assert isinstance(protocol, RawWebSocket)
+    return protocol
+
+
+class GatewayWebServerTests(TestCase):
+    """What a WebSocket Listener shows to everyone but our proxies."""
+
+    timeout = 30
+
+    def start(self, tls: bool = False, extra: str = "") -> WebSocketTunnel:
+        tunnel = WebSocketTunnel(self, tls=tls)
+        tunnel.listener_extra = extra
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        return tunnel
+
+    async def test_other_paths_and_plain_get_are_404(self) -> None:
+        """A browser's GET of /, a plain GET of the tunnel path, a HEAD and an upgrade of
+        another path get 404 and a close; a huge head 431; SSH bytes 400; nothing of it is
+        a link."""
+        tunnel = self.start()
+        port = tunnel.gateway_port
+        for request in [b"GET / HTTP/1.1\r\nHost: gw\r\nUser-Agent: Mozilla/5.0\r\n\r\n",
+                        b"GET /tunnel HTTP/1.1\r\nHost: gw\r\n\r\n",
+                        b"HEAD /health HTTP/1.1\r\nHost: gw\r\n\r\n",
+                        UPGRADE.replace(b"/tunnel", b"/other")]:
+            answer = await http_probe(port, request)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 404 Not Found\r\n"), answer)
+        answer = await http_probe(port, b"GET / HTTP/1.1\r\nX: " + b"a" * 20000)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer)
+        answer = await http_probe(port, b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        assert tunnel.gateway is not None
+        self.assertEqual(tunnel.gateway.gateway.stats["logins_failed", "?"], 0)
+        self.assertFalse(tunnel.gateway.gateway.unauthenticated)
+
+    async def test_text_message_closes_with_1003(self) -> None:
+        """A text message is not ours: the Gateway closes the WebSocket with 1003."""
+        tunnel = self.start()
+        websocket = await raw_websocket(tunnel.gateway_port)
+        await websocket.opened
+        websocket.sendMessage(b"hello", isBinary=False)
+        _clean, code, _reason = await websocket.ended
+        self.assertEqual(code, 1003)
+
+    async def test_handshake_deadline(self) -> None:
+        """A connection that never completes its upgrade is dropped at the deadline."""
+        tunnel = WebSocketTunnel(self)
+        tunnel.gateway_attributes = 'loginTimeout="1"'
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        probe = HttpProbe(b"GET /tunnel HTTP/1.1\r\n")  # never ends its head
+        started = reactor.seconds()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", tunnel.gateway_port).connect(
+            Factory.forProtocol(lambda: probe))
+        await probe.closed
+        self.assertLess(reactor.seconds() - started, 5)
+        self.assertEqual(bytes(probe.answer), b"")
+
+    async def test_forwarded_for_from_trusted_proxy(self) -> None:
+        """From a trusted proxy (127.0.0.1), X-Forwarded-For is the link's address: its
+        slot, its peer in logs; from an untrusted one it is ignored."""
+        for trusted, expected in [("127.0.0.1/32", "203.0.113.7"), ("10.0.0.0/8", "127.0.0.1")]:
+            tunnel = self.start(extra=f'trustedProxies="{trusted}"')
+            websocket = await raw_websocket(tunnel.gateway_port,
+                                            {"X-Forwarded-For": "198.51.100.1, 203.0.113.7"})
+            await websocket.opened
+            assert tunnel.gateway is not None
+            gateway = tunnel.gateway.gateway
+            await wait_until(lambda: bool(gateway.unauthenticated),  # noqa: B023
+                             what="the link")
+            (link,) = gateway.unauthenticated
+            self.assertEqual(link.peer_host, expected)
+            self.assertTrue(link.peer_description.startswith(expected), link.peer_description)
+            self.assertEqual(gateway.slots.count(expected), 1)
+            websocket.dropConnection(abort=True)
+            await wait_until(lambda: not gateway.unauthenticated,  # noqa: B023
+                             what="the link to close")
+            await tunnel.close()
+
+    async def test_wrong_path_at_the_proxy_is_a_failed_connection(self) -> None:
+        """A proxy whose webSocketPath the Gateway does not serve hears 404: it does not
+        log in, and its factory retries with the reason of the refused upgrade."""
+        tunnel = self.start()
+        tunnel.path = "/elsewhere"
+        failures: list[str] = []
+        pc = tunnel.start_proxy_client()
+        original = pc.factory.clientConnectionFailed
+
+        def record(connector: Any, reason: Failure) -> None:
+            failures.append(reason.getErrorMessage())
+            original(connector, reason)
+
+        pc.factory.clientConnectionFailed = record  # type: ignore[method-assign]
+        await wait_until(lambda: bool(failures), what="a failed connection")
+        self.assertIn("WebSocket upgrade", failures[0])
+        self.assertIn("404", failures[0])
+        self.assertIsNone(pc.link)
+
+
+def _tls_client(port: int, ca: str, alpn: list[str]) -> tuple[str | None, bytes]:
+    """(selected ALPN, answer to GET /) from Python's ssl, as a browser would connect."""
+    context = ssl.create_default_context(cafile=ca)
+    context.set_alpn_protocols(alpn)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        selected = tls.selected_alpn_protocol()
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+        return selected, answer
+
+
+class AlpnTests(TestCase):
+    """Browser-like TLS clients (ALPN h2, http/1.1) complete their handshakes."""
+
+    timeout = 30
+
+    async def test_websocket_listener_selects_http_1_1(self) -> None:
+        """A wss Listener selects http/1.1 from h2,http/1.1 and answers GET / with 404."""
+        tunnel = WebSocketTunnel(self, tls=True)
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        assert tunnel.certs is not None
+        selected, answer = await threads.deferToThread(
+            _tls_client, tunnel.gateway_port, tunnel.certs.ca, ["h2", "http/1.1"])
+        self.assertEqual(selected, "http/1.1")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 404 "), answer)
+
+    async def test_plain_link_listener_selects_ours_or_nothing(self) -> None:
+        """A link Listener completes an h2,http/1.1 handshake without ALPN, and selects
+        tcptunnel/1 when offered."""
+        tunnel = Tunnel(self, tls=True)
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        assert tunnel.certs is not None
+        for offered, expected in [(["h2", "http/1.1"], None),
+                                  (["h2", "tcptunnel/1"], "tcptunnel/1")]:
+            context = ssl.create_default_context(cafile=tunnel.certs.ca)
+            context.set_alpn_protocols(offered)
+
+            def handshake(context: ssl.SSLContext = context) -> str | None:
+                with socket.create_connection(("127.0.0.1", tunnel.gateway_port), 10) as raw, \
+                        context.wrap_socket(raw, server_hostname="localhost") as tls:
+                    return tls.selected_alpn_protocol()
+
+            self.assertEqual(await threads.deferToThread(handshake), expected)
+
+    async def test_openssl_s_client(self) -> None:
+        """``openssl s_client -alpn h2,http/1.1`` completes against a wss Listener and
+        reports http/1.1."""
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise SkipTest("openssl is not installed (Debian's openssl package)")
+        tunnel = WebSocketTunnel(self, tls=True)
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        assert tunnel.certs is not None
+
+        ca = tunnel.certs.ca
+
+        def run() -> str:
+            # -ign_eof: keep reading after our request until the server closes.
+            return subprocess.run(
+                [openssl, "s_client", "-connect", f"127.0.0.1:{tunnel.gateway_port}",
+                 "-servername", "localhost", "-alpn", "h2,http/1.1", "-CAfile", ca,
+                 "-ign_eof"],
+                input=b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", capture_output=True,
+                timeout=20).stdout.decode(errors="replace")
+
+        output = await threads.deferToThread(run)
+        self.assertIn("ALPN protocol: http/1.1", output)
+        self.assertIn("404 Not Found", output)
+
+
+class _Nginx(ProcessProtocol):
+    """Debian's nginx, run in the foreground as the test's child."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802
+        self.ended.callback(None)
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802
+        self.output += data
+
+    errReceived = outReceived  # noqa: N815
+
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+    # "Connection: upgrade" only for requests that ask for it (docs/operations.md).
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name localhost;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{ default_type text/plain; return 200 "the website\\n"; }}
+        location = /tunnel {{
+            proxy_pass http://127.0.0.1:{gateway};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+class NginxTunnel(WebSocketTunnel):
+    """A plain WebSocket Listener behind nginx; the proxies speak wss:// to nginx."""
+
+    front_port = 0
+    front_ca = ""
+
+    def _proxy_attributes(self, extra: str) -> str:
+        return (f'host="127.0.0.1" port="{self.front_port}" useSsl="true" '
+                f'caFile="{self.front_ca}" serverName="localhost" maxRetryDelay="1" '
+                f'webSocketPath="{self.path}" {extra}')
+
+
+class NginxTests(TestCase):
+    """Debian's nginx in front of a Gateway: TLS at nginx, the WebSocket proxied to a plain
+    Listener, a website on the same port."""
+
+    timeout = 60
+
+    def start_nginx(self, gateway_port: int) -> tuple[int, str]:
+        """nginx on a reserved port in front of ``gateway_port``; (its port, its CA file)."""
+        from tcptunnel.test._certs import mint
+
+        binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx",
+                                                                           os.X_OK) else None)
+        if binary is None:
+            raise SkipTest("nginx is not installed (Debian package nginx; `make test` installs "
+                           "it when run as root): the reverse-proxy test could not run")
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        certs = mint(os.path.join(work, "certs"))
+        port = reserve_port(self)
+        path = os.path.join(work, "nginx.conf")
+        with open(path, "w") as f:
+            f.write(NGINX_CONF.format(work=work, port=port, gateway=gateway_port,
+                                      cert=certs.cert, key=certs.key))
+        nginx = _Nginx()
+        process = reactor.spawnProcess(nginx, binary,
+                                       [binary, "-p", work, "-e", "stderr", "-c", path],
+                                       env=dict(os.environ))
+
+        def stop() -> defer.Deferred[None]:
+            if nginx.ended.called:
+                return nginx.ended
+            process.signalProcess("KILL")
+            return nginx.ended
+
+        self.addCleanup(stop)
+        self.nginx = nginx
+        return port, certs.ca
+
+    async def wait_listening(self, port: int) -> None:
+        def listening() -> bool:
+            if self.nginx.ended.called:
+                raise AssertionError(f"nginx exited: {self.nginx.output.decode()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                return False
+            return True
+
+        await wait_until(listening, 15, f"nginx to listen on {port}")
+
+    async def test_tunnel_behind_nginx(self) -> None:
+        """Links through nginx log in and tunnel 2 MiB exact; the Gateway sees the client
+        through X-Forwarded-For (port 0: forwarded); GET / on the same port is the
+        website; another path is nginx's own answer, not a link."""
+        echo = await listen(self, EchoProtocol)
+        tunnel = NginxTunnel(self)
+        tunnel.listener_extra = 'trustedProxies="127.0.0.1/32"'
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        tunnel.front_port, tunnel.front_ca = self.start_nginx(tunnel.gateway_port)
+        await self.wait_listening(tunnel.front_port)
+        pc = tunnel.start_proxy_client()
+        ps = tunnel.start_proxy_server([("127.0.0.1", echo)])
+        await tunnel.ready(pc, ps)
+        client = await connect(binding_port(ps))
+        payload = os.urandom(2 * 1024 * 1024)
+        client.transport.write(payload)
+        client.transport.loseWriteConnection()
+        self.assertEqual(await client.ended, "clean")
+        self.assertEqual(hashlib.sha256(client.received).digest(),
+                         hashlib.sha256(payload).digest())
+        assert tunnel.gateway is not None
+        peers = {link.peer_description for link in tunnel.gateway.gateway.links}
+        self.assertEqual(peers, {"127.0.0.1:0"})
+        selected, answer = await threads.deferToThread(
+            _tls_client, tunnel.front_port, tunnel.front_ca, ["h2", "http/1.1"])
+        self.assertEqual(selected, "http/1.1")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        self.assertTrue(answer.endswith(b"the website\n"), answer)
+
+
+def _over_websocket(test: TestCase) -> None:
+    """Run a test_faults test with its Tunnel links as WebSockets (and make sure it did)."""
+    built: list[Tunnel] = []
+
+    class Counted(WebSocketTunnel):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    test.patch(test_faults, "Tunnel", Counted)
+    test.addCleanup(lambda: test.assertTrue(built, "the test built no WebSocket tunnel"))
+
+
+class WsSilentLinkTests(test_faults.SilentLinkTests):
+    """test_faults' keepalive test with the link as a WebSocket (a frozen TCP relay under
+    it): both ends detect it in time, the proxy reconnects."""
+
+    def setUp(self) -> None:
+        _over_websocket(self)
+
+
+class WsStreamFaultTests(test_faults.StreamFaultTests):
+    """test_faults' stream faults with the link as a WebSocket."""
+
+    def setUp(self) -> None:
+        _over_websocket(self)
