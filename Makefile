@@ -45,11 +45,15 @@ run: $(STAMP)
 # the status page; tinyproxy and microsocks as outbound proxies; dig (against a dnsmasq the
 # test runs itself: dnsmasq-base, the program without Debian's system service), socat and
 # iperf3 through UDP Bindings; nginx as the reverse proxy in front of a WebSocket Listener
-# (its service disabled after install, as tinyproxy's).  Installed when missing and we may
+# (its service disabled after install, as tinyproxy's); curl, ssh with nc -X 5 (netcat-openbsd)
+# through SOCKS5 Bindings to a throw-away sshd, and nginx and haproxy as targets reading PROXY
+# headers (issue 17; the services these packages start are stopped and disabled when this
+# installed them, never otherwise).  Installed when missing and we may
 # (as root, with apt-get); each test says clearly that it could not run otherwise.  (Non-interactive: iperf3's package
 # asks whether to start a daemon.)
 TEST_PROGRAMS := chromium:chromium tinyproxy:tinyproxy microsocks:microsocks \
-	dig:bind9-dnsutils dnsmasq:dnsmasq-base socat:socat iperf3:iperf3 nginx:nginx
+	dig:bind9-dnsutils dnsmasq:dnsmasq-base socat:socat iperf3:iperf3 nginx:nginx \
+	curl:curl ssh:openssh-client sshd:openssh-server nc:netcat-openbsd haproxy:haproxy
 
 test: $(STAMP)
 	@missing=""; for entry in $(TEST_PROGRAMS); do \
@@ -60,7 +64,9 @@ test: $(STAMP)
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) \
 	    >/dev/null 2>&1 || echo "could not install$$missing: the tests that need them say so"; \
-	  for service in tinyproxy nginx; do systemctl disable --now $$service >/dev/null 2>&1 || true; done; \
+	  for pair in tinyproxy:tinyproxy nginx:nginx haproxy:haproxy ssh:openssh-server; do \
+	    case " $$missing " in *" $${pair#*:} "*) \
+	      systemctl disable --now $${pair%%:*} >/dev/null 2>&1 || true;; esac; done; \
 	fi
 	@rm -rf _trial_temp
 	@set -o pipefail 2>/dev/null; $(VENV)/bin/trial --jobs=2 tcptunnel 2>&1 | tee .trial-output.txt; \
