@@ -207,8 +207,8 @@ class BindingConfig:
     def target(self) -> str:
         """``host:port``, or where a socks5/http-connect Binding's targets come from."""
         if self.target_host is None or self.target_port is None:
-            return {"socks5": "SOCKS5 request", "http-connect": "CONNECT request"}.get(
-                self.type, "?")
+            return {"socks5": "the target of each SOCKS5 request",
+                    "http-connect": "the target of each CONNECT request"}.get(self.type, "?")
         return format_address(self.target_host, self.target_port)
 
     @property

@@ -100,7 +100,7 @@ class RequestBindingConnection(BindingConnection):
     def target(self) -> str:
         """host:port the client asked for (or what is still awaited)."""
         if self.requested is None:
-            return f"({self.binding.target})"
+            return "(no request yet)"
         return format_address(*self.requested)
 
     def connectionMade(self) -> None:  # noqa: N802
@@ -306,8 +306,7 @@ class ProxyServerService(ProxyService):
         self.log.info("[{index}] Binding {listen} -> {target} listening{udp}",
                       index=self.config.index, udp=" (udp)" if binding.protocol == "udp" else "",
                       listen=format_address(binding.listen_ip, port.getHost().port),
-                      target=binding.target if binding.type == "tcp"
-                      else f"each {binding.target} ({binding.type})")
+                      target=binding.target)
 
     def startService(self) -> None:  # noqa: N802
         """Listen on every Binding first (a failure stops start-up), then connect."""

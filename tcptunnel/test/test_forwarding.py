@@ -36,7 +36,7 @@ from tcptunnel._proxyproto import (
     client_address_from_fields,
     encode_client_address,
 )
-from tcptunnel.config import ProxyConfig, parse_settings
+from tcptunnel.config import ConfigError, ProxyConfig, parse_settings
 from tcptunnel.proxyclient import ProxyClientService, TargetConnection
 from tcptunnel.proxyserver import (
     BindingConnection,
@@ -79,6 +79,97 @@ def socks_connect(host: str, port: int) -> bytes:
     name = host.encode()
     return b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes([len(name)]) + name + \
         port.to_bytes(2, "big")
+
+
+# -- settings ---------------------------------------------------------------------------
+
+
+class SettingsTests(SynchronousTestCase):
+    """The Binding types, Endpoint rules and checkResolvedAddresses as the reader takes them."""
+
+    def error(self, role: str, inner: str) -> str:
+        """The ConfigError message for one proxy instance."""
+        with self.assertRaises(ConfigError) as caught:
+            _config(role, inner)
+        return str(caught.exception)
+
+    def test_socks5_and_http_connect_bindings(self) -> None:
+        """type, username and password are read; the target comes from each request."""
+        config = _config("proxy-server",
+                         '<Binding type="socks5" listenIp="127.0.0.1" listenPort="1080"/>'
+                         '<Binding type="http-connect" listenIp="::1" listenPort="3128" '
+                         'username="alice" password="s3cret"/>')
+        socks, http = config.bindings
+        self.assertEqual((socks.type, socks.target_host, socks.credentials),
+                         ("socks5", None, None))
+        self.assertEqual((http.type, http.credentials), ("http-connect", ("alice", "s3cret")))
+        self.assertEqual(http.describe(), "[::1]:3128 -> the target of each CONNECT request")
+        self.assertNotIn("s3cret", repr(http))
+        self.assertEqual(config.warnings, ())
+
+    def test_binding_mistakes(self) -> None:
+        """A target on a socks5 Binding, none on a tcp one, half a login, a login on a tcp
+        Binding, an http-connect user name with ':' and udp on socks5 are each refused,
+        naming the attribute."""
+        cases = {
+            '<Binding type="socks5" listenPort="1" targetHost="t" targetPort="2"/>':
+                "attribute 'targetHost': a type=\"socks5\" Binding takes its target from each",
+            '<Binding listenPort="1" targetPort="2"/>': "missing required attribute 'targetHost'",
+            '<Binding type="socks5" listenPort="1" username="a"/>':
+                "attribute 'username': a username needs a password too",
+            '<Binding type="socks5" listenPort="1" password="a"/>':
+                "attribute 'password': a password needs a username too",
+            '<Binding listenPort="1" targetHost="t" targetPort="2" username="a" password="b"/>':
+                'username and password apply to type="socks5" and type="http-connect"',
+            '<Binding type="http-connect" listenPort="1" username="a:b" password="c"/>':
+                "cannot contain ':'",
+            '<Binding type="socks5" listenPort="1" username="a" password="' + "p" * 256 + '"/>':
+                "password is 1 to 255 bytes",
+            '<Binding type="socks5" listenPort="1" protocol="udp"/>': "attribute 'protocol'",
+            '<Binding type="socks4" listenPort="1"/>':
+                'expected "tcp", "socks5" or "http-connect"',
+        }
+        for binding, message in cases.items():
+            self.assertIn(message, self.error("proxy-server", binding), binding)
+
+    def test_open_proxy_warning(self) -> None:
+        """A socks5 Binding beyond loopback without a login is started with a warning."""
+        config = _config("proxy-server", '<Binding type="socks5" listenPort="1080"/>')
+        (warning,) = config.warnings
+        self.assertIn("a socks5 proxy on every address of this machine without username and "
+                      "password", warning)
+
+    def test_endpoint_rules(self) -> None:
+        """Networks, suffixes, port lists, proxyProtocol and checkResolvedAddresses are read
+        into _allow rules; an old single out-of-range port is still dropped with a warning."""
+        config = _config("proxy-client", '<AllowedTargetEndpoints checkResolvedAddresses="yes">'
+                         '<Endpoint host="192.168.40.0/24" port="22, 8000-8100"/>'
+                         '<Endpoint host="*.Corp.Example." port="443" proxyProtocol="v2"/>'
+                         '<Endpoint host="t" port="70000"/></AllowedTargetEndpoints>')
+        assert config.allowed_targets is not None
+        network, suffix = (e.rule for e in config.allowed_targets)
+        self.assertEqual((network.kind, str(network.ports)), ("network", "22,8000-8100"))
+        self.assertEqual((suffix.kind, suffix.name, suffix.proxy_protocol),
+                         ("suffix", "corp.example", "v2"))
+        self.assertTrue(config.check_resolved_addresses)
+        self.assertIn("port 70000 is no TCP port", config.warnings[0])
+
+    def test_endpoint_mistakes(self) -> None:
+        """Bad networks, wildcards, port lists and proxyProtocol values are errors naming
+        the attribute."""
+        cases = {
+            '<Endpoint host="10.0.0.0/33" port="1"/>': "attribute 'host'",
+            '<Endpoint host="a.*.example" port="1"/>': "attribute 'host'",
+            '<Endpoint host="t" port="22,x"/>': "attribute 'port'",
+            '<Endpoint host="t" port="90-80"/>': "attribute 'port'",
+            '<Endpoint host="t" port="1" proxyProtocol="v3"/>': "attribute 'proxyProtocol'",
+            '<Endpoint host="t" port="1" protocol="udp" proxyProtocol="v1"/>':
+                "proxyProtocol applies to tcp Endpoints only",
+        }
+        for endpoint, message in cases.items():
+            self.assertIn(message, self.error(
+                "proxy-client", f"<AllowedTargetEndpoints>{endpoint}</AllowedTargetEndpoints>"),
+                endpoint)
 
 
 # -- unit layer: the Proxy-Server --------------------------------------------------------
