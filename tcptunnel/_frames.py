@@ -99,6 +99,7 @@ class GoAway(enum.IntEnum):
     INTERNAL = 9
     FRAME_TOO_LARGE = 10
     TOO_SLOW = 11
+    BUSY = 12  # a transient limit (slots of links logging in): retry soon
     UNKNOWN = 255
 
     @classmethod

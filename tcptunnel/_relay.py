@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from tcptunnel import _frames as fr
 from tcptunnel._frames import Frame, FrameType, GoAway, LinkError, Reason, StreamError
-from tcptunnel._link import GATEWAY_LOGIN, MAX_QUEUED_CONTROL_FRAMES, LinkCore
+from tcptunnel._link import GATEWAY_LOGIN, MAX_QUEUED_CONTROL_FRAMES, LinkCore, LinkState
 from tcptunnel._stream import Direction, StreamEvent, StreamState, advance
 
 ROLE_NAMES = {fr.ROLE_PROXY_CLIENT: "proxy-client", fr.ROLE_PROXY_SERVER: "proxy-server"}
@@ -68,9 +68,11 @@ class RelayLink(LinkCore):
 
     login_sequence = GATEWAY_LOGIN
 
-    def __init__(self, total: Budget, max_control_frames: int = MAX_QUEUED_CONTROL_FRAMES) -> None:
+    def __init__(self, total: Budget, max_control_frames: int = MAX_QUEUED_CONTROL_FRAMES,
+                 max_queued_bytes: int = 64 * 1024 * 1024) -> None:
         super().__init__()
         self.max_control_frames = max_control_frames
+        self.max_queued_bytes = max_queued_bytes
         self.session: Session | None = None
         self.role: int | None = None
         self.number = 0  # Proxy-Server number within its session (1, 2, ...)
@@ -93,6 +95,16 @@ class RelayLink(LinkCore):
 
     def _handle_stream_frame(self, frame: Frame, events: list[object]) -> None:
         events.append(StreamFrameReceived(frame))
+
+    def receive_data(self, data: bytes) -> list[object]:
+        """As LinkCore's, and what the peer provoked here (PONGs) is held to the link's byte
+        bound like everything else queued toward it (raises LinkError TOO_SLOW)."""
+        events = super().receive_data(data)
+        if self.queued_bytes > self.max_queued_bytes and self.state is not LinkState.CLOSED:
+            raise LinkError(GoAway.TOO_SLOW,
+                            f"the peer does not read what it asked for ({self.queued_bytes} "
+                            f"bytes queued, limit {self.max_queued_bytes})")
+        return events
 
     # -- accounting -------------------------------------------------------
 
@@ -148,6 +160,13 @@ class RelayLink(LinkCore):
             self.drop_stream(stream_id)
         for stream_id in list(self._updates):
             self.drop_stream(stream_id)
+
+    def drop_control(self) -> None:
+        """Forget the control frames not yet sent (a link the relay closes: nothing it was
+        still owed matters once its streams are reset; only its GOAWAY is sent)."""
+        self._control.clear()
+        self._charge(-self._control_bytes)
+        self._control_bytes = 0
 
     def leave_budget(self, budget: Budget) -> None:
         """Stop counting this link's queue in ``budget`` (it left its session)."""
@@ -280,7 +299,8 @@ class RelayCore:
 
     def new_link(self) -> RelayLink:
         """The core for a newly accepted link."""
-        link = RelayLink(self.total, self.limits.max_control_frames)
+        link = RelayLink(self.total, self.limits.max_control_frames,
+                         self.limits.max_queued_bytes_per_link)
         self.links.add(link)
         return link
 
@@ -358,6 +378,7 @@ class RelayCore:
         if link.detached:
             return
         self.detach(link, Reason.LINK_LOST, f"the {link.role_name} link was closed ({message})")
+        link.drop_control()
         link.go_away(code, message)
         self._failed.append((link, code, message))
 

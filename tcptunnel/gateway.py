@@ -190,7 +190,7 @@ class GatewayLink(LinkProtocol):
                               index=gateway.config.index, peer=self.peer_description,
                               limit=refusal)
             self.close_reason = f"LIMIT: {refusal}"
-            self._refuse(GoAway.LIMIT, f"too many unauthenticated links ({refusal})")
+            self._refuse(GoAway.BUSY, f"too many unauthenticated links ({refusal})")
             return
         self._slot_host = host
         if self.log_allowed():

@@ -122,12 +122,17 @@ class ProxyLink(MuxProtocol):
             # A limit, not a wrong password; asking again at once would meet it again.
             self.proxy.stats["limits_hit",] += 1
             self.proxy.factory.wait_longest()
+        elif event.code is GoAway.BUSY:
+            # Too many links logging in at the Gateway right now (a reconnect storm):
+            # the normal short backoff, not the longest wait.
+            self.proxy.stats["limits_hit",] += 1
         elif event.code is GoAway.REPLACED:
             # Another Proxy-Client took the session.  Coming straight back
             # would only throw it out again: wait the longest delay.
             self.proxy.factory.wait_longest()
-        self.log.warn("[{index}] The Gateway closes the link: {code} ({message})",
-                      index=self.proxy.config.index, code=event.code.name, message=event.message)
+        # Not "message": legacy log observers take that field for the event's own text.
+        self.log.warn("[{index}] The Gateway closes the link: {code} ({why})",
+                      index=self.proxy.config.index, code=event.code.name, why=event.message)
 
     def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: N802, B008
         """Reset every stream and let the factory reconnect."""

@@ -233,11 +233,13 @@ class LoginUnitTests(SynchronousTestCase):
             self.assertTrue(self.login(link, transport, "pc"))
 
     def test_unauthenticated_limit(self) -> None:
-        """Links beyond the unauthenticated limit are closed with LIMIT at once."""
+        """Links beyond the unauthenticated limit are closed at once with GOAWAY BUSY (a
+        transient limit: the proxy retries soon, not after its longest wait)."""
         self.gateway = Gateway(gateway_config('maxUnauthenticatedLinks="2"'), self.clock)
         (_, t1), (_, t2), (_, t3) = self.connect(), self.connect(), self.connect()
         self.assertFalse(t1.disconnecting or t2.disconnecting)
         self.assertTrue(t3.disconnecting)
+        self.assertEqual(fr.parse_goaway(self.frames(t3)[-1].payload)[0], GoAway.BUSY)
 
     def test_unauthenticated_limit_per_address(self) -> None:
         """One address cannot hold every unauthenticated slot: past its own cap it is

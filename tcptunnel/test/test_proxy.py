@@ -88,3 +88,4 @@ class DeadPeerTests(SynchronousTestCase):
         clock.advance(0.1)
         clock.advance(0)
         self.assertEqual(aborted, [45.0])
+

@@ -233,6 +233,18 @@ class ProxyLinkTests(SynchronousTestCase):
                          (GoAway.LOGIN_TIMEOUT, "the Gateway did not complete the login in time"))
         self.assertTrue(gateway.transport.disconnecting)
 
+    def test_goaway_busy_retries_soon(self) -> None:
+        """GOAWAY BUSY (too many links logging in at the Gateway: a reconnect storm) counts a
+        limit and keeps the short backoff, unlike LIMIT (a storm through one NAT once took
+        38 s when the slot limit read as LIMIT)."""
+        gateway = FakeGateway(self.service, "pc")
+        gateway.send(fr.build_hello() + fr.build_goaway(GoAway.BUSY,
+                                                        "too many unauthenticated links"))
+        self.assertEqual(self.service.stats["limits_hit",], 1)
+        self.assertEqual(self.service.stats["logins_failed",], 0)
+        self.assertLessEqual(self.service.factory.maxDelay,
+                             self.service.factory.REFUSED_MAX_DELAY)
+
     def test_goaway_limit_is_not_a_login_failure(self) -> None:
         """GOAWAY LIMIT counts a limit, not a failed login, and waits the longest delay (the
         same limit would refuse a quick retry)."""
