@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any
 
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.application import service
 from twisted.internet import interfaces
 from twisted.internet.protocol import ReconnectingClientFactory
@@ -142,6 +143,11 @@ class ProxyLink(MuxProtocol):
         super().connectionLost(reason)
         if closed_here:
             why = self.close_reason
+        elif reason.check(VerificationError) is not None:
+            # service_identity's: the certificate is valid but names another host.
+            why = (f"the Gateway's certificate does not name "
+                   f"{self.proxy.config.server_name or self.proxy.config.host!r} "
+                   f"({reason.value}): check serverName (or host) against the certificate")
         elif reason.check(SSL.Error) is not None:
             why = (f"TLS handshake with the Gateway failed ({reason.getErrorMessage()}): the "
                    "Gateway did not answer with TLS (plain Listener?) or its certificate did "
@@ -226,7 +232,8 @@ class ProxyLinkFactory(ReconnectingClientFactory):
         super().clientConnectionFailed(connector, reason)
         self.log.warn("[{index}] Unable to connect to the Gateway {gateway}: {why}; retrying "
                       "in {delay:.1f} s", index=self.proxy.config.index,
-                      gateway=self.proxy.gateway_address, why=reason.getErrorMessage(),
+                      gateway=self.proxy.gateway_address,
+                      why=reason.getErrorMessage().rstrip("."),
                       delay=self.last_wait)
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:  # noqa: N802

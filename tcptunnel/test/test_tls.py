@@ -173,10 +173,17 @@ class VerificationTests(TestCase):
         await self.assert_refused_at_tls(tunnel, pc)
 
     async def test_wrong_hostname_never_logs_in(self) -> None:
-        """A certificate for another name is refused even when its CA is trusted."""
+        """A certificate for another name is refused even when its CA is trusted, and the
+        proxy says which name it wanted (not a raw VerificationError repr)."""
         tunnel, pc, _ps, _ = await self.tunnel_with(
             'useSsl="1" caFile="{c.ca}" serverName="other.example"')
+        reasons: list[str] = []
+        link_lost = pc.link_lost
+        pc.link_lost = lambda link, why: (reasons.append(why), link_lost(link, why))[1]
         await self.assert_refused_at_tls(tunnel, pc)
+        await wait_until(lambda: bool(reasons), 10, "the proxy to say why the link ended")
+        self.assertIn("certificate does not name 'other.example'", reasons[0])
+        self.assertIn("check serverName", reasons[0])
 
 
 @implementer(IHandshakeListener)
