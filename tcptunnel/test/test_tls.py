@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import crypto
 from twisted.internet import defer, reactor, ssl
@@ -22,6 +22,7 @@ from zope.interface.verify import verifyObject
 
 from tcptunnel.config import Location, TlsFiles
 from tcptunnel.ports import listen
+from tcptunnel.proxy import ProxyService
 from tcptunnel.test._certs import mint
 from tcptunnel.test._harness import (
     EchoProtocol,
@@ -178,8 +179,14 @@ class VerificationTests(TestCase):
         tunnel, pc, _ps, _ = await self.tunnel_with(
             'useSsl="1" caFile="{c.ca}" serverName="other.example"')
         reasons: list[str] = []
-        link_lost = pc.link_lost
-        pc.link_lost = lambda link, why: (reasons.append(why), link_lost(link, why))[1]
+        proxy = cast(ProxyService, pc)
+        link_lost = proxy.link_lost
+
+        def record(link: Any, why: str) -> None:
+            reasons.append(why)
+            link_lost(link, why)
+
+        proxy.link_lost = record  # type: ignore[method-assign]
         await self.assert_refused_at_tls(tunnel, pc)
         await wait_until(lambda: bool(reasons), 10, "the proxy to say why the link ended")
         self.assertIn("certificate does not name 'other.example'", reasons[0])
