@@ -153,7 +153,8 @@ def _proxy_snapshot(child: ProxyService, now: float) -> dict[str, Any]:
         entry["bindings"] = [
             {"listen": format_address(b.listen_ip, port.getHost().port),
              "target": b.target,
-             "protocol": b.protocol}
+             "protocol": b.protocol,
+             "type": b.type}
             for b, port in zip(child.config.bindings, bindings, strict=False)]
     entry["udp"] = _udp_status(child)
     return entry
