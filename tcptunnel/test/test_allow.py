@@ -243,6 +243,37 @@ class AllowListTests(SynchronousTestCase):
         self.assertEqual(AllowList([]).check("127.0.0.1", 22).reason, Reason.DENIED)
 
 
+class ProtocolTests(SynchronousTestCase):
+    """A rule's protocol: tcp (the default) or udp, one never allowing the other."""
+
+    def test_protocol_of_rules(self) -> None:
+        """A udp rule allows udp streams only, a tcp rule tcp only; the denial names the
+        rule of the other protocol."""
+        allow = AllowList([parse_rule("10.0.0.53", "53", protocol="udp"),
+                           parse_rule("10.0.0.0/8", "22")])
+        self.assertTrue(allow.check("10.0.0.53", 53, "udp").allowed)
+        tcp = allow.check("10.0.0.53", 53)
+        self.assertEqual((tcp.reason, tcp.rule), (Reason.DENIED, allow.rules[0]))  # type: ignore[index]
+        self.assertIn("allows udp only", tcp.why)
+        self.assertFalse(allow.check("10.0.0.1", 22, "udp").allowed)
+        self.assertTrue(allow.check("10.0.0.1", 22).allowed)
+        self.assertIn('protocol="udp"', allow.rules[0].describe())  # type: ignore[index]
+
+    def test_resolved_addresses_by_protocol(self) -> None:
+        """checkResolvedAddresses takes only networks of the stream's protocol."""
+        allow = AllowList([parse_rule("dns.corp.example", "53", protocol="udp"),
+                           parse_rule("10.0.0.0/8", "53", protocol="udp"),
+                           parse_rule("192.168.0.0/16", "53")], check_resolved_addresses=True)
+        self.assertTrue(allow.check("dns.corp.example", 53, "udp").resolve)
+        checked = allow.check_addresses(53, ["10.1.1.1", "192.168.1.1"], "udp")
+        self.assertEqual([a.compressed for a in checked.addresses], ["10.1.1.1"])
+
+    def test_bad_protocol(self) -> None:
+        """Only tcp and udp; proxyProtocol is for tcp rules only."""
+        self.assertRaises(AllowListError, parse_rule, "h", "1", protocol="sctp")
+        self.assertRaises(AllowListError, parse_rule, "h", "1", "", "v1", "udp")
+
+
 class ResolvedAddressTests(SynchronousTestCase):
     """checkResolvedAddresses: a name's addresses must be in the networks."""
 
