@@ -20,6 +20,8 @@ import shutil
 import socket
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Factory, Protocol
@@ -29,6 +31,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcptunnel import _frames as fr
 from tcptunnel._frames import FrameType, Reason
+from tcptunnel._httpconnect import MAX_HEAD_BYTES
 from tcptunnel._proxyproto import (
     ClientAddress,
     build_v1,
@@ -36,6 +39,7 @@ from tcptunnel._proxyproto import (
     client_address_from_fields,
     encode_client_address,
 )
+from tcptunnel._socks import MAX_HANDSHAKE_BYTES
 from tcptunnel.config import ConfigError, ProxyConfig, parse_settings
 from tcptunnel.proxyclient import ProxyClientService, TargetConnection
 from tcptunnel.proxyserver import (
@@ -59,6 +63,7 @@ def _program(name: str) -> str | None:
 CURL, SSH, SSHD, NC = _program("curl"), _program("ssh"), _program("sshd"), _program("nc")
 SSH_KEYGEN, NGINX, HAPROXY = _program("ssh-keygen"), _program("nginx"), _program("haproxy")
 BODY = b"hello from the target\n"
+EXAMPLES = int(os.environ.get("TCPTUNNEL_FUZZ_EXAMPLES", "200"))
 
 
 def _config(role: str, inner: str, extra: str = "") -> ProxyConfig:
@@ -340,6 +345,45 @@ class RequestBindingTests(SynchronousTestCase):
         _stream_id, request = self.open_request(gateway)
         self.assertEqual(client_address_from_fields(request.fields),
                          ClientAddress.from_hosts("::1", 40000, "::1", 2222))
+
+
+class RequestBindingFuzzTests(SynchronousTestCase):
+    """Arbitrary bytes in arbitrary reads at a socks5 / http-connect Binding."""
+
+    @settings(max_examples=EXAMPLES, deadline=None)
+    @given(st.sampled_from(["socks5", "http-connect"]),
+           st.lists(st.one_of(st.binary(max_size=64),
+                              st.sampled_from([b"\x05\x01\x00", b"\x05\x01\x00\x03\x05a.bcd",
+                                               b"CONNECT a:1 HTTP/1.1\r\n", b"\r\n"])),
+                    max_size=40))
+    def test_no_input_misbehaves(self, kind: str, chunks: list[bytes]) -> None:
+        """No input raises, the handshake buffer stays within its bound, at most one stream
+        is opened, and a refused connection reads nothing more."""
+        reactor = MemoryReactorClock()
+        service = ProxyServerService(_config(
+            "proxy-server", f'<Binding type="{kind}" listenIp="127.0.0.1" listenPort="1"/>'),
+            reactor)
+        gateway = FakeGateway(service, "ps")
+        gateway.login()
+        connection = BindingFactory(service, service.config.bindings[0]).buildProtocol(None)
+        assert isinstance(connection, RequestBindingConnection)
+        local = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 1),
+                                peerAddress=IPv4Address("TCP", "127.0.0.1", 2))
+        connection.makeConnection(local)
+        for chunk in chunks:
+            connection.dataReceived(chunk)
+            parser = connection.socks or connection.http
+            assert parser is not None
+            self.assertLessEqual(parser.buffered, MAX_HANDSHAKE_BYTES if kind == "socks5"
+                                 else MAX_HEAD_BYTES + len(chunk))
+            if connection.done and local.disconnecting:
+                written, opened = local.value(), len(gateway.of_type(FrameType.OPEN))
+                connection.dataReceived(b"\x05\x01\x00CONNECT a:1 HTTP/1.1\r\n\r\n")
+                self.assertEqual(local.value(), written)
+                self.assertEqual(len(gateway.of_type(FrameType.OPEN)), opened)
+        self.assertLessEqual(len(gateway.of_type(FrameType.OPEN)), 1)
+        reactor.advance(11)
+        self.assertTrue(connection.stream is not None or local.disconnecting)
 
 
 # -- unit layer: the Proxy-Client ---------------------------------------------------------
