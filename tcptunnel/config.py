@@ -126,6 +126,9 @@ class ListenerConfig:
     websocket_path: str | None = None
     # Reverse proxies whose X-Forwarded-For is believed (ours; WebSocket Listeners only).
     trusted_proxies: tuple[Network, ...] = ()
+    # Sources that must start each connection with a PROXY header (v1/v2), refused from
+    # anyone else (ours, issue 20: Gateways behind a load balancer).
+    accept_proxy_protocol: tuple[Network, ...] = ()
 
     def describe(self) -> str:
         """Human-readable address, as used in log lines and errors."""
@@ -813,10 +816,13 @@ def _listener(element: _Element) -> ListenerConfig:
     if trusted and websocket_path is None:
         raise element.error("trustedProxies needs webSocketPath (X-Forwarded-For is read "
                             "only from WebSocket requests)", "trustedProxies")
+    accept_proxy = element.get("acceptProxyProtocol", parse_networks,
+                               "IP addresses or networks separated by commas") or ()
     element.check_unknown_attributes()
     _no_children(element)
     return ListenerConfig(ip=ip, port=port, tls=tls, location=element.location,
-                          websocket_path=websocket_path, trusted_proxies=trusted)
+                          websocket_path=websocket_path, trusted_proxies=trusted,
+                          accept_proxy_protocol=accept_proxy)
 
 
 _WEBSOCKET_PATH_WHAT = "a URL path starting with / (e.g. /tunnel), without query or spaces"

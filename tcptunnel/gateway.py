@@ -517,6 +517,8 @@ class GatewayService(service.Service):
         self._tls = self._load_tls(config)
         # Per WebSocket Listener, its GatewayWebSocketFactory (reloads update it in place).
         self._websockets: dict[AddressKey, Any] = {}
+        # Per Listener with acceptProxyProtocol, its ProxyHeaderFactory (reloads update it).
+        self._proxy_headers: dict[AddressKey, Any] = {}
 
     @property
     def ports(self) -> list[Any]:
@@ -549,9 +551,30 @@ class GatewayService(service.Service):
                 self.factory, listener.websocket_path, listener.trusted_proxies,
                 self.gateway.limits.login_timeout, self.reactor)
             self._websockets[key] = factory
+        layered_tls = tls  # TLS that listen() adds; inside the PROXY header reader if any
+        if listener.accept_proxy_protocol:
+            factory, layered_tls = self._proxy_header_factory(key, listener, factory, tls), None
         port = listen(self.reactor, listener.ip, listener.port, factory,
-                      f"[{self.config.index}] Gateway", listener.location, tls)
+                      f"[{self.config.index}] Gateway", listener.location, layered_tls)
         return port, tls
+
+    def _proxy_header_factory(self, key: AddressKey, listener: ListenerConfig, factory: Any,
+                              tls: Any) -> Any:
+        """The PROXY header reader outside the Listener's TLS (the header comes before the
+        handshake), so every link's getPeer() is the client named in the header."""
+        from tcptunnel.proxyheader import ProxyHeaderFactory
+        from tcptunnel.tls import tls_factory
+
+        inner = tls_factory(tls, factory, is_client=False) if tls is not None else factory
+        gateway = self.gateway
+        outer = ProxyHeaderFactory(
+            inner, listener.accept_proxy_protocol, self.reactor,
+            f"[{self.config.index}] Listener {listener.describe()}",
+            timeout=gateway.limits.login_timeout,
+            max_pending=gateway.limits.max_unauthenticated_links,
+            log_allowed=lambda: gateway.log_budget.allow(self.reactor.seconds()))
+        self._proxy_headers[key] = outer
+        return outer
 
     def _announce_listener(self, listener: ListenerConfig, port: Any, tls: Any) -> None:
         index = self.config.index
@@ -600,6 +623,13 @@ class GatewayService(service.Service):
                               address=listener.describe())
             elif websocket is not None:
                 websocket.update(listener.websocket_path, listener.trusted_proxies)
+            headers = self._proxy_headers.get(key)
+            if (headers is None) != (not listener.accept_proxy_protocol):
+                self.log.warn("[{index}] Listener {address}: switching acceptProxyProtocol on "
+                              "or off needs a restart", index=new.index,
+                              address=listener.describe())
+            elif headers is not None:
+                headers.trusted = listener.accept_proxy_protocol
 
         def applied(_: Any) -> bool:
             self.gateway.update(new)
