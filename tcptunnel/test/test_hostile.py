@@ -94,7 +94,9 @@ class AttackTestCase(TestCase):
     cleanup aborts the attackers first; tear-down, which runs after the cleanups, catches
     tests without a bystander)."""
 
-    timeout = 15
+    # Each attack takes a few seconds alone; two cores shared with a parallel test run can
+    # triple that (one timed out at 15 s in a loaded clean-clone run).
+    timeout = 45
 
     def tearDown(self) -> None:
         """Abort what the attackers left open."""
