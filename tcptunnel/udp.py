@@ -278,11 +278,15 @@ class ServerFlows:
                 endpoint.stream = link.open_stream(*config.fixed_target, endpoint,
                                                    kind=fr.KIND_UDP)
             except StreamError as e:
+                # LIMIT, or UNSUPPORTED where streams must be sealed end to end: a flood of
+                # senders would repeat it once per sender, so at most a line per interval.
                 self.table.remove(flow)
                 count_drop(stats, "stream_refused")
-                proxy.log.warn("[{index}] UDP flow {flow} refused: {why}",
-                               index=proxy.config.index, flow=endpoint.describe(),
-                               why=e.message)
+                if now - binding.last_drop_log >= DROP_LOG_INTERVAL:
+                    binding.last_drop_log = now
+                    proxy.log.warn("[{index}] UDP flow {flow} refused: {why}",
+                                   index=proxy.config.index, flow=endpoint.describe(),
+                                   why=e.message)
                 return
             flow.handle = endpoint
             stats["udp_flows_opened",] += 1

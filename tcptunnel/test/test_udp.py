@@ -57,7 +57,7 @@ class OpenKindTests(SynchronousTestCase):
     def test_unknown_kind_still_unsupported(self) -> None:
         """Kinds other than tcp and udp stay UNSUPPORTED."""
         with self.assertRaises(StreamError) as caught:
-            fr.parse_open(fr.open_payload(1000, 0, 2, fr.target_fields("h", 1)))
+            fr.parse_open(fr.open_payload(1000, 0, 9, fr.target_fields("h", 1)))
         self.assertIs(caught.exception.reason, Reason.UNSUPPORTED)
 
 
@@ -508,6 +508,54 @@ class ServerFlowsTimerTests(SynchronousTestCase):
         self.assertEqual(proxy.stats["udp_dropped", "no_link"], 2)
         self.assertEqual(len(flows.table), 0)
         self.assertEqual(proxy.log.lines, 1)  # type: ignore[attr-defined]
+
+
+class _RefusingLink:
+    """A link whose every stream is refused (as with endToEndPassword, which seals only
+    TCP streams)."""
+
+    def open_stream(self, *args: Any, **kwargs: Any) -> Any:
+        raise StreamError(Reason.UNSUPPORTED, "udp streams are not sealed by this release")
+
+
+class ServerFlowsRefusalTests(SynchronousTestCase):
+    """A stream the link refuses costs the flow, a counted drop, and a rate-limited line."""
+
+    def test_refused_streams_logged_once_per_interval(self) -> None:
+        """Three senders whose streams are refused: three drops (stream_refused), no flow
+        left, one log line within DROP_LOG_INTERVAL, another after it."""
+        from tcptunnel.udp import DROP_LOG_INTERVAL, ServerFlows
+
+        clock = Clock()
+        proxy = _FakeProxy(clock)
+        proxy.link = _RefusingLink()  # type: ignore[assignment]
+        proxy.partner_available = True
+        proxy.log = _NullLog()  # type: ignore[attr-defined]
+        proxy.config = _Config()  # type: ignore[attr-defined]
+        flows = ServerFlows(proxy)
+        binding: Any = _Binding()
+        binding.config = _UdpConfig()
+        flows.add_binding(binding)
+        for port in (1, 2, 3):
+            flows.datagram_received(binding, b"q", ("127.0.0.1", port))
+        self.assertEqual(proxy.stats["udp_dropped", "stream_refused"], 3)
+        self.assertEqual(len(flows.table), 0)
+        self.assertEqual(proxy.log.lines, 1)  # type: ignore[attr-defined]
+        clock.advance(DROP_LOG_INTERVAL)
+        flows.datagram_received(binding, b"q", ("127.0.0.1", 4))
+        self.assertEqual(proxy.log.lines, 2)  # type: ignore[attr-defined]
+
+
+class _UdpConfig:
+    fixed_target = ("127.0.0.1", 5353)
+    target = "127.0.0.1:5353"
+    idle_timeout = None
+    listen_ip = "127.0.0.1"
+    listen_port = 0
+
+    @staticmethod
+    def describe() -> str:
+        return "127.0.0.1:0 -> 127.0.0.1:5353"
 
 
 class _NullLog:
