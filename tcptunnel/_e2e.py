@@ -88,10 +88,10 @@ __all__ = [
 #: Stream kinds of OPEN (§5.1: 0 = tcp; 1 = udp, being added for issue 18).  Both carry
 #: one critical field, so a Proxy-Client that predates them refuses them with UNSUPPORTED
 #: instead of misreading them.
-KIND_PAKE = 2
-KIND_SEALED = 3
-FIELD_SEALED = 0x81  # pairing id (8) | stream number u32 | the OPEN record
-FIELD_PAKE = 0x82  # the initiator's CPace message
+KIND_PAKE = fr.KIND_PAKE  # 2
+KIND_SEALED = fr.KIND_SEALED  # 3
+FIELD_SEALED = fr.ENVELOPE_FIELDS[KIND_SEALED]  # 0x81: pairing id (8) | stream u32 | OPEN record
+FIELD_PAKE = fr.ENVELOPE_FIELDS[KIND_PAKE]  # 0x82: the initiator's CPace message
 
 #: The one suite of version 1: CPACE-X25519-SHA512, HKDF-SHA-256, ChaCha20-Poly1305.
 SUITE_CPACE_X25519 = 1

@@ -73,6 +73,11 @@ class Reason(enum.IntEnum):
     SHUTDOWN = 14
     INVALID_TARGET = 15
     UNSUPPORTED = 16
+    # End-to-end encryption (docs/protocol.md §9.8).
+    INTEGRITY = 17  # a record or sealed OPEN did not authenticate, or a stream was cut
+    E2E_REQUIRED = 18  # this end requires end-to-end encryption; the stream came in clear
+    E2E_UNAVAILABLE = 19  # this end has no end-to-end password
+    E2E_MISMATCH = 20  # the pairing handshake's confirmation did not verify
     UNKNOWN = 255
 
     @classmethod
@@ -100,6 +105,8 @@ class GoAway(enum.IntEnum):
     FRAME_TOO_LARGE = 10
     TOO_SLOW = 11
     BUSY = 12  # a transient limit (slots of links logging in): retry soon
+    # The Gateway is draining (issue 20): reconnect at once, to the next Gateway if any.
+    DRAINING = 13
     UNKNOWN = 255
 
     @classmethod
@@ -436,7 +443,13 @@ KIND_TCP = 0
 # A stream of datagrams (docs/protocol.md §5.2): one DATA frame is one datagram, an empty
 # DATA frame an empty datagram; HOST and PORT as for ``tcp``.
 KIND_UDP = 1
-KIND_NAMES = {KIND_TCP: "tcp", KIND_UDP: "udp"}
+# End-to-end encryption (docs/protocol.md §9.2): a pairing handshake, and a stream whose
+# kind, target and fields travel sealed in its one critical field.  Neither has HOST/PORT.
+KIND_PAKE = 2
+KIND_SEALED = 3
+KIND_NAMES = {KIND_TCP: "tcp", KIND_UDP: "udp", KIND_PAKE: "pake", KIND_SEALED: "sealed"}
+#: The kinds that carry exactly one critical field of their own instead of a target.
+ENVELOPE_FIELDS = {KIND_PAKE: 0x82, KIND_SEALED: 0x81}
 
 # OPEN fields: (tag u8, length u16, value).  Tags below 0x80 may be ignored by a receiver
 # that does not know them; a tag from 0x80 up is critical: the stream is refused
@@ -494,7 +507,11 @@ def target_fields(host: str, port: int) -> list[tuple[int, bytes]]:
 
 
 def build_open(stream_id: int, request: OpenRequest) -> bytes:
-    """An OPEN frame (``tcp`` and ``udp`` carry the target as the HOST and PORT fields)."""
+    """An OPEN frame (``tcp`` and ``udp`` carry the target as the HOST and PORT fields;
+    ``pake`` and ``sealed`` only their own field, in ``fields``)."""
+    if request.kind in ENVELOPE_FIELDS:
+        return encode(FrameType.OPEN, stream_id, open_payload(
+            request.window, request.origin, request.kind, list(request.fields)))
     validate_target(request.host, request.port)
     return encode(FrameType.OPEN, stream_id, open_payload(
         request.window, request.origin, request.kind,
@@ -522,6 +539,7 @@ def parse_open(payload: bytes) -> OpenRequest:
     window, origin, kind = parse_open_header(payload)
     if kind not in KIND_NAMES:
         raise StreamError(Reason.UNSUPPORTED, f"stream kind {kind} is not supported here")
+    envelope = ENVELOPE_FIELDS.get(kind)
     host: str | None = None
     port: int | None = None
     extra: list[tuple[int, bytes]] = []
@@ -535,7 +553,14 @@ def parse_open(payload: bytes) -> OpenRequest:
         if len(value) != length:
             raise StreamError(Reason.PROTOCOL_ERROR, "OPEN field length does not match the frame")
         offset += length
-        if tag == FIELD_HOST and host is None:
+        if envelope is not None:
+            # pake / sealed: the one field of the kind, nothing else (the details are inside).
+            if tag != envelope or extra:
+                raise StreamError(Reason.PROTOCOL_ERROR,
+                                  f"an OPEN of kind {KIND_NAMES[kind]} carries only field "
+                                  f"{envelope:#04x}")
+            extra.append((tag, value))
+        elif tag == FIELD_HOST and host is None:
             try:
                 host = value.decode("utf-8")
             except UnicodeDecodeError:
@@ -551,6 +576,11 @@ def parse_open(payload: bytes) -> OpenRequest:
             raise StreamError(Reason.UNSUPPORTED, f"OPEN field {tag:#04x} is not supported here")
         else:
             extra.append((tag, value))
+    if envelope is not None:
+        if not extra:
+            raise StreamError(Reason.PROTOCOL_ERROR,
+                              f"an OPEN of kind {KIND_NAMES[kind]} without its field")
+        return OpenRequest(window, origin, "", 0, kind, tuple(extra))
     if host is None or port is None:
         raise StreamError(Reason.INVALID_TARGET, "OPEN without a target host and port")
     validate_target(host, port)

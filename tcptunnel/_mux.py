@@ -281,7 +281,8 @@ class MuxConnection(LinkCore):
             raise RuntimeError("only the Proxy-Server end opens streams")
         if len(self.streams) >= self.max_streams:
             raise StreamError(Reason.LIMIT, f"{len(self.streams)} streams already open")
-        fr.validate_target(host, port)
+        if kind not in fr.ENVELOPE_FIELDS:  # pake / sealed: no target in clear (§9)
+            fr.validate_target(host, port)
         stream_id = self._next_stream_id
         if stream_id > fr.STREAM_ID_MASK:
             raise StreamIdsExhaustedError(Reason.LIMIT, "stream ids of this link are used up")
@@ -294,6 +295,11 @@ class MuxConnection(LinkCore):
                                                  fields))
         )
         return stream_id
+
+    @property
+    def next_stream_id(self) -> int:
+        """The id :meth:`open_stream` gives next (a sealed OPEN binds it, §9.4)."""
+        return self._next_stream_id
 
     def accept_stream(self, stream_id: int) -> None:
         """Answer a StreamOpenRequested with OPEN_RESULT ok."""

@@ -290,6 +290,9 @@ class ProxyConfig:
     # <AllowedTargetEndpoints checkResolvedAddresses="true">: a name is dialled only at
     # resolved addresses that an address or network Endpoint allows (tcptunnel._allow).
     check_resolved_addresses: bool = False
+    # <Session endToEndPassword=...> (ours, issue 16): every stream sealed between the two
+    # proxies (tcptunnel._e2e, docs/protocol.md §9); None: streams in clear.
+    e2e_password: Secret | None = None
 
 
 InstanceConfig = GatewayConfig | ProxyConfig
@@ -918,6 +921,11 @@ def _gateway(index: int, element: _Element) -> GatewayConfig:
                     "id",
                 )
             seen_ids[session_id] = child.location
+            for name in ("endToEndPassword", "endToEndPasswordFile", "endToEndPasswordEnv"):
+                if child.raw(name) is not None:
+                    raise child.error("the end-to-end password belongs on both proxies' "
+                                      "<Session>, never on the Gateway: it must not know it",
+                                      name)
             sessions.append(
                 GatewaySessionConfig(
                     id=session_id,
@@ -1072,16 +1080,17 @@ def _is_loopback(ip: str | None) -> bool:
         return False
 
 
-def _proxy_password(session: _Element) -> Secret:
-    """The proxy's password: inline, from a file, or from an environment variable."""
-    inline = session.raw("password")
-    from_file = session.raw("passwordFile")
-    from_env = session.raw("passwordEnv")
-    given = [n for n, v in (("password", inline), ("passwordFile", from_file),
-                            ("passwordEnv", from_env)) if v is not None]
+def _proxy_password(session: _Element, name: str = "password") -> Secret:
+    """The proxy's password: inline, from a file, or from an environment variable (the
+    attributes ``name``, ``name + "File"``, ``name + "Env"``)."""
+    inline = session.raw(name)
+    from_file = session.raw(name + "File")
+    from_env = session.raw(name + "Env")
+    given = [n for n, v in ((name, inline), (name + "File", from_file),
+                            (name + "Env", from_env)) if v is not None]
     if not given:
-        raise session.error("missing required attribute 'password' (or 'passwordFile' or "
-                            "'passwordEnv')")
+        raise session.error(f"missing required attribute '{name}' (or '{name}File' or "
+                            f"'{name}Env')")
     if len(given) > 1:
         raise session.error(f"give only one of {', '.join(repr(g) for g in given)}")
     if from_file is not None:
@@ -1091,18 +1100,18 @@ def _proxy_password(session: _Element) -> Secret:
                 password = f.read().rstrip("\r\n")
         except OSError as e:
             raise session.error(f"cannot read the password file: {e.strerror}",
-                                "passwordFile") from None
+                                name + "File") from None
         except UnicodeDecodeError:
             raise session.error(f"the password file {file_path} is not UTF-8 text",
-                                "passwordFile") from None
+                                name + "File") from None
         mode_warning = others_access_warning(file_path, "password file")
         if mode_warning is not None:
-            session.warn(mode_warning, "passwordFile")
+            session.warn(mode_warning, name + "File")
     elif from_env is not None:
         env_value = os.environ.get(from_env)
         if env_value is None:
             raise session.error(f"the environment variable {from_env!r} is not set",
-                                "passwordEnv")
+                                name + "Env")
         password = env_value
     else:
         assert inline is not None
@@ -1115,6 +1124,27 @@ def _proxy_password(session: _Element) -> Secret:
         session.warn("THE PASSWORD IS EMPTY: it logs in only to a Gateway session whose "
                      "password is empty, which anyone can use", "password")
     return Secret(cleartext=password)
+
+
+def _end_to_end_password(session: _Element, login: Secret) -> Secret | None:
+    """``endToEndPassword`` / ``endToEndPasswordFile`` / ``endToEndPasswordEnv`` of a proxy's
+    ``<Session>`` (docs/protocol.md §9), read as the login password is; None when not set.
+
+    Refused when empty (a Gateway could then guess it in one try) or equal to the login
+    password (which the Gateway knows, or can test against its verifier offline)."""
+    names = ("endToEndPassword", "endToEndPasswordFile", "endToEndPasswordEnv")
+    if all(session.raw(n) is None for n in names):
+        return None
+    if session.raw("endToEndPassword") == "":
+        raise session.error("the end-to-end password is empty", "endToEndPassword")
+    secret = _proxy_password(session, "endToEndPassword")
+    if not secret.cleartext:
+        raise session.error("the end-to-end password is empty", "endToEndPassword")
+    if login.cleartext is not None and secret.cleartext == login.cleartext:
+        raise session.error("the end-to-end password must not be the login password: the "
+                            "Gateway knows that one (use python -m tcptunnel make-password)",
+                            "endToEndPassword")
+    return secret
 
 
 def _outbound_proxy(element: _Element, gateway_host: str) -> ProxyUrl | None:
@@ -1207,6 +1237,7 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
         raise element.error("missing required child element <Session id=\"...\" password=\"...\">")
     session_id = session_element.get_required("id", _INT32, "a 32-bit whole number")
     password = _proxy_password(session_element)
+    e2e_password = _end_to_end_password(session_element, password)
     session_element.check_unknown_attributes()
     bindings: list[BindingConfig] = []
     seen: dict[tuple[str | None, int, str], Location] = {}
@@ -1249,6 +1280,7 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
         outbound_proxy=outbound_proxy,
         websocket_path=websocket_path,
         check_resolved_addresses=check_resolved_addresses,
+        e2e_password=e2e_password,
         warnings=_in_line_order(element.sink),
         **timing,
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import weakref
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -34,8 +34,11 @@ from tcptunnel._link import (
 )
 from tcptunnel.auth import LoginFailed, ProxyAuth
 from tcptunnel.config import ProxyConfig, format_address
-from tcptunnel.mux import MuxProtocol
+from tcptunnel.mux import MuxProtocol, MuxStream, StreamEndpoint
 from tcptunnel.sockets import connect_tcp
+
+if TYPE_CHECKING:
+    from tcptunnel.e2e import EndToEnd
 
 
 class ProxyLink(MuxProtocol):
@@ -71,6 +74,25 @@ class ProxyLink(MuxProtocol):
         self._login_call = self.clock.callLater(self.proxy.config.keepalive_timeout,
                                                 self._login_timeout)
         self.flush()
+
+    def open_stream(self, host: str, port: int, endpoint: StreamEndpoint,
+                    kind: int = fr.KIND_TCP,
+                    fields: tuple[tuple[int, bytes], ...] = ()) -> MuxStream:
+        """As MuxProtocol's; with endToEndPassword the stream is sealed (tcptunnel.e2e) or
+        refused with StreamError, never opened in clear."""
+        e2e = self.proxy.e2e
+        stream = e2e.open_stream(self, host, port, endpoint, kind, fields) if e2e else None
+        if stream is not None:
+            return stream
+        return super().open_stream(host, port, endpoint, kind, fields)
+
+    def attach_stream(self, stream_id: int, endpoint: StreamEndpoint) -> MuxStream:
+        """As MuxProtocol's; a sealed OPEN gets its SealedStream (tcptunnel.e2e)."""
+        e2e = self.proxy.e2e
+        stream = e2e.attach_stream(self, stream_id, endpoint) if e2e else None
+        if stream is not None:
+            return stream
+        return super().attach_stream(stream_id, endpoint)
 
     def _login_timeout(self) -> None:
         self._login_call = None
@@ -265,6 +287,10 @@ class ProxyService(service.MultiService):
         # Event counters for /metrics: (name, label...) -> count.
         self.stats: Counter[tuple[str, ...]] = Counter()
         self.factory = ProxyLinkFactory(self)
+        # End-to-end encryption (issue 16): pairing and sealing, or None (streams in clear).
+        from tcptunnel.e2e import end_to_end
+
+        self.e2e: EndToEnd | None = end_to_end(self)
         # What connectTCP is given: the link factory, wrapped in a WebSocket and then TLS
         # when configured (TCP -> [outbound proxy] -> [TLS] -> [WebSocket] -> link).
         self._connecting_factory: Any = self.factory
@@ -294,6 +320,8 @@ class ProxyService(service.MultiService):
         self.link_since = self.reactor.seconds()
         self.stats["logins_ok",] += 1
         self.factory.resetDelay()
+        if self.e2e is not None:
+            self.e2e.link_ready(link)
 
     def login_rejected(self) -> None:
         """Wait the longest delay before the next try."""
@@ -316,6 +344,8 @@ class ProxyService(service.MultiService):
         elif logged[1] != count:
             self.log.info("[{index}] Partner available: {yes} ({count})",
                           index=self.config.index, yes="yes" if count else "no", count=count)
+        if self.e2e is not None:
+            self.e2e.partner_changed(link, count)
 
     def link_lost(self, link: ProxyLink, why: str) -> None:
         """Forget the link; the factory reconnects."""
@@ -323,6 +353,8 @@ class ProxyService(service.MultiService):
             self.link = None
             self.stats["links_lost",] += 1
             self.stats["window_stalls",] += link.core.blocked_sent
+        if self.e2e is not None:
+            self.e2e.link_lost(link)
         if self.running:
             self.log.warn("[{index}] Link to the Gateway lost ({why}); reconnecting",
                           index=self.config.index, why=why)
@@ -331,7 +363,8 @@ class ProxyService(service.MultiService):
     _LINK_SETTINGS = ("host", "port", "use_tls", "session_id", "password", "ca_file",
                       "server_name", "certificate_pin", "keepalive_interval",
                       "keepalive_timeout", "connect_timeout", "max_retry_delay",
-                      "initial_window", "max_window", "outbound_proxy", "websocket_path")
+                      "initial_window", "max_window", "outbound_proxy", "websocket_path",
+                      "e2e_password")
 
     def apply_config(self, new: ProxyConfig) -> bool:
         """Reload in place if the link settings are unchanged; False asks for a restart."""
@@ -414,6 +447,8 @@ class ProxyService(service.MultiService):
     def stopService(self) -> Any:  # noqa: N802
         """Stop retrying, close the link with GOAWAY (streams reset), stop children."""
         self.factory.stopTrying()
+        if self.e2e is not None:
+            self.e2e.stop()
         link = self.link
         if link is not None:
             link.reset_all_streams(Reason.SHUTDOWN, "the proxy is stopping")

@@ -262,6 +262,11 @@ class ProxyClientService(ProxyService):
 
     def open_requested(self, link: MuxProtocol, stream_id: int, request: OpenRequest) -> None:
         """Check and dial a target for a new stream."""
+        if self.e2e is not None:  # pake / sealed OPENs, the end-to-end policy (tcptunnel.e2e)
+            opened = self.e2e.filter_open(link, stream_id, request)  # type: ignore[arg-type]
+            if opened is None:
+                return
+            request = opened
         target = format_address(request.host, request.port)
         index = self.config.index
         protocol: Literal["tcp", "udp"] = "udp" if request.kind == KIND_UDP else "tcp"

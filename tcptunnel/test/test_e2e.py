@@ -639,13 +639,34 @@ class SealedOpenTests(SynchronousTestCase):
         self.assertEqual(fr.parse_open(e2e.clear_open_payload(relayed, details)).origin, 3)
 
     def test_old_acceptor_refuses_new_kinds(self) -> None:
-        """A Proxy-Client without end-to-end support refuses ``sealed`` and ``pake`` OPENs
-        with UNSUPPORTED (so the opener learns it at once, and nothing goes in clear)."""
+        """A Proxy-Client of an earlier release (kinds tcp and udp only) refuses ``sealed``
+        and ``pake`` OPENs with UNSUPPORTED (the opener learns it at once, nothing in clear)."""
+        self.patch(fr, "KIND_NAMES", {fr.KIND_TCP: "tcp", fr.KIND_UDP: "udp"})
         for payload in (e2e.sealed_open_payload(65536, self.sealed(1)),
                         e2e.pake_open_payload(65536, PakeInitiator("pw", SESSION).message)):
             with self.assertRaises(fr.StreamError) as caught:
                 fr.parse_open(payload)
             self.assertEqual(caught.exception.reason, fr.Reason.UNSUPPORTED)
+
+    def test_parse_open_of_the_new_kinds(self) -> None:
+        """This release's parse_open gives a ``sealed``/``pake`` OPEN's one field and no
+        target; a HOST beside it, another field or none is a PROTOCOL_ERROR."""
+        value = self.sealed(1)
+        request = fr.parse_open(fr.with_origin(e2e.sealed_open_payload(65536, value), 4))
+        self.assertEqual((request.kind, request.host, request.port, request.origin,
+                          request.fields), (fr.KIND_SEALED, "", 0, 4,
+                                            ((e2e.FIELD_SEALED, value),)))
+        for fields in ([(fr.FIELD_HOST, b"db"), (e2e.FIELD_SEALED, value)],
+                       [(e2e.FIELD_SEALED, value), (fr.FIELD_PORT, b"\x00\x16")],
+                       [(e2e.FIELD_PAKE, value)], []):
+            with self.assertRaises(fr.StreamError) as caught:
+                fr.parse_open(fr.open_payload(65536, 0, fr.KIND_SEALED, fields))
+            self.assertEqual(caught.exception.reason, fr.Reason.PROTOCOL_ERROR)
+        built = fr.build_open(7, fr.OpenRequest(65536, 0, "", 0, fr.KIND_PAKE,
+                                                ((e2e.FIELD_PAKE, b"m"),)))
+        payload = fr.open_payload(65536, 0, fr.KIND_PAKE, [(e2e.FIELD_PAKE, b"m")])
+        self.assertTrue(built.endswith(payload))  # the one field, no HOST or PORT
+        self.assertEqual(fr.parse_open(payload).fields, ((e2e.FIELD_PAKE, b"m"),))
 
     def test_pake_open_round_trip(self) -> None:
         """The ``pake`` OPEN carries the initiator's message and nothing else."""

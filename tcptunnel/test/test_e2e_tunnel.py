@@ -1,0 +1,494 @@
+"""End-to-end encryption through a real tunnel (issue 16, docs/protocol.md §9).
+
+Gateway, Proxy-Servers and Proxy-Clients on loopback sockets, with plain TCP links that run
+through relays between the Gateway and each proxy: a recording relay (what a Gateway's host
+sees) and a malicious one that changes the Proxy-Client's DATA frames of sealed streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from tcptunnel import _e2e
+from tcptunnel import _frames as fr
+from tcptunnel._e2e import ServerState
+from tcptunnel.config import ConfigError
+from tcptunnel.e2e import ServerEndToEnd
+from tcptunnel.proxyclient import ProxyClientService
+from tcptunnel.proxyserver import ProxyServerService
+from tcptunnel.test._harness import (
+    EchoProtocol,
+    Tunnel,
+    binding_port,
+    connect,
+    listen,
+    wait_until,
+)
+from tcptunnel.test._hostile import LogCapture
+
+E2E_PASSWORD = "correct horse battery staple e2e"
+MARKER = b"MARKER-7f3a-the-secret-payload"
+TARGET_NAME = "localhost"
+
+# A frame-level change the relay makes to the Proxy-Client's DATA frames of one sealed
+# stream: given the frames seen so far (0-based index) returns the frames to forward.
+Tamper = Callable[[int, fr.Frame], list[fr.Frame]]
+
+
+class _RelayHalf(Protocol):
+    """One side of a relayed link: records what it receives and forwards it, frame by frame
+    when the relay changes frames, else byte for byte."""
+
+    def __init__(self, relay: Relay, inbound: bool) -> None:
+        self.relay = relay
+        self.inbound = inbound  # from the proxy (True) or from the Gateway (False)
+        self.peer: _RelayHalf | None = None
+        self.pending: list[bytes] = []
+        self.decoder = fr.FrameDecoder(expect_magic=True, max_payload=fr.MAX_PAYLOAD)
+        self.sent_magic = False
+
+    def connectionMade(self) -> None:  # noqa: N802
+        if self.inbound:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+            relay, inbound = self.relay, self
+
+            class Outbound(ClientFactory):
+                def buildProtocol(self, addr: Any) -> _RelayHalf:  # noqa: N802
+                    half = _RelayHalf(relay, False)
+                    half.peer, inbound.peer = inbound, half
+                    return half
+
+            reactor.connectTCP("127.0.0.1", relay.gateway_port, Outbound())
+        else:
+            assert self.peer is not None
+            for data in self.peer.pending:
+                self.transport.write(data)  # type: ignore[union-attr]
+            self.peer.pending.clear()
+            self.peer.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.relay.recorded.append(data)
+        if self.relay.tamper is None:
+            self.forward(data)
+            return
+        frames = self.decoder.feed(data)
+        out = [] if self.sent_magic else [fr.MAGIC]
+        self.sent_magic = True
+        for frame in frames:
+            for changed in self.relay.change(frame, from_proxy=self.inbound):
+                out.append(fr.encode(changed.type, changed.stream_id, changed.payload,
+                                     changed.flags))
+        self.forward(b"".join(out))
+
+    def forward(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            self.pending.append(data)
+        elif data:
+            peer.transport.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: N802, B008
+        self.relay.halves.discard(self)
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.loseConnection()
+
+
+class Relay:
+    """A TCP relay in front of the Gateway that keeps every byte of its links (both
+    directions) and may change the DATA frames a Proxy-Client sends on sealed streams."""
+
+    def __init__(self, gateway_port: int, tamper: Tamper | None = None) -> None:
+        self.gateway_port = gateway_port
+        self.tamper = tamper
+        self.recorded: list[bytes] = []
+        self.halves: set[_RelayHalf] = set()
+        self.sealed: dict[int, int] = {}  # stream id -> DATA frames seen from the proxy
+        self.port = 0
+
+    async def start(self, test: TestCase) -> int:
+        """Listen on 127.0.0.1; return the port the proxies connect to."""
+        def build() -> _RelayHalf:
+            half = _RelayHalf(self, True)
+            self.halves.add(half)
+            return half
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(build))
+        test.addCleanup(port.stopListening)
+        self.port = int(port.getHost().port)
+        return self.port
+
+    def change(self, frame: fr.Frame, from_proxy: bool) -> list[fr.Frame]:
+        """The frames to forward for ``frame``."""
+        if not from_proxy:
+            if frame.type == fr.FrameType.OPEN and frame.payload[8:9] == bytes(
+                    [fr.KIND_SEALED]):
+                self.sealed[frame.stream_id] = 0
+            return [frame]
+        count = self.sealed.get(frame.stream_id)
+        if count is None or frame.type != fr.FrameType.DATA or self.tamper is None:
+            return [frame]
+        self.sealed[frame.stream_id] = count + 1
+        return self.tamper(count, frame)
+
+    def bytes(self) -> bytes:
+        """Everything recorded, both directions."""
+        return b"".join(self.recorded)
+
+
+class _Sender(Protocol):
+    """A target that answers its first bytes with ``body`` and then closes (FIN)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.body:
+            body, self.body = self.body, b""
+            self.transport.write(body)  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class EndToEndTunnelTests(TestCase):
+    """Sealed streams between two proxies through a Gateway that cannot read them."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.tunnel = Tunnel(self)
+        self.addCleanup(self.tunnel.close)
+        self.tunnel.start_gateway()
+        self.logs = LogCapture(self)
+
+    # -- roles --------------------------------------------------------------------------
+
+    def client(self, e2e: str | None = E2E_PASSWORD, port: int = 0,
+               allowed: str = '<Endpoint host="0.0.0.0/0" port="1-65535"/>'
+                              '<Endpoint host="localhost" port="1-65535"/>'
+               ) -> ProxyClientService:
+        """A Proxy-Client (through a relay on ``port`` if given)."""
+        extra = f'endToEndPassword="{e2e}"' if e2e is not None else ""
+        return self.tunnel._start_proxy(
+            ProxyClientService,
+            f'<Instance type="proxy-client" host="127.0.0.1" '
+            f'port="{port or self.tunnel.gateway_port}" maxRetryDelay="1">'
+            f'<Session id="1" password="client-pw" {extra}/>'
+            f'<AllowedTargetEndpoints>{allowed}</AllowedTargetEndpoints></Instance>')
+
+    def server(self, target_port: int, e2e: str | None = E2E_PASSWORD, port: int = 0,
+               host: str = "127.0.0.1") -> ProxyServerService:
+        """A Proxy-Server with one Binding to host:target_port."""
+        extra = f'endToEndPassword="{e2e}"' if e2e is not None else ""
+        return self.tunnel._start_proxy(
+            ProxyServerService,
+            f'<Instance type="proxy-server" host="127.0.0.1" '
+            f'port="{port or self.tunnel.gateway_port}" maxRetryDelay="1">'
+            f'<Session id="1" password="server-pw" {extra}>'
+            f'<Binding listenIp="127.0.0.1" listenPort="0" targetHost="{host}" '
+            f'targetPort="{target_port}"/></Session></Instance>')
+
+    async def paired(self, *servers: ProxyServerService) -> None:
+        """Wait until every Proxy-Server has end-to-end keys."""
+        def done() -> bool:
+            return all(isinstance(s.e2e, ServerEndToEnd)
+                       and s.e2e.pairing.state is ServerState.PAIRED for s in servers)
+        await wait_until(done, 15, "the end-to-end pairing")
+
+    async def echo_round(self, port: int, payload: bytes) -> bytes:
+        """Send ``payload`` to an echo target through the Binding on ``port``, half-close,
+        and return what came back (after a clean close)."""
+        app = await connect(port)
+        app.transport.write(payload)
+        app.transport.loseWriteConnection()
+        how = await app.ended
+        self.assertEqual(how, "clean")
+        return bytes(app.received)
+
+    # -- the recording Gateway -----------------------------------------------------------
+
+    async def recorded_tunnel(self, e2e: str | None) -> tuple[Relay, bytes]:
+        """The link bytes of both proxies while MARKER goes to an echo target named
+        localhost and back."""
+        echo = await listen(self, EchoProtocol)
+        relay = Relay(self.tunnel.gateway_port)
+        port = await relay.start(self)
+        client = self.client(e2e, port)
+        server = self.server(echo, e2e, port, host=TARGET_NAME)
+        await self.tunnel.ready(client, server)
+        if e2e is not None:
+            await self.paired(server)
+        got = await self.echo_round(binding_port(server), MARKER * 100)
+        self.assertEqual(got, MARKER * 100)
+        return relay, relay.bytes()
+
+    async def test_recorded_links_hold_no_plaintext(self) -> None:
+        """With end-to-end on, neither link's bytes hold the marker, the target's name or
+        the end-to-end password."""
+        _relay, recorded = await self.recorded_tunnel(E2E_PASSWORD)
+        self.assertGreater(len(recorded), 2 * len(MARKER) * 100)  # the stream did go through
+        self.assertNotIn(MARKER, recorded)
+        self.assertNotIn(TARGET_NAME.encode(), recorded)
+        self.assertNotIn(E2E_PASSWORD.encode(), recorded)
+
+    async def test_recorded_links_control_in_clear(self) -> None:
+        """The control: with end-to-end off, the marker and the target's name are in the
+        recorded link bytes (so the recorder does see the stream)."""
+        _relay, recorded = await self.recorded_tunnel(None)
+        self.assertIn(MARKER, recorded)
+        self.assertIn(TARGET_NAME.encode(), recorded)
+
+    # -- a malicious Gateway ---------------------------------------------------------------
+
+    async def tampered(self, tamper: Tamper) -> None:
+        """A target sends 300 KB; the relay on the Proxy-Client's link applies ``tamper``:
+        the application sees a reset, having received an exact prefix, and both proxies
+        end the stream with INTEGRITY."""
+        body = hashlib.sha256(b"seed").digest() * (300_000 // 32)
+        target = await listen(self, lambda: _Sender(body))
+        relay = Relay(self.tunnel.gateway_port, tamper)
+        port = await relay.start(self)
+        client = self.client(port=port)
+        server = self.server(target)
+        await self.tunnel.ready(client, server)
+        await self.paired(server)
+        app = await connect(binding_port(server))
+        app.transport.write(b"GET")
+        how = await app.ended
+        self.assertEqual(how, "reset")
+        self.assertLess(len(app.received), len(body))
+        self.assertEqual(bytes(app.received), body[: len(app.received)])
+        await wait_until(lambda: server.stats[("streams_ended", "reset_local",
+                                               "INTEGRITY")] == 1, 10, "INTEGRITY at the server")
+        await wait_until(lambda: client.stats[("streams_ended", "reset_remote",
+                                               "INTEGRITY")] == 1, 10, "INTEGRITY at the client")
+        self.assertIn("end-to-end integrity check failed", self.logs.text())
+
+    async def test_flipped_bit(self) -> None:
+        """One flipped bit in a DATA frame ends the stream with INTEGRITY."""
+        def flip(index: int, frame: fr.Frame) -> list[fr.Frame]:
+            if index != 1:
+                return [frame]
+            payload = bytearray(frame.payload)
+            payload[len(payload) // 2] ^= 0x10
+            return [fr.Frame(frame.type, frame.flags, frame.stream_id, bytes(payload))]
+        await self.tampered(flip)
+
+    async def test_dropped_record(self) -> None:
+        """A dropped DATA frame (its records) ends the stream with INTEGRITY."""
+        await self.tampered(lambda index, frame: [] if index == 1 else [frame])
+
+    async def test_replayed_record(self) -> None:
+        """A DATA frame sent twice ends the stream with INTEGRITY."""
+        await self.tampered(lambda index, frame: [frame, frame] if index == 1 else [frame])
+
+    async def test_reordered_records(self) -> None:
+        """Two DATA frames swapped end the stream with INTEGRITY."""
+        held: list[fr.Frame] = []
+
+        def swap(index: int, frame: fr.Frame) -> list[fr.Frame]:
+            if index == 1:
+                held.append(frame)
+                return []
+            if index == 2:
+                return [frame, *held]
+            return [frame]
+        await self.tampered(swap)
+
+    async def test_truncated_stream(self) -> None:
+        """DATA dropped from the second frame on, FIN passed: truncation is INTEGRITY,
+        never a clean EOF."""
+        await self.tampered(lambda index, frame: [] if index >= 1 else [frame])
+
+    # -- policy ---------------------------------------------------------------------------
+
+    async def refused_at_once(self, server: ProxyServerService) -> None:
+        """A local connection is reset at once (no stream in clear, no hang)."""
+        app = await connect(binding_port(server))
+        app.transport.write(MARKER)
+        how = await app.ended
+        self.assertEqual(how, "reset")
+        self.assertEqual(bytes(app.received), b"")
+
+    async def test_password_mismatch(self) -> None:
+        """Different end-to-end passwords: both ends log the mismatch by their own check,
+        and local connections are refused at once."""
+        echo = await listen(self, EchoProtocol)
+        client = self.client("another end-to-end password")
+        server = self.server(echo)
+        await self.tunnel.ready(client, server)
+        assert isinstance(server.e2e, ServerEndToEnd)
+        e2e = server.e2e
+        await wait_until(lambda: e2e.pairing.failure == _e2e.MESSAGE_MISMATCH, 10,
+                         "the mismatch at the server")
+        await wait_until(lambda: "End-to-end handshake with Proxy-Server #1 failed: "
+                         "end-to-end password mismatch" in self.logs.text(), 10,
+                         "the mismatch at the client")
+        await self.refused_at_once(server)
+        self.assertIn("No end-to-end pairing: end-to-end password mismatch", self.logs.text())
+
+    async def test_partner_without_password(self) -> None:
+        """A Proxy-Client without an end-to-end password refuses the handshake with
+        E2E_UNAVAILABLE; the Proxy-Server says so and refuses local connections."""
+        echo = await listen(self, EchoProtocol)
+        client = self.client(None)
+        server = self.server(echo)
+        await self.tunnel.ready(client, server)
+        assert isinstance(server.e2e, ServerEndToEnd)
+        e2e = server.e2e
+        await wait_until(lambda: (e2e.pairing.failure or "").startswith(
+            _e2e.MESSAGE_NO_PASSWORD), 10, "the refusal at the server")
+        self.assertIn("A Proxy-Server asks for end-to-end encryption, but this Proxy-Client "
+                      "has no endToEndPassword", self.logs.text())
+        await self.refused_at_once(server)
+
+    async def test_clear_stream_to_a_client_that_requires_it(self) -> None:
+        """A Proxy-Server without a password opens in clear; a Proxy-Client with one refuses
+        it E2E_REQUIRED before any dial."""
+        dialled: list[int] = []
+
+        class Counting(EchoProtocol):
+            def connectionMade(self) -> None:  # noqa: N802
+                dialled.append(1)
+
+        echo = await listen(self, Counting)
+        client = self.client()
+        server = self.server(echo, e2e=None)
+        await self.tunnel.ready(client, server)
+        await self.refused_at_once(server)
+        await wait_until(lambda: server.stats[("streams_ended", "reset_remote",
+                                               "E2E_REQUIRED")] == 1, 10, "E2E_REQUIRED")
+        self.assertEqual(dialled, [])
+        self.assertIn("this Proxy-Client requires end-to-end encryption", self.logs.text())
+
+    # -- pairings -------------------------------------------------------------------------
+
+    async def test_half_close_and_early_data(self) -> None:
+        """Early data (sent before the stream opened) and a half-close work sealed: the
+        target answers after EOF, through the other direction still open."""
+        from tcptunnel.test._harness import AnswerAfterEofProtocol
+
+        target = await listen(self, AnswerAfterEofProtocol)
+        client = self.client()
+        server = self.server(target)
+        await self.tunnel.ready(client, server)
+        await self.paired(server)
+        payload = os.urandom(200_000)
+        got = await self.echo_round(binding_port(server), payload)
+        digest = hashlib.sha256(payload).hexdigest().encode() + b"\n"
+        self.assertEqual(got, digest + b"z" * (1024 * 1024))
+
+    async def test_bulk_sealed(self) -> None:
+        """8 MiB through a sealed echo stream arrive back exact (windows count records)."""
+        echo = await listen(self, EchoProtocol)
+        client = self.client()
+        server = self.server(echo)
+        await self.tunnel.ready(client, server)
+        await self.paired(server)
+        payload = os.urandom(8 * 1024 * 1024)
+        got = await self.echo_round(binding_port(server), payload)
+        self.assertEqual(hashlib.sha256(got).digest(), hashlib.sha256(payload).digest())
+
+    async def test_two_proxy_servers(self) -> None:
+        """Two Proxy-Servers pair with one Proxy-Client at once, each with its own keys."""
+        echo = await listen(self, EchoProtocol)
+        client = self.client()
+        first, second = self.server(echo), self.server(echo)
+        await self.tunnel.ready(client, first, second)
+        await self.paired(first, second)
+        assert isinstance(first.e2e, ServerEndToEnd) and isinstance(second.e2e, ServerEndToEnd)
+        ids = {e2e.pairing.pairing.pairing_id  # type: ignore[union-attr]
+               for e2e in (first.e2e, second.e2e)}
+        self.assertEqual(len(ids), 2)
+        results = await defer.gatherResults([
+            defer.ensureDeferred(self.echo_round(binding_port(s), MARKER * (i + 1)))
+            for i, s in enumerate((first, second))])
+        self.assertEqual(results, [MARKER, MARKER * 2])
+
+    async def test_proxy_client_replaced(self) -> None:
+        """A new Proxy-Client replaces the old mid-session: a new pairing with new keys,
+        and streams work again."""
+        echo = await listen(self, EchoProtocol)
+        old = self.client()
+        server = self.server(echo)
+        await self.tunnel.ready(old, server)
+        await self.paired(server)
+        assert isinstance(server.e2e, ServerEndToEnd)
+        e2e = server.e2e
+        assert e2e.pairing.pairing is not None
+        before = e2e.pairing.pairing.pairing_id
+        new = self.client()
+        await wait_until(lambda: e2e.pairing.pairing is not None
+                         and e2e.pairing.pairing.pairing_id != before, 15, "a new pairing")
+        await self.tunnel.ready(new, server)
+        self.assertEqual(await self.echo_round(binding_port(server), MARKER), MARKER)
+        await self.tunnel.stop(old)
+
+    async def test_reconnect_after_gateway_restart(self) -> None:
+        """After the Gateway restarts, both proxies reconnect and pair again."""
+        echo = await listen(self, EchoProtocol)
+        client = self.client()
+        server = self.server(echo)
+        await self.tunnel.ready(client, server)
+        await self.paired(server)
+        await self.tunnel.stop_gateway()
+        await wait_until(lambda: not server.partner_available, 10, "the link to go")
+        self.tunnel.start_gateway()
+        await self.tunnel.ready(client, server)
+        await self.paired(server)
+        self.assertEqual(await self.echo_round(binding_port(server), MARKER), MARKER)
+
+
+class EndToEndConfigTests(TestCase):
+    """The settings of end-to-end encryption."""
+
+    def parse(self, instance: str) -> Any:
+        tunnel = Tunnel(self)
+        return tunnel._parse(instance)
+
+    def proxy(self, session_attributes: str, role: str = "proxy-client") -> Any:
+        return self.parse(f'<Instance type="{role}" host="127.0.0.1" port="1">'
+                          f'<Session id="1" password="login-pw" {session_attributes}/>'
+                          '</Instance>')
+
+    def test_read_inline_file_env(self) -> None:
+        """endToEndPassword, endToEndPasswordFile and endToEndPasswordEnv are read as the
+        login password is; without them there is none."""
+        self.assertEqual(self.proxy('endToEndPassword="s3cret"').e2e_password.cleartext,
+                         "s3cret")
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("from-file\n")
+        os.chmod(path, 0o600)
+        self.assertEqual(self.proxy(f'endToEndPasswordFile="{os.path.abspath(path)}"')
+                         .e2e_password.cleartext, "from-file")
+        os.environ["TCPTUNNEL_TEST_E2E"] = "from-env"
+        self.addCleanup(os.environ.pop, "TCPTUNNEL_TEST_E2E")
+        self.assertEqual(self.proxy('endToEndPasswordEnv="TCPTUNNEL_TEST_E2E"')
+                         .e2e_password.cleartext, "from-env")
+        self.assertIsNone(self.proxy("").e2e_password)
+        self.assertNotIn("s3cret", repr(self.proxy('endToEndPassword="s3cret"')))
+
+    def test_refusals(self) -> None:
+        """Empty, equal to the login password, two sources at once, or on a Gateway: each
+        refused with a clear message."""
+        cases = [('endToEndPassword=""', "the end-to-end password is empty"),
+                 ('endToEndPassword="login-pw"', "must not be the login password"),
+                 ('endToEndPassword="a" endToEndPasswordEnv="X"', "give only one of")]
+        for attributes, text in cases:
+            with self.assertRaises(ConfigError) as caught:
+                self.proxy(attributes, "proxy-server")
+            self.assertIn(text, str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            self.parse('<Instance type="gateway"><Listener port="0"/>'
+                       '<Session id="1" proxyClientPassword="a" proxyServerPassword="b" '
+                       'endToEndPassword="c"/></Instance>')
+        self.assertIn("never on the Gateway", str(caught.exception))
