@@ -316,7 +316,8 @@ NS = f'xmlns="{NAMESPACE}"'
 def start_tcptunnel(procs: Processes, work: str, tls: bool, iperf: int, echo: int,
                     delay: float = 0.0, max_window: int | None = None,
                     name: str | None = None, optimize: bool = False,
-                    profile: str | None = None, root: str = ROOT) -> System:
+                    profile: str | None = None, root: str = ROOT,
+                    websocket: bool = False) -> System:
     """Gateway, Proxy-Client and Proxy-Server as three twistd processes (with
     PYTHONOPTIMIZE=2, as the systemd units run them, when ``optimize``; under twistd's
     cProfile, writing ``<profile>/<work folder>-<role>.prof`` at exit, when ``profile``), from
@@ -333,6 +334,9 @@ def start_tcptunnel(procs: Processes, work: str, tls: bool, iperf: int, echo: in
         listener += (f' certificatePemFilePath="{certs.cert}" '
                      f'certificatePemKeyFilePath="{certs.key}"')
         proxy_tls = f'useSsl="true" caFile="{certs.ca}" serverName="localhost"'
+    if websocket:  # the link as a WebSocket (wss:// with tls), issue 19
+        listener += ' webSocketPath="/tunnel"'
+        proxy_tls += ' webSocketPath="/tunnel"'
     ports = {"proxy-client": gateway_port, "proxy-server": gateway_port}
     if delay:
         for role in ports:
@@ -493,7 +497,7 @@ def measure(label: str, repeats: int, run: Callable[[], float]) -> dict[str, flo
     return result
 
 
-SYSTEMS = ("direct", "tls", "tls-oo", "plain", "openssh", "socat")
+SYSTEMS = ("direct", "tls", "tls-oo", "ws", "plain", "openssh", "socat")
 FIGURES = ("throughput", "ping", "loaded", "connrate", "memory", "longpath")
 
 
@@ -517,6 +521,9 @@ def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
             "tls-oo": lambda: start_tcptunnel(procs, os.path.join(work, "tls-oo"), True,
                                               iperf_port, echo_port, optimize=True,
                                               name="tcptunnel TLS -OO", profile=args.profile),
+            "ws": lambda: start_tcptunnel(procs, os.path.join(work, "ws"), True, iperf_port,
+                                          echo_port, name="tcptunnel WSS", websocket=True,
+                                          profile=args.profile),
             "plain": lambda: start_tcptunnel(procs, os.path.join(work, "plain"), False,
                                              iperf_port, echo_port, profile=args.profile),
             "openssh": lambda: start_openssh(procs, os.path.join(work, "ssh"), iperf_port,
