@@ -53,7 +53,7 @@ run: $(STAMP)
 # asks whether to start a daemon.)
 TEST_PROGRAMS := chromium:chromium tinyproxy:tinyproxy microsocks:microsocks \
 	dig:bind9-dnsutils dnsmasq:dnsmasq-base socat:socat iperf3:iperf3 nginx:nginx \
-	curl:curl ssh:openssh-client sshd:openssh-server nc:netcat-openbsd haproxy:haproxy
+	curl:curl ssh:openssh-client sshd:openssh-server nc.openbsd:netcat-openbsd haproxy:haproxy
 
 test: $(STAMP)
 	@missing=""; for entry in $(TEST_PROGRAMS); do \

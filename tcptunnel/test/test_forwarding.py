@@ -60,7 +60,8 @@ def _program(name: str) -> str | None:
     return found
 
 
-CURL, SSH, SSHD, NC = _program("curl"), _program("ssh"), _program("sshd"), _program("nc")
+# OpenBSD's nc by its own name: the "nc" alternative may be netcat-traditional, without -X.
+CURL, SSH, SSHD, NC = _program("curl"), _program("ssh"), _program("sshd"), _program("nc.openbsd")
 SSH_KEYGEN, NGINX, HAPROXY = _program("ssh-keygen"), _program("nginx"), _program("haproxy")
 BODY = b"hello from the target\n"
 EXAMPLES = int(os.environ.get("TCPTUNNEL_FUZZ_EXAMPLES", "200"))
