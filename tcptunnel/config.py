@@ -164,6 +164,9 @@ class GatewayLimits:
     max_queued_bytes_per_link: int = 64 * 1024 * 1024
     max_queued_bytes_per_session: int = 256 * 1024 * 1024
     max_queued_bytes: int = 1024 * 1024 * 1024
+    # Draining (SIGUSR2, issue 20): how long running streams may still finish before the
+    # links left are closed.
+    drain_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,21 @@ class EndpointConfig:
 
 
 @dataclass(frozen=True)
+class GatewayAddress:
+    """A proxy's ``<Gateway host=... port=... serverName=...>`` (ours, issue 20): another
+    Gateway to try, in order, after the Instance's own host and port."""
+
+    host: str
+    port: int
+    server_name: str | None
+    location: Location = field(compare=False)
+
+    def describe(self) -> str:
+        """host:port as in log lines."""
+        return format_address(self.host, self.port)
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     """A ``<Instance type="proxy-client">`` or ``type="proxy-server"``."""
 
@@ -293,6 +311,9 @@ class ProxyConfig:
     # <Session endToEndPassword=...> (ours, issue 16): every stream sealed between the two
     # proxies (tcptunnel._e2e, docs/protocol.md §9); None: streams in clear.
     e2e_password: Secret | None = None
+    # <Gateway> children (ours, issue 20): the Gateways tried after host/port when a
+    # connection fails, in order (tcptunnel.proxy.ProxyService.targets).
+    gateways: tuple[GatewayAddress, ...] = ()
 
 
 InstanceConfig = GatewayConfig | ProxyConfig
@@ -856,6 +877,8 @@ def _gateway(index: int, element: _Element) -> GatewayConfig:
     limits = GatewayLimits(
         login_timeout=element.get("loginTimeout", _positive_seconds,
                                   "a number of seconds") or defaults.login_timeout,
+        drain_timeout=element.get("drainTimeout", _positive_seconds,
+                                  "a number of seconds") or defaults.drain_timeout,
         max_unauthenticated_links=element.get(
             "maxUnauthenticatedLinks", _int_in(1, 1_000_000), "a whole number from 1"
         ) or defaults.max_unauthenticated_links,
@@ -1207,15 +1230,19 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
     allowed_at: Location | None = None
     check_resolved_addresses = False
     if role == "proxy-client":
-        wanted: tuple[str, ...] = ("Session", "AllowedTargetEndpoints")
+        wanted: tuple[str, ...] = ("Session", "AllowedTargetEndpoints", "Gateway")
         ignored = {"Binding": "a Proxy-Client has no Bindings (they belong in a "
                    "Proxy-Server's <Session>)"}
     else:
-        wanted = ("Session",)
+        wanted = ("Session", "Gateway")
         ignored = {"AllowedTargetEndpoints": "only a Proxy-Client checks targets; a "
                    "Proxy-Server ignores this element, as the original does",
                    "Binding": "a <Binding> belongs inside <Session>, as in the original"}
+    gateways: list[GatewayAddress] = []
     for child in element.children(wanted, ignored):
+        if child.node.name == "Gateway":
+            gateways.append(_gateway_address(child, use_tls))
+            continue
         if child.node.name == "Session":
             if session_element is not None:
                 child.warn(f"a second <Session> is ignored, with what it holds: the original "
@@ -1281,9 +1308,23 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
         websocket_path=websocket_path,
         check_resolved_addresses=check_resolved_addresses,
         e2e_password=e2e_password,
+        gateways=tuple(gateways),
         warnings=_in_line_order(element.sink),
         **timing,
     )
+
+
+def _gateway_address(child: _Element, use_tls: bool) -> GatewayAddress:
+    """A ``<Gateway>`` failover entry: host and port required, serverName with useSsl
+    (TLS, certificate checks and the WebSocket path are the Instance's)."""
+    host = child.get_required("host", _host, _HOST_WHAT)
+    port = child.get_required("port", _PORT, _PORT_WHAT)
+    server_name = child.get("serverName", _host, _HOST_WHAT)
+    child.check_unknown_attributes()
+    _no_children(child)
+    if server_name is not None and not use_tls:
+        raise child.error("serverName needs useSsl=\"true\" on the Instance", "serverName")
+    return GatewayAddress(host, port, server_name, child.location)
 
 
 def _endpoints(allow_list: _Element) -> Iterator[EndpointConfig]:

@@ -62,6 +62,8 @@ __all__ = ["ROLE_NAMES", "Gateway", "GatewayFactory", "GatewayLink", "GatewaySer
 # A link still logging in may not keep its socket after being closed: TLS close_notify and
 # unsent bytes get this long, then the connection is aborted.
 UNAUTHENTICATED_CLOSE_GRACE = 1.0
+# While draining, how often the Gateway looks for sessions whose streams have all ended.
+DRAIN_CHECK_INTERVAL = 0.25
 
 
 def relay_limits(limits: GatewayLimits) -> RelayLimits:
@@ -347,6 +349,10 @@ class GatewayLink(LinkProtocol):
         relay = gateway.relay
         session_id, role = self._auth_session_id, self._auth_role
         gateway.throttle.succeeded(self.peer_host, session_id, self.clock.seconds())
+        if gateway.draining:
+            # Proven, so told the truth: log in elsewhere (issue 20).
+            self.fail(GoAway.DRAINING, "the Gateway is draining: log in to another")
+            return
         refusal = relay.refusal(session_id, role)
         if refusal is not None:
             # Told as what it is: a limit, not a wrong password (no AUTH_RESULT 0).
@@ -395,6 +401,10 @@ class Gateway:
         self.log_budget = LogBudget()
         self.unauthenticated: set[GatewayLink] = set()
         self.links: set[GatewayLink] = set()
+        # Draining (issue 20): no new logins; sessions leave as their streams end.
+        self.draining = False
+        self._drain_ends_at = 0.0
+        self._drain_call: interfaces.IDelayedCall | None = None
 
     @property
     def sessions(self) -> dict[int, Session]:
@@ -475,8 +485,53 @@ class Gateway:
             for s in self.config.sessions if same_password(s.proxy_client, s.proxy_server)
         ]
 
+    def drain(self) -> None:
+        """Stop taking logins and move every session to another Gateway: a session's links
+        get GOAWAY DRAINING (the proxies reconnect at once) as soon as none of them carries
+        a stream, so a session moves whole and no running stream is cut; at the deadline
+        (``drainTimeout``) the links left are closed the same way, their streams reset
+        SHUTDOWN.  Links still logging in are told DRAINING once they have proven their
+        password."""
+        if self.draining:
+            return
+        self.draining = True
+        self._drain_ends_at = self.clock.seconds() + self.limits.drain_timeout
+        self.log.info("[{index}] Draining: no new logins; {sessions} sessions move to another "
+                      "Gateway as their streams end (at most {timeout:g} s)",
+                      index=self.config.index, timeout=self.limits.drain_timeout,
+                      sessions=sum(1 for s in self.relay.sessions.values() if s.links))
+        self._drain_step()
+
+    def _drain_step(self) -> None:
+        self._drain_call = None
+        late = self.clock.seconds() >= self._drain_ends_at
+        for session in self.relay.sessions.values():
+            links = session.all_links()
+            if not links or (not late and any(link.routes for link in links)):
+                continue
+            if late and any(link.routes for link in links):
+                self.log.warn("[{index}] Draining: session {session} still has streams after "
+                              "{timeout:g} s: closing them", index=self.config.index,
+                              session=session.id, timeout=self.limits.drain_timeout)
+            for link in links:
+                self.relay.detach(link, Reason.SHUTDOWN, "the Gateway is draining")
+            self.apply_effects()
+            for link in links:
+                if isinstance(link.adapter, GatewayLink):
+                    link.adapter.fail(GoAway.DRAINING, "the Gateway is draining: log in to "
+                                      "another")
+        if self.links and not late:
+            # Streams end in their own time; looking four times a second moves a session
+            # within 0.25 s of its last stream, for a loop over the sessions.
+            self._drain_call = self.clock.callLater(DRAIN_CHECK_INTERVAL, self._drain_step)
+        elif not self.links:
+            self.log.info("[{index}] Drained: no links left", index=self.config.index)
+
     def close_all(self) -> None:
         """Close every link with GOAWAY NORMAL (shutdown); streams are reset SHUTDOWN."""
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
         for link in list(self.links | self.unauthenticated):
             self.relay.detach(link.core, Reason.SHUTDOWN, "the Gateway is stopping")
         self.apply_effects()
@@ -641,6 +696,17 @@ class GatewayService(service.Service):
             return reason
 
         return self.listeners.reload(new.listeners, kept).addCallbacks(applied, failed)
+
+    def drain(self) -> Any:
+        """SIGUSR2 (issue 20): stop listening (a balancer's health check sees the Gateway
+        gone, and new connections go elsewhere), then :meth:`Gateway.drain`.  Fires when
+        the listeners are closed."""
+        if self.gateway.draining:
+            return None
+        self.log.info("[{index}] Draining: closing the listeners", index=self.config.index)
+        closed = self.listeners.stop()
+        self.gateway.drain()
+        return closed
 
     def stopService(self) -> Any:  # noqa: N802
         """Close every link (GOAWAY), then stop listening."""

@@ -9,6 +9,7 @@ does not answer is asked again every few seconds (``ProxyLinkFactory``).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import weakref
 from collections import Counter
@@ -18,7 +19,7 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.application import service
 from twisted.internet import interfaces
-from twisted.internet.protocol import ReconnectingClientFactory
+from twisted.internet.protocol import ClientFactory, Protocol, ReconnectingClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -33,12 +34,43 @@ from tcptunnel._link import (
     PartnerChanged,
 )
 from tcptunnel.auth import LoginFailed, ProxyAuth
-from tcptunnel.config import ProxyConfig, format_address
+from tcptunnel.config import GatewayAddress, ProxyConfig, format_address
 from tcptunnel.mux import MuxProtocol, MuxStream, StreamEndpoint
 from tcptunnel.sockets import connect_tcp
 
 if TYPE_CHECKING:
     from tcptunnel.e2e import EndToEnd
+
+
+# A proxy that failed over to a later <Gateway> asks the first one again this often, and
+# goes back to it once it answers (issue 20, docs/scaling.md): every proxy of a session
+# has the same list, so they meet again on the first within one interval.
+FAILBACK_INTERVAL = 30.0
+
+
+class _FailbackProbe(ClientFactory):
+    """A TCP connect to the first Gateway, closed at once: does it answer again?"""
+
+    noisy = False
+
+    def __init__(self, proxy: ProxyService) -> None:
+        self.proxy = proxy
+
+    def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802
+        """Close as soon as connected, and report the Gateway back."""
+        proxy = self.proxy
+
+        class Probe(Protocol):
+            def connectionMade(self) -> None:  # noqa: N802
+                assert self.transport is not None
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+                proxy.first_gateway_back()
+
+        return Probe()
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:  # noqa: N802
+        """Still down."""
+        self.proxy.first_gateway_still_down()
 
 
 class ProxyLink(MuxProtocol):
@@ -153,6 +185,10 @@ class ProxyLink(MuxProtocol):
             # Another Proxy-Client took the session.  Coming straight back
             # would only throw it out again: wait the longest delay.
             self.proxy.factory.wait_longest()
+        elif event.code is GoAway.DRAINING:
+            # The Gateway is going away on purpose: straight to the next one in the list
+            # (or, behind a balancer, the same address, which now leads elsewhere).
+            self.proxy.gateway_draining()
         # Not "message": legacy log observers take that field for the event's own text.
         self.log.warn("[{index}] The Gateway closes the link: {code} ({why})",
                       index=self.proxy.config.index, code=event.code.name, why=event.message)
@@ -204,6 +240,7 @@ class ProxyLinkFactory(ReconnectingClientFactory):
         self.delay = self.initialDelay
         self.last_wait = 0.0  # the wait before the try now scheduled
         self._refused_login = False
+        self.retry_now = False  # the next try without a wait (a draining Gateway)
 
     def buildProtocol(self, addr: Any) -> ProxyLink:  # noqa: N802
         """A new link (the backoff is reset only after login)."""
@@ -223,10 +260,14 @@ class ProxyLinkFactory(ReconnectingClientFactory):
             connector = self.connector
         self.retries += 1
         self.last_wait = self.delay * random.uniform(1 - self.jitter, 1 + self.jitter)
+        if self.retry_now:
+            self.retry_now = False
+            self.last_wait = 0.0
 
         def reconnector() -> None:
             self._callID = None
-            connector.connect()
+            # A new connector per try: the target may have changed (failover, issue 20).
+            self.proxy.connect()
 
         clock: Any = self.clock
         self._callID = clock.callLater(self.last_wait, reconnector)
@@ -248,18 +289,24 @@ class ProxyLinkFactory(ReconnectingClientFactory):
         self.maxDelay = min(self.long_delay, self.REFUSED_MAX_DELAY)  # type: ignore[assignment]
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:  # noqa: N802
-        """Nothing answered: retry soon (the short cap), saying so once."""
+        """Nothing answered: retry soon (the short cap), saying so once; the next try goes
+        to the next Gateway of the list."""
         if not self._refused_login:
             self.maxDelay = min(self.long_delay, self.REFUSED_MAX_DELAY)  # type: ignore[assignment]
+        failed = self.proxy.gateway_address
+        self.proxy.target_failed()
         super().clientConnectionFailed(connector, reason)
         self.log.warn("[{index}] Unable to connect to the Gateway {gateway}: {why}; retrying "
                       "in {delay:.1f} s", index=self.proxy.config.index,
-                      gateway=self.proxy.gateway_address,
+                      gateway=failed,
                       why=reason.getErrorMessage().rstrip("."),
                       delay=self.last_wait)
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:  # noqa: N802
-        """Retry (the link already logged why it ended), saying when."""
+        """Retry (the link already logged why it ended), saying when; a link that never
+        logged in (TLS failed, the Gateway closed it) moves on to the next Gateway."""
+        if not self.proxy.logged_in_since_connect:
+            self.proxy.target_failed()
         super().clientConnectionLost(connector, reason)
         if self.continueTrying:
             self.log.info("[{index}] Reconnecting to the Gateway {gateway} in {delay:.1f} s",
@@ -291,23 +338,36 @@ class ProxyService(service.MultiService):
         from tcptunnel.e2e import end_to_end
 
         self.e2e: EndToEnd | None = end_to_end(self)
-        # What connectTCP is given: the link factory, wrapped in a WebSocket and then TLS
-        # when configured (TCP -> [outbound proxy] -> [TLS] -> [WebSocket] -> link).
-        self._connecting_factory: Any = self.factory
+        self._connecting_factory: Any = self._link_stack(config)
+        self._connector: Any = None
+        # The Gateways to try, in order: host/port, then each <Gateway> (issue 20).
+        self.targets: list[GatewayAddress] = [
+            GatewayAddress(config.host, config.port, config.server_name, config.location),
+            *config.gateways]
+        self.target_index = 0
+        self._stacks: dict[int, Any] = {0: self._connecting_factory}
+        self.logged_in_since_connect = False
+        self._moved_since_connect = False  # the target was advanced for this connection
+        self.failback_interval = FAILBACK_INTERVAL
+        self._failback_call: interfaces.IDelayedCall | None = None
+
+    def _link_stack(self, config: ProxyConfig) -> Any:
+        """What connectTCP is given: the link factory, wrapped in a WebSocket and then TLS
+        when configured (TCP -> [outbound proxy] -> [TLS] -> [WebSocket] -> link)."""
+        stack: Any = self.factory
         if config.websocket_path is not None:
             from tcptunnel.websocket import ProxyWebSocketFactory, websocket_url  # autobahn
 
             url = websocket_url(config.use_tls, config.server_name or config.host,
                                 config.port, config.websocket_path)
-            self._connecting_factory = ProxyWebSocketFactory(
-                self.factory, url, config.connect_timeout, reactor)
+            stack = ProxyWebSocketFactory(self.factory, url, config.connect_timeout,
+                                          self.reactor)
         if config.use_tls:
             from tcptunnel.tls import proxy_connection_creator, tls_factory
 
             creator = proxy_connection_creator(config)
-            self._connecting_factory = tls_factory(creator, self._connecting_factory,
-                                                   is_client=True)
-        self._connector: Any = None
+            stack = tls_factory(creator, stack, is_client=True)
+        return stack
 
     @property
     def partner_available(self) -> bool:
@@ -320,6 +380,8 @@ class ProxyService(service.MultiService):
         self.link_since = self.reactor.seconds()
         self.stats["logins_ok",] += 1
         self.factory.resetDelay()
+        self.logged_in_since_connect = True
+        self._schedule_failback()
         if self.e2e is not None:
             self.e2e.link_ready(link)
 
@@ -364,7 +426,7 @@ class ProxyService(service.MultiService):
                       "server_name", "certificate_pin", "keepalive_interval",
                       "keepalive_timeout", "connect_timeout", "max_retry_delay",
                       "initial_window", "max_window", "outbound_proxy", "websocket_path",
-                      "e2e_password")
+                      "e2e_password", "gateways")
 
     def apply_config(self, new: ProxyConfig) -> bool:
         """Reload in place if the link settings are unchanged; False asks for a restart."""
@@ -432,8 +494,21 @@ class ProxyService(service.MultiService):
         for warning in self.config.warnings:
             self.log.warn("[{index}] {problem}", index=self.config.index, problem=warning)
         super().startService()
+        self.connect()
+
+    # -- the Gateway list (issue 20) ------------------------------------------------
+
+    def connect(self) -> None:
+        """Dial the current target: its host and port, TLS checked against its serverName
+        (the Instance's caFile, pin and webSocketPath for all)."""
         config = self.config
-        factory, host, port = self._connecting_factory, config.host, config.port
+        index = self.target_index
+        target = self.targets[index]
+        factory = self._stacks.get(index)
+        if factory is None:
+            factory = self._stacks[index] = self._link_stack(dataclasses.replace(
+                config, host=target.host, port=target.port, server_name=target.server_name))
+        host, port = target.host, target.port
         if config.outbound_proxy is not None:
             from tcptunnel.outbound import ProxiedClientFactory
 
@@ -441,12 +516,77 @@ class ProxyService(service.MultiService):
             factory = ProxiedClientFactory(factory, config.outbound_proxy, host, port,
                                            self.reactor, timeout=config.connect_timeout)
             host, port = config.outbound_proxy.host, config.outbound_proxy.port
+        self.logged_in_since_connect = False
+        self._moved_since_connect = False
         self._connector = connect_tcp(self.reactor, host, port, factory,
                                       timeout=config.connect_timeout)
+
+    def _set_target(self, index: int) -> None:
+        config = self.config
+        self.target_index = index
+        self._moved_since_connect = True
+        self.gateway_address = self.targets[index].describe() + (
+            f" via the {'HTTP' if config.outbound_proxy.scheme == 'http' else 'SOCKS5'} proxy "
+            f"{config.outbound_proxy.describe()}" if config.outbound_proxy is not None else "")
+
+    def target_failed(self) -> None:
+        """The connection to the current Gateway failed (refused, timed out, TLS, closed
+        before login): the next try goes to the next one of the list, round."""
+        if self._moved_since_connect or len(self.targets) == 1:
+            return
+        self._set_target((self.target_index + 1) % len(self.targets))
+        self.log.info("[{index}] Trying the next Gateway of the list: {gateway}",
+                      index=self.config.index, gateway=self.gateway_address)
+
+    def gateway_draining(self) -> None:
+        """GOAWAY DRAINING: reconnect at once, to the next Gateway when there is a list.
+        (Told so while still logging in, the normal short backoff: a balancer that has not
+        yet seen the Gateway go would only send us back to it.)"""
+        if self.logged_in_since_connect:
+            self.factory.retry_now = True
+        if len(self.targets) > 1 and not self._moved_since_connect:
+            self._set_target((self.target_index + 1) % len(self.targets))
+
+    def _schedule_failback(self) -> None:
+        if (self._failback_call is None and self.target_index != 0 and self.running
+                and self.config.outbound_proxy is None):
+            self._failback_call = self.reactor.callLater(self.failback_interval,
+                                                         self._probe_first)
+
+    def _probe_first(self) -> None:
+        """Logged in to a later Gateway: does the first answer again?  A TCP connect that
+        is closed at once; when it succeeds, the link moves back (its streams are reset,
+        as on any Gateway change)."""
+        self._failback_call = None
+        if not self.running or self.target_index == 0:
+            return
+        first = self.targets[0]
+        connect_tcp(self.reactor, first.host, first.port, _FailbackProbe(self),
+                    timeout=self.config.connect_timeout)
+
+    def first_gateway_back(self) -> None:
+        """The probe reached the first Gateway: move the link back to it."""
+        if not self.running or self.target_index == 0:
+            return
+        self._set_target(0)
+        self.log.info("[{index}] The first Gateway {gateway} answers again: moving back to it",
+                      index=self.config.index, gateway=self.gateway_address)
+        self.factory.retry_now = True
+        link = self.link
+        if link is not None:
+            link.reset_all_streams(Reason.LINK_LOST, "the link moves back to the first Gateway")
+            link.fail(GoAway.NORMAL, "moving back to the first Gateway")
+
+    def first_gateway_still_down(self) -> None:
+        """The probe failed: ask again after the interval."""
+        self._schedule_failback()
 
     def stopService(self) -> Any:  # noqa: N802
         """Stop retrying, close the link with GOAWAY (streams reset), stop children."""
         self.factory.stopTrying()
+        if self._failback_call is not None and self._failback_call.active():
+            self._failback_call.cancel()
+        self._failback_call = None
         if self.e2e is not None:
             self.e2e.stop()
         link = self.link

@@ -318,6 +318,20 @@ class TunnelService(service.MultiService):
     def _on_sigusr1(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self._reopen_log)
 
+    def _on_sigusr2(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.drain)
+
+    def drain(self) -> None:
+        """SIGUSR2 (issue 20): every Gateway instance drains (GatewayService.drain); proxies
+        are not affected."""
+        from tcptunnel.gateway import GatewayService
+
+        gateways = [child for child in self if isinstance(child, GatewayService)]
+        if not gateways:
+            self.log.info("SIGUSR2: no Gateway instance to drain")
+        for child in gateways:
+            child.drain()
+
     def _reopen_log(self) -> None:
         if self.log_file is None:
             self.log.info("SIGUSR1: not logging to a file of ours, nothing to reopen")
@@ -342,9 +356,11 @@ class TunnelService(service.MultiService):
         if threading.current_thread() is threading.main_thread():
             for number, handler in ((signal.SIGHUP, self._on_sighup),
                                     (signal.SIGUSR1, self._on_sigusr1),
+                                    (signal.SIGUSR2, self._on_sigusr2),
                                     (signal.SIGTERM, self._on_sigterm)):
                 self._previous_handlers.setdefault(number, signal.signal(number, handler))
-        self.log.info("Started. Send SIGHUP to reload, SIGTERM or Ctrl+C to stop.")
+        self.log.info("Started. Send SIGHUP to reload, SIGUSR2 to drain a Gateway, SIGTERM or "
+                      "Ctrl+C to stop.")
 
     def _restore_signal_handlers(self) -> None:
         for number, handler in self._previous_handlers.items():
