@@ -7,6 +7,8 @@
   files included), except that it binds no port, and print what would run (no secrets) and
   every warning; exit code 0 when it can start, 1 otherwise.
 * ``make-cert``: write a self-signed certificate and key for testing and print its SHA-256 pin.
+* ``make-password``: print a strong random secret (192 bits) for ``endToEndPassword``, the
+  same on both proxies of a session (docs/protocol.md §9).
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def describe_settings(settings: Settings) -> list[str]:
             tls = "TLS" if instance.use_tls else "plain TCP (not encrypted)"
             lines.append(f"[{instance.index}] {instance.role} -> gateway "
                          f"{format_address(instance.host, instance.port)} {tls}, "
-                         f"session {instance.session_id}")
+                         f"session {instance.session_id}"
+                         + (", end-to-end encrypted" if instance.e2e_password else ""))
             for binding in instance.bindings:
                 lines.append(f"    binding {binding.describe()}")
             if instance.role == "proxy-client":
@@ -262,6 +265,18 @@ def make_cert(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     return 0
 
 
+def make_password(stdout: TextIO) -> int:
+    """Print a random end-to-end password and where it goes."""
+    from tcptunnel._e2e import make_password as random_password
+
+    password = random_password()
+    print(password, file=stdout)
+    print(f'Both proxies, in <Session>: endToEndPassword="{password}" (or put it in a file '
+          "for endToEndPasswordFile, or a variable for endToEndPasswordEnv); never on the "
+          "Gateway", file=stdout)
+    return 0
+
+
 def main(argv: list[str] | None = None, stdin: TextIO | None = None,
          stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """Run one command; return the exit code."""
@@ -281,11 +296,15 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None,
     minting.add_argument("--key", default="gateway-key.pem")
     minting.add_argument("--days", type=int, default=365, help=f"validity, 1 to {MAX_DAYS}")
     minting.add_argument("--force", action="store_true")
+    commands.add_parser("make-password",
+                        help="print a random secret for endToEndPassword (both proxies)")
     args = parser.parse_args(argv)
     if args.command == "hash-password":
         return hash_password(args, stdin, stdout, stderr)
     if args.command == "check-config":
         return check_config(args, stdout, stderr)
+    if args.command == "make-password":
+        return make_password(stdout)
     return make_cert(args, stdout, stderr)
 
 

@@ -28,6 +28,7 @@ The proxy's link (:class:`tcptunnel.proxy.ProxyLink`) calls in through four seam
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import interfaces
@@ -57,6 +58,10 @@ log = Logger()
 #: Seconds between two log lines about the same kind of refused stream (a Proxy-Server
 #: without a password opening streams to a Proxy-Client that requires one sends many).
 REFUSAL_LOG_INTERVAL = 60.0
+#: Local connections a Proxy-Server holds unread while its handshake runs (at most 10 s);
+#: more are refused at once.  Each is one accepted socket, already bounded by the kernel's
+#: backlog and our descriptors; this keeps the list itself bounded.
+MAX_HELD = 1024
 
 
 class SealedStream(MuxStream, StreamEndpoint):
@@ -192,6 +197,12 @@ class EndToEnd:
     def stop(self) -> None:
         """The proxy stops: cancel timers."""
 
+    def hold(self, connection: Any, retry: Callable[[], None]) -> bool:
+        """Whether a new local connection must wait (unread) for the handshake in progress;
+        then ``retry`` is called once it ends (at most :data:`tcptunnel._e2e.PAKE_DEADLINE`
+        later), unless ``connection`` is done by then."""
+        return False
+
 
 def _open_raw(link: MuxProtocol, kind: int, fields: tuple[tuple[int, bytes], ...],
               make: Any) -> MuxStream:
@@ -252,6 +263,8 @@ class ServerEndToEnd(EndToEnd):
         self.pake: _ServerPake | None = None
         self._timer: interfaces.IDelayedCall | None = None
         self._logged_failure: str | None = None
+        # Local connections waiting for the handshake in progress: (connection, retry).
+        self._held: list[tuple[Any, Callable[[], None]]] = []
 
     @property
     def index(self) -> int:
@@ -286,6 +299,25 @@ class ServerEndToEnd(EndToEnd):
         """Cancel the timer."""
         self._cancel_timer()
 
+    def hold(self, connection: Any, retry: Callable[[], None]) -> bool:
+        """Hold a local connection while the handshake runs (bounded: past MAX_HELD the
+        connection is refused at once instead)."""
+        if (self.pairing.state is not ServerState.HANDSHAKING or self.link is None
+                or len(self._held) >= MAX_HELD):
+            return False
+        self._held.append((connection, retry))
+        return True
+
+    def _release(self) -> None:
+        """The handshake ended (keys, or a failure): the held connections open or are
+        refused now."""
+        held, self._held = self._held, []
+        for connection, retry in held:
+            transport = getattr(connection, "transport", None)
+            if not getattr(connection, "done", False) and transport is not None and getattr(
+                    transport, "connected", True):
+                retry()
+
     # -- the handshake -----------------------------------------------------------------
 
     def _cancel_timer(self) -> None:
@@ -316,6 +348,8 @@ class ServerEndToEnd(EndToEnd):
         due = self.pairing.next_timer(now)
         if due is not None and due != float("inf"):
             self._timer = self.clock.callLater(max(0.0, due - now), self._tick)
+        if self._held and self.pairing.state is not ServerState.HANDSHAKING:
+            self._release()
 
     def _open_pake(self, link: ProxyLink, message: bytes, now: float) -> None:
         pake = _ServerPake(self)

@@ -67,6 +67,9 @@ class BindingConnection(SpliceProtocol):
             self._finish(f"refused here ({why})")
             transport.abortConnection()  # type: ignore[attr-defined]
             return
+        e2e = self.proxy.e2e
+        if e2e is not None and e2e.hold(self, self.connectionMade):
+            return  # unread until the end-to-end handshake in progress ends (<= 10 s)
         try:
             host, port = self.binding.fixed_target
             self.stream = link.open_stream(host, port, self, fields=self.client_fields())
@@ -159,6 +162,9 @@ class RequestBindingConnection(BindingConnection):
             why = "no link to the Gateway" if link is None else "no Proxy-Client in the session"
             self._refuse(why, self._answer(Reason.NO_PARTNER, why))
             return
+        e2e = self.proxy.e2e
+        if e2e is not None and e2e.hold(self, lambda: self._request(host, port)):
+            return  # the end-to-end handshake in progress ends within 10 s
         try:
             stream = link.open_stream(host, port, self, fields=self.client_fields())
         except StreamError as e:

@@ -8,6 +8,7 @@ sees) and a malicious one that changes the Proxy-Client's DATA frames of sealed 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcptunnel import _e2e
 from tcptunnel import _frames as fr
@@ -26,6 +27,7 @@ from tcptunnel.e2e import ServerEndToEnd
 from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
 from tcptunnel.test._harness import (
+    NS,
     EchoProtocol,
     Tunnel,
     binding_port,
@@ -77,14 +79,14 @@ class _RelayHalf(Protocol):
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.relay.recorded.append(data)
-        if self.relay.tamper is None:
+        if self.relay.tamper is None and not self.relay.decode:
             self.forward(data)
             return
         frames = self.decoder.feed(data)
         out = [] if self.sent_magic else [fr.MAGIC]
         self.sent_magic = True
         for frame in frames:
-            for changed in self.relay.change(frame, from_proxy=self.inbound):
+            for changed in self.relay.change(frame, self):
                 out.append(fr.encode(changed.type, changed.stream_id, changed.payload,
                                      changed.flags))
         self.forward(b"".join(out))
@@ -106,9 +108,14 @@ class Relay:
     """A TCP relay in front of the Gateway that keeps every byte of its links (both
     directions) and may change the DATA frames a Proxy-Client sends on sealed streams."""
 
-    def __init__(self, gateway_port: int, tamper: Tamper | None = None) -> None:
+    def __init__(self, gateway_port: int, tamper: Tamper | None = None,
+                 decode: bool = False) -> None:
         self.gateway_port = gateway_port
         self.tamper = tamper
+        self.decode = decode  # frame by frame even without tampering (for holding)
+        self.pake: set[int] = set()  # pake stream ids
+        self.holding = False  # keep the proxy's pake frames back
+        self.held: list[tuple[_RelayHalf, fr.Frame]] = []
         self.recorded: list[bytes] = []
         self.halves: set[_RelayHalf] = set()
         self.sealed: dict[int, int] = {}  # stream id -> DATA frames seen from the proxy
@@ -127,18 +134,30 @@ class Relay:
         self.port = int(port.getHost().port)
         return self.port
 
-    def change(self, frame: fr.Frame, from_proxy: bool) -> list[fr.Frame]:
-        """The frames to forward for ``frame``."""
-        if not from_proxy:
+    def change(self, frame: fr.Frame, half: _RelayHalf) -> list[fr.Frame]:
+        """The frames to forward for ``frame``, which ``half`` received."""
+        if not half.inbound:
             if frame.type == fr.FrameType.OPEN and frame.payload[8:9] == bytes(
                     [fr.KIND_SEALED]):
                 self.sealed[frame.stream_id] = 0
+            if frame.type == fr.FrameType.OPEN and frame.payload[8:9] == bytes([fr.KIND_PAKE]):
+                self.pake.add(frame.stream_id)
             return [frame]
+        if self.holding and frame.stream_id in self.pake:
+            self.held.append((half, frame))
+            return []
         count = self.sealed.get(frame.stream_id)
         if count is None or frame.type != fr.FrameType.DATA or self.tamper is None:
             return [frame]
         self.sealed[frame.stream_id] = count + 1
         return self.tamper(count, frame)
+
+    def release(self) -> None:
+        """Forward the frames held back, and hold no more."""
+        self.holding = False
+        held, self.held = self.held, []
+        for half, frame in held:
+            half.forward(fr.encode(frame.type, frame.stream_id, frame.payload, frame.flags))
 
     def bytes(self) -> bytes:
         """Everything recorded, both directions."""
@@ -386,6 +405,29 @@ class EndToEndTunnelTests(TestCase):
         digest = hashlib.sha256(payload).hexdigest().encode() + b"\n"
         self.assertEqual(got, digest + b"z" * (1024 * 1024))
 
+    async def test_connection_waits_for_the_handshake(self) -> None:
+        """A local connection made while the handshake runs is held unread, then goes
+        through sealed once the keys are there (its early bytes included)."""
+        echo = await listen(self, EchoProtocol)
+        relay = Relay(self.tunnel.gateway_port, decode=True)
+        relay.holding = True
+        port = await relay.start(self)
+        client = self.client(port=port)
+        server = self.server(echo)
+        await self.tunnel.ready(client, server)
+        assert isinstance(server.e2e, ServerEndToEnd)
+        e2e = server.e2e
+        await wait_until(lambda: bool(relay.held), 10, "the Proxy-Client's answer")
+        self.assertIs(e2e.pairing.state, ServerState.HANDSHAKING)
+        app = await connect(binding_port(server))
+        app.transport.write(MARKER)
+        app.transport.loseWriteConnection()
+        await wait_until(lambda: len(e2e._held) == 1, 10, "the connection to be held")
+        self.assertIsNone(app.how)
+        relay.release()
+        self.assertEqual(await app.ended, "clean")
+        self.assertEqual(bytes(app.received), MARKER)
+
     async def test_bulk_sealed(self) -> None:
         """8 MiB through a sealed echo stream arrive back exact (windows count records)."""
         echo = await listen(self, EchoProtocol)
@@ -492,3 +534,31 @@ class EndToEndConfigTests(TestCase):
                        '<Session id="1" proxyClientPassword="a" proxyServerPassword="b" '
                        'endToEndPassword="c"/></Instance>')
         self.assertIn("never on the Gateway", str(caught.exception))
+
+
+class MakePasswordTests(SynchronousTestCase):
+    """``python -m tcptunnel make-password``."""
+
+    def test_prints_a_fresh_strong_secret(self) -> None:
+        """Each run prints a different 32-character URL-safe secret (192 bits) and the
+        attribute it goes in; check-config then says the proxy is end-to-end encrypted."""
+        from tcptunnel.__main__ import main
+
+        secrets = []
+        for _ in range(2):
+            out = io.StringIO()
+            self.assertEqual(main(["make-password"], stdout=out, stderr=io.StringIO()), 0)
+            first, second = out.getvalue().splitlines()
+            self.assertRegex(first, r"^[A-Za-z0-9_-]{32}$")
+            self.assertIn(f'endToEndPassword="{first}"', second)
+            secrets.append(first)
+        self.assertNotEqual(secrets[0], secrets[1])
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f'<Settings {NS}><Instance type="proxy-client" host="127.0.0.1" '
+                    f'port="1"><Session id="1" password="pw" endToEndPassword="{secrets[0]}"/>'
+                    "</Instance></Settings>")
+        out = io.StringIO()
+        self.assertEqual(main(["check-config", path], stdout=out, stderr=io.StringIO()), 0)
+        self.assertIn("session 1, end-to-end encrypted", out.getvalue())
+        self.assertNotIn(secrets[0], out.getvalue())
