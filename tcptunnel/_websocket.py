@@ -86,6 +86,16 @@ def parse_request_head(head: bytes) -> RequestHead:
     return RequestHead(parts[0], parts[1], parts[2], headers)
 
 
+def could_be_http(data: bytes) -> bool:
+    """Whether ``data``, the start of what a client sent, can still become an HTTP request
+    line (``METHOD SP ...``): anything else (a plain link's magic, TLS on a plain Listener,
+    SSH) is answered at once instead of at the deadline."""
+    method, space, _ = data[:16].partition(b" ")
+    if not method:
+        return not space  # nothing yet: wait; a leading space: not HTTP
+    return len(method) <= 10 and method.isalpha() and method.isupper()
+
+
 def route_request(head: bytes, path: str) -> tuple[RequestHead | None, bytes | None]:
     """``(request, None)`` when ``head`` asks to upgrade ``path`` to a WebSocket (the
     handshake goes on), else ``(request or None, response)`` with the plain answer to send

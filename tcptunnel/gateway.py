@@ -604,7 +604,8 @@ class GatewayService(service.Service):
 
             factory = GatewayWebSocketFactory(
                 self.factory, listener.websocket_path, listener.trusted_proxies,
-                self.gateway.limits.login_timeout, self.reactor)
+                self.gateway.limits.login_timeout, self.reactor,
+                max_pending=self.gateway.limits.max_unauthenticated_links)
             self._websockets[key] = factory
         layered_tls = tls  # TLS that listen() adds; inside the PROXY header reader if any
         if listener.accept_proxy_protocol:
@@ -677,7 +678,8 @@ class GatewayService(service.Service):
                               "off needs a restart", index=new.index,
                               address=listener.describe())
             elif websocket is not None:
-                websocket.update(listener.websocket_path, listener.trusted_proxies)
+                websocket.update(listener.websocket_path, listener.trusted_proxies,
+                                 new.limits.max_unauthenticated_links)
             headers = self._proxy_headers.get(key)
             if (headers is None) != (not listener.accept_proxy_protocol):
                 self.log.warn("[{index}] Listener {address}: switching acceptProxyProtocol on "

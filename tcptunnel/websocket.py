@@ -44,11 +44,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcptunnel import __version__
+from tcptunnel._frames import MAGIC
 from tcptunnel._websocket import (
+    BAD_REQUEST,
     HEAD_TOO_LARGE,
     MAX_REQUEST_HEAD,
     Network,
     RequestHead,
+    could_be_http,
     forwarded_client,
     route_request,
 )
@@ -274,6 +277,23 @@ class GatewayWebSocket(_LinkWebSocket, WebSocketServerProtocol):  # type: ignore
     factory: GatewayWebSocketFactory
     _request: RequestHead | None = None
     _forwarded: Any = None
+    _pending = False  # counted in factory.pending
+
+    def connectionMade(self) -> None:  # noqa: N802
+        """Refuse at once beyond the cap on connections still upgrading (they hold no
+        unauthenticated slot until the link exists); else count this one."""
+        factory = self.factory
+        if factory.pending >= factory.max_pending:
+            self.transport.abortConnection()
+            return
+        factory.pending += 1
+        self._pending = True
+        super().connectionMade()
+
+    def _done_pending(self) -> None:
+        if self._pending:
+            self._pending = False
+            self.factory.pending -= 1
 
     def processHandshake(self) -> None:  # noqa: N802
         """Route the request before autobahn sees it: only the tunnel path upgrades."""
@@ -282,6 +302,8 @@ class GatewayWebSocket(_LinkWebSocket, WebSocketServerProtocol):  # type: ignore
         if end < 0:
             if len(data) > MAX_REQUEST_HEAD:
                 self._answer(HEAD_TOO_LARGE)
+            elif not could_be_http(data):
+                self._answer(BAD_REQUEST)  # e.g. a proxy without webSocketPath: at once
             return
         if self._request is None:
             request, response = route_request(data[:end + 4], self.factory.path)
@@ -316,7 +338,15 @@ class GatewayWebSocket(_LinkWebSocket, WebSocketServerProtocol):  # type: ignore
 
     def onOpen(self) -> None:  # noqa: N802
         """The upgrade succeeded: the link starts (login deadline, slot, HELLO)."""
+        self._done_pending()
         self._open_link(self._forwarded)
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:  # noqa: N802
+        """No longer upgrading, if it still was."""
+        self._done_pending()
+        if getattr(self, "state", None) is None:
+            return  # refused in connectionMade: autobahn never started
+        super().connectionLost(reason)
 
 
 class GatewayWebSocketFactory(WebSocketServerFactory):
@@ -326,8 +356,11 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
     noisy = False
 
     def __init__(self, wrapped: Any, path: str, trusted: tuple[Network, ...],
-                 handshake_timeout: float, reactor: Any) -> None:
+                 handshake_timeout: float, reactor: Any, max_pending: int = 256) -> None:
         super().__init__(server=None, reactor=reactor)
+        # Connections accepted whose upgrade has not completed, and how many may be.
+        self.pending = 0
+        self.max_pending = max_pending
         self.wrapped = wrapped
         self.clock = reactor
         # The TLS and WebSocket handshakes must end within the login deadline (issue 14:
@@ -345,9 +378,9 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
             perMessageCompressionAccept=lambda offers: None,
             tcpNoDelay=True, failByDrop=True)
 
-    def update(self, path: str, trusted: tuple[Network, ...]) -> None:
-        """A reload: new connections use the new path and trusted proxies."""
-        self.path, self.trusted = path, trusted
+    def update(self, path: str, trusted: tuple[Network, ...], max_pending: int) -> None:
+        """A reload: new connections use the new path, trusted proxies and cap."""
+        self.path, self.trusted, self.max_pending = path, trusted, max_pending
 
 
 class ProxyWebSocket(_LinkWebSocket, WebSocketClientProtocol):  # type: ignore[misc]
@@ -370,6 +403,9 @@ class ProxyWebSocket(_LinkWebSocket, WebSocketClientProtocol):  # type: ignore[m
             why = (f"TLS handshake with the Gateway failed ({reason.getErrorMessage()}): the "
                    "Gateway did not answer with TLS (plain Listener?) or its certificate did "
                    "not verify (check caFile, serverName, certificatePin)")
+        elif bytes(getattr(self, "data", b"")).startswith(MAGIC[:6]):
+            why = (f"the Gateway answered {factory.url} with the link protocol, not HTTP: its "
+                   "Listener has no webSocketPath (set it there, or remove it here)")
         elif self.wasNotCleanReason:
             why = (f"the WebSocket upgrade to {factory.url} was refused "
                    f"({self.wasNotCleanReason}): check webSocketPath and any reverse proxy "

@@ -29,13 +29,14 @@ from tcptunnel._websocket import (
     BAD_REQUEST,
     HEAD_TOO_LARGE,
     NOT_FOUND,
+    could_be_http,
     forwarded_client,
     parse_networks,
     parse_request_head,
     route_request,
 )
 from tcptunnel.config import ConfigError, parse_settings
-from tcptunnel.test import test_faults
+from tcptunnel.test import test_faults, test_outbound
 from tcptunnel.test._harness import (
     NS,
     EchoProtocol,
@@ -43,6 +44,7 @@ from tcptunnel.test._harness import (
     binding_port,
     connect,
     listen,
+    raw_peer,
     reserve_port,
     wait_until,
 )
@@ -88,6 +90,17 @@ class RouteRequestTests(SynchronousTestCase):
         """Any bytes give an answer or an upgrade, never an exception."""
         request, response = route_request(head + b"\r\n\r\n", "/tunnel")
         self.assertTrue(response in (NOT_FOUND, BAD_REQUEST) or request is not None)
+
+    def test_could_be_http(self) -> None:
+        """Only what can still become ``METHOD SP`` waits for more; our magic, TLS, SSH and a
+        leading space are known at once."""
+        for data in [b"", b"G", b"GET", b"GET /tun", b"OPTIONS * HTTP/1.1"]:
+            self.assertTrue(could_be_http(data), data)
+        from tcptunnel._frames import MAGIC
+
+        for data in [MAGIC, MAGIC[:2], b"\x16\x03\x01", b"SSH-2.0", b" GET", b"get /",
+                     b"ABCDEFGHIJKL"]:
+            self.assertFalse(could_be_http(data), data)
 
     def test_repeated_headers_join(self) -> None:
         """Repeated headers are one comma-separated value (X-Forwarded-For from two
@@ -366,6 +379,11 @@ class HttpProbe(Protocol):
         self.closed.callback(None)
 
 
+def _factory_of(protocol: Protocol) -> Factory:
+    """A factory that gives ``protocol`` (once)."""
+    return Factory.forProtocol(lambda: protocol)
+
+
 async def http_probe(port: int, request: bytes) -> bytes:
     """What a plain TCP client hears for ``request`` until the server closes."""
     probe = HttpProbe(request)
@@ -478,6 +496,53 @@ class GatewayWebServerTests(TestCase):
             await wait_until(lambda: not gateway.unauthenticated,  # noqa: B023
                              what="the link to close")
             await tunnel.close()
+
+    async def test_pending_upgrades_are_capped(self) -> None:
+        """Connections still upgrading (no slot yet) are capped at maxUnauthenticatedLinks:
+        the one over the cap is closed at once, and the count returns to 0."""
+        tunnel = WebSocketTunnel(self)
+        tunnel.gateway_attributes = 'maxUnauthenticatedLinks="2"'
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        assert tunnel.gateway is not None
+        (factory,) = tunnel.gateway._websockets.values()
+        probes = [HttpProbe(b"GET /tunnel HTTP/1.1\r\n") for _ in range(3)]
+        for probe in probes:
+            await TCP4ClientEndpoint(reactor, "127.0.0.1", tunnel.gateway_port).connect(
+                _factory_of(probe))
+        await probes[2].closed
+        self.assertEqual(factory.pending, 2)
+        self.assertFalse(probes[0].closed.called or probes[1].closed.called)
+        for probe in probes[:2]:
+            probe.transport.loseConnection()
+        await wait_until(lambda: factory.pending == 0, what="the upgrading count to drop")
+
+    async def test_mismatched_ends_say_so(self) -> None:
+        """A plain proxy at a WebSocket Listener is answered at once (400, not at the
+        deadline); a WebSocket proxy at a plain Listener reports that the Gateway answered
+        with the link protocol."""
+        tunnel = self.start()
+        peer = await raw_peer(tunnel.gateway_port)
+        from tcptunnel import _frames as fr
+
+        peer.transport.write(fr.build_hello())
+        started = reactor.seconds()
+        await peer.closed
+        self.assertLess(reactor.seconds() - started, 2)
+        plain = Tunnel(self)
+        self.addCleanup(plain.close)
+        plain.start_gateway()
+        failures: list[str] = []
+        pc = plain.start_proxy_client(extra='webSocketPath="/tunnel"')
+        original = pc.factory.clientConnectionFailed
+
+        def record(connector: Any, reason: Failure) -> None:
+            failures.append(reason.getErrorMessage())
+            original(connector, reason)
+
+        pc.factory.clientConnectionFailed = record  # type: ignore[method-assign]
+        await wait_until(lambda: bool(failures), what="a failed connection")
+        self.assertIn("with the link protocol, not HTTP", failures[0])
 
     async def test_wrong_path_at_the_proxy_is_a_failed_connection(self) -> None:
         """A proxy whose webSocketPath the Gateway does not serve hears 404: it does not
@@ -722,8 +787,9 @@ class NginxTests(TestCase):
         self.assertTrue(answer.endswith(b"the website\n"), answer)
 
 
-def _over_websocket(test: TestCase) -> None:
-    """Run a test_faults test with its Tunnel links as WebSockets (and make sure it did)."""
+def _over_websocket(test: TestCase, module: Any = test_faults) -> None:
+    """Run another module's test with its Tunnel links as WebSockets (and make sure it
+    did)."""
     built: list[Tunnel] = []
 
     class Counted(WebSocketTunnel):
@@ -731,7 +797,7 @@ def _over_websocket(test: TestCase) -> None:
             super().__init__(*args, **kwargs)
             built.append(self)
 
-    test.patch(test_faults, "Tunnel", Counted)
+    test.patch(module, "Tunnel", Counted)
     test.addCleanup(lambda: test.assertTrue(built, "the test built no WebSocket tunnel"))
 
 
@@ -748,3 +814,11 @@ class WsStreamFaultTests(test_faults.StreamFaultTests):
 
     def setUp(self) -> None:
         _over_websocket(self)
+
+
+class WsRealProxyTests(test_outbound.RealProxyTests):
+    """test_outbound's tunnels through tinyproxy and microsocks with the link as a WebSocket:
+    TCP -> outbound proxy -> TLS -> WebSocket -> link."""
+
+    def setUp(self) -> None:
+        _over_websocket(self, test_outbound)
