@@ -317,7 +317,7 @@ def start_tcptunnel(procs: Processes, work: str, tls: bool, iperf: int, echo: in
                     delay: float = 0.0, max_window: int | None = None,
                     name: str | None = None, optimize: bool = False,
                     profile: str | None = None, root: str = ROOT,
-                    websocket: bool = False) -> System:
+                    websocket: bool = False, e2e: bool = False) -> System:
     """Gateway, Proxy-Client and Proxy-Server as three twistd processes (with
     PYTHONOPTIMIZE=2, as the systemd units run them, when ``optimize``; under twistd's
     cProfile, writing ``<profile>/<work folder>-<role>.prof`` at exit, when ``profile``), from
@@ -343,15 +343,17 @@ def start_tcptunnel(procs: Processes, work: str, tls: bool, iperf: int, echo: in
             ports[role] = free_port()
             procs.helper("delay-relay", ports[role], gateway_port, delay)
     window = f'maxWindow="{max_window}"' if max_window else ""
+    # End-to-end encryption between the proxies (issue 16): the same password on both.
+    sealed = 'endToEndPassword="bench-e2e-secret"' if e2e else ""
     files = {
         "gateway": f'<Instance type="gateway"><Listener {listener}/>'
                    '<Session id="1" proxyClientPassword="a" proxyServerPassword="b"/></Instance>',
         "proxy-client": f'<Instance type="proxy-client" host="127.0.0.1" '
                         f'port="{ports["proxy-client"]}" {proxy_tls} {window} maxRetryDelay="1">'
-                        '<Session id="1" password="a"/></Instance>',
+                        f'<Session id="1" password="a" {sealed}/></Instance>',
         "proxy-server": f'<Instance type="proxy-server" host="127.0.0.1" '
                         f'port="{ports["proxy-server"]}" {proxy_tls} {window} maxRetryDelay="1">'
-                        f'<Session id="1" password="b">'
+                        f'<Session id="1" password="b" {sealed}>'
                         f'<Binding listenIp="127.0.0.1" listenPort="{bulk}" '
                         f'targetHost="127.0.0.1" targetPort="{iperf}"/>'
                         f'<Binding listenIp="127.0.0.1" listenPort="{echo_entrance}" '
@@ -498,6 +500,8 @@ def measure(label: str, repeats: int, run: Callable[[], float]) -> dict[str, flo
 
 
 SYSTEMS = ("direct", "tls", "tls-oo", "ws", "plain", "openssh", "socat")
+# Measured only when asked for (--e2e, or by name): not part of the report's table.
+EXTRA_SYSTEMS = ("tls-e2e",)
 FIGURES = ("throughput", "ping", "loaded", "connrate", "memory", "longpath")
 
 
@@ -529,6 +533,10 @@ def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
             "openssh": lambda: start_openssh(procs, os.path.join(work, "ssh"), iperf_port,
                                              echo_port),
             "socat": lambda: start_socat(procs, iperf_port, echo_port),
+            "tls-e2e": lambda: start_tcptunnel(procs, os.path.join(work, "tls-e2e"), True,
+                                               iperf_port, echo_port,
+                                               name="tcptunnel TLS end-to-end", e2e=True,
+                                               profile=args.profile),
         }
         if args.baseline:
             # Interleaved with the others, so the A/B shares every slow minute of the machine.
@@ -1005,7 +1013,8 @@ def main() -> None:
     parser.add_argument("--idle-connections", type=int, default=1000)
     parser.add_argument("--delay", type=float, default=0.020)
     parser.add_argument("--output", default=os.path.join(ROOT, "docs"))
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS,
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS),
+                        choices=SYSTEMS + EXTRA_SYSTEMS,
                         help="measure only these (a partial run prints, and writes no report)")
     parser.add_argument("--figures", nargs="+", default=list(FIGURES), choices=FIGURES,
                         help="measure only these (a partial run prints, and writes no report)")
@@ -1016,6 +1025,10 @@ def main() -> None:
                         help="also measure tcptunnel over TLS from the source tree DIR (e.g. a "
                              "git worktree of an earlier commit), interleaved with the others; "
                              "a partial run: prints, writes no report")
+    parser.add_argument("--e2e", action="store_true",
+                        help="also measure tcptunnel over TLS with end-to-end encryption "
+                             "(endToEndPassword on both proxies), interleaved with the "
+                             "others; a partial run: prints, writes no report")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report and chart from benchmarks.json")
     args = parser.parse_args()
@@ -1036,6 +1049,8 @@ def main() -> None:
         report(results, os.path.join(args.output, "benchmarks.md"),
                os.path.join(args.output, "benchmarks.png"))
         return
+    if args.e2e and "tls-e2e" not in args.systems:
+        args.systems = [*args.systems, "tls-e2e"]
     started = time.monotonic()
     results = run_benchmarks(args)
     if set(args.systems) != set(SYSTEMS) or set(args.figures) != set(FIGURES) or args.baseline:

@@ -72,13 +72,21 @@ class SealedStream(MuxStream, StreamEndpoint):
     it, resets.  ``bytes_in`` / ``bytes_out`` count plaintext, as the local side sees it.
     """
 
-    __slots__ = ("app", "cipher")
+    __slots__ = ("app", "cipher", "failed")
 
     def __init__(self, mux: MuxProtocol, stream_id: int, app: StreamEndpoint,
                  cipher: StreamCipher) -> None:
         super().__init__(mux, stream_id, self)
         self.app = app
         self.cipher = cipher
+        self.failed = False  # an integrity failure ended it (the local side was told)
+
+    @property
+    def _live(self) -> bool:
+        """Still ours to deliver to: not failed, not reset by the local side.  (Not
+        :attr:`finished`: a FIN that closed the stream in the same read as its last DATA
+        frames makes it CLOSED before those frames are delivered.)"""
+        return not self.failed and self.mux.streams.get(self.stream_id) is self
 
     # -- sending: seal, then let the multiplexer count the record bytes -----------------
 
@@ -104,6 +112,8 @@ class SealedStream(MuxStream, StreamEndpoint):
     def deliver(self, data: bytes) -> None:
         """Record bytes from the far end: the plaintext of each whole record goes to the
         local side; its wire size is reported consumed as MuxStream does for clear bytes."""
+        if not self._live:
+            return
         try:
             records = self.cipher.decoder.feed(data)
         except IntegrityError as e:
@@ -116,7 +126,7 @@ class SealedStream(MuxStream, StreamEndpoint):
                 if record.data:
                     self.bytes_in += len(record.data)
                     self.app.stream_data(record.data)
-                    if self.finished:
+                    if not self._live:
                         return
             elif record.type is not RecordType.END:
                 self.integrity_failure(
@@ -131,12 +141,17 @@ class SealedStream(MuxStream, StreamEndpoint):
             self.mux.core.data_consumed(self.stream_id, consumed, self.mux.clock.seconds())
 
     def integrity_failure(self, message: str) -> None:
-        """Reset the stream in both directions with INTEGRITY; the local side sees a reset."""
-        if self.finished:
+        """Reset the stream in both directions with INTEGRITY; the local side sees a reset
+        (also when both FINs already closed it at the multiplexer: never a clean EOF)."""
+        if self.failed:
             return
+        self.failed = True
         log.warn("[{index}] Stream {stream} reset: {why}", index=self.mux.instance_index,
                  stream=self.stream_id, why=message)
-        self.abortConnection(Reason.INTEGRITY, message)
+        if self.finished:
+            self.mux.forget(self.stream_id)  # its StreamClosed must not reach the local side
+        else:
+            self.abortConnection(Reason.INTEGRITY, message)
         self.app.stream_reset(Reason.INTEGRITY, message, False)
 
     # -- StreamEndpoint (from the multiplexer) -----------------------------------------
@@ -151,6 +166,8 @@ class SealedStream(MuxStream, StreamEndpoint):
 
     def stream_ended(self) -> None:
         """The far end's FIN: a clean end only after its END record (else truncation)."""
+        if self.failed:
+            return
         try:
             self.cipher.decoder.finish()
         except IntegrityError as e:
@@ -164,7 +181,8 @@ class SealedStream(MuxStream, StreamEndpoint):
 
     def stream_closed(self) -> None:
         """Both directions ended cleanly (each with its END record)."""
-        self.app.stream_closed()
+        if not self.failed:
+            self.app.stream_closed()
 
 
 class EndToEnd:
