@@ -172,6 +172,7 @@ class _LinkWebSocket:
     _tls_done = False
     _refused = False  # a text message came: closing, nothing more for the link
     _deadline: Any = None
+    _timed_out = False
 
     def connectionMade(self) -> None:  # noqa: N802
         """The TLS and WebSocket handshakes must be done by the deadline (our own timer on
@@ -182,6 +183,7 @@ class _LinkWebSocket:
 
     def _handshake_timed_out(self) -> None:
         self._deadline = None
+        self._timed_out = True
         self.wasNotCleanReason = (f"no WebSocket upgrade within "
                                   f"{self.factory.handshake_timeout:g} s")
         self.transport.abortConnection()
@@ -234,6 +236,16 @@ class _LinkWebSocket:
             self.sendCloseFrame(  # type: ignore[attr-defined]
                 code=_CLOSE_UNSUPPORTED_DATA,
                 reasonUtf8=b"only binary messages carry a tcptunnel link")
+
+    def onPing(self, payload: bytes) -> None:  # noqa: N802
+        """Pong only while the socket takes writes: a peer that sends pings and never reads
+        must not grow our buffer (pongs are optional to wait for; our keepalive is the
+        link's own PING). The link protocol is the socket's producer, so its pause state is
+        the socket's."""
+        link = self.link
+        if link is not None and getattr(link, "_paused", False):
+            return
+        super().onPing(payload)  # type: ignore[misc]
 
     def onMessageFrameBegin(self, length: int) -> None:  # noqa: N802
         """Nothing to gather."""
@@ -406,6 +418,9 @@ class ProxyWebSocket(_LinkWebSocket, WebSocketClientProtocol):  # type: ignore[m
         elif bytes(getattr(self, "data", b"")).startswith(MAGIC[:6]):
             why = (f"the Gateway answered {factory.url} with the link protocol, not HTTP: its "
                    "Listener has no webSocketPath (set it there, or remove it here)")
+        elif self._timed_out:
+            why = (f"the Gateway did not answer the WebSocket upgrade to {factory.url} within "
+                   f"{factory.handshake_timeout:g} s")
         elif self.wasNotCleanReason:
             why = (f"the WebSocket upgrade to {factory.url} was refused "
                    f"({self.wasNotCleanReason}): check webSocketPath and any reverse proxy "

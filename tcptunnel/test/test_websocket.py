@@ -497,6 +497,33 @@ class GatewayWebServerTests(TestCase):
                              what="the link to close")
             await tunnel.close()
 
+    async def test_ping_flood_is_bounded(self) -> None:
+        """A peer that sends 8 MB of WebSocket pings and never reads: the Gateway pongs only
+        while its socket takes writes, so what it holds unsent stays small."""
+        tunnel = self.start()
+        websocket = await raw_websocket(tunnel.gateway_port)
+        await websocket.opened
+        assert tunnel.gateway is not None
+        gateway = tunnel.gateway.gateway
+        await wait_until(lambda: bool(gateway.unauthenticated), what="the link")
+        (link,) = gateway.unauthenticated
+        tcp: Any = link.transport.transport  # type: ignore[union-attr]
+        client: Any = websocket.transport
+        client.pauseProducing()  # the client stops reading
+        for _ in range(64):
+            for _ in range(1000):
+                websocket.sendPing(b"p" * 125)
+            await wait_until(lambda: not client.dataBuffer and not client._tempDataBuffer,
+                             10, "the Gateway to read the pings")
+
+        def unsent() -> int:
+            return (len(tcp.dataBuffer) - tcp.offset
+                    + sum(map(len, tcp._tempDataBuffer)))
+
+        self.assertTrue(link._paused)
+        # 64,000 pongs would be 8.2 MB; Twisted's high-water mark is 64 KiB plus one write.
+        self.assertLess(unsent(), 256 * 1024)
+
     async def test_pending_upgrades_are_capped(self) -> None:
         """Connections still upgrading (no slot yet) are capped at maxUnauthenticatedLinks:
         the one over the cap is closed at once, and the count returns to 0."""
