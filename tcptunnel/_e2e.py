@@ -1064,6 +1064,12 @@ class ClientPairings:
         if handshake.responder.confirmed:
             self._confirm(handshake, now)
 
+    def confirmed(self, stream_id: int) -> bool:
+        """Whether the handshake of the ``pake`` stream ``stream_id`` is confirmed: its Ta
+        verified (not merely refunded by a sealed OPEN that authenticated)."""
+        handshake = self._by_stream.get(stream_id)
+        return handshake is not None and handshake.responder.confirmed
+
     def handshake_ended(self, stream_id: int) -> None:
         """The ``pake`` stream ended (RESET, FIN, link lost): forget the pairing."""
         handshake = self._by_stream.pop(stream_id, None)

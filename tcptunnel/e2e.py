@@ -673,6 +673,7 @@ class ClientEndToEnd(EndToEnd):
         stream = pake.stream
         if pairings is None or stream is None:
             return
+        was_confirmed = pairings.confirmed(pake.stream_id)
         try:
             pairings.handshake_data(pake.stream_id, data, self.clock.seconds())
         except PasswordMismatchError as e:
@@ -683,7 +684,7 @@ class ClientEndToEnd(EndToEnd):
         except IntegrityError as e:
             stream.abortConnection(Reason.INTEGRITY, e.message)
         else:
-            if stream_confirmed(pairings, pake.stream_id):
+            if not was_confirmed and pairings.confirmed(pake.stream_id):
                 log.info("[{index}] End-to-end pairing with Proxy-Server #{origin} confirmed",
                          index=self.index, origin=pake.origin)
         self._schedule(pake.link)
@@ -695,13 +696,6 @@ class ClientEndToEnd(EndToEnd):
             pairings.handshake_ended(pake.stream_id)
         if pake.stream is not None and not pake.stream.finished:
             pake.stream.abortConnection(Reason.CANCELLED, "the pairing ended")
-
-
-def stream_confirmed(pairings: _e2e.ClientPairings, stream_id: int) -> bool:
-    """Whether the handshake of the pake stream ``stream_id`` is confirmed (Ta verified)."""
-    handshake = pairings._by_stream.get(stream_id)
-    return handshake is not None and handshake.responder.confirmed and (
-        handshake.deadline is None)
 
 
 def end_to_end(service: ProxyService) -> EndToEnd | None:

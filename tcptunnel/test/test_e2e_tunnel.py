@@ -23,9 +23,11 @@ from tcptunnel import _e2e
 from tcptunnel import _frames as fr
 from tcptunnel._e2e import ServerState
 from tcptunnel.config import ConfigError
-from tcptunnel.e2e import ServerEndToEnd
+from tcptunnel.e2e import SealedStream, ServerEndToEnd, _open_raw
+from tcptunnel.mux import MuxStream
 from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
+from tcptunnel.splice import SpliceProtocol
 from tcptunnel.test._harness import (
     NS,
     EchoProtocol,
@@ -36,6 +38,7 @@ from tcptunnel.test._harness import (
     wait_until,
 )
 from tcptunnel.test._hostile import LogCapture
+from tcptunnel.test.test_muxprotocol import Ends, LocalSocket
 
 E2E_PASSWORD = "correct horse battery staple e2e"
 MARKER = b"MARKER-7f3a-the-secret-payload"
@@ -578,3 +581,108 @@ class MakePasswordTests(SynchronousTestCase):
         self.assertEqual(main(["check-config", path], stdout=out, stderr=io.StringIO()), 0)
         self.assertIn("session 1, end-to-end encrypted", out.getvalue())
         self.assertNotIn(secrets[0], out.getvalue())
+
+
+class SealedEnds(Ends):
+    """Two MuxProtocols over iosim whose streams are SealedStreams of one pairing."""
+
+    def __init__(self, initial_window: int = 64 * 1024) -> None:
+        initiator = _e2e.PakeInitiator("pw", 1)
+        responder = _e2e.PakeResponder("pw", 1)
+        answer = responder.receive_open(initiator.message)
+        responder.receive_data(initiator.receive_data(answer))
+        assert initiator.pairing is not None and responder.pairing is not None
+        self.server_pairing, self.client_pairing = initiator.pairing, responder.pairing
+        self.requests: list[fr.OpenRequest] = []  # the clear OPENs the acceptor read
+        super().__init__(initial_window)
+
+    def _open_requested(self, stream_id: int, request: Any) -> None:
+        details, cipher = self.client_pairing.accept_stream(request.fields[0][1])
+        self.requests.append(fr.parse_open(_e2e.clear_open_payload(
+            fr.open_payload(request.window, request.origin, request.kind,
+                            list(request.fields)), details)))
+        splice = SpliceProtocol()
+        socket = LocalSocket()
+        splice.makeConnection(socket)
+        splice.stream = SealedStream(self.acceptor, stream_id, splice, cipher)
+        self.acceptor.streams[stream_id] = splice.stream
+        self.acceptor.accept_stream(stream_id)
+        splice.attach(splice.stream)
+        self.accepted.append((splice, socket))
+
+    def open(self) -> tuple[SpliceProtocol, LocalSocket, SpliceProtocol, LocalSocket]:
+        """Open a sealed stream: (local splice, local socket, far splice, far socket)."""
+        splice = SpliceProtocol()
+        socket = LocalSocket()
+        splice.makeConnection(socket)
+        stream_id = self.opener.core.next_stream_id
+        value, cipher = self.server_pairing.open_stream(
+            stream_id, _e2e.inner_open(fr.KIND_TCP, fr.target_fields("target", 1)))
+        splice.stream = _open_raw(self.opener, fr.KIND_SEALED, ((_e2e.FIELD_SEALED, value),),
+                                  lambda sid: SealedStream(self.opener, sid, splice, cipher))
+        self.pump.flush()
+        splice.attach(splice.stream)
+        far_splice, far_socket = self.accepted[-1]
+        return splice, socket, far_splice, far_socket
+
+
+class SealedStreamTests(SynchronousTestCase):
+    """SealedStream over an in-memory link: windows count record bytes, END before FIN."""
+
+    def test_least_window_both_ways(self) -> None:
+        """With the least window (16 KiB, one full record) 1 MB goes each way exact, with
+        the far reader paused and resumed: a whole record always fits what is granted."""
+        ends = SealedEnds(initial_window=fr.EARLY_WINDOW)
+        splice, socket, far_splice, far_socket = ends.open()
+        self.assertEqual((ends.requests[0].host, ends.requests[0].port), ("target", 1))
+        payload = os.urandom(1_000_000)
+        assert far_socket.producer is not None
+        for i in range(0, len(payload), 7_000):
+            splice.dataReceived(payload[i:i + 7_000])
+            if i % 70_000 == 0:
+                far_socket.producer.pauseProducing()
+                ends.pump.flush()
+                far_socket.producer.resumeProducing()
+            ends.pump.flush()
+        self.assertEqual(far_socket.value(), payload)
+        far_splice.dataReceived(payload[::-1])
+        ends.pump.flush()
+        self.assertEqual(socket.value(), payload[::-1])
+        stream = splice.stream
+        assert isinstance(stream, SealedStream)
+        self.assertEqual((stream.bytes_out, stream.bytes_in), (len(payload), len(payload)))
+
+    def test_half_close_is_end_then_fin(self) -> None:
+        """A local EOF sends END then FIN: the far socket half-closes cleanly, the other
+        direction keeps flowing, and both close without an abort."""
+        ends = SealedEnds()
+        splice, socket, far_splice, far_socket = ends.open()
+        splice.dataReceived(b"request")
+        splice.readConnectionLost()
+        ends.pump.flush()
+        self.assertEqual(far_socket.value(), b"request")
+        self.assertTrue(far_socket.write_closed)
+        far_splice.dataReceived(b"answer")
+        far_splice.readConnectionLost()
+        ends.pump.flush()
+        self.assertEqual(socket.value(), b"answer")
+        self.assertTrue(socket.disconnecting and far_socket.disconnecting)
+        self.assertFalse(socket.aborted or far_socket.aborted)
+
+    def test_fin_without_end_is_a_reset(self) -> None:
+        """A FIN with no END record before it (what a truncating Gateway sends) resets the
+        stream INTEGRITY at both ends: the local socket is aborted, never half-closed."""
+        ends = SealedEnds()
+        splice, socket, far_splice, far_socket = ends.open()
+        far_splice.dataReceived(b"partial")
+        ends.pump.flush()
+        far_stream = far_splice.stream
+        assert far_stream is not None
+        MuxStream.loseWriteConnection(far_stream)  # FIN alone, as a Gateway could forge
+        ends.pump.flush()
+        self.assertEqual(socket.value(), b"partial")
+        self.assertTrue(socket.aborted)
+        self.assertFalse(socket.write_closed)
+        self.assertIn("INTEGRITY", splice.end_description)
+        self.assertIn("INTEGRITY", far_splice.end_description)
+        self.assertTrue(far_socket.aborted)
