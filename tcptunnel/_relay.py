@@ -456,15 +456,18 @@ class RelayCore:
         share = capacity // max(1, len(servers))
         if len(servers) <= 1:
             return None
-        used: Counter[RelayLink] = Counter(route.server for route in client.routes.values())
-        if used[server] < share:
+        # Every route of a Proxy-Server link goes to the session's current Proxy-Client (a
+        # replaced one takes its routes with it), so a link's share is its route count: no
+        # scan of the Proxy-Client's routes per OPEN.
+        if len(server.routes) < share:
             return None
-        reserved = sum(max(0, share - used[other]) for other in servers.values()
+        reserved = sum(max(0, share - len(other.routes)) for other in servers.values()
                        if other is not server)
         if capacity - used_total > reserved:
             return None
-        return (f"this Proxy-Server holds {used[server]} of the Proxy-Client link's {capacity} "
-                f"streams, shared fairly with {len(servers) - 1} other Proxy-Server(s)")
+        return (f"this Proxy-Server holds {len(server.routes)} of the Proxy-Client link's "
+                f"{capacity} streams, shared fairly with {len(servers) - 1} other "
+                "Proxy-Server(s)")
 
     def _open(self, link: RelayLink, frame: Frame) -> None:
         stream_id = frame.stream_id
