@@ -1,0 +1,366 @@
+"""Gateways behind Debian's HAProxy (issue 20): three ``twistd`` Gateway processes behind
+HAProxy in ``mode tcp``, hashing on the TLS server name (``balance hash req.ssl_sni``,
+``hash-type consistent``) and sending PROXY v2 headers from 127.0.0.2, with every proxy in
+this process connecting to HAProxy from 127.0.0.1, each session under its own name
+(``s<id>.gw.test``) and a wildcard certificate.
+
+Sessions: twelve (a Proxy-Client and two Proxy-Servers each) for the sharding test, six
+for the kill and drain test, to keep the module near 30 s on two cores.  The failover list
+without a balancer is tested in test_scaling (in one process, the same code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+from typing import Any
+
+from twisted.internet import protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, readBody
+
+from tcptunnel._proxyproto import ClientAddress, build_v2
+from tcptunnel.proxyclient import ProxyClientService
+from tcptunnel.proxyserver import ProxyServerService
+from tcptunnel.test._certs import mint
+from tcptunnel.test._harness import (
+    EchoProtocol,
+    Tunnel,
+    TwistdProcess,
+    binding_port,
+    reserve_port,
+    spawn_twistd,
+    wait_until,
+)
+from tcptunnel.test.test_scaling import Echoer
+
+
+def _program(name: str) -> str | None:
+    found = shutil.which(name)
+    if found is None and os.access(f"/usr/sbin/{name}", os.X_OK):
+        found = f"/usr/sbin/{name}"
+    return found
+
+
+HAPROXY = _program("haproxy")
+
+HAPROXY_CONF = """\
+global
+  log stdout format raw local0
+defaults
+  mode tcp
+  log global
+  option redispatch
+  retries 3
+  timeout connect 2s
+  timeout client 120s
+  timeout server 120s
+  timeout check 1s
+frontend tunnel
+  bind 127.0.0.1:{port}
+  tcp-request inspect-delay 5s
+  # The condition makes HAProxy wait for the whole ClientHello before reading its name.
+  tcp-request content set-var(sess.sni) req.ssl_sni if {{ req.ssl_hello_type 1 }}
+  tcp-request content accept if {{ req.ssl_hello_type 1 }}
+  log-format "sni=%[var(sess.sni)] server=%s client=%ci:%cp"
+  default_backend gateways
+backend gateways
+  balance hash var(sess.sni)
+  hash-type consistent
+{servers}
+"""
+SERVER_LINE = ("  server g{i} 127.0.0.1:{port} source 127.0.0.2 send-proxy-v2 "
+               "check inter 500ms fall 2 rise 1\n")
+
+
+class _Haproxy(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.ended = False
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802
+        self.output += data
+
+    errReceived = outReceived  # noqa: N815
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802
+        self.ended = True
+
+
+def accepts(port: int) -> bool:
+    """Whether something accepts on 127.0.0.1:port."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Cluster:
+    """The Gateway processes, HAProxy, an echo target and the sessions' proxies."""
+
+    def __init__(self, test: TestCase, gateways: int, sessions: int) -> None:
+        self.test = test
+        self.count = gateways
+        self.session_ids = list(range(1, sessions + 1))
+        self.folder = os.path.abspath(test.mktemp())
+        self.certs = mint(os.path.join(self.folder, "certs"), hostname="*.gw.test")
+        self.ports = [reserve_port(test) for _ in range(gateways)]
+        self.status_ports = [reserve_port(test) for _ in range(gateways)]
+        self.front = reserve_port(test)
+        self.processes: list[TwistdProcess] = []
+        self.tunnel = Tunnel(test)
+        test.addCleanup(self.tunnel.close)
+        self.clients: dict[int, ProxyClientService] = {}
+        self.servers: dict[int, list[ProxyServerService]] = {}
+
+    def gateway_xml(self, i: int) -> str:
+        """Gateway i: the same sessions as all, PROXY headers from 127.0.0.2 only."""
+        sessions = "".join(
+            f'<Session id="{s}" proxyClientPassword="client-{s}-pw" '
+            f'proxyServerPassword="server-{s}-pw"/>' for s in self.session_ids)
+        return (f'<Instance type="gateway" drainTimeout="20"><Listener ip="127.0.0.1" '
+                f'port="{self.ports[i]}" certificatePemFilePath="{self.certs.cert}" '
+                f'certificatePemKeyFilePath="{self.certs.key}" '
+                f'acceptProxyProtocol="127.0.0.2/32"/>{sessions}</Instance>'
+                f'<Status listenIp="127.0.0.1" listenPort="{self.status_ports[i]}"/>')
+
+    async def start(self) -> None:
+        """Everything up, every session logged in with its partners."""
+        self.processes = [spawn_twistd(self.test, self.gateway_xml(i))
+                          for i in range(self.count)]
+        # HAProxy only once they listen: a server whose first checks fail starts DOWN, and
+        # sessions would land on the others until it rises.
+        await wait_until(lambda: all(accepts(p) for p in (*self.ports, *self.status_ports)),
+                         30, "the Gateways and their status pages to listen")
+        config = os.path.join(self.folder, "haproxy.cfg")
+        with open(config, "w", encoding="ascii") as f:
+            f.write(HAPROXY_CONF.format(port=self.front, servers="".join(
+                SERVER_LINE.format(i=i, port=port) for i, port in enumerate(self.ports))))
+        self.haproxy = _Haproxy()
+        assert HAPROXY is not None
+        process = reactor.spawnProcess(self.haproxy, HAPROXY, [HAPROXY, "-db", "-f", config],
+                                       env=dict(os.environ))
+
+        def stop() -> None:
+            if not self.haproxy.ended:
+                process.signalProcess("KILL")
+
+        self.test.addCleanup(stop)
+        await wait_until(lambda: accepts(self.front), 30, "HAProxy to listen")
+        listen: Any = reactor.listenTCP
+        self.echo = listen(0, Factory.forProtocol(EchoProtocol), interface="127.0.0.1")
+        self.test.addCleanup(self.echo.stopListening)
+        port = self.echo.getHost().port
+        for s in self.session_ids:
+            common = (f'host="127.0.0.1" port="{self.front}" useSsl="true" '
+                      f'caFile="{self.certs.ca}" serverName="s{s}.gw.test" maxRetryDelay="2"')
+            self.clients[s] = self.tunnel._start_proxy(ProxyClientService, (
+                f'<Instance type="proxy-client" {common}><Session id="{s}" '
+                f'password="client-{s}-pw"/><AllowedTargetEndpoints><Endpoint '
+                f'host="127.0.0.1" port="{port}"/></AllowedTargetEndpoints></Instance>'))
+            self.servers[s] = [self.tunnel._start_proxy(ProxyServerService, (
+                f'<Instance type="proxy-server" {common}><Session id="{s}" '
+                f'password="server-{s}-pw"><Binding listenIp="127.0.0.1" listenPort="0" '
+                f'targetHost="127.0.0.1" targetPort="{port}"/></Session></Instance>'))
+                for _ in range(2)]
+        await self.ready(self.session_ids)
+
+    def proxies(self, s: int) -> list[Any]:
+        """A session's three proxies."""
+        return [self.clients[s], *self.servers[s]]
+
+    async def ready(self, sessions: list[int], timeout: float = 30) -> None:
+        """Every proxy of these sessions is logged in and sees a partner (the Gateways'
+        and HAProxy's output in the failure)."""
+        try:
+            await wait_until(lambda: all(p.partner_available for s in sessions
+                                         for p in self.proxies(s)), timeout,
+                             f"the proxies of sessions {sessions} to log in with partners")
+        except AssertionError as e:
+            logs = "\n".join(f"--- Gateway {i}:\n{p.log()[-3000:]}"
+                              for i, p in enumerate(self.processes))
+            raise AssertionError(f"{e}\n{logs}\n--- HAProxy:\n"
+                                 f"{self.haproxy.output.decode(errors='replace')[-2000:]}"
+                                 ) from None
+
+    async def status(self, i: int) -> dict[str, Any]:
+        """Gateway i's /status document."""
+        agent = Agent(reactor)
+        response = await agent.request(
+            b"GET", f"http://127.0.0.1:{self.status_ports[i]}/status".encode())
+        document: dict[str, Any] = json.loads(await readBody(response))
+        return document
+
+    async def owners(self, alive: list[int]) -> dict[int, list[int]]:
+        """Per Gateway index, the sessions its /status shows with links."""
+        found: dict[int, list[int]] = {}
+        for i in alive:
+            instance = next(x for x in (await self.status(i))["instances"]
+                            if x["role"] == "gateway")
+            found[i] = sorted(s["id"] for s in instance["sessions"] if s["peers"])
+        return found
+
+    async def echo_through(self, server: ProxyServerService, text: bytes = b"hello") -> Echoer:
+        """A connection through the server's Binding with its first echo."""
+        echoer = Echoer()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", binding_port(server)).connect(
+            Factory.forProtocol(lambda: echoer))
+        assert echoer.transport is not None
+        echoer.transport.write(text)
+        await wait_until(lambda: echoer.received == text or echoer.ended is not None, 10,
+                         "an echo")
+        return echoer
+
+    async def works(self, s: int) -> bool:
+        """One echo through each Proxy-Server of session s."""
+        for server in self.servers[s]:
+            echoer = await self.echo_through(server)
+            ok = echoer.received == b"hello"
+            echoer.transport.loseConnection()  # type: ignore[union-attr]
+            if not ok:
+                return False
+        return True
+
+
+class HaproxyShardingTests(TestCase):
+    """Sessions sharded by SNI over three Gateway processes."""
+
+    if HAPROXY is None:
+        skip = ("haproxy is not installed (Debian: apt-get install haproxy): could not run "
+                "the tests with a real balancer")
+
+    timeout = 60
+
+    async def test_sessions_spread_and_addresses(self) -> None:
+        """Twelve sessions all work; they spread over all three Gateways, each session
+        whole on one; each /status names only its own sessions, with the proxies' own
+        addresses (127.0.0.1, from the PROXY header), as the logs do; a header from an
+        untrusted address and a missing one from HAProxy's address are refused."""
+        cluster = Cluster(self, gateways=3, sessions=12)
+        await cluster.start()
+        for s in cluster.session_ids:
+            self.assertTrue(await cluster.works(s), f"session {s}")
+        owners = await cluster.owners([0, 1, 2])
+        self.assertTrue(all(owners[i] for i in range(3)), owners)
+        self.assertEqual(sorted(s for sessions in owners.values() for s in sessions),
+                         cluster.session_ids)  # each session on exactly one Gateway
+        local = {s: {f"127.0.0.1:{p.link.transport.getHost().port}" for p in cluster.proxies(s)}
+                 for s in cluster.session_ids}
+        for i in range(3):
+            instance = next(x for x in (await cluster.status(i))["instances"]
+                            if x["role"] == "gateway")
+            for session in instance["sessions"]:
+                if session["peers"]:
+                    self.assertEqual((session["proxy_client"], session["proxy_servers"]),
+                                     (True, 2))
+                    self.assertEqual({p["address"] for p in session["peers"]},
+                                     local[session["id"]])
+            log = cluster.processes[i].log()
+            for s in owners[i]:
+                for address in local[s]:
+                    self.assertIn(f"Link {address}: authenticated for session {s}", log)
+            # HAProxy's own health checks (a v2 LOCAL header) keep its address; no login does.
+            self.assertNotRegex(log, r"Link 127\.0\.0\.2:\d+: authenticated")
+
+        # A PROXY header from 127.0.0.1 (not in acceptProxyProtocol), straight to Gateway 0.
+        header = build_v2(ClientAddress.from_hosts("192.0.2.1", 1, "127.0.0.1", 2))
+        closed: list[bool] = []
+
+        class Send(Protocol):
+            def __init__(self, data: bytes) -> None:
+                self.data = data
+
+            def connectionMade(self) -> None:  # noqa: N802
+                self.transport.write(self.data)  # type: ignore[union-attr]
+
+            def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+                closed.append(True)
+
+        async def refused(data: bytes, source: str, line: str) -> None:
+            # Lines about unauthenticated peers share a budget (10/s, burst 50) that the
+            # logins and HAProxy's checks have drawn on: a dropped line is not a failure,
+            # so refuse again until the line is seen (each try a real refusal).
+            deadline = reactor.seconds() + 15
+            while line not in cluster.processes[0].log():
+                self.assertLess(reactor.seconds(), deadline, f"no log line {line!r}")
+                before = len(closed)
+                await TCP4ClientEndpoint(reactor, "127.0.0.1", cluster.ports[0],
+                                         bindAddress=(source, 0)).connect(
+                    Factory.forProtocol(lambda: Send(data)))
+                await wait_until(lambda before=before: len(closed) > before, 10,  # type: ignore[misc]
+                                 f"the refusal ({line})")
+                await cluster.status(0)  # a round trip to the Gateway: its log is written
+
+        await refused(header, "127.0.0.1", "connection from 127.0.0.1:")
+        self.assertIn("it sent a PROXY header, but its address is not in the Listener's "
+                      "acceptProxyProtocol", cluster.processes[0].log())
+        # No header from 127.0.0.2, HAProxy's address: a TLS ClientHello's first bytes.
+        await refused(b"\x16\x03\x01\x00\xa0\x01", "127.0.0.2",
+                      "connection from 127.0.0.2:")
+        self.assertIn("no PROXY header (acceptProxyProtocol requires one from this address)",
+                      cluster.processes[0].log())
+
+    async def test_kill_and_drain(self) -> None:
+        """kill -9 one Gateway: its sessions work again through another within 35 s, and a
+        running stream of a session on another Gateway is not reset.  Then SIGUSR2 another:
+        its idle sessions move at once, its running stream keeps working and ends
+        cleanly, and then its session moves too."""
+        cluster = Cluster(self, gateways=3, sessions=6)
+        await cluster.start()
+        owners = await cluster.owners([0, 1, 2])
+        victim = max(owners, key=lambda i: len(owners[i]))
+        others = [i for i in range(3) if i != victim and owners[i]]
+        self.assertTrue(others, f"{owners}\n{cluster.haproxy.output.decode()[-3000:]}")
+        # A running stream in every session not on the victim.
+        running = {s: await cluster.echo_through(cluster.servers[s][0])
+                   for i in others for s in owners[i]}
+        killed_at = reactor.seconds()
+        cluster.processes[victim].transport.signalProcess("KILL")  # type: ignore[union-attr]
+        moved = owners[victim]
+        await cluster.processes[victim].ended
+        await cluster.ready(moved, timeout=35)
+        for s in moved:
+            self.assertTrue(await cluster.works(s), f"session {s} after the kill")
+        self.assertLess(reactor.seconds() - killed_at, 35)
+        for s, echoer in running.items():
+            self.assertIsNone(echoer.ended, f"session {s}'s stream was cut")
+            echoer.transport.write(b"!")  # type: ignore[union-attr]
+        await wait_until(lambda: all(e.received == b"hello!" for e in running.values()), 10,
+                         "the running streams to echo after the kill")
+        for echoer in running.values():
+            echoer.transport.loseConnection()  # type: ignore[union-attr]
+        alive = [i for i in range(3) if i != victim]
+        owners = await cluster.owners(alive)
+
+        # Drain the Gateway with most sessions; keep one stream running in one of them.
+        drained = max(alive, key=lambda i: len(owners[i]))
+        (remaining,) = [i for i in alive if i != drained]
+        busy, *idle = owners[drained]
+        stream = await cluster.echo_through(cluster.servers[busy][0])
+        lost_before = {s: cluster.clients[s].stats["links_lost",] for s in owners[drained]}
+        cluster.processes[drained].transport.signalProcess(signal.SIGUSR2)  # type: ignore[union-attr]
+        started = reactor.seconds()
+        await wait_until(lambda: all(cluster.clients[s].stats["links_lost",] > lost_before[s]
+                                     for s in idle), 10, "the idle sessions to leave")
+        await cluster.ready(idle, timeout=10)
+        self.assertLess(reactor.seconds() - started, 8)
+        self.assertEqual(cluster.clients[busy].stats["links_lost",], lost_before[busy])
+        stream.transport.write(b" again")  # type: ignore[union-attr]
+        await wait_until(lambda: stream.received == b"hello again", 10,
+                         "the running stream to echo while draining")
+        stream.transport.loseConnection()  # type: ignore[union-attr]
+        await wait_until(lambda: stream.ended is not None, 10, "the stream's end")
+        self.assertEqual(stream.ended, "ConnectionDone")
+        await wait_until(lambda: cluster.clients[busy].stats["links_lost",] > lost_before[busy],
+                         10, "the busy session to leave once its stream ended")
+        await cluster.ready([busy, *idle], timeout=15)
+        self.assertEqual((await cluster.owners([remaining]))[remaining],
+                         sorted(cluster.session_ids))
+        for s in cluster.session_ids:
+            self.assertTrue(await cluster.works(s), f"session {s} after the drain")
+        self.assertIn("Draining: no new logins", cluster.processes[drained].log())
+
+
