@@ -102,10 +102,11 @@ class SealedStream(MuxStream, StreamEndpoint):
         """Half-close: the END record, then FIN (a FIN alone would read as truncation)."""
         if self.finished or self.cipher.sealer.ended:
             return
-        end = self.cipher.sealer.seal_end()
-        super().write(end)
-        self.bytes_out -= len(end)
-        super().loseWriteConnection()
+        # END and FIN queued together, then one flush: one write to the link, not two.
+        core = self.mux.core
+        core.send_data(self.stream_id, self.cipher.sealer.seal_end())
+        core.end_stream(self.stream_id)
+        self.mux.flush()
 
     # -- receiving: open records, credit whole records once their plaintext is taken ----
 
