@@ -1,0 +1,246 @@
+"""An adversary's review of the Gateway's relay core and login (issue 14).
+
+Each test proves one way a hostile peer still breaks a bound ``docs/security.md`` documents
+(or a rule of the guide), and fails until it is fixed; the docstring names the attack.  The
+Gateway runs over StringTransport and a Clock, or the pure relay core is driven directly.
+"""
+
+from __future__ import annotations
+
+import time
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from tcptunnel import _frames as fr
+from tcptunnel._frames import Frame, FrameType, GoAway, Reason
+from tcptunnel._relay import RelayCore, RelayLimits, RelayLink
+from tcptunnel.auth import ProxyAuth
+from tcptunnel.gateway import Gateway, GatewayLink
+from tcptunnel.test.test_gateway import gateway_config
+
+# An OPEN field tag the Gateway does not know and need not understand (not critical).
+UNKNOWN_FIELD = 0x30
+
+
+def wire(frame: bytes) -> Frame:
+    """The one frame ``frame`` encodes, as the relay receives it."""
+    (decoded,) = fr.FrameDecoder(expect_magic=False).feed(frame)
+    return decoded
+
+
+def tcp_open(stream_id: int, window: int = 65536, padding: int = 0) -> bytes:
+    """An OPEN for 127.0.0.1:7 with ``padding`` bytes of an unknown field."""
+    fields = fr.target_fields("127.0.0.1", 7)
+    if padding:
+        fields.append((UNKNOWN_FIELD, b"x" * padding))
+    return fr.encode(FrameType.OPEN, stream_id, fr.open_payload(window, 0, fr.KIND_TCP, fields))
+
+
+class GatewayHarness(SynchronousTestCase):
+    """A Gateway over StringTransport and a Clock, with proxies logged in by hand."""
+
+    extra = 'loginTimeout="5"'
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.gateway = Gateway(gateway_config(self.extra), self.clock)
+
+    def connect(self, host: str = "192.0.2.1") -> tuple[GatewayLink, StringTransport]:
+        link = GatewayLink(self.gateway)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 4000))
+        link.makeConnection(transport)
+        return link, transport
+
+    @staticmethod
+    def frames(transport: StringTransport) -> list[fr.Frame]:
+        return fr.FrameDecoder().feed(transport.value())
+
+    def logged_in(self, role: int, password: str, host: str = "192.0.2.1",
+                  session: int = 1) -> tuple[GatewayLink, StringTransport]:
+        """A link logged in as ``role`` of ``session``; its transport cleared."""
+        link, transport = self.connect(host)
+        auth = ProxyAuth(session, role, password)
+        link.dataReceived(fr.build_hello() + fr.build_auth_start(role, session, auth.start()))
+        challenge = [f for f in self.frames(transport) if f.type == FrameType.AUTH_CHALLENGE]
+        link.dataReceived(fr.build_auth_message(FrameType.AUTH_PROOF,
+                                                auth.proof(challenge[0].payload.decode())))
+        result = [f for f in self.frames(transport) if f.type == FrameType.AUTH_RESULT]
+        self.assertTrue(fr.parse_auth_result(result[0].payload)[0])
+        transport.clear()
+        return link, transport
+
+    def pair(self) -> tuple[GatewayLink, StringTransport, GatewayLink, StringTransport]:
+        client, client_t = self.logged_in(fr.ROLE_PROXY_CLIENT, "pc")
+        server, server_t = self.logged_in(fr.ROLE_PROXY_SERVER, "ps", host="192.0.2.2")
+        client_t.clear()
+        server_t.clear()
+        return client, client_t, server, server_t
+
+    @staticmethod
+    def goaways(transport: StringTransport) -> list[GoAway]:
+        frames = fr.FrameDecoder(expect_magic=False).feed(transport.value())
+        return [fr.parse_goaway(f.payload)[0] for f in frames if f.type == FrameType.GOAWAY]
+
+
+class VictimControlFrameTests(GatewayHarness):
+    """Control frames one link provokes on another link, within one read."""
+
+    def test_proxy_server_cannot_close_a_reading_proxy_client(self) -> None:
+        """A Proxy-Server's one write of 600 OPEN+RESET pairs (26 KiB) must not close the
+        session's Proxy-Client, which reads everything, for TOO_SLOW."""
+        client, client_t, server, _server_t = self.pair()
+        attack = b"".join(tcp_open(i) + fr.build_reset(i, Reason.CANCELLED)
+                          for i in range(1, 1201, 2))
+        self.assertLess(len(attack), 32 * 1024)
+        server.dataReceived(attack)
+        self.assertEqual(self.goaways(client_t), [])
+        self.assertFalse(client_t.disconnecting)
+        self.assertIs(self.gateway.sessions[1].client, client.core)
+
+
+class ClosedLinkMemoryTests(GatewayHarness):
+    """What a link that closes (not through the relay) still costs."""
+
+    extra = ('loginTimeout="5" maxQueuedBytesPerLink="1048576" '
+             'maxQueuedBytesPerSession="2097152" maxQueuedBytes="4194304"')
+
+    def fill(self, client: GatewayLink, server: GatewayLink, first: int) -> int:
+        """Queue padded OPENs toward the paused Proxy-Client up to just under its bound."""
+        stream_id = first
+        while client.core.queued_bytes + 61_000 < 1_048_576:
+            server.dataReceived(tcp_open(stream_id, padding=60_000))
+            stream_id += 2
+        return stream_id
+
+    def test_a_proxy_client_closing_itself_drops_its_queue(self) -> None:
+        """A Proxy-Client that does not read, has ~1 MiB (its bound) of padded OPENs queued
+        and then sends GOAWAY: the Gateway must not move that queue into the socket's buffer
+        (unaccounted, held 10 s); a new Proxy-Client repeating it would hold the session's and
+        the Gateway's bounds many times over."""
+        server, server_t = self.logged_in(fr.ROLE_PROXY_SERVER, "ps", host="192.0.2.2")
+        held: list[StringTransport] = []
+        stream_id = 1
+        for _ in range(6):
+            client, client_t = self.logged_in(fr.ROLE_PROXY_CLIENT, "pc")
+            client.pauseProducing()  # its socket buffer is full: it does not read
+            stream_id = self.fill(client, server, stream_id)
+            server_t.clear()
+            self.assertLessEqual(self.gateway.relay.total.queued, 1_048_576 + 65_545)
+            client.dataReceived(fr.build_goaway(GoAway.NORMAL, "bye"))
+            held.append(client_t)
+        # The grace before the abort has not passed: every byte written is still held.
+        in_buffers = sum(len(t.value()) for t in held if not t.disconnected)
+        self.assertLessEqual(in_buffers, self.gateway.limits.max_queued_bytes_per_session,
+                             f"{in_buffers} bytes held in the buffers of closed links")
+
+    def test_a_proxy_client_protocol_error_drops_its_queue(self) -> None:
+        """The same with a PROTOCOL_ERROR (an OPEN from the Proxy-Client) instead of GOAWAY:
+        at most the GOAWAY is written after the link is closed."""
+        server, _server_t = self.logged_in(fr.ROLE_PROXY_SERVER, "ps", host="192.0.2.2")
+        client, client_t = self.logged_in(fr.ROLE_PROXY_CLIENT, "pc")
+        client.pauseProducing()
+        self.fill(client, server, 1)
+        client.dataReceived(tcp_open(2))
+        self.assertEqual(self.gateway.relay.total.queued, 0)
+        self.assertLess(len(client_t.value()), 4096,
+                        "the queue of a closed link was written into its socket buffer")
+
+
+class CoalescedCreditTests(SynchronousTestCase):
+    """Window credit coalesced toward a link that does not read."""
+
+    def test_coalesced_window_update_stays_within_protocol(self) -> None:
+        """A Proxy-Server that sends DATA but does not read while its Proxy-Client keeps
+        granting: the coalesced WINDOW_UPDATE toward it must stay within 1..2^31-1 and
+        ``data_to_send`` must not raise (it raised struct.error past 2^32-1)."""
+        relay = RelayCore([1], RelayLimits())
+        client, server = relay.new_link(), relay.new_link()
+        for link, role in ((client, fr.ROLE_PROXY_CLIENT), (server, fr.ROLE_PROXY_SERVER)):
+            link.mark_ready()
+            relay.attach(link, 1, role)
+            link.data_to_send()
+        relay.stream_frame(server, Frame(FrameType.OPEN, 0, 1,
+                                         fr.open_payload(65536, 0, fr.KIND_TCP,
+                                                         fr.target_fields("h", 7))))
+        relay.stream_frame(client, wire(fr.build_open_result(1, Reason.OK, fr.MAX_WINDOW)))
+        client.data_to_send()
+        chunk = b"d" * 65536
+        data = Frame(FrameType.DATA, 0, 1, chunk)
+        route = server.routes[1]
+        sent = 0
+        while sent <= 2**32:
+            # The Proxy-Server spends the credit; the Proxy-Client grants it back at once.
+            for _ in range(256):
+                relay.stream_frame(server, data)
+            sent += 256 * len(chunk)
+            while client.wants_to_send:  # the Proxy-Client reads everything
+                client.data_to_send()
+            relay.stream_frame(client, wire(fr.build_window_update(1, 256 * len(chunk))))
+            self.assertIn(1, server.routes, "the stream was reset")
+        self.assertEqual(route.to_client.credit, fr.MAX_WINDOW)
+        try:
+            frames = fr.FrameDecoder(expect_magic=False).feed(b"".join(server.data_to_send()))
+        except Exception as e:  # the failure this test proves
+            self.fail(f"data_to_send raised {e!r}")
+        increments = [int.from_bytes(f.payload, "big") for f in frames
+                      if f.type == FrameType.WINDOW_UPDATE]
+        self.assertTrue(increments)
+        for increment in increments:
+            self.assertLessEqual(increment, fr.MAX_WINDOW)
+        self.assertGreater(sum(increments), 2**32)  # every byte of credit is passed on
+
+
+class CostAsymmetryTests(SynchronousTestCase):
+    """Work the Gateway does per byte an attacker sends."""
+
+    # maxStreamsPerLink may be configured up to 1,000,000: the cost per OPEN must not grow
+    # with it.
+    CAPACITY = 16384
+
+    def relay_with_routes(self, routes: int) -> tuple[RelayCore, RelayLink, int]:
+        """A session with two Proxy-Servers; the first holds ``routes`` open streams (of the
+        Proxy-Client's ``CAPACITY``), the second is returned with its next stream id."""
+        relay = RelayCore([1], RelayLimits(max_streams_per_link=self.CAPACITY))
+        client, first, second = relay.new_link(), relay.new_link(), relay.new_link()
+        for link, role in ((client, fr.ROLE_PROXY_CLIENT), (first, fr.ROLE_PROXY_SERVER),
+                           (second, fr.ROLE_PROXY_SERVER)):
+            link.mark_ready()
+            relay.attach(link, 1, role)
+        payload = fr.open_payload(65536, 0, fr.KIND_TCP, fr.target_fields("h", 7))
+        for i in range(routes):
+            relay.stream_frame(first, Frame(FrameType.OPEN, 0, 2 * i + 1, payload))
+            client.data_to_send()
+        return relay, second, 1
+
+    def time_opens(self, routes: int, count: int = 2000) -> float:
+        """Seconds for the second Proxy-Server's ``count`` OPEN+RESET pairs."""
+        relay, second, _ = self.relay_with_routes(routes)
+        payload = fr.open_payload(65536, 0, fr.KIND_TCP, fr.target_fields("h", 7))
+        client = relay.sessions[1].client
+        assert client is not None
+        reset = bytes([Reason.CANCELLED])
+        best = float("inf")
+        stream_id = 1
+        for _ in range(3):
+            started = time.perf_counter()
+            for _ in range(count):
+                relay.stream_frame(second, Frame(FrameType.OPEN, 0, stream_id, payload))
+                relay.stream_frame(second, Frame(FrameType.RESET, 0, stream_id, reset))
+                stream_id += 2
+                if client.queued_control_frames > 512:
+                    client.data_to_send()
+                    second.data_to_send()
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    def test_open_cost_does_not_grow_with_the_streams_of_others(self) -> None:
+        """An OPEN (30 bytes) from the second of two Proxy-Servers costs about the same
+        whether the first holds 10 or 8,000 of the Proxy-Client link's streams: the fair-share
+        check must not count every route of the Proxy-Client link per OPEN (a scan made it
+        about 30 times dearer; held since 05575b8)."""
+        few = self.time_opens(10)
+        many = self.time_opens(8000)
+        self.assertLess(many, 4 * few, f"{few:.3f} s with 10 streams, {many:.3f} s with 8000")
