@@ -101,6 +101,27 @@ class VictimControlFrameTests(GatewayHarness):
         self.assertIs(self.gateway.sessions[1].client, client.core)
 
 
+    def test_unasked_bytes_toward_a_paused_proxy_client_are_the_senders(self) -> None:
+        """A Proxy-Server sends 1,024 OPENs padded with unknown fields to 64 KiB, each with
+        its 16 KiB of early data, while the Proxy-Client's socket is momentarily full: 80 MiB
+        the Proxy-Client never granted.  The Proxy-Server must be refused or closed, not the
+        Proxy-Client (GOAWAY TOO_SLOW), which would reset every stream of the session."""
+        client, client_t, server, server_t = self.pair()
+        client.pauseProducing()
+        padding = fr.MAX_PAYLOAD - len(fr.open_payload(
+            65536, 0, fr.KIND_TCP, fr.target_fields("127.0.0.1", 7))) - 3
+        early = b"e" * fr.EARLY_WINDOW
+        for first in range(1, 2049, 32):
+            server.dataReceived(b"".join(
+                tcp_open(i, padding=padding) + fr.encode(FrameType.DATA, i, early)
+                for i in range(first, first + 32, 2)))
+            server_t.clear()
+            if client.core.detached:
+                break
+        self.assertEqual(self.goaways(client_t), [])
+        self.assertIs(self.gateway.sessions[1].client, client.core)
+
+
 class ClosedLinkMemoryTests(GatewayHarness):
     """What a link that closes (not through the relay) still costs."""
 
