@@ -114,5 +114,19 @@ bench-hops: $(STAMP)
 	  else sudo apt-get install -y strace linux-perf; fi; fi
 	$(PY) bench/hops.py --json bench/out/hops.json
 
+# Total throughput of 8 sessions over 2 Gateway processes behind HAProxy against 1 Gateway,
+# direct and behind HAProxy, round-robin in one run (issue 20, docs/scaling.md; ~1 minute).
+.PHONY: bench-scaleout
+bench-scaleout: $(STAMP)
+	@for tool in haproxy iperf3; do command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || \
+	  missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing || \
+	     (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing)) >/dev/null; \
+	    systemctl disable --now haproxy >/dev/null 2>&1 || true; \
+	  else sudo apt-get install -y $$missing; fi; fi
+	$(PY) bench/scaleout.py --json bench/out/scaleout.json
+
 clean:
 	rm -rf $(VENV) _trial_temp* .trial-output.txt twisted/plugins/dropin.cache .mypy_cache .ruff_cache .hypothesis *.egg-info
