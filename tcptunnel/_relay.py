@@ -145,6 +145,10 @@ class RelayLink(LinkCore):
         else:
             self._updates[stream_id] += increment
 
+    def has_queued(self, stream_id: int) -> bool:
+        """Whether stream frames for ``stream_id`` wait to be sent."""
+        return stream_id in self._queues
+
     def drop_stream(self, stream_id: int) -> None:
         """Forget what waits for a stream that ended abruptly."""
         queue = self._queues.pop(stream_id, None)
@@ -414,11 +418,18 @@ class RelayCore:
             other, other_id = ((route.client, route.client_stream) if link is route.server
                                else (route.server, route.server_stream))
             other.routes.pop(other_id, None)
-            other.drop_stream(other_id)
             link.drop_stream(route.server_stream if link is route.server else route.client_stream)
             self.stats["streams_reset", reason.name] += 1
             if not route.open and other is route.server:
+                other.drop_stream(other_id)
                 self._send(other, fr.build_open_result(other_id, Reason.NO_PARTNER, 0, message))
+            elif other.has_queued(other_id):
+                # What the lost link sent before it went (its last DATA, a FIN) is already
+                # queued toward ``other``: it is delivered, then the RESET (a truncated
+                # direction still ends in a reset, never a clean EOF).
+                other.forward(other_id, FrameType.RESET, 0,
+                              fr.build_reset(other_id, reason, message)[fr.HEADER_SIZE:])
+                self._dirty[other] = None
             else:
                 self._send(other, fr.build_reset(other_id, reason, message))
 

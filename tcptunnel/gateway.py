@@ -26,6 +26,7 @@ from tcptunnel._frames import GoAway, LinkError, Reason
 from tcptunnel._link import (
     AuthProofReceived,
     AuthStartReceived,
+    GoAwayReceived,
     LinkState,
 )
 from tcptunnel._relay import (
@@ -268,10 +269,6 @@ class GatewayLink(LinkProtocol):
 
     # -- events -------------------------------------------------------------
 
-    def handle_go_away(self, event: Any) -> None:
-        """The proxy closes the link: stop routing to it now."""
-        self.gateway.relay.detach(self.core, Reason.LINK_LOST,
-                                  f"the {self.core.role_name} link was closed by its proxy")
 
     def handle_events(self, events: list[object]) -> None:
         """One dispatch per batch: stream frames to the relay, login events to the login
@@ -285,6 +282,11 @@ class GatewayLink(LinkProtocol):
                     break
                 if type(event) is StreamFrameReceived:
                     relay.stream_frame(core, event.frame)
+                elif isinstance(event, GoAwayReceived):
+                    # In its place among the frames of the read: what the proxy sent before
+                    # its GOAWAY (the last DATA, a FIN, RESET SHUTDOWN) is routed first.
+                    relay.detach(core, Reason.LINK_LOST,
+                                 f"the {core.role_name} link was closed by its proxy")
                 elif isinstance(event, AuthStartReceived):
                     self._auth_start(event)
                 elif isinstance(event, AuthProofReceived):
