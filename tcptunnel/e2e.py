@@ -216,6 +216,10 @@ class EndToEnd:
     def stop(self) -> None:
         """The proxy stops: cancel timers."""
 
+    def status(self) -> dict[str, Any]:
+        """The ``end_to_end`` part of the proxy's /status (no secrets, no keys)."""
+        return {"enabled": False}
+
     def hold(self, connection: Any, retry: Callable[[], None]) -> bool:
         """Whether a new local connection must wait (unread) for the handshake in progress;
         then ``retry`` is called once it ends (at most :data:`tcptunnel._e2e.PAKE_DEADLINE`
@@ -317,6 +321,13 @@ class ServerEndToEnd(EndToEnd):
     def stop(self) -> None:
         """Cancel the timer."""
         self._cancel_timer()
+
+    def status(self) -> dict[str, Any]:
+        """Where the pairing stands: state, its public id, why there is none."""
+        pairing = self.pairing.pairing
+        return {"enabled": True, "state": self.pairing.state.value,
+                "pairing": pairing.pairing_id.hex() if pairing is not None else None,
+                "failure": self.pairing.failure, "held_connections": len(self._held)}
 
     def hold(self, connection: Any, retry: Callable[[], None]) -> bool:
         """Hold a local connection while the handshake runs (bounded: past MAX_HELD the
@@ -542,6 +553,13 @@ class ClientEndToEnd(EndToEnd):
                                            self.budget)
             self.pairings[link] = pairings
         return pairings
+
+    def status(self) -> dict[str, Any]:
+        """Whether end-to-end encryption is required, and the pairings of the link."""
+        link = self.service.link
+        pairings = self.pairings.get(link) if link is not None else None
+        return {"enabled": self.password is not None,
+                "pairings": len(pairings) if pairings is not None else 0}
 
     def link_lost(self, link: ProxyLink) -> None:
         """Every pairing of the link is gone with it."""

@@ -157,6 +157,8 @@ def _proxy_snapshot(child: ProxyService, now: float) -> dict[str, Any]:
              "type": b.type}
             for b, port in zip(child.config.bindings, bindings, strict=False)]
     entry["udp"] = _udp_status(child)
+    # End-to-end encryption (issue 16): off, or the pairing's state (tcptunnel.e2e).
+    entry["end_to_end"] = child.e2e.status() if child.e2e is not None else {"enabled": False}
     return entry
 
 

@@ -442,6 +442,28 @@ class EndToEndTunnelTests(TestCase):
         got = await self.echo_round(binding_port(server), payload)
         self.assertEqual(hashlib.sha256(got).digest(), hashlib.sha256(payload).digest())
 
+    async def test_status_shows_the_pairing(self) -> None:
+        """/status of each proxy says end-to-end is on, the Proxy-Server's pairing state and
+        public id; never the password."""
+        import json
+
+        from tcptunnel.status import _proxy_snapshot
+
+        echo = await listen(self, EchoProtocol)
+        client = self.client()
+        server = self.server(echo)
+        await self.tunnel.ready(client, server)
+        await self.paired(server)
+        assert isinstance(server.e2e, ServerEndToEnd) and server.e2e.pairing.pairing
+        ours = _proxy_snapshot(server, 0.0)["end_to_end"]
+        self.assertEqual(ours, {"enabled": True, "state": "paired", "failure": None,
+                                "pairing": server.e2e.pairing.pairing.pairing_id.hex(),
+                                "held_connections": 0})
+        await wait_until(lambda: _proxy_snapshot(client, 0.0)["end_to_end"] == {
+            "enabled": True, "pairings": 1}, 10, "the client's pairing in /status")
+        for proxy in (client, server):
+            self.assertNotIn(E2E_PASSWORD, json.dumps(_proxy_snapshot(proxy, 0.0)))
+
     async def test_concurrent_sealed_streams(self) -> None:
         """Nine 2 MB echo streams at once arrive back exact: the last records of a stream
         delivered in the same read as the FIN that closed it are not lost (found by the
