@@ -344,3 +344,23 @@ class EndToEndTests(TestCase):
         await peer.closed
         factory = next(iter(gateway._proxy_headers.values()))
         self.assertEqual(factory.refused, 1)
+
+
+class TwistedCanaryTests(SynchronousTestCase):
+    """The parts of twisted.protocols.haproxy that tcptunnel.proxyheader relies on (private
+    modules: a Twisted upgrade that moves them fails here, by name, first)."""
+
+    def test_names(self) -> None:
+        """The wrapper's state attributes, the parsers' signatures and their feed()."""
+        from twisted.protocols.haproxy._v1parser import V1Parser
+        from twisted.protocols.haproxy._v2parser import V2Parser
+        from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
+
+        factory: Any = ProxyHeaderFactory(Factory.forProtocol(Recorder), (), Clock(), "t")
+        wrapper = HAProxyProtocolWrapper(factory, Recorder())
+        self.assertIsNone(wrapper._proxyInfo)
+        self.assertIsNone(wrapper._parser)
+        self.assertEqual(V1Parser.PROXYSTR, b"PROXY")
+        self.assertEqual(len(V2Parser.PREFIX), 12)
+        info, rest = V1Parser().feed(build_v1(CLAIMED) + b"x")
+        self.assertEqual((info.source.host, rest), ("192.0.2.7", b"x"))  # type: ignore[union-attr]

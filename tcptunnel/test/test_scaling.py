@@ -187,3 +187,27 @@ class GatewayListConfigTests(SynchronousTestCase):
         """GOAWAY DRAINING is 13, after BUSY."""
         self.assertEqual(int(fr.GoAway.DRAINING), 13)
         self.assertEqual(fr.GoAway.parse(13), fr.GoAway.DRAINING)
+
+
+class SigUsr2Tests(SynchronousTestCase):
+    """What SIGUSR2 reaches: TunnelService.drain."""
+
+    def test_drains_gateways_only(self) -> None:
+        """Every Gateway instance of the process drains; a proxy instance is untouched."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tcptunnel.gateway import GatewayService
+        from tcptunnel.proxy import ProxyService
+        from tcptunnel.tap import TunnelService
+
+        xml = (f'<Settings xmlns="{NAMESPACE}"><Instance type="gateway">'
+               '<Listener ip="127.0.0.1" port="0"/><Session id="1" '
+               'proxyClientPassword="aaaaaaaaaaaa" proxyServerPassword="bbbbbbbbbbbb"/>'
+               '</Instance><Instance type="proxy-client" host="127.0.0.1" port="9">'
+               '<Session id="1" password="aaaaaaaaaaaa"/></Instance></Settings>')
+        tunnel = TunnelService(parse_settings(xml.encode(), "/tmp/x.xml"),
+                               MemoryReactorClock())
+        tunnel.drain()
+        gateways = [c for c in tunnel if isinstance(c, GatewayService)]
+        self.assertEqual([g.gateway.draining for g in gateways], [True])
+        self.assertTrue(any(isinstance(c, ProxyService) for c in tunnel))
