@@ -21,8 +21,8 @@ from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tcptunnel._websocket import (
