@@ -307,7 +307,8 @@ class HaproxyShardingTests(TestCase):
         """kill -9 one Gateway: its sessions work again through another within 35 s, and a
         running stream of a session on another Gateway is not reset.  Then SIGUSR2 another:
         its idle sessions move at once, its running stream keeps working and ends
-        cleanly, and then its session moves too."""
+        cleanly, and then its session moves too.  Restarting the killed one in between moves
+        no session a second time."""
         cluster = Cluster(self, gateways=3, sessions=6)
         await cluster.start()
         owners = await cluster.owners([0, 1, 2])
@@ -335,6 +336,18 @@ class HaproxyShardingTests(TestCase):
         alive = [i for i in range(3) if i != victim]
         owners = await cluster.owners(alive)
 
+        # Restart the killed Gateway on its port: once HAProxy has it up again, no session
+        # moves a second time (links stay where they are; only new connections hash to it).
+        lost = {s: sum(p.stats["links_lost",] for p in cluster.proxies(s))
+                for s in cluster.session_ids}
+        cluster.processes[victim] = spawn_twistd(self, cluster.gateway_xml(victim))
+        up = f"Server gateways/g{victim} is UP"
+        await wait_until(lambda: up in cluster.haproxy.output.decode(errors="replace"), 20,
+                         "HAProxy to see the restarted Gateway up")
+        self.assertEqual((await cluster.owners([victim]))[victim], [])
+        self.assertEqual({s: sum(p.stats["links_lost",] for p in cluster.proxies(s))
+                          for s in cluster.session_ids}, lost)
+
         # Drain the Gateway with most sessions; keep one stream running in one of them.
         drained = max(alive, key=lambda i: len(owners[i]))
         (remaining,) = [i for i in alive if i != drained]
@@ -357,8 +370,9 @@ class HaproxyShardingTests(TestCase):
         await wait_until(lambda: cluster.clients[busy].stats["links_lost",] > lost_before[busy],
                          10, "the busy session to leave once its stream ended")
         await cluster.ready([busy, *idle], timeout=15)
-        self.assertEqual((await cluster.owners([remaining]))[remaining],
-                         sorted(cluster.session_ids))
+        after = await cluster.owners([remaining, victim])
+        self.assertEqual(sorted(after[remaining] + after[victim]), cluster.session_ids)
+        self.assertEqual((await cluster.owners([drained]))[drained], [])
         for s in cluster.session_ids:
             self.assertTrue(await cluster.works(s), f"session {s} after the drain")
         self.assertIn("Draining: no new logins", cluster.processes[drained].log())
