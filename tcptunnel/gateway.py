@@ -716,4 +716,6 @@ class GatewayService(service.Service):
         """Close every link (GOAWAY), then stop listening."""
         super().stopService()
         self.gateway.close_all()
+        for headers in self._proxy_headers.values():
+            headers.abort_waiting()  # connections whose PROXY header has not come yet
         return self.listeners.stop()

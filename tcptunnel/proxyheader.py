@@ -111,6 +111,18 @@ class ProxyHeaderProtocol(HAProxyProtocolWrapper):
         factory.pending += 1
         self._deadline = factory.clock.callLater(factory.timeout, self._timed_out)
 
+    @property
+    def waiting(self) -> bool:
+        """Whether this connection is still waiting for its header."""
+        return self._mode == "header"
+
+    def abort(self) -> None:
+        """Close at once, unheard (the Listener is stopping)."""
+        self._mode = "refused"
+        self._stop_waiting()
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
     def _connect(self) -> None:
         self._connected = True
         self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
@@ -230,3 +242,10 @@ class ProxyHeaderFactory(HAProxyWrappingFactory):
         self.log_allowed = log_allowed
         self.pending = 0  # trusted connections still waiting for their header
         self.refused = 0  # connections closed for a missing, unwanted or invalid header
+
+    def abort_waiting(self) -> None:
+        """Abort the connections still waiting for their header (the Listener stops: they
+        have no link yet that the Gateway could close)."""
+        for wrapper in list(self.protocols):
+            if isinstance(wrapper, ProxyHeaderProtocol) and wrapper.waiting:
+                wrapper.abort()

@@ -364,3 +364,21 @@ class TwistedCanaryTests(SynchronousTestCase):
         self.assertEqual(len(V2Parser.PREFIX), 12)
         info, rest = V1Parser().feed(build_v1(CLAIMED) + b"x")
         self.assertEqual((info.source.host, rest), ("192.0.2.7", b"x"))  # type: ignore[union-attr]
+
+
+class StopTests(SynchronousTestCase):
+    """A Listener that stops."""
+
+    def test_waiting_aborted(self) -> None:
+        """abort_waiting closes the connections still waiting for a header, and only them."""
+        wrapper, _, transport, factory, clock, _ = connect()
+        other: Any = factory.buildProtocol(IPv4Address("TCP", "192.0.2.50", 1))
+        other_transport = _Transport(peerAddress=IPv4Address("TCP", "192.0.2.50", 1))
+        other.makeConnection(other_transport)  # untrusted: connected at once, not waiting
+        self.assertTrue(wrapper.waiting)
+        self.assertFalse(other.waiting)
+        factory.abort_waiting()
+        self.assertTrue(transport.aborted)
+        self.assertEqual(factory.pending, 0)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertFalse(other_transport.aborted)
