@@ -8,6 +8,7 @@ Gateway runs over StringTransport and a Clock, or the pure relay core is driven 
 from __future__ import annotations
 
 import time
+import tracemalloc
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -129,28 +130,36 @@ class ClosedLinkMemoryTests(GatewayHarness):
              'maxQueuedBytesPerSession="2097152" maxQueuedBytes="4194304"')
 
     def fill(self, client: GatewayLink, server: GatewayLink, first: int) -> int:
-        """Queue padded OPENs toward the paused Proxy-Client up to just under its bound."""
+        """Queue OPENs (padded to 3 KB, under any cap on forwarded OPENs) and RESETs with a
+        1 KB message toward the paused Proxy-Client, up to just under its bound (at most 400
+        rounds: the Gateway may refuse OPENs sooner); at least half of it must be queued."""
         stream_id = first
-        while client.core.queued_bytes + 61_000 < 1_048_576:
-            server.dataReceived(tcp_open(stream_id, padding=60_000))
+        message = "m" * 1000
+        for _ in range(400):
+            if client.core.queued_bytes + 5000 >= 1_048_576:
+                break
+            server.dataReceived(tcp_open(stream_id, padding=3000)
+                                + fr.build_reset(stream_id, Reason.CANCELLED, message))
             stream_id += 2
+        self.assertGreater(client.core.queued_bytes, 512 * 1024)
         return stream_id
 
     def test_a_proxy_client_closing_itself_drops_its_queue(self) -> None:
-        """A Proxy-Client that does not read, has ~1 MiB (its bound) of padded OPENs queued
-        and then sends GOAWAY: the Gateway must not move that queue into the socket's buffer
-        (unaccounted, held 10 s); a new Proxy-Client repeating it would hold the session's and
-        the Gateway's bounds many times over."""
-        server, server_t = self.logged_in(fr.ROLE_PROXY_SERVER, "ps", host="192.0.2.2")
+        """A Proxy-Client that does not read, has ~1 MiB (its bound) of OPENs and RESETs
+        queued and then sends GOAWAY: the Gateway must not move that queue into the socket's
+        buffer (unaccounted, held 10 s); a new Proxy-Client repeating it (with a fresh
+        Proxy-Server each round) would hold the session's and the Gateway's bounds many times
+        over."""
         held: list[StringTransport] = []
-        stream_id = 1
-        for _ in range(6):
+        for round_ in range(6):
             client, client_t = self.logged_in(fr.ROLE_PROXY_CLIENT, "pc")
             client.pauseProducing()  # its socket buffer is full: it does not read
-            stream_id = self.fill(client, server, stream_id)
-            server_t.clear()
+            server, _server_t = self.logged_in(fr.ROLE_PROXY_SERVER, "ps",
+                                               host=f"192.0.2.{10 + round_}")
+            self.fill(client, server, 1)
             self.assertLessEqual(self.gateway.relay.total.queued, 1_048_576 + 65_545)
             client.dataReceived(fr.build_goaway(GoAway.NORMAL, "bye"))
+            server.dataReceived(fr.build_goaway(GoAway.NORMAL, "bye"))
             held.append(client_t)
         # The grace before the abort has not passed: every byte written is still held.
         in_buffers = sum(len(t.value()) for t in held if not t.disconnected)
@@ -212,6 +221,41 @@ class CoalescedCreditTests(SynchronousTestCase):
         for increment in increments:
             self.assertLessEqual(increment, fr.MAX_WINDOW)
         self.assertGreater(sum(increments), 2**32)  # every byte of credit is passed on
+
+
+class SmallFrameMemoryTests(SynchronousTestCase):
+    """What a queued byte costs in memory, not on the wire."""
+
+    def test_one_byte_data_frames_cost_what_they_are_charged(self) -> None:
+        """A Proxy-Server sends 300,000 one-byte DATA frames (3 MB on the wire) toward a
+        Proxy-Client that granted 2^31-1 and does not read: the memory the Gateway holds for
+        them must be within twice what is charged to the link's bound (it was 9.3 times: a
+        9-byte header and a 1-byte payload are two bytes objects of 42 and 34 bytes plus
+        deque slots, so the 64 MiB per link / 1 GiB in all bounds held ~590 MiB / ~9 GiB)."""
+        relay = RelayCore([1], RelayLimits())
+        client, server = relay.new_link(), relay.new_link()
+        for link, role in ((client, fr.ROLE_PROXY_CLIENT), (server, fr.ROLE_PROXY_SERVER)):
+            link.mark_ready()
+            relay.attach(link, 1, role)
+            link.data_to_send()
+        relay.stream_frame(server, wire(fr.encode(FrameType.OPEN, 1, fr.open_payload(
+            65536, 0, fr.KIND_TCP, fr.target_fields("h", 7)))))
+        relay.stream_frame(client, wire(fr.build_open_result(1, Reason.OK, fr.MAX_WINDOW)))
+        client.data_to_send()
+        read = b"".join(fr.encode(FrameType.DATA, 1, b"x") for _ in range(6000))
+        decoder = fr.FrameDecoder(expect_magic=False)
+        charged_before = client.queued_bytes
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(50):  # 50 reads of 6,000 frames, as the adapter decodes them
+            for frame in decoder.feed(read):
+                relay.stream_frame(server, frame)
+        held = tracemalloc.get_traced_memory()[0] - before
+        charged = client.queued_bytes - charged_before
+        self.assertEqual(charged, 300_000 * (fr.HEADER_SIZE + 1))
+        self.assertLessEqual(held, 2 * charged,
+                             f"{held} bytes of memory for {charged} bytes charged")
 
 
 class CostAsymmetryTests(SynchronousTestCase):
