@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import tracemalloc
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -177,6 +177,28 @@ class ClosedLinkMemoryTests(GatewayHarness):
         self.assertEqual(self.gateway.relay.total.queued, 0)
         self.assertLess(len(client_t.value()), 4096,
                         "the queue of a closed link was written into its socket buffer")
+
+
+class SlotTests(GatewayHarness):
+    """Unauthenticated slots against one IPv6 subscriber."""
+
+    def test_one_ipv6_56_cannot_take_every_unauthenticated_slot(self) -> None:
+        """Eight /64s of one /56 (what an ISP gives one home, RIPE-690) open 32 idle links
+        each: the 256 slots of the whole Gateway.  A proxy from elsewhere must still be able
+        to log in (the per-address cap exists "so that one address cannot refuse every other
+        login"); it was told GOAWAY BUSY for the next 10 s, and again at every round."""
+        for subnet in range(8):
+            for host in range(32):
+                link = GatewayLink(self.gateway)
+                link.makeConnection(StringTransport(peerAddress=IPv6Address(
+                    "TCP", f"2001:db8:0:{subnet:x}::{host + 1:x}", 4000)))
+        link, transport = self.connect("198.51.100.7")
+        self.assertNotIn(GoAway.BUSY, self.goaways_with_magic(transport))
+        self.assertFalse(transport.disconnecting)
+
+    def goaways_with_magic(self, transport: StringTransport) -> list[GoAway]:
+        return [fr.parse_goaway(f.payload)[0] for f in self.frames(transport)
+                if f.type == FrameType.GOAWAY]
 
 
 class CoalescedCreditTests(SynchronousTestCase):
