@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tcptunnel import _frames as fr
 from tcptunnel._frames import Frame, FrameType, GoAway, Reason
 from tcptunnel._relay import RelayCore, RelayLimits, RelayLink
-from tcptunnel.auth import ProxyAuth
+from tcptunnel.auth import GatewayAuth, ProxyAuth, make_auth_info
 from tcptunnel.gateway import Gateway, GatewayLink
 from tcptunnel.test.test_gateway import gateway_config
 
@@ -199,6 +199,33 @@ class SlotTests(GatewayHarness):
     def goaways_with_magic(self, transport: StringTransport) -> list[GoAway]:
         return [fr.parse_goaway(f.payload)[0] for f in self.frames(transport)
                 if f.type == FrameType.GOAWAY]
+
+
+class ChallengeTimingTests(SynchronousTestCase):
+    """Whether the time to the AUTH_CHALLENGE tells configured sessions from others."""
+
+    @staticmethod
+    def challenge_time(known: bool, count: int = 2000) -> float:
+        """Best of five: seconds for ``count`` AUTH_START -> AUTH_CHALLENGE at the Gateway."""
+        info = make_auth_info("pw")
+        first = ProxyAuth(1, 0, "pw").start()
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(count):
+                GatewayAuth(info if known else None, "1:0", b"s" * 32).challenge(first)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    def test_unknown_session_challenge_takes_as_long_as_a_known_one(self) -> None:
+        """The challenge, answered at once whatever the throttle says (so probes are cheap and
+        many), must take the same time for an unknown session as for a configured one (the
+        decoy's two HMACs and 64 random bytes made it ~50% slower: ~8 us, resolvable with
+        enough samples on a LAN, which tells which session ids exist)."""
+        known = self.challenge_time(True)
+        unknown = self.challenge_time(False)
+        self.assertLess(abs(unknown - known) / known, 0.2,
+                        f"known {known * 500:.1f} us, unknown {unknown * 500:.1f} us a login")
 
 
 class CoalescedCreditTests(SynchronousTestCase):
