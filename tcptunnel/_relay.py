@@ -31,6 +31,13 @@ from tcptunnel._stream import Direction, StreamEvent, StreamState, advance
 
 ROLE_NAMES = {fr.ROLE_PROXY_CLIENT: "proxy-client", fr.ROLE_PROXY_SERVER: "proxy-server"}
 _WINDOW_UPDATE_SIZE = fr.HEADER_SIZE + 4
+# What a queued stream frame costs beyond its wire size: its header and payload are two
+# bytes objects (33 bytes of object each) and two deque slots; tracemalloc measured 92 bytes
+# for a 1-byte DATA frame charged 10, so one-byte frames held 9x what the bounds allowed.
+FRAME_COST = 84
+# The largest OPEN payload the Gateway forwards (fields included): a target, a client
+# address and a sealed end-to-end OPEN fit many times over.
+MAX_FORWARDED_OPEN = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,11 @@ class RelayLink(LinkCore):
         self._control_bytes = 0
         self._queues: dict[int, deque[bytes]] = {}
         self._updates: dict[int, int] = {}
+        # Times its control queue was handed to the transport; and, on a Proxy-Server link,
+        # the OPENs it sent since the Proxy-Client's queue was last drained (epoch, count).
+        self.drains = 0
+        # (toward which Proxy-Client link, its drains then, OPENs since).
+        self.opens_undrained: tuple[RelayLink | None, int, int] = (None, 0, 0)
         self.adapter: object = None  # the Twisted protocol driving this core (opaque here)
 
     @property
@@ -133,17 +145,23 @@ class RelayLink(LinkCore):
             queue = self._queues[stream_id] = deque()
         queue.append(fr.encode_header(frame_type, flags, stream_id, len(payload)))
         queue.append(payload)
-        self._charge(len(payload) + fr.HEADER_SIZE)
+        self._charge(len(payload) + fr.HEADER_SIZE + FRAME_COST)
         self._mark_ready_stream(stream_id)
 
     def add_credit(self, stream_id: int, increment: int) -> None:
-        """Pass window credit on; increments for one stream leave as one WINDOW_UPDATE (the
-        sum never exceeds 2^31-1: the relay checked each direction's total)."""
-        if stream_id not in self._updates:
+        """Pass window credit on; increments for one stream leave as one WINDOW_UPDATE while
+        their sum fits one (1..2^31-1: credit is spent meanwhile, so the sum of increments
+        can pass what one frame carries); a sum that would not fit goes out as it is and a
+        new one starts."""
+        pending = self._updates.get(stream_id)
+        if pending is None:
             self._updates[stream_id] = increment
             self._charge(_WINDOW_UPDATE_SIZE)
+        elif pending + increment > fr.MAX_WINDOW:
+            self.queue_control(fr.build_window_update(stream_id, pending))
+            self._updates[stream_id] = increment
         else:
-            self._updates[stream_id] += increment
+            self._updates[stream_id] = pending + increment
 
     def has_queued(self, stream_id: int) -> bool:
         """Whether stream frames for ``stream_id`` wait to be sent."""
@@ -153,7 +171,7 @@ class RelayLink(LinkCore):
         """Forget what waits for a stream that ended abruptly."""
         queue = self._queues.pop(stream_id, None)
         if queue is not None:
-            self._charge(-sum(map(len, queue)))
+            self._charge(-sum(map(len, queue)) - FRAME_COST * (len(queue) // 2))
         if self._updates.pop(stream_id, None) is not None:
             self._charge(-_WINDOW_UPDATE_SIZE)
         self._ready.pop(stream_id, None)
@@ -166,9 +184,12 @@ class RelayLink(LinkCore):
             self.drop_stream(stream_id)
 
     def drop_control(self) -> None:
-        """Forget the control frames not yet sent (a link the relay closes: nothing it was
-        still owed matters once its streams are reset; only its GOAWAY is sent)."""
+        """Forget the control frames not yet sent (a link that is closing: nothing it was
+        still owed matters once its streams are reset; only its GOAWAY is sent, after the
+        magic and HELLO if even those were not)."""
+        hello = [frame for frame in self._control if frame.startswith(fr.MAGIC)]
         self._control.clear()
+        self._control.extend(hello)
         self._charge(-self._control_bytes)
         self._control_bytes = 0
 
@@ -194,6 +215,8 @@ class RelayLink(LinkCore):
         if self._control_bytes:
             self._charge(-self._control_bytes)
             self._control_bytes = 0
+        if self._control:
+            self.drains += 1
         return super().data_to_send(limit)
 
     @property
@@ -210,7 +233,7 @@ class RelayLink(LinkCore):
         out.append(header)
         out.append(payload)
         size = len(header) + len(payload)
-        self._charge(-size)
+        self._charge(-size - FRAME_COST)
         if not queue:
             del self._queues[stream_id]
             return size, False
@@ -359,6 +382,7 @@ class RelayCore:
         self._dirty.pop(link, None)
         self._reset_routes(link, reason, message)
         link.drop_all()
+        link.drop_control()
         # What is left (a GOAWAY, an AUTH_RESULT, a few control frames) is small and goes
         # with the socket; it no longer counts against any budget, so nothing a link that
         # is gone once queued can hold the session's or the Gateway's budget.
@@ -382,7 +406,6 @@ class RelayCore:
         if link.detached:
             return
         self.detach(link, Reason.LINK_LOST, f"the {link.role_name} link was closed ({message})")
-        link.drop_control()
         link.go_away(code, message)
         self._failed.append((link, code, message))
 
@@ -451,6 +474,27 @@ class RelayCore:
         except StreamError as e:
             self._reset_route(route, e.reason, e.message)
 
+    def _open_allowance_refusal(self, session: Session, server: RelayLink,
+                                client: RelayLink) -> str | None:
+        """Why ``server`` may not send one more OPEN toward a Proxy-Client that has not yet
+        taken its earlier ones, or None.
+
+        Each OPEN (and the RESET that may follow it) queues control frames toward the
+        Proxy-Client that the Proxy-Client never asked for; a Proxy-Server must not be able
+        to fill that queue past the Proxy-Client's bound and so close it (and every other
+        Proxy-Server's streams).  So each Proxy-Server may have at most its part of that
+        bound in OPENs toward the Proxy-Client between two drains of its queue.
+        """
+        allowance = max(8, self.limits.max_control_frames // (4 * max(1, len(session.servers))))
+        toward, epoch, count = server.opens_undrained
+        if toward is not client or epoch != client.drains:
+            count = 0
+        if count >= allowance:
+            return (f"the Proxy-Client has not yet taken this Proxy-Server's last {count} "
+                    "OPENs; retry")
+        server.opens_undrained = (client, client.drains, count + 1)
+        return None
+
     def _fair_share_refusal(self, session: Session, server: RelayLink,
                             client: RelayLink) -> str | None:
         """Why ``server`` may not open one more stream on the Proxy-Client link, or None.
@@ -497,8 +541,16 @@ class RelayCore:
             return
         client = session.client
         refusal: tuple[Reason, str] | None = None
-        if client is None:
+        if len(frame.payload) > MAX_FORWARDED_OPEN:
+            # Forwarded unread: what a Proxy-Server may make the Gateway queue toward its
+            # Proxy-Client without the Proxy-Client asking stays small (OPENs and early data
+            # of at most maxStreamsPerLink streams: about 20 MiB by default).
+            refusal = Reason.LIMIT, (f"an OPEN of {len(frame.payload)} bytes; the Gateway "
+                                     f"forwards at most {MAX_FORWARDED_OPEN}")
+        elif client is None:
             refusal = Reason.NO_PARTNER, "the session has no Proxy-Client"
+        elif (why := self._open_allowance_refusal(session, link, client)) is not None:
+            refusal = Reason.LIMIT, why
         elif len(link.routes) >= self.limits.max_streams_per_link:
             refusal = Reason.LIMIT, f"this link has {len(link.routes)} streams (limit)"
         elif (why := self._fair_share_refusal(session, link, client)) is not None:
@@ -608,6 +660,18 @@ class RelayCore:
 
     # -- bounds -------------------------------------------------------------
 
+    def check_unsent(self, link: RelayLink) -> None:
+        """After ``link`` was written to as far as its transport took: too many control
+        frames left unsent means its peer does not read (TOO_SLOW).  Judged only here, not
+        while a read is being handled: one read of another link may queue hundreds of
+        frames toward a link that reads everything (one 26 KiB write of OPEN+RESET pairs
+        once closed a session's Proxy-Client)."""
+        if not link.detached and link.queued_control_frames > self.limits.max_control_frames:
+            self.stats["limits_hit", "queued_control_frames"] += 1
+            self.fail(link, GoAway.TOO_SLOW,
+                      f"the peer does not read ({link.queued_control_frames} control frames "
+                      "unsent)")
+
     def _check(self, link: RelayLink) -> None:
         """Keep the memory bounds after something was queued toward ``link``."""
         limits = self.limits
@@ -618,11 +682,6 @@ class RelayCore:
             self.fail(link, GoAway.TOO_SLOW,
                       f"the peer does not read what it asked for ({link.queued_bytes} bytes "
                       f"queued, limit {limits.max_queued_bytes_per_link})")
-        elif link.queued_control_frames > limits.max_control_frames:
-            self.stats["limits_hit", "queued_control_frames"] += 1
-            self.fail(link, GoAway.TOO_SLOW,
-                      f"the peer does not read ({link.queued_control_frames} control frames "
-                      "unsent)")
         session = link.session
         if session is not None and session.budget.queued > limits.max_queued_bytes_per_session:
             self.stats["limits_hit", "queued_bytes_per_session"] += 1

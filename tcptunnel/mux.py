@@ -68,6 +68,7 @@ class LinkProtocol(Protocol):
         self._abort_call: interfaces.IDelayedCall | None = None
         self._pinged_for = -1.0  # last_received value of the idle period we pinged in
         self.close_reason = "connection lost"
+        self._peer_went_away = False
         self.peer_description = "?"
         self.tls_description = ""
         # The index of the <Instance> this link belongs to, set by the role's subclass: every
@@ -103,6 +104,7 @@ class LinkProtocol(Protocol):
                     self.rtt = self.clock.seconds() - sent
             elif isinstance(event, GoAwayReceived):
                 self.close_reason = f"peer sent GOAWAY {event.code.name}: {event.message}"
+                self._peer_went_away = True
                 self.handle_go_away(event)
         self.handle_events(events)
         if self.core.state is LinkState.CLOSED:
@@ -175,7 +177,10 @@ class LinkProtocol(Protocol):
         """
         if self._closing:
             return
-        self.close_reason = f"{code.name}: {message}"
+        if not self._peer_went_away:
+            # A peer that sent GOAWAY (in the same read as the frame that broke a rule) is
+            # closing anyway and is owed no answer: its reason stays the link's.
+            self.close_reason = f"{code.name}: {message}"
         if self.log_allowed():
             # A normal close (shutdown) is news, not a problem.
             emit = self.log.info if code is GoAway.NORMAL else self.log.warn

@@ -326,9 +326,22 @@ class LoginThrottle:
         return sum(self.sizes().values())
 
 
+def _slot_groups(host: str, per_address: int) -> list[tuple[str, int]]:
+    """The groups a link from ``host`` counts in, with each one's cap: its address group
+    and, for IPv6, also its /56 (what an ISP gives one home) and /48 (one site) at twice and
+    four times the cap, so that one customer's many /64s cannot hold every slot."""
+    group = address_group(host)
+    if not group.endswith("/64"):
+        return [(group, per_address)]
+    prefix = int(ipaddress.IPv6Network(group).network_address)
+    return [(group, per_address),
+            (str(ipaddress.IPv6Network((prefix >> 72 << 72, 56))), 2 * per_address),
+            (str(ipaddress.IPv6Network((prefix >> 80 << 80, 48))), 4 * per_address)]
+
+
 class UnauthenticatedSlots:
     """Links still logging in: at most ``total`` at once, and at most ``per_address`` from
-    one address group (:func:`address_group`).
+    one address group (:func:`address_group`; for IPv6 also 2 x per /56 and 4 x per /48).
 
     Both limits may be changed on the instance (a configuration reload); slots already taken
     stay taken.  A slot can be kept after its link closed until a given time (``hold_until``
@@ -344,7 +357,7 @@ class UnauthenticatedSlots:
         self.per_address = per_address
         self._active: dict[str, int] = {}  # group -> slots of open links
         self._held: dict[str, int] = {}  # group -> slots kept after their link closed
-        self._holds: list[tuple[float, int, str]] = []  # heap of (until, order, group)
+        self._holds: list[tuple[float, int, str]] = []  # heap of (until, order, host)
         self._order = 0
         self._count = 0
 
@@ -356,10 +369,12 @@ class UnauthenticatedSlots:
             self.expire(now)
         if self._count >= self.total:
             return f"{self.total} unauthenticated links"
-        group = address_group(host)
-        if self._active.get(group, 0) + self._held.get(group, 0) >= self.per_address:
-            return f"{self.per_address} unauthenticated links from {group}"
-        self._active[group] = self._active.get(group, 0) + 1
+        groups = _slot_groups(host, self.per_address)
+        for group, cap in groups:
+            if self._active.get(group, 0) + self._held.get(group, 0) >= cap:
+                return f"{cap} unauthenticated links from {group}"
+        for group, _cap in groups:
+            self._active[group] = self._active.get(group, 0) + 1
         self._count += 1
         return None
 
@@ -370,18 +385,20 @@ class UnauthenticatedSlots:
         counts never go negative."""
         if now is not None:
             self.expire(now)
-        group = address_group(host)
-        active = self._active.get(group, 0)
-        if active == 0:
+        groups = [group for group, _cap in _slot_groups(host, self.per_address)]
+        if self._active.get(groups[0], 0) == 0:
             return
-        if active == 1:
-            del self._active[group]
-        else:
-            self._active[group] = active - 1
+        for group in groups:
+            active = self._active[group]
+            if active == 1:
+                del self._active[group]
+            else:
+                self._active[group] = active - 1
         if hold_until is not None and now is not None and hold_until > now:
-            self._held[group] = self._held.get(group, 0) + 1
+            for group in groups:
+                self._held[group] = self._held.get(group, 0) + 1
             self._order += 1
-            heapq.heappush(self._holds, (hold_until, self._order, group))
+            heapq.heappush(self._holds, (hold_until, self._order, host))
             return
         self._count -= 1
 
@@ -389,12 +406,13 @@ class UnauthenticatedSlots:
         """Free the held slots whose time has come."""
         holds = self._holds
         while holds and holds[0][0] <= now:
-            _, _, group = heapq.heappop(holds)
-            held = self._held[group]
-            if held == 1:
-                del self._held[group]
-            else:
-                self._held[group] = held - 1
+            _, _, host = heapq.heappop(holds)
+            for group, _cap in _slot_groups(host, self.per_address):
+                held = self._held[group]
+                if held == 1:
+                    del self._held[group]
+                else:
+                    self._held[group] = held - 1
             self._count -= 1
 
     def next_expiry(self) -> float | None:

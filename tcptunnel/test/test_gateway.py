@@ -20,6 +20,7 @@ from zope.interface import directlyProvides
 
 from tcptunnel import _frames as fr
 from tcptunnel._frames import FrameType, GoAway, Reason
+from tcptunnel._relay import FRAME_COST
 from tcptunnel.auth import ProxyAuth, format_verifier, make_auth_info
 from tcptunnel.config import GatewayConfig, parse_settings
 from tcptunnel.gateway import Gateway, GatewayLink, GatewayService
@@ -513,9 +514,9 @@ class GatewayNetworkTests(TestCase):
                                                                 source)))
         await wait_until(lambda: bool(stalled.of_type(FrameType.OPEN_RESULT)), what="open")
         self.assertLess(sum(len(f.payload) for f in stalled.of_type(FrameType.DATA)), 256 * 1024)
-        # The grant plus one 9-byte header per DATA frame (frames carry 1 KiB or more) and
-        # a few control frames.
-        bound = window + window // 1024 * fr.HEADER_SIZE + 4096
+        # The grant plus, per DATA frame (frames carry 1 KiB or more), its 9-byte header and
+        # the queue's per-frame object cost, and a few control frames.
+        bound = window + window // 1024 * (fr.HEADER_SIZE + FRAME_COST) + 4096
         samples: list[int] = []
 
         def sample() -> None:
@@ -531,7 +532,8 @@ class GatewayNetworkTests(TestCase):
             during = samples[stalled_at:]
         finally:
             sampler.stop()
-        self.assertGreater(len(during), 5, "too few samples during the healthy transfer")
+        # A 3 MB echo can take only tens of milliseconds: a few samples are all there are.
+        self.assertGreater(len(during), 1, "too few samples during the healthy transfer")
         self.assertLessEqual(max(samples), bound, f"{max(samples)} bytes queued, "
                              f"grant {window}")
         self.assertGreaterEqual(min(during), window // 2, "the stall ended during the echo")

@@ -529,16 +529,20 @@ class RelayUnitTests(SynchronousTestCase):
         self.assertEqual(self.relay.failed[-1][:2], (server, GoAway.TOO_SLOW))
 
     def test_failed_link_releases_its_control_frames(self) -> None:
-        """A Proxy-Client failed TOO_SLOW for the OPENs queued toward it (forwarded whole: a
-        Proxy-Server may pad each to 64 KiB with fields) stops costing them at once: what it
+        """A Proxy-Client failed TOO_SLOW for the OPENs queued toward it (forwarded whole, with
+        fields of up to the 4 KiB the Gateway forwards) stops costing them at once: what it
         still holds is its GOAWAY, not the bound's worth of OPENs, uncounted by any budget,
-        that the adapter would hand to its transport for the second before the abort."""
-        limit = 1_000_000
+        that the adapter would hand to its transport for the second before the abort; an OPEN
+        padded past 4 KiB is refused, not forwarded."""
+        limit = 70_000
         self.relay = Relay(RelayLimits(max_queued_bytes_per_link=limit,
                                        max_streams_per_link=100))
         client, server = self.pair()
-        padding = ((0x40, b"p" * 65_000),)
-        for stream_id in range(1, 40, 2):
+        self.relay.feed(server, open_frame(1, fields=((0x40, b"p" * 65_000),)))
+        (refused,) = self.relay.read_all(server)
+        self.assertEqual(fr.parse_open_result(refused.payload)[0], Reason.LIMIT)
+        padding = ((0x40, b"p" * 3_900),)
+        for stream_id in range(3, 80, 2):
             self.relay.feed(server, open_frame(stream_id, fields=padding))
         self.assertEqual(self.relay.failed[-1][:2], (client, GoAway.TOO_SLOW))
         goaway = fr.build_goaway(GoAway.TOO_SLOW, self.relay.failed[-1][2])
