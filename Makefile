@@ -23,8 +23,10 @@ $(PY):
 
 $(STAMP): $(PY) setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
-	# compat mode puts this folder on sys.path, so twistd finds twisted/plugins here.
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
+	# twistd finds twisted/plugins/tcptunnel_plugin.py through this folder on sys.path: a .pth
+	# file of ours puts it there (setuptools' 'compat' editable mode did, and is going away).
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -c "import site, sys; open(site.getsitepackages()[0] + '/tcptunnel-checkout.pth', 'w').write(sys.argv[1] + '\\n')" "$(CURDIR)"
 	@touch $@
 
 venv: $(STAMP)
@@ -89,7 +91,7 @@ bench: $(STAMP)
 	    (apt-get install -y -q openssh-server openssh-client socat iperf3 || \
 	     (apt-get update -q && apt-get install -y -q openssh-server openssh-client socat iperf3)) >/dev/null; \
 	  else sudo apt-get install -y openssh-server openssh-client socat iperf3; fi; fi
-	$(PY) -m pip install -q -c constraints.txt -e '.[bench]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) bench/mux_bench.py --json bench-mux.json >/dev/null && echo "mux micro-benchmark: bench-mux.json"
 	@# .opt-2.pyc files for the PYTHONOPTIMIZE=2 run, as the install instructions make them
 	$(PY) -OO -m compileall -q $(VENV)/lib tcptunnel twisted/plugins >/dev/null || true
