@@ -759,6 +759,13 @@ class HostileRelay(RuleBasedStateMachine):
         assert session is not None
         client = session.client
         used = Counter(route.server for route in client.routes.values()) if client else None
+        # OPENs this Proxy-Server sent since the Proxy-Client last took its control frames,
+        # and how many the relay allows it (a refusal beyond that is right too).
+        toward, epoch, count = server.opens_undrained
+        undrained = count if client is not None and toward is client and (
+            epoch == client.drains) else 0
+        allowance = max(8, MACHINE_LIMITS.max_control_frames
+                        // (4 * max(1, len(session.servers))))
         stats = self.relay.core.stats
         key = ("streams_refused", session.id, Reason.LIMIT.name)
         before = stats[key]
@@ -769,8 +776,8 @@ class HostileRelay(RuleBasedStateMachine):
             capacity = MACHINE_LIMITS.max_streams_per_link
             share = capacity // max(1, len(session.servers))
             assert (len(server.routes) >= capacity or len(client.routes) >= capacity
-                    or used[server] >= share), (len(server.routes), len(client.routes),
-                                                used[server], share)
+                    or used[server] >= share or undrained >= allowance), (
+                len(server.routes), len(client.routes), used[server], share, undrained)
 
     @precondition(lambda self: bool(self.routed()))
     @rule(data=st.data(), window=good_windows, reason=reasons)
