@@ -417,25 +417,30 @@ class RealClientTests(TestCase):
     async def _dnsmasq(self) -> int:
         """A dnsmasq on 127.0.0.1 answering test.example with 192.0.2.7; its port."""
         dnsmasq = need("dnsmasq")
-        holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        holder.bind(("127.0.0.1", 0))
-        dns_port = holder.getsockname()[1]
-        holder.close()
-        process = _Child()
-        transport = reactor.spawnProcess(
-            process, dnsmasq,
-            [dnsmasq, "--keep-in-foreground", "--no-daemon", f"--port={dns_port}",
-             "--no-resolv", "--no-hosts", "--address=/test.example/192.0.2.7",
-             "--bind-interfaces", "--listen-address=127.0.0.1", "--user=" + _user(),
-             "--pid-file", "--log-facility=-"], env=os.environ)
-        self.addCleanup(process.stop, transport)
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(probe.close)
-        await wait_until(lambda: process.ended or _dns_answers(probe, dns_port), 10,
-                         "dnsmasq to answer")
-        if process.ended:
-            self.fail(f"dnsmasq did not start: {process.output.decode(errors='replace')}")
-        return int(dns_port)
+        output = ""
+        # dnsmasq takes the port for TCP too, and a UDP port found free may be taken on TCP
+        # (or by another test) by the time it binds: a few ports are tried.
+        for _attempt in range(3):
+            holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            holder.bind(("127.0.0.1", 0))
+            dns_port = holder.getsockname()[1]
+            holder.close()
+            process = _Child()
+            transport = reactor.spawnProcess(
+                process, dnsmasq,
+                [dnsmasq, "--keep-in-foreground", "--no-daemon", f"--port={dns_port}",
+                 "--no-resolv", "--no-hosts", "--address=/test.example/192.0.2.7",
+                 "--bind-interfaces", "--listen-address=127.0.0.1", "--user=" + _user(),
+                 "--pid-file", "--log-facility=-"], env=os.environ)
+            self.addCleanup(process.stop, transport)
+            await wait_until(lambda: process.ended or _dns_answers(probe, dns_port),  # noqa: B023
+                             10, "dnsmasq to answer")
+            if not process.ended:
+                return int(dns_port)
+            output = process.output.decode(errors="replace")
+        self.fail(f"dnsmasq did not start on three ports: {output}")
 
     async def test_dig_through_the_tunnel(self) -> None:
         """dig asks the tunnel's UDP Binding three times and gets dnsmasq's answer for
