@@ -92,7 +92,39 @@ class _Handshake(Protocol):
         self.factory.handshake_failed = Failure(OutboundProxyFailedError(string=self.error))
 
 
-class ProxiedClientFactory(ClientFactory):
+class WrappingClientFactory:
+    """What a client factory that runs a handshake layer over ``wrapped`` passes on: the
+    connector's callbacks, a handshake that failed (``handshake_failed``) reported to
+    ``wrapped`` as a failed connection, and start/stop.  Mixed into the outbound-proxy and
+    the WebSocket client factories."""
+
+    wrapped: Any
+    handshake_failed: Failure | None
+
+    def startedConnecting(self, connector: Any) -> None:  # noqa: N802
+        """Passed on."""
+        self.wrapped.startedConnecting(connector)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:  # noqa: N802
+        """A layer that never opened is a failed connection; an open one was lost."""
+        failed, self.handshake_failed = self.handshake_failed, None
+        if failed is not None:
+            self.wrapped.clientConnectionFailed(connector, failed)
+        else:
+            self.wrapped.clientConnectionLost(connector, reason)
+
+    def doStart(self) -> None:  # noqa: N802
+        """Start the wrapped factory too."""
+        super().doStart()  # type: ignore[misc]
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:  # noqa: N802
+        """Stop the wrapped factory too."""
+        self.wrapped.doStop()
+        super().doStop()  # type: ignore[misc]
+
+
+class ProxiedClientFactory(WrappingClientFactory, ClientFactory):
     """Connects through an outbound proxy to ``host:port``, then runs ``wrapped`` inside.
 
     The connector is pointed at the outbound proxy (``proxy.host``, ``proxy.port``); the
@@ -117,30 +149,8 @@ class ProxiedClientFactory(ClientFactory):
         self.handshake_failed = None
         return _Handshake(self, addr)
 
-    def startedConnecting(self, connector: Any) -> None:  # noqa: N802
-        """Passed on."""
-        self.wrapped.startedConnecting(connector)
-
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:  # noqa: N802
         """The outbound proxy itself could not be reached: say so, and pass it on."""
         self.wrapped.clientConnectionFailed(connector, Failure(OutboundProxyFailedError(
             string=f"cannot reach the {self.kind} {self.proxy.describe()}: "
                    f"{reason.getErrorMessage()}")))
-
-    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:  # noqa: N802
-        """A tunnel that never opened is a failed connection; an open one was lost."""
-        failed, self.handshake_failed = self.handshake_failed, None
-        if failed is not None:
-            self.wrapped.clientConnectionFailed(connector, failed)
-        else:
-            self.wrapped.clientConnectionLost(connector, reason)
-
-    def doStart(self) -> None:  # noqa: N802
-        """Start the wrapped factory too."""
-        super().doStart()
-        self.wrapped.doStart()
-
-    def doStop(self) -> None:  # noqa: N802
-        """Stop the wrapped factory too."""
-        self.wrapped.doStop()
-        super().doStop()

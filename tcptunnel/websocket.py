@@ -56,6 +56,7 @@ from tcptunnel._websocket import (
     route_request,
 )
 from tcptunnel.config import format_address
+from tcptunnel.outbound import WrappingClientFactory
 
 # RFC 6455 §7.4.1: 1003, "received a type of data it cannot accept" (a text message).
 _CLOSE_UNSUPPORTED_DATA = 1003
@@ -431,7 +432,7 @@ class ProxyWebSocket(_LinkWebSocket, WebSocketClientProtocol):  # type: ignore[m
         factory.handshake_failed = Failure(WebSocketHandshakeError(string=why))
 
 
-class ProxyWebSocketFactory(WebSocketClientFactory):
+class ProxyWebSocketFactory(WrappingClientFactory, WebSocketClientFactory):
     """Wraps the proxy's link factory: the link is a WebSocket to ``url``.
 
     Passes the connector's callbacks on to ``wrapped`` (a ReconnectingClientFactory); a
@@ -459,31 +460,9 @@ class ProxyWebSocketFactory(WebSocketClientFactory):
         self.handshake_failed = None
         return super().buildProtocol(addr)
 
-    def startedConnecting(self, connector: Any) -> None:  # noqa: N802
-        """Passed on."""
-        self.wrapped.startedConnecting(connector)
-
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:  # noqa: N802
         """Passed on."""
         self.wrapped.clientConnectionFailed(connector, reason)
-
-    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:  # noqa: N802
-        """A WebSocket that never opened is a failed connection; an open one was lost."""
-        failed, self.handshake_failed = self.handshake_failed, None
-        if failed is not None:
-            self.wrapped.clientConnectionFailed(connector, failed)
-        else:
-            self.wrapped.clientConnectionLost(connector, reason)
-
-    def doStart(self) -> None:  # noqa: N802
-        """Start the wrapped factory too."""
-        super().doStart()
-        self.wrapped.doStart()
-
-    def doStop(self) -> None:  # noqa: N802
-        """Stop the wrapped factory too."""
-        self.wrapped.doStop()
-        super().doStop()
 
 
 def websocket_url(secure: bool, host: str, port: int, path: str) -> str:
