@@ -378,8 +378,9 @@ async def raw_peer(port: int) -> RawPeer:
     return peer
 
 
-class TwistdProcess(protocol.ProcessProtocol):
-    """A child twistd: collects its output and exit code."""
+class ChildProcess(protocol.ProcessProtocol):
+    """A child process (twistd, or a third-party program a test drives): collects its
+    output and exit code."""
 
     def __init__(self) -> None:
         self.output = bytearray()
@@ -397,6 +398,17 @@ class TwistdProcess(protocol.ProcessProtocol):
         self.exit_signal = reason.value.signal
         self.ended.callback(None)
 
+    def kill(self) -> defer.Deferred[None] | None:
+        """SIGKILL (cleanup) and wait for the exit."""
+        if not self.ended.called:
+            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+            return self.ended
+        return None
+
+
+class TwistdProcess(ChildProcess):
+    """A child twistd: its log, and a graceful stop."""
+
     def log(self) -> str:
         """What the process printed, without timestamps."""
         return re.sub(r"(?m)^\S+ ", "", self.output.decode(errors="replace"))
@@ -405,13 +417,6 @@ class TwistdProcess(protocol.ProcessProtocol):
         """SIGTERM."""
         if not self.ended.called:
             self.transport.signalProcess("TERM")  # type: ignore[union-attr]
-
-    def kill(self) -> defer.Deferred[None] | None:
-        """SIGKILL (cleanup) and wait for the exit."""
-        if not self.ended.called:
-            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
-            return self.ended
-        return None
 
 
 def spawn_twistd(test: TestCase, instance_xml: str, env: dict[str, str] | None = None

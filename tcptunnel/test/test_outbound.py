@@ -3,18 +3,14 @@ factory, and real tunnels through Debian's tinyproxy and microsocks."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tcptunnel._outbound import (
@@ -29,6 +25,7 @@ from tcptunnel._outbound import (
 from tcptunnel.config import ConfigError
 from tcptunnel.test._harness import (
     NS,
+    ChildProcess,
     EchoProtocol,
     Tunnel,
     binding_port,
@@ -221,22 +218,6 @@ class Socks5ClientTests(SynchronousTestCase):
             self.assertIn(needle, str(raised.exception))
 
 
-class _Daemon(ProcessProtocol):
-    """A third-party proxy run as the test's child."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: defer.Deferred[None] = defer.Deferred()
-
-    def processEnded(self, reason: Any) -> None:  # noqa: N802
-        self.ended.callback(None)
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
-        self.output += data
-
-    errReceived = outReceived  # noqa: N815
-
-
 class RealProxyTests(TestCase):
     """Links through Debian's tinyproxy (HTTP CONNECT) and microsocks (SOCKS5), over TLS: the
     Gateway's certificate is still verified against its name inside the tunnel."""
@@ -247,16 +228,10 @@ class RealProxyTests(TestCase):
         if shutil.which(argv[0]) is None and not os.path.exists(f"/usr/bin/{argv[0]}"):
             raise SkipTest(f"{argv[0]} is not installed (Debian package {argv[0]}; `make test` "
                            "installs it when run as root): this test could not run")
-        daemon = _Daemon()
-        process = reactor.spawnProcess(daemon, shutil.which(argv[0]) or f"/usr/bin/{argv[0]}",
-                                       argv, env=dict(os.environ))
-
-        def stop() -> defer.Deferred[None]:
-            with contextlib.suppress(ProcessExitedAlready):
-                process.signalProcess(signal.SIGKILL)
-            return daemon.ended
-
-        self.addCleanup(stop)
+        daemon = ChildProcess()
+        reactor.spawnProcess(daemon, shutil.which(argv[0]) or f"/usr/bin/{argv[0]}", argv,
+                             env=dict(os.environ))
+        self.addCleanup(daemon.kill)
 
     def tinyproxy(self, credentials: tuple[str, str] | None = None) -> int:
         port = reserve_port(self)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -39,6 +39,7 @@ from tcptunnel.config import ConfigError, parse_settings
 from tcptunnel.test import test_faults, test_outbound
 from tcptunnel.test._harness import (
     NS,
+    ChildProcess,
     EchoProtocol,
     Tunnel,
     binding_port,
@@ -667,21 +668,6 @@ class AlpnTests(TestCase):
         self.assertIn("404 Not Found", output)
 
 
-class _Nginx(ProcessProtocol):
-    """Debian's nginx, run in the foreground as the test's child."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: defer.Deferred[None] = defer.Deferred()
-
-    def processEnded(self, reason: Any) -> None:  # noqa: N802
-        self.ended.callback(None)
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
-        self.output += data
-
-    errReceived = outReceived  # noqa: N815
-
 
 NGINX_CONF = """\
 daemon off;
@@ -756,18 +742,10 @@ class NginxTests(TestCase):
         with open(path, "w") as f:
             f.write(NGINX_CONF.format(work=work, port=port, gateway=gateway_port,
                                       cert=certs.cert, key=certs.key))
-        nginx = _Nginx()
-        process = reactor.spawnProcess(nginx, binary,
-                                       [binary, "-p", work, "-e", "stderr", "-c", path],
-                                       env=dict(os.environ))
-
-        def stop() -> defer.Deferred[None]:
-            if nginx.ended.called:
-                return nginx.ended
-            process.signalProcess("KILL")
-            return nginx.ended
-
-        self.addCleanup(stop)
+        nginx = ChildProcess()  # Debian's nginx, in the foreground
+        reactor.spawnProcess(nginx, binary, [binary, "-p", work, "-e", "stderr", "-c", path],
+                             env=dict(os.environ))
+        self.addCleanup(nginx.kill)
         self.nginx = nginx
         return port, certs.ca
 
