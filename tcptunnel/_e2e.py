@@ -325,8 +325,9 @@ class Record:
     size: int
 
 
-class RecordSealer:
-    """The sending side of one direction of one stream: seals records in sequence."""
+class _RecordDirection:
+    """What both ends of one direction of one stream keep: its key, where its nonces and
+    associated data come from, the next sequence number, whether END passed."""
 
     def __init__(self, key: bytes, pairing_id: bytes, stream_number: int,
                  direction: Direction, sequence: int = 0) -> None:
@@ -336,6 +337,10 @@ class RecordSealer:
         self._direction = direction
         self.sequence = sequence  # of the next record
         self.ended = False
+
+
+class RecordSealer(_RecordDirection):
+    """The sending side of one direction of one stream: seals records in sequence."""
 
     def _seal_into(self, out: memoryview, offset: int, record_type: RecordType,
                    plaintext: bytes | memoryview) -> int:
@@ -396,7 +401,7 @@ class RecordSealer:
         return self.seal_data(datagram) if datagram else self.seal(RecordType.DATA, b"")
 
 
-class RecordDecoder:
+class RecordDecoder(_RecordDirection):
     """The receiving side of one direction of one stream: takes any split of the byte
     stream, returns records in order, and raises :class:`IntegrityError` for anything that
     does not authenticate at the next sequence number.
@@ -407,12 +412,7 @@ class RecordDecoder:
 
     def __init__(self, key: bytes, pairing_id: bytes, stream_number: int,
                  direction: Direction, sequence: int = 0) -> None:
-        self._aead = ChaCha20Poly1305(key)
-        self._pairing_id = pairing_id
-        self._stream = stream_number
-        self._direction = direction
-        self.sequence = sequence  # of the next record
-        self.ended = False
+        super().__init__(key, pairing_id, stream_number, direction, sequence)
         self._buffer = bytearray()
         self._failed: IntegrityError | None = None
 
