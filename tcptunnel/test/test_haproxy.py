@@ -131,25 +131,11 @@ class Cluster:
         """Everything up, every session logged in with its partners."""
         self.processes = [spawn_twistd(self.test, self.gateway_xml(i))
                           for i in range(self.count)]
-        # HAProxy only once they listen: a server whose first checks fail starts DOWN, and
-        # sessions would land on the others until it rises.
+        # The balancer only once they listen: an HAProxy server whose first checks fail
+        # starts DOWN, and sessions would land on the others until it rises.
         await wait_until(lambda: all(accepts(p) for p in (*self.ports, *self.status_ports)),
                          30, "the Gateways and their status pages to listen")
-        config = os.path.join(self.folder, "haproxy.cfg")
-        with open(config, "w", encoding="ascii") as f:
-            f.write(HAPROXY_CONF.format(port=self.front, servers="".join(
-                SERVER_LINE.format(i=i, port=port) for i, port in enumerate(self.ports))))
-        self.haproxy = _Haproxy()
-        assert HAPROXY is not None
-        process = reactor.spawnProcess(self.haproxy, HAPROXY, [HAPROXY, "-db", "-f", config],
-                                       env=dict(os.environ))
-
-        def stop() -> None:
-            if not self.haproxy.ended:
-                process.signalProcess("KILL")
-
-        self.test.addCleanup(stop)
-        await wait_until(lambda: accepts(self.front), 30, "HAProxy to listen")
+        await self.start_balancer()
         listen: Any = reactor.listenTCP
         self.echo = listen(0, Factory.forProtocol(EchoProtocol), interface="127.0.0.1")
         self.test.addCleanup(self.echo.stopListening)
@@ -168,13 +154,35 @@ class Cluster:
                 for _ in range(2)]
         await self.ready(self.session_ids)
 
+    async def start_balancer(self) -> None:
+        """HAProxy in front of the Gateways, listening on ``self.front``."""
+        config = os.path.join(self.folder, "haproxy.cfg")
+        with open(config, "w", encoding="ascii") as f:
+            f.write(HAPROXY_CONF.format(port=self.front, servers="".join(
+                SERVER_LINE.format(i=i, port=port) for i, port in enumerate(self.ports))))
+        self.haproxy = _Haproxy()
+        assert HAPROXY is not None
+        process = reactor.spawnProcess(self.haproxy, HAPROXY, [HAPROXY, "-db", "-f", config],
+                                       env=dict(os.environ))
+
+        def stop() -> None:
+            if not self.haproxy.ended:
+                process.signalProcess("KILL")
+
+        self.test.addCleanup(stop)
+        await wait_until(lambda: accepts(self.front), 30, "HAProxy to listen")
+
+    def balancer_log(self) -> str:
+        """The balancer's output, for failure messages."""
+        return self.haproxy.output.decode(errors="replace")
+
     def proxies(self, s: int) -> list[Any]:
         """A session's three proxies."""
         return [self.clients[s], *self.servers[s]]
 
     async def ready(self, sessions: list[int], timeout: float = 30) -> None:
         """Every proxy of these sessions is logged in and sees a partner (the Gateways'
-        and HAProxy's output in the failure)."""
+        and the balancer's output in the failure)."""
         try:
             await wait_until(lambda: all(p.partner_available for s in sessions
                                          for p in self.proxies(s)), timeout,
@@ -182,9 +190,8 @@ class Cluster:
         except AssertionError as e:
             logs = "\n".join(f"--- Gateway {i}:\n{p.log()[-3000:]}"
                               for i, p in enumerate(self.processes))
-            raise AssertionError(f"{e}\n{logs}\n--- HAProxy:\n"
-                                 f"{self.haproxy.output.decode(errors='replace')[-2000:]}"
-                                 ) from None
+            raise AssertionError(f"{e}\n{logs}\n--- the balancer:\n"
+                                 f"{self.balancer_log()[-2000:]}") from None
 
     async def status(self, i: int) -> dict[str, Any]:
         """Gateway i's /status document."""
@@ -224,6 +231,65 @@ class Cluster:
                 return False
         return True
 
+    async def sharded(self) -> dict[int, list[int]]:
+        """Check that every session works, each whole on exactly one Gateway, whose /status
+        names only its own sessions, with the proxies' own addresses (127.0.0.1, from the
+        PROXY header) as its log does, and no login from the balancer's 127.0.0.2 (HAProxy's
+        health checks, a v2 LOCAL header, keep it).  Returns the owners."""
+        test = self.test
+        for s in self.session_ids:
+            test.assertTrue(await self.works(s), f"session {s}")
+        everyone = list(range(self.count))
+        owners = await self.owners(everyone)
+        test.assertEqual(sorted(s for sessions in owners.values() for s in sessions),
+                         self.session_ids)  # each session on exactly one Gateway
+        local = {s: {f"127.0.0.1:{p.link.transport.getHost().port}" for p in self.proxies(s)}
+                 for s in self.session_ids}
+        for i in everyone:
+            instance = next(x for x in (await self.status(i))["instances"]
+                            if x["role"] == "gateway")
+            for session in instance["sessions"]:
+                if session["peers"]:
+                    test.assertEqual((session["proxy_client"], session["proxy_servers"]),
+                                     (True, 2))
+                    test.assertEqual({p["address"] for p in session["peers"]},
+                                     local[session["id"]])
+            log = self.processes[i].log()
+            for s in owners[i]:
+                for address in local[s]:
+                    test.assertIn(f"Link {address}: authenticated for session {s}", log)
+            test.assertNotRegex(log, r"Link 127\.0\.0\.2:\d+: authenticated")
+        return owners
+
+    async def kill_one(self) -> tuple[int, list[int]]:
+        """kill -9 the Gateway with the most sessions while a stream runs in every session
+        on the others: its sessions work again through another within 35 s, and the
+        running streams are not cut.  Returns the victim and the Gateways alive."""
+        test = self.test
+        owners = await self.owners(list(range(self.count)))
+        victim = max(owners, key=lambda i: len(owners[i]))
+        others = [i for i in range(self.count) if i != victim and owners[i]]
+        test.assertTrue(others, f"{owners}\n{self.balancer_log()[-3000:]}")
+        # A running stream in every session not on the victim.
+        running = {s: await self.echo_through(self.servers[s][0])
+                   for i in others for s in owners[i]}
+        killed_at = reactor.seconds()
+        self.processes[victim].transport.signalProcess("KILL")  # type: ignore[union-attr]
+        moved = owners[victim]
+        await self.processes[victim].ended
+        await self.ready(moved, timeout=35)
+        for s in moved:
+            test.assertTrue(await self.works(s), f"session {s} after the kill")
+        test.assertLess(reactor.seconds() - killed_at, 35)
+        for s, echoer in running.items():
+            test.assertIsNone(echoer.ended, f"session {s}'s stream was cut")
+            echoer.transport.write(b"!")  # type: ignore[union-attr]
+        await wait_until(lambda: all(e.received == b"hello!" for e in running.values()), 10,
+                         "the running streams to echo after the kill")
+        for echoer in running.values():
+            echoer.transport.loseConnection()  # type: ignore[union-attr]
+        return victim, [i for i in range(self.count) if i != victim]
+
 
 class HaproxyShardingTests(TestCase):
     """Sessions sharded by SNI over three Gateway processes."""
@@ -241,29 +307,8 @@ class HaproxyShardingTests(TestCase):
         untrusted address and a missing one from HAProxy's address are refused."""
         cluster = Cluster(self, gateways=3, sessions=12)
         await cluster.start()
-        for s in cluster.session_ids:
-            self.assertTrue(await cluster.works(s), f"session {s}")
-        owners = await cluster.owners([0, 1, 2])
+        owners = await cluster.sharded()
         self.assertTrue(all(owners[i] for i in range(3)), owners)
-        self.assertEqual(sorted(s for sessions in owners.values() for s in sessions),
-                         cluster.session_ids)  # each session on exactly one Gateway
-        local = {s: {f"127.0.0.1:{p.link.transport.getHost().port}" for p in cluster.proxies(s)}
-                 for s in cluster.session_ids}
-        for i in range(3):
-            instance = next(x for x in (await cluster.status(i))["instances"]
-                            if x["role"] == "gateway")
-            for session in instance["sessions"]:
-                if session["peers"]:
-                    self.assertEqual((session["proxy_client"], session["proxy_servers"]),
-                                     (True, 2))
-                    self.assertEqual({p["address"] for p in session["peers"]},
-                                     local[session["id"]])
-            log = cluster.processes[i].log()
-            for s in owners[i]:
-                for address in local[s]:
-                    self.assertIn(f"Link {address}: authenticated for session {s}", log)
-            # HAProxy's own health checks (a v2 LOCAL header) keep its address; no login does.
-            self.assertNotRegex(log, r"Link 127\.0\.0\.2:\d+: authenticated")
 
         # A PROXY header from 127.0.0.1 (not in acceptProxyProtocol), straight to Gateway 0.
         header = build_v2(ClientAddress.from_hosts("192.0.2.1", 1, "127.0.0.1", 2))
@@ -311,29 +356,7 @@ class HaproxyShardingTests(TestCase):
         no session a second time."""
         cluster = Cluster(self, gateways=3, sessions=6)
         await cluster.start()
-        owners = await cluster.owners([0, 1, 2])
-        victim = max(owners, key=lambda i: len(owners[i]))
-        others = [i for i in range(3) if i != victim and owners[i]]
-        self.assertTrue(others, f"{owners}\n{cluster.haproxy.output.decode()[-3000:]}")
-        # A running stream in every session not on the victim.
-        running = {s: await cluster.echo_through(cluster.servers[s][0])
-                   for i in others for s in owners[i]}
-        killed_at = reactor.seconds()
-        cluster.processes[victim].transport.signalProcess("KILL")  # type: ignore[union-attr]
-        moved = owners[victim]
-        await cluster.processes[victim].ended
-        await cluster.ready(moved, timeout=35)
-        for s in moved:
-            self.assertTrue(await cluster.works(s), f"session {s} after the kill")
-        self.assertLess(reactor.seconds() - killed_at, 35)
-        for s, echoer in running.items():
-            self.assertIsNone(echoer.ended, f"session {s}'s stream was cut")
-            echoer.transport.write(b"!")  # type: ignore[union-attr]
-        await wait_until(lambda: all(e.received == b"hello!" for e in running.values()), 10,
-                         "the running streams to echo after the kill")
-        for echoer in running.values():
-            echoer.transport.loseConnection()  # type: ignore[union-attr]
-        alive = [i for i in range(3) if i != victim]
+        victim, alive = await cluster.kill_one()
         owners = await cluster.owners(alive)
 
         # Restart the killed Gateway on its port: once HAProxy has it up again, no session
