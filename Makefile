@@ -43,23 +43,27 @@ run: $(STAMP)
 	  trap 'kill $$web 2>/dev/null' EXIT INT TERM; \
 	  $(VENV)/bin/twistd -n --pidfile= tcptunnel --config conf/demo.xml
 
-# Real third-party programs the tests drive, as "command:Debian package": headless Chromium for
+# Real third-party programs the tests drive, as "command:Debian package" (or "/path:package"
+# for a file that is no command, checked to exist): headless Chromium for
 # the status page; tinyproxy and microsocks as outbound proxies; dig (against a dnsmasq the
 # test runs itself: dnsmasq-base, the program without Debian's system service), socat and
 # iperf3 through UDP Bindings; nginx as the reverse proxy in front of a WebSocket Listener
 # (its service disabled after install, as tinyproxy's); curl, ssh with nc -X 5 (netcat-openbsd)
 # through SOCKS5 Bindings to a throw-away sshd, and nginx and haproxy as targets reading PROXY
-# headers (issue 17; the services these packages start are stopped and disabled when this
-# installed them, never otherwise).  Installed when missing and we may
-# (as root, with apt-get); each test says clearly that it could not run otherwise.  (Non-interactive: iperf3's package
-# asks whether to start a daemon.)
+# headers (issue 17); nginx's stream module (a file of libnginx-mod-stream) and haproxy as the
+# SNI balancers in front of Gateway processes (issue 20).  The services these packages start
+# are stopped and disabled when this installed them, never otherwise.  Installed when missing
+# and we may (as root, with apt-get); each test says clearly that it could not run otherwise.
+# (Non-interactive: iperf3's package asks whether to start a daemon.)
 TEST_PROGRAMS := chromium:chromium tinyproxy:tinyproxy microsocks:microsocks \
 	dig:bind9-dnsutils dnsmasq:dnsmasq-base socat:socat iperf3:iperf3 nginx:nginx \
-	curl:curl ssh:openssh-client sshd:openssh-server nc.openbsd:netcat-openbsd haproxy:haproxy
+	curl:curl ssh:openssh-client sshd:openssh-server nc.openbsd:netcat-openbsd haproxy:haproxy \
+	/usr/lib/nginx/modules/ngx_stream_module.so:libnginx-mod-stream
 
 test: $(STAMP)
-	@missing=""; for entry in $(TEST_PROGRAMS); do \
-	  command -v $${entry%%:*} >/dev/null || [ -x /usr/sbin/$${entry%%:*} ] || \
+	@missing=""; for entry in $(TEST_PROGRAMS); do name=$${entry%%:*}; \
+	  case $$name in /*) [ -e $$name ];; \
+	    *) command -v $$name >/dev/null || [ -x /usr/sbin/$$name ];; esac || \
 	    missing="$$missing $${entry#*:}"; done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Debian's$$missing for the tests"; \

@@ -273,11 +273,16 @@ class Cluster:
         # A running stream in every session not on the victim.
         running = {s: await self.echo_through(self.servers[s][0])
                    for i in others for s in owners[i]}
+        moved = owners[victim]
+        lost = {p: p.stats["links_lost",] for s in moved for p in self.proxies(s)}
         killed_at = reactor.seconds()
         self.processes[victim].transport.signalProcess("KILL")  # type: ignore[union-attr]
-        moved = owners[victim]
         await self.processes[victim].ended
-        await self.ready(moved, timeout=35)
+        # The balancer passes the close on: until each proxy has seen its link go, its old
+        # link still counts as logged in with a partner.
+        await wait_until(lambda: all(p.stats["links_lost",] > n for p, n in lost.items()), 35,
+                         "the killed Gateway's proxies to see their links lost")
+        await self.ready(moved, timeout=35 - (reactor.seconds() - killed_at))
         for s in moved:
             test.assertTrue(await self.works(s), f"session {s} after the kill")
         test.assertLess(reactor.seconds() - killed_at, 35)
