@@ -23,6 +23,10 @@ clock, no sockets: bytes in, bytes out, typed errors.
   binds pairing id, stream number, direction, type, length and sequence number.  Sequence 0 of
   the Proxy-Server's direction is the OPEN record (the target, inside the OPEN frame); the end
   of a direction is an authenticated END record, so a cut stream can never pass as complete.
+* **Datagrams.**  A sealed ``udp`` stream sends each datagram as one DATAGRAM record in one
+  DATA frame, under keys of their own (``"... datagram"``), with its sequence number sent:
+  a datagram that does not authenticate, or is not newer than the last one delivered, is
+  dropped (:class:`DatagramRejectedError`) and the flow goes on (:class:`DatagramOpener`).
 
 Every failure of authentication, order or framing raises :class:`IntegrityError` (reason
 ``"integrity"``); a different password raises :class:`PasswordMismatchError` at both ends with the
@@ -64,6 +68,10 @@ __all__ = [
     "PAKE_DEADLINE",
     "Admission",
     "ClientPairings",
+    "DatagramCipher",
+    "DatagramOpener",
+    "DatagramRejectedError",
+    "DatagramSealer",
     "Direction",
     "E2EError",
     "HandshakeBudget",
@@ -101,9 +109,6 @@ _HEADER = struct.Struct(">BH")  # type, length of the ciphertext with its tag
 TAG_SIZE = 16
 RECORD_OVERHEAD = _HEADER.size + TAG_SIZE  # 19 bytes: 0.12 % of a full record
 MAX_PLAINTEXT = MAX_RECORD - RECORD_OVERHEAD  # 16,365
-#: The largest datagram of a sealed ``udp`` stream: four full records, exactly one DATA
-#: frame of 65,536 bytes (a fifth record would need more than the frame has left).
-MAX_SEALED_DATAGRAM = 4 * MAX_PLAINTEXT  # 65,460
 _AD = struct.Struct(">8sIBBHQ")  # pairing id, stream, direction, type, length, sequence
 _SEALED_PREFIX = struct.Struct(">8sI")  # pairing id, stream number
 _MAX_SEQUENCE = 2**64 - 1
@@ -132,6 +137,7 @@ class RecordType(enum.IntEnum):
     OPEN = 1  # the stream's OPEN details (kind and fields), inside the OPEN frame
     DATA = 2  # stream bytes
     END = 3  # the end of this direction (empty); FIN must follow, nothing else
+    DATAGRAM = 4  # one whole datagram of a sealed ``udp`` stream, its sequence sent (§9.5)
 
 
 class Direction(enum.IntEnum):
@@ -392,14 +398,6 @@ class RecordSealer(_RecordDirection):
         """The END record: send it before FIN."""
         return self.seal(RecordType.END, b"")
 
-    def seal_datagram(self, datagram: bytes) -> bytes:
-        """One datagram of a sealed ``udp`` stream as the payload of its one DATA frame:
-        whole records (one empty record for an empty datagram); at most
-        :data:`MAX_SEALED_DATAGRAM` bytes."""
-        if len(datagram) > MAX_SEALED_DATAGRAM:
-            raise ValueError(f"a datagram of {len(datagram)} bytes does not fit one sealed frame")
-        return self.seal_data(datagram) if datagram else self.seal(RecordType.DATA, b"")
-
 
 class RecordDecoder(_RecordDirection):
     """The receiving side of one direction of one stream: takes any split of the byte
@@ -486,18 +484,6 @@ class RecordDecoder(_RecordDirection):
         self._buffer = bytearray(rest)
         return records
 
-    def open_datagram(self, payload: bytes) -> bytes | None:
-        """The datagram in one DATA frame of a sealed ``udp`` stream (None for the frame
-        holding the END record); a frame must hold whole records."""
-        records = self.feed(payload)
-        if self._buffer or not records:
-            raise self._fail("a datagram frame that does not hold whole records")
-        if records[-1].type is RecordType.END:
-            if len(records) > 1:
-                raise self._fail("END in the frame of a datagram")
-            return None
-        return b"".join(r.data for r in records)
-
     def finish(self) -> None:
         """The peer's FIN arrived: raise unless the END record came and nothing is left."""
         if self._failed is not None:
@@ -507,7 +493,8 @@ class RecordDecoder(_RecordDirection):
                              "bytes of an incomplete record): truncated")
 
 
-_RECORD_TYPES = frozenset(int(t) for t in RecordType)
+# DATAGRAM records never travel in a byte stream: there, type 4 is a malformed header.
+_RECORD_TYPES = frozenset(int(t) for t in RecordType if t is not RecordType.DATAGRAM)
 
 
 class StreamCipher:
@@ -519,6 +506,143 @@ class StreamCipher:
     def __init__(self, sealer: RecordSealer, decoder: RecordDecoder, stream_number: int) -> None:
         self.sealer = sealer
         self.decoder = decoder
+        self.stream_number = stream_number
+
+
+# -- sealed datagrams (``udp`` streams) -------------------------------------------------
+#
+# A sealed ``udp`` stream carries each datagram as one DATAGRAM record in one DATA frame:
+#
+#     type u8 (4) | sequence u64 | ciphertext (the datagram, then the 16-byte tag)
+#
+# Unlike byte-stream records the sequence number is sent, because datagrams may be lost
+# between the two ends (a sender drops what its queue or the window cannot take, after the
+# record was sealed): the receiver must open record 7 after record 5.  What it must never do
+# is deliver a datagram twice, or an older one after a newer one; see DatagramOpener.
+
+
+def datagram_key(prk: bytes, stream_number: int, direction: Direction) -> bytes:
+    """The ChaCha20-Poly1305 key of one direction of one ``udp`` stream's datagrams: not the
+    stream's record key, so a DATAGRAM record and a byte-stream record never share a nonce
+    (both start at sequence 0) and neither can pass for the other."""
+    return hkdf_expand(prk, _LABEL + b" datagram" + struct.pack(">IB", stream_number,
+                                                                direction), 32)
+
+
+_DATAGRAM_HEADER = struct.Struct(">BQ")  # type, sequence
+DATAGRAM_OVERHEAD = _DATAGRAM_HEADER.size + TAG_SIZE  # 25 bytes
+#: The largest datagram a sealed ``udp`` stream carries: one DATAGRAM record filling one
+#: DATA frame (65,536 bytes).  UDP over IPv4 carries at most 65,507, so every IPv4 datagram
+#: fits; a larger one (IPv6, up to 65,527) is dropped whole as ``too_large``.
+MAX_SEALED_DATAGRAM = fr.MAX_PAYLOAD - DATAGRAM_OVERHEAD  # 65,511
+#: Why a DatagramOpener dropped a datagram (the ``reason`` of its drop count).
+DATAGRAM_INTEGRITY = "integrity"  # changed, cut, forged, of another stream or direction
+DATAGRAM_REPLAYED = "replayed"  # authentic or not, not newer than the last one delivered
+
+
+class DatagramRejectedError(E2EError):
+    """A sealed datagram that must not be delivered: ``why`` is :data:`DATAGRAM_INTEGRITY`
+    or :data:`DATAGRAM_REPLAYED`.  The flow goes on: UDP is lossy, and the Gateway that
+    could cause this can as well drop the datagram (or reset the stream)."""
+
+    reason = "integrity"
+
+    def __init__(self, why: str, message: str) -> None:
+        super().__init__(message)
+        self.why = why
+
+
+class DatagramSealer:
+    """The sending side of one direction of one ``udp`` stream: one DATAGRAM record per
+    datagram, sequence numbers rising by one per record sealed (sent or not)."""
+
+    __slots__ = ("_aead", "_direction", "_pairing_id", "_stream", "sequence")
+
+    def __init__(self, key: bytes, pairing_id: bytes, stream_number: int,
+                 direction: Direction) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._pairing_id = pairing_id
+        self._stream = stream_number
+        self._direction = direction
+        self.sequence = 0  # of the next record
+
+    def seal(self, datagram: bytes) -> bytes:
+        """The DATA frame payload for ``datagram`` (at most :data:`MAX_SEALED_DATAGRAM`
+        bytes; raises ValueError beyond)."""
+        if len(datagram) > MAX_SEALED_DATAGRAM:
+            raise ValueError(f"a datagram of {len(datagram)} bytes does not fit one sealed frame")
+        sequence = self.sequence
+        if sequence >= _MAX_SEQUENCE:
+            raise E2EError("sequence numbers of this flow are used up")
+        self.sequence = sequence + 1
+        ad = _AD.pack(self._pairing_id, self._stream, self._direction, RecordType.DATAGRAM,
+                      len(datagram) + TAG_SIZE, sequence)
+        return (_DATAGRAM_HEADER.pack(RecordType.DATAGRAM, sequence)
+                + self._aead.encrypt(_nonce(sequence), datagram, ad))
+
+
+class DatagramOpener:
+    """The receiving side of one direction of one ``udp`` stream.
+
+    Replay policy: a datagram is delivered only if its sequence number is above that of every
+    datagram delivered before (strictly increasing, gaps allowed).  Between the two proxies
+    datagrams travel in order (one TCP link each side, the Gateway's queues per stream are
+    first in, first out) and are lost only where a sender drops them, so an honest tunnel
+    shows gaps, never an older number: anything not newer was replayed or held back by the
+    Gateway.  A window of recent numbers (as DTLS and IPsec keep for networks that reorder)
+    would only let such datagrams through, so there is none: one integer of state.
+
+    A datagram that does not authenticate changes nothing here: a forged sequence number
+    cannot move the bar and shut out the datagrams that follow.
+    """
+
+    __slots__ = ("_aead", "_direction", "_pairing_id", "_stream", "next_sequence")
+
+    def __init__(self, key: bytes, pairing_id: bytes, stream_number: int,
+                 direction: Direction) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._pairing_id = pairing_id
+        self._stream = stream_number
+        self._direction = direction
+        self.next_sequence = 0  # the least sequence number still acceptable
+
+    def _reject(self, why: str, what: str) -> DatagramRejectedError:
+        return DatagramRejectedError(
+            why, f"sealed datagram dropped on stream {self._stream} "
+                 f"({_DIRECTION_NAMES[self._direction]}): {what}")
+
+    def open(self, payload: bytes) -> bytes:
+        """The datagram in one DATA frame; raises DatagramRejectedError (drop it, count it,
+        keep the flow)."""
+        if not (DATAGRAM_OVERHEAD <= len(payload) <= fr.MAX_PAYLOAD) or (
+                payload[0] != RecordType.DATAGRAM):
+            raise self._reject(DATAGRAM_INTEGRITY, f"not a DATAGRAM record ({len(payload)} "
+                               f"bytes, type {payload[0] if payload else None})")
+        _type, sequence = _DATAGRAM_HEADER.unpack_from(payload)
+        if sequence < self.next_sequence:
+            raise self._reject(DATAGRAM_REPLAYED, f"sequence {sequence} is not above the "
+                               f"last one delivered ({self.next_sequence - 1})")
+        ciphertext = memoryview(payload)[_DATAGRAM_HEADER.size :]
+        ad = _AD.pack(self._pairing_id, self._stream, self._direction, RecordType.DATAGRAM,
+                      len(ciphertext), sequence)
+        try:
+            datagram = self._aead.decrypt(_nonce(sequence), ciphertext, ad)
+        except InvalidTag:
+            raise self._reject(DATAGRAM_INTEGRITY, f"record {sequence} does not authenticate "
+                               "(changed, or from another stream)") from None
+        self.next_sequence = sequence + 1
+        return datagram
+
+
+class DatagramCipher:
+    """Both directions of one ``udp`` stream at one end."""
+
+    __slots__ = ("opener", "sealer", "stream_number")
+
+    def __init__(self, sealer: DatagramSealer, opener: DatagramOpener,
+                 stream_number: int) -> None:
+        self.sealer = sealer
+        self.opener = opener
         self.stream_number = stream_number
 
 
@@ -583,6 +707,22 @@ class Pairing:
                                  f"to {self.last_stream} were opened)")
         self.last_stream = stream_number
         return record.data, self._cipher(stream_number)
+
+    def datagram_cipher(self, stream_number: int) -> DatagramCipher:
+        """The datagram keys of the stream just opened (Proxy-Server) or accepted
+        (Proxy-Client) under this pairing, when its kind is ``udp``: only for the latest
+        stream, whose sealed OPEN was made or authenticated here."""
+        if stream_number != self.last_stream or stream_number == 0:
+            raise ValueError(f"stream {stream_number} is not the last one opened "
+                             f"({self.last_stream})")
+        sending, receiving = ((Direction.TO_CLIENT, Direction.TO_SERVER) if self.initiator
+                              else (Direction.TO_SERVER, Direction.TO_CLIENT))
+        return DatagramCipher(
+            DatagramSealer(datagram_key(self._prk, stream_number, sending), self.pairing_id,
+                           stream_number, sending),
+            DatagramOpener(datagram_key(self._prk, stream_number, receiving), self.pairing_id,
+                           stream_number, receiving),
+            stream_number)
 
 
 def _pairing(isk: bytes, transcript: bytes, initiator: bool) -> Pairing:
@@ -983,6 +1123,12 @@ class ServerPairing:
             raise RuntimeError("no end-to-end pairing")
         return self.pairing.open_stream(stream_id, inner)
 
+    def datagram_cipher(self, stream_id: int) -> DatagramCipher:
+        """The datagram keys of the ``udp`` stream :meth:`open_stream` just sealed."""
+        if self.pairing is None:
+            raise RuntimeError("no end-to-end pairing")
+        return self.pairing.datagram_cipher(stream_id)
+
 
 class HandshakeRefusedError(E2EError):
     """The Proxy-Client does not answer this handshake now (budget or pairing bound):
@@ -1105,6 +1251,17 @@ class ClientPairings:
         details, cipher = handshake.responder.pairing.accept_stream(value)
         self._confirm(handshake, now)  # it authenticated: the Proxy-Server has the keys
         return details, cipher
+
+    def datagram_cipher(self, payload: bytes) -> DatagramCipher:
+        """The datagram keys of the ``sealed`` OPEN (its whole payload) that :meth:`accept`
+        just authenticated, whose details say ``udp``.  Raises IntegrityError when its
+        pairing is gone; ValueError when it is not the stream last accepted."""
+        pairing_id, stream_number = parse_sealed_value(parse_sealed_open(payload))
+        found = self._by_id.get(pairing_id)
+        pairing = found[1].responder.pairing if found is not None else None
+        if pairing is None:
+            raise IntegrityError("no end-to-end keys for this pairing")
+        return pairing.datagram_cipher(stream_number)
 
 
 def make_password(random_bytes: Callable[[int], bytes] = os.urandom) -> str:

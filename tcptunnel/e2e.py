@@ -37,6 +37,8 @@ from twisted.logger import Logger
 from tcptunnel import _e2e, _mux
 from tcptunnel import _frames as fr
 from tcptunnel._e2e import (
+    DatagramCipher,
+    DatagramRejectedError,
     E2EError,
     HandshakeRefusedError,
     IntegrityError,
@@ -49,6 +51,7 @@ from tcptunnel._e2e import (
 from tcptunnel._frames import OpenRequest, Reason, StreamError
 from tcptunnel._link import LinkState
 from tcptunnel.mux import _ENDED, MuxProtocol, MuxStream, StreamEndpoint
+from tcptunnel.udp import DatagramEndpoint
 
 if TYPE_CHECKING:
     from tcptunnel.proxy import ProxyLink, ProxyService
@@ -186,6 +189,93 @@ class SealedStream(MuxStream, StreamEndpoint):
             self.app.stream_closed()
 
 
+class SealedDatagramStream(MuxStream, StreamEndpoint):
+    """A ``udp`` stream whose datagrams travel sealed (docs/protocol.md §9.5): each one a
+    DATAGRAM record in one DATA frame, at both proxies.
+
+    The outer kind is ``sealed``, so the multiplexer would frame it as a byte stream: this
+    sets the stream's datagram flag (whole frames, lossy sends, the datagram window cap) at
+    both ends.  A frame that does not open (changed, forged, replayed, older than the last
+    one delivered) is dropped and counted through ``app.datagram_dropped``, its bytes
+    credited as if delivered, and the flow goes on: UDP is lossy, and a Gateway able to
+    change a datagram could drop it or reset the stream anyway.  FIN ends a direction with no
+    END record: a flow has no "complete transfer" to protect, and a forged FIN does nothing
+    a Gateway's RESET could not.  ``bytes_in`` / ``bytes_out`` count plaintext.
+    """
+
+    __slots__ = ("_dropped", "app", "cipher")
+
+    def __init__(self, mux: MuxProtocol, stream_id: int, app: DatagramEndpoint,
+                 cipher: DatagramCipher) -> None:
+        super().__init__(mux, stream_id, self)
+        self.record.datagram = True  # set before any DATA: the framing of a udp stream
+        self.app = app
+        self.cipher = cipher
+        self._dropped = 0  # datagrams dropped here for end-to-end reasons (logged once)
+
+    def write(self, data: bytes) -> None:
+        """Not for datagrams (it would frame bytes in clear): use :meth:`send_datagram`."""
+        raise RuntimeError("a sealed udp stream sends with send_datagram")
+
+    def send_datagram(self, data: bytes) -> str | None:
+        """Seal one datagram and send it whole, or drop it (``tcptunnel._mux.DROP_*``).
+
+        A sealed record that is dropped here (no credit, full queues) leaves a gap in the
+        sequence numbers, which the far end accepts; it never left this process."""
+        if len(data) > _e2e.MAX_SEALED_DATAGRAM:
+            return _mux.DROP_TOO_LARGE
+        if self.record.state in _ENDED or self.record.send.fin:
+            return _mux.DROP_NOT_OPEN
+        sealed = self.cipher.sealer.seal(data)
+        why = super().send_datagram(sealed)
+        if why is None:
+            self.bytes_out -= len(sealed) - len(data)
+        return why
+
+    def deliver(self, data: bytes) -> None:
+        """One DATA frame: its datagram to the local side, or dropped and counted; the
+        frame's wire size is consumed either way (a dropped frame must not shrink the
+        window)."""
+        try:
+            datagram = self.cipher.opener.open(data)
+        except DatagramRejectedError as e:
+            self._dropped += 1
+            if self._dropped == 1:
+                log.warn("[{index}] UDP flow {flow}: {why}; the flow goes on (each further "
+                         "drop is only counted)", index=self.mux.instance_index,
+                         flow=self.app.describe(), why=e.message)
+            self.app.datagram_dropped(e.why)
+        else:
+            self.bytes_in += len(datagram)
+            self.app.stream_data(datagram)
+        if self._consumer_paused:
+            self._unacknowledged += len(data)
+        elif self.record.state not in _ENDED:
+            self.mux.core.data_consumed(self.stream_id, len(data), self.mux.clock.seconds())
+
+    # -- StreamEndpoint (from the multiplexer): passed on ---------------------------------
+
+    def stream_data(self, data: bytes) -> None:
+        """Not used: :meth:`deliver` opens the datagrams."""
+        raise AssertionError("SealedDatagramStream.deliver handles data")
+
+    def stream_opened(self) -> None:
+        """The far end accepted the flow."""
+        self.app.stream_opened()
+
+    def stream_ended(self) -> None:
+        """The far end ended the flow (FIN)."""
+        self.app.stream_ended()
+
+    def stream_reset(self, reason: Reason, message: str, remote: bool) -> None:
+        """Reset, refused, or the link was lost."""
+        self.app.stream_reset(reason, message, remote)
+
+    def stream_closed(self) -> None:
+        """FIN both ways."""
+        self.app.stream_closed()
+
+
 class EndToEnd:
     """What a proxy's link asks of its end-to-end state (no-ops: streams in clear)."""
 
@@ -225,6 +315,13 @@ class EndToEnd:
         then ``retry`` is called once it ends (at most :data:`tcptunnel._e2e.PAKE_DEADLINE`
         later), unless ``connection`` is done by then."""
         return False
+
+
+def _datagram_endpoint(endpoint: StreamEndpoint) -> DatagramEndpoint:
+    """The local side of a ``udp`` stream: it counts the datagrams dropped for it."""
+    if not isinstance(endpoint, DatagramEndpoint):
+        raise TypeError(f"a udp stream needs a DatagramEndpoint, not {endpoint!r}")
+    return endpoint
 
 
 def _open_raw(link: MuxProtocol, kind: int, fields: tuple[tuple[int, bytes], ...],
@@ -464,11 +561,11 @@ class ServerEndToEnd(EndToEnd):
     def open_stream(self, link: ProxyLink, host: str, port: int, endpoint: StreamEndpoint,
                     kind: int, fields: tuple[tuple[int, bytes], ...]) -> MuxStream | None:
         """Seal the OPEN of a new stream under the pairing, or raise StreamError: never a
-        stream in clear."""
-        if kind != fr.KIND_TCP:
+        stream in clear.  A ``udp`` stream (``endpoint`` a DatagramEndpoint) becomes a
+        SealedDatagramStream."""
+        if kind not in (fr.KIND_TCP, fr.KIND_UDP):
             raise StreamError(Reason.UNSUPPORTED, f"{fr.KIND_NAMES.get(kind, kind)} streams are "
-                              "not sealed by this release: with endToEndPassword only TCP "
-                              "Bindings carry traffic")
+                              "not sealed by this release")
         admission = self.pairing.admission() if link is self.link else _e2e.Admission(
             "refuse", "no end-to-end pairing on this link")
         if admission.action != "open":
@@ -481,9 +578,14 @@ class ServerEndToEnd(EndToEnd):
         stream_id = link.core.next_stream_id
         inner = _e2e.inner_open(kind, fr.target_fields(host, port) + list(fields))
         value, cipher = self.pairing.open_stream(stream_id, inner)
+        datagrams = (self.pairing.datagram_cipher(stream_id) if kind == fr.KIND_UDP
+                     else None)
 
         def make(opened: int) -> MuxStream:
             assert opened == stream_id, (opened, stream_id)
+            if datagrams is not None:
+                return SealedDatagramStream(link, opened, _datagram_endpoint(endpoint),
+                                            datagrams)
             return SealedStream(link, opened, endpoint, cipher)
 
         return _open_raw(link, fr.KIND_SEALED, ((_e2e.FIELD_SEALED, value),), make)
@@ -534,8 +636,8 @@ class ClientEndToEnd(EndToEnd):
         self.budget = _e2e.HandshakeBudget(now=self.clock.seconds())
         self.pairings: weakref.WeakKeyDictionary[ProxyLink, _e2e.ClientPairings] = (
             weakref.WeakKeyDictionary())
-        self.ciphers: weakref.WeakKeyDictionary[ProxyLink, dict[int, StreamCipher]] = (
-            weakref.WeakKeyDictionary())
+        self.ciphers: weakref.WeakKeyDictionary[
+            ProxyLink, dict[int, StreamCipher | DatagramCipher]] = weakref.WeakKeyDictionary()
         self._timers: weakref.WeakKeyDictionary[ProxyLink, interfaces.IDelayedCall] = (
             weakref.WeakKeyDictionary())
         self._logged: dict[str, float] = {}
@@ -618,6 +720,11 @@ class ClientEndToEnd(EndToEnd):
         except StreamError as e:
             link.reject_stream(stream_id, e.reason, e.message)
             return None
+        if clear.kind == fr.KIND_UDP:
+            # The OPEN authenticated just now: its datagram keys, for attach_stream.
+            self.ciphers.setdefault(link, {})[stream_id] = (
+                self._pairings(link).datagram_cipher(outer))
+            return clear
         if clear.kind != fr.KIND_TCP:
             link.reject_stream(stream_id, Reason.UNSUPPORTED,
                                f"sealed {fr.KIND_NAMES.get(clear.kind, clear.kind)} streams are "
@@ -628,11 +735,16 @@ class ClientEndToEnd(EndToEnd):
 
     def attach_stream(self, link: ProxyLink, stream_id: int,
                       endpoint: StreamEndpoint) -> MuxStream | None:
-        """A SealedStream for a sealed OPEN that :meth:`filter_open` let through."""
+        """A SealedStream (SealedDatagramStream for ``udp``) for a sealed OPEN that
+        :meth:`filter_open` let through."""
         cipher = self.ciphers.get(link, {}).pop(stream_id, None)
         if cipher is None:
             return None
-        stream = SealedStream(link, stream_id, endpoint, cipher)
+        stream: MuxStream
+        if isinstance(cipher, DatagramCipher):
+            stream = SealedDatagramStream(link, stream_id, _datagram_endpoint(endpoint), cipher)
+        else:
+            stream = SealedStream(link, stream_id, endpoint, cipher)
         link.streams[stream_id] = stream
         return stream
 

@@ -8,7 +8,10 @@ told apart per flow and travel back through the stream to the sender's address.
 
 Datagrams keep their boundaries (one DATA frame each) and are dropped, never queued without
 bound, whenever the tunnel cannot take them at once: every drop is counted in the instance's
-``stats`` under ``("udp_dropped", why)`` (``/metrics`` and the status page show them).
+``stats`` under ``("udp_dropped", why)`` (``/metrics`` and the status page show them).  With
+``endToEndPassword`` each flow's stream is a :class:`tcptunnel.e2e.SealedDatagramStream`: the
+same flows, each datagram sealed, and one that does not open is dropped and counted too
+(``integrity``, ``replayed``).
 """
 
 from __future__ import annotations
@@ -73,10 +76,23 @@ def _remove_port(port: Any) -> None:
         port.stopListening()
 
 
+class DatagramEndpoint(StreamEndpoint):
+    """The local side of a ``udp`` stream at either proxy (ServerFlow, ClientFlow)."""
+
+    def describe(self) -> str:
+        """The flow, for log lines."""
+        raise NotImplementedError
+
+    def datagram_dropped(self, why: str) -> None:
+        """A datagram from the far end was not delivered (a sealed one that did not open:
+        ``integrity``, ``replayed``): count it under ``why``."""
+        raise NotImplementedError
+
+
 # -- Proxy-Server -------------------------------------------------------------------------
 
 
-class ServerFlow(StreamEndpoint):
+class ServerFlow(DatagramEndpoint):
     """One sender at a UDP Binding: its stream, and its replies back to the sender."""
 
     __slots__ = ("binding", "close_timer", "ending", "flow", "flows", "pending",
@@ -128,6 +144,10 @@ class ServerFlow(StreamEndpoint):
     def describe(self) -> str:
         """``udp sender -> target``, for the stream's log event."""
         return f"udp {format_address(*self.sender)} -> {self.target}"
+
+    def datagram_dropped(self, why: str) -> None:
+        """A reply that must not reach the sender: counted."""
+        count_drop(self.flows.proxy.stats, why)
 
     def end(self, why: str) -> None:
         """End the flow (FIN); the far end's FIN closes the stream, or the grace runs out."""
@@ -384,7 +404,7 @@ def _succeed(value: str) -> Deferred[str]:
     return done
 
 
-class ClientFlow(DatagramProtocol, StreamEndpoint):
+class ClientFlow(DatagramProtocol, DatagramEndpoint):
     """One ``udp`` stream at the Proxy-Client: a connected UDP socket to the target."""
 
     noisy = False
@@ -409,6 +429,10 @@ class ClientFlow(DatagramProtocol, StreamEndpoint):
     def describe(self) -> str:
         """``udp from Proxy-Server #n to target``, for the stream's log event."""
         return f"udp from Proxy-Server #{self.request.origin} to {self.target}"
+
+    def datagram_dropped(self, why: str) -> None:
+        """A datagram that must not reach the target: counted."""
+        count_drop(self.proxy.stats, why)
 
     def start(self, timeout: float) -> Deferred[None]:
         """Resolve the target, open a connected socket, accept the stream.  Fires when the

@@ -576,30 +576,6 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(self.client_cipher.decoder.feed(down.seal_data(b"d1"))[0].data, b"d1")
         self.assertEqual(self.client_cipher.decoder.feed(down.seal_data(b"d2"))[0].data, b"d2")
 
-    def test_datagrams(self) -> None:
-        """A sealed udp stream: one DATA frame per datagram, empty and large ones included;
-        a frame cut or merged by the Gateway, or a dropped datagram, is an integrity failure."""
-        sealer, decoder = self.server_cipher.sealer, self.client_cipher.decoder
-        for datagram in (b"", b"dns query", b"y" * e2e.MAX_SEALED_DATAGRAM):
-            frame = sealer.seal_datagram(datagram)
-            self.assertLessEqual(len(frame), fr.MAX_PAYLOAD)
-            self.assertEqual(decoder.open_datagram(frame), datagram)
-        self.assertEqual(len(frame), fr.MAX_PAYLOAD)  # the largest fills a frame exactly
-        with self.assertRaises(ValueError):
-            sealer.seal_datagram(b"y" * (e2e.MAX_SEALED_DATAGRAM + 1))
-        self.assertIsNone(decoder.open_datagram(sealer.seal_end()))
-        decoder.finish()
-        self.setUp()
-        sealer, decoder = self.server_cipher.sealer, self.client_cipher.decoder
-        frame = sealer.seal_datagram(b"z" * 20000)
-        with self.assertRaises(IntegrityError):
-            decoder.open_datagram(frame[:100])
-        self.setUp()
-        sealer, decoder = self.server_cipher.sealer, self.client_cipher.decoder
-        sealer.seal_datagram(b"dropped")
-        with self.assertRaises(IntegrityError):
-            decoder.open_datagram(sealer.seal_datagram(b"next"))
-
     def test_sealer_and_decoder_directly(self) -> None:
         """A sealer and a decoder with the same parameters agree; another pairing id in the
         associated data does not."""

@@ -1,6 +1,7 @@
 """Unit tests of UDP through the tunnel: datagram streams in the multiplexer (framing,
-boundaries, drops), the Proxy-Server's flow table (tcptunnel._udp: limits, eviction, idle
-timeout, request/response), and the flow adapter's idle timer on a Clock."""
+boundaries, drops), each bound at its documented number, the Proxy-Server's flow table
+(tcptunnel._udp: limits, eviction, idle timeout, request/response), the flow adapter's idle
+timer on a Clock, and sealed datagrams (DATAGRAM records, SealedDatagramStream)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from tcptunnel import _e2e, _mux, _udp
 from tcptunnel import _frames as fr
-from tcptunnel import _mux, _udp
+from tcptunnel._e2e import DatagramCipher, DatagramRejectedError
 from tcptunnel._frames import FrameDecoder, FrameType, Reason, StreamError
 from tcptunnel._udp import FlowPolicy, FlowTable, policy_for
+from tcptunnel.e2e import SealedDatagramStream, _open_raw
 from tcptunnel.test.test_mux import Pair
+from tcptunnel.test.test_muxprotocol import Ends
+from tcptunnel.udp import DatagramEndpoint
 
 FUZZ_EXAMPLES = int(os.environ.get("TCPTUNNEL_FUZZ_EXAMPLES", "100"))
 
@@ -234,6 +239,410 @@ class DatagramStreamTests(SynchronousTestCase):
             offset += step
             turn += 1
         self.assertEqual(datagrams_of(events, stream_id), queued)
+
+
+class DatagramBoundTests(SynchronousTestCase):
+    """Each UDP bound of docs/security.md at its documented number."""
+
+    def test_documented_numbers(self) -> None:
+        """The bounds are the numbers docs/security.md lists."""
+        from tcptunnel import udp
+
+        self.assertEqual((_mux.MAX_FLOW_DATAGRAMS, _mux.MAX_FLOW_QUEUED,
+                          _mux.MAX_LINK_DATAGRAM_BYTES, _mux.MAX_DATAGRAM_WINDOW),
+                         (64, 256 * 1024, 512 * 1024, 1024 * 1024))
+        self.assertEqual((_udp.DEFAULT_MAX_FLOWS_PER_BINDING, _udp.DEFAULT_MAX_FLOWS_PER_LINK),
+                         (256, 512))
+        self.assertEqual((udp.MAX_EARLY_DATAGRAMS, udp.MAX_EARLY_BYTES, udp.MAX_DATAGRAM),
+                         (64, 128 * 1024, 65536))
+        self.assertEqual((fr.MAX_PAYLOAD, _e2e.MAX_SEALED_DATAGRAM), (65536, 65511))
+
+    def test_flow_queue_byte_bound(self) -> None:
+        """A flow holds at most 256 KiB of datagrams waiting for the link: four of 60,000
+        bytes queue, the fifth is dropped (flow_queue) although credit would cover it."""
+        pair = Pair()
+        stream_id = open_udp(pair)
+        results = [pair.server.send_datagram(stream_id, b"b" * 60000) for _ in range(5)]
+        self.assertEqual(results, [None] * 4 + [_mux.DROP_FLOW_QUEUE])
+        self.assertGreaterEqual(pair.server.streams[stream_id].send.credit, 60000)
+
+    def test_default_flow_limits(self) -> None:
+        """At the defaults, the 257th sender at a Binding evicts that Binding's longest
+        idle flow, and the 513th of a link the longest idle of any Binding."""
+        table = FlowTable()
+        for binding in ("b", "c", "d"):
+            table.add_binding(binding, policy_for(5353))
+        first_b = table.datagram_from("b", 0, 0.0).flow
+        for sender in range(1, 256):
+            table.datagram_from("b", sender, 1.0 + sender)
+        self.assertEqual(table.datagram_from("b", 256, 300.0).evicted, (first_b,))
+        first_c = table.datagram_from("c", 0, 0.5).flow  # now the longest idle of the link
+        for sender in range(1, 256):
+            table.datagram_from("c", sender, 400.0)
+        self.assertEqual(len(table), 512)
+        self.assertEqual(table.datagram_from("d", 0, 500.0).evicted, (first_c,))
+        self.assertEqual(len(table), 512)
+
+    def test_largest_datagram_over_ipv4(self) -> None:
+        """65,507 bytes (the largest IPv4 UDP payload) fit one frame, clear and sealed; one
+        byte past the frame, or past a sealed frame, is dropped whole (too_large)."""
+        pair = Pair(initial_window=1024 * 1024)
+        stream_id = open_udp(pair)
+        self.assertIsNone(pair.server.send_datagram(stream_id, b"m" * 65507))
+        self.assertEqual(pair.server.send_datagram(stream_id, b"m" * 65537),
+                         _mux.DROP_TOO_LARGE)
+        ends = SealedDatagramEnds()
+        near, far = ends.open_flow()
+        self.assertIsNone(near.stream.send_datagram(b"m" * 65507))
+        self.assertEqual(near.stream.send_datagram(b"m" * (_e2e.MAX_SEALED_DATAGRAM + 1)),
+                         _mux.DROP_TOO_LARGE)
+        ends.pump.flush()
+        self.assertEqual(far.received, [b"m" * 65507])
+
+    def test_proxy_server_early_queue(self) -> None:
+        """Before the OPEN_RESULT, datagrams the early window cannot take wait in order, at
+        most 64 and 128 KiB (then early_queue); they leave in order once it comes."""
+        from tcptunnel.udp import MAX_EARLY_DATAGRAMS, ServerFlow, ServerFlows
+
+        stream = _ScriptedStream(_mux.DROP_NO_CREDIT)
+        flow = ServerFlow(ServerFlows(_FakeProxy(Clock())), None, None)  # type: ignore[arg-type]
+        flow.stream = stream  # type: ignore[assignment]
+        results = [flow.send(b"%03d" % i) for i in range(MAX_EARLY_DATAGRAMS + 3)]
+        self.assertEqual(results, [None] * MAX_EARLY_DATAGRAMS + ["early_queue"] * 3)
+        big = ServerFlow(ServerFlows(_FakeProxy(Clock())), None, None)  # type: ignore[arg-type]
+        big.stream = _ScriptedStream(_mux.DROP_NO_CREDIT)  # type: ignore[assignment]
+        self.assertEqual([big.send(b"B" * 60000) for _ in range(3)],
+                         [None, None, "early_queue"])
+        stream.answer = None
+        flow.binding = _Binding()  # type: ignore[assignment]
+        flow.stream_opened()
+        self.assertEqual(stream.sent[1:], [b"%03d" % i for i in range(MAX_EARLY_DATAGRAMS)])
+
+    def test_proxy_client_early_datagrams(self) -> None:
+        """While the Proxy-Client's socket is set up a flow keeps at most 64 datagrams;
+        the rest are dropped (early_queue) and counted."""
+        from tcptunnel.udp import MAX_EARLY_DATAGRAMS, ClientFlow
+
+        proxy = _FakeProxy(Clock())
+        request = fr.parse_open(fr.open_payload(16384, 1, fr.KIND_UDP,
+                                                fr.target_fields("127.0.0.1", 5353)))
+        flow = ClientFlow(proxy, request, lambda flow, how: None)
+        for i in range(MAX_EARLY_DATAGRAMS + 6):
+            flow.stream_data(b"%d" % i)
+        self.assertEqual(len(flow.early), MAX_EARLY_DATAGRAMS)
+        self.assertEqual(proxy.stats["udp_dropped", "early_queue"], 6)
+
+
+class _ScriptedStream:
+    """A stream stand-in whose send_datagram answers ``answer`` (and records what it took)."""
+
+    def __init__(self, answer: str | None) -> None:
+        self.answer = answer
+        self.sent: list[bytes] = []
+        self.finished = False
+
+    def send_datagram(self, data: bytes) -> str | None:
+        self.sent.append(data)
+        return self.answer
+
+
+# -- sealed datagrams (tcptunnel._e2e, tcptunnel.e2e) -------------------------------------
+
+
+def _pairing() -> tuple[_e2e.Pairing, _e2e.Pairing]:
+    """The Proxy-Server's and the Proxy-Client's Pairing of one CPace handshake."""
+    initiator = _e2e.PakeInitiator("pw", 1)
+    responder = _e2e.PakeResponder("pw", 1)
+    answer = responder.receive_open(initiator.message)
+    responder.receive_data(initiator.receive_data(answer))
+    assert initiator.pairing is not None and responder.pairing is not None
+    return initiator.pairing, responder.pairing
+
+
+def _datagram_ciphers(stream_number: int = 1, pairings: Any = None
+                      ) -> tuple[DatagramCipher, DatagramCipher]:
+    """(Proxy-Server's, Proxy-Client's) datagram ciphers of one sealed udp stream."""
+    server, client = pairings or _pairing()
+    value, _ = server.open_stream(stream_number, _e2e.inner_open(
+        fr.KIND_UDP, fr.target_fields("dns.example", 53)))
+    details, _ = client.accept_stream(value)
+    assert details[0] == fr.KIND_UDP
+    return server.datagram_cipher(stream_number), client.datagram_cipher(stream_number)
+
+
+class SealedDatagramTests(SynchronousTestCase):
+    """DATAGRAM records: one per datagram, its sequence sent; a datagram that does not
+    open is dropped with a reason, and the ones after it still open."""
+
+    def setUp(self) -> None:
+        self.server, self.client = _datagram_ciphers()
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(size=st.integers(1, 65507), to_client=st.booleans())
+    def test_any_size_round_trips(self, size: int, to_client: bool) -> None:
+        """Every datagram of 1..65,507 bytes seals into one frame of its size + 25 bytes
+        (within 64 KiB) and opens to itself, in either direction."""
+        sender, receiver = ((self.server, self.client) if to_client
+                            else (self.client, self.server))
+        datagram = os.urandom(min(size, 64)) * (size // 64) + os.urandom(size % 64)
+        frame = sender.sealer.seal(datagram)
+        self.assertEqual(len(frame), size + _e2e.DATAGRAM_OVERHEAD)
+        self.assertLessEqual(len(frame), fr.MAX_PAYLOAD)
+        self.assertEqual(receiver.opener.open(frame), datagram)
+
+    def test_limits(self) -> None:
+        """The empty datagram and the largest (65,511 bytes: one full frame) open; one byte
+        more is refused by the sealer."""
+        for datagram in (b"", b"l" * _e2e.MAX_SEALED_DATAGRAM):
+            frame = self.server.sealer.seal(datagram)
+            self.assertEqual(self.client.opener.open(frame), datagram)
+        self.assertEqual(len(frame), fr.MAX_PAYLOAD)
+        self.assertRaises(ValueError, self.server.sealer.seal,
+                          b"l" * (_e2e.MAX_SEALED_DATAGRAM + 1))
+
+    def rejected(self, payload: bytes, opener: _e2e.DatagramOpener | None = None) -> str:
+        """Why ``payload`` does not open (the test fails if it does)."""
+        with self.assertRaises(DatagramRejectedError) as caught:
+            (opener or self.client.opener).open(payload)
+        return caught.exception.why
+
+    def test_every_changed_bit_is_dropped(self) -> None:
+        """A bit flipped anywhere (type, sequence, ciphertext, tag) is never delivered: the
+        frame is dropped, and the next datagram still opens."""
+        datagram = b"a 40-byte datagram for the bit flipping!"
+        frame = self.server.sealer.seal(datagram)
+        for bit in range(len(frame) * 8):
+            changed = bytearray(frame)
+            changed[bit // 8] ^= 1 << (bit % 8)
+            self.assertIn(self.rejected(bytes(changed)),
+                          (_e2e.DATAGRAM_INTEGRITY, _e2e.DATAGRAM_REPLAYED))
+        self.assertEqual(self.client.opener.open(frame), datagram)
+
+    def test_replay_policy(self) -> None:
+        """Strictly increasing per direction: a gap is accepted (a sender's drop), a repeat
+        or an older one is dropped as replayed; a forged number above the bar that does
+        not authenticate does not move it."""
+        frames = [self.server.sealer.seal(b"%d" % i) for i in range(6)]
+        opener = self.client.opener
+        self.assertEqual(opener.open(frames[0]), b"0")
+        self.assertEqual(opener.open(frames[2]), b"2")  # 1 was lost: fine
+        self.assertEqual(self.rejected(frames[2]), _e2e.DATAGRAM_REPLAYED)
+        self.assertEqual(self.rejected(frames[1]), _e2e.DATAGRAM_REPLAYED)  # late
+        forged = bytearray(frames[3])
+        forged[1:9] = (2**64 - 2).to_bytes(8, "big")
+        self.assertEqual(self.rejected(bytes(forged)), _e2e.DATAGRAM_INTEGRITY)
+        self.assertEqual(opener.open(frames[3]), b"3")
+        self.assertEqual(opener.open(frames[5]), b"5")
+        self.assertEqual(self.rejected(frames[4]), _e2e.DATAGRAM_REPLAYED)
+        self.assertEqual(opener.next_sequence, 6)
+
+    def test_bound_to_stream_direction_and_pairing(self) -> None:
+        """A datagram reflected back to its sender, moved to another stream of the same
+        pairing, or to the same stream number of another pairing, does not open."""
+        pairings = _pairing()
+        server, client = _datagram_ciphers(1, pairings)
+        other_server, other_client = _datagram_ciphers(2, pairings)
+        elsewhere_server, elsewhere_client = _datagram_ciphers(1)
+        frame = server.sealer.seal(b"for stream 1, to the Proxy-Client")
+        self.assertEqual(self.rejected(frame, server.opener), _e2e.DATAGRAM_INTEGRITY)
+        self.assertEqual(self.rejected(frame, other_client.opener), _e2e.DATAGRAM_INTEGRITY)
+        self.assertEqual(self.rejected(frame, elsewhere_client.opener),
+                         _e2e.DATAGRAM_INTEGRITY)
+        self.assertEqual(client.opener.open(frame), b"for stream 1, to the Proxy-Client")
+        del other_server, elsewhere_server
+
+    def test_not_a_byte_stream_record(self) -> None:
+        """Datagram keys are not the stream's record keys: a byte-stream DATA record is no
+        datagram, and a datagram frame is a malformed record to the byte-stream decoder."""
+        server_pairing, client_pairing = _pairing()
+        value, record_cipher = server_pairing.open_stream(1, _e2e.inner_open(
+            fr.KIND_UDP, fr.target_fields("h", 1)))
+        _, client_records = client_pairing.accept_stream(value)
+        server = server_pairing.datagram_cipher(1)
+        client = client_pairing.datagram_cipher(1)
+        record = record_cipher.sealer.seal(_e2e.RecordType.DATA, b"x" * 40)
+        self.assertEqual(self.rejected(record, client.opener), _e2e.DATAGRAM_INTEGRITY)
+        as_datagram = bytes([_e2e.RecordType.DATAGRAM]) + record[1:]
+        self.assertEqual(self.rejected(as_datagram, client.opener), _e2e.DATAGRAM_INTEGRITY)
+        with self.assertRaises(_e2e.IntegrityError):
+            client_records.decoder.feed(server.sealer.seal(b"y" * 40))
+
+    def test_malformed_frames(self) -> None:
+        """Empty, short, wrongly typed and oversized frames are dropped as integrity."""
+        good = self.server.sealer.seal(b"ok")
+        for payload in (b"", good[:24], bytes([_e2e.RecordType.DATA]) + good[1:],
+                        good + bytes(fr.MAX_PAYLOAD)):
+            self.assertEqual(self.rejected(payload), _e2e.DATAGRAM_INTEGRITY)
+        self.assertEqual(self.client.opener.open(good), b"ok")
+
+    def test_keys_only_for_the_latest_stream(self) -> None:
+        """Datagram keys are made right after the sealed OPEN: not for an older stream, nor
+        one never opened."""
+        server, client = _pairing()
+        _datagram_ciphers(1, (server, client))
+        _datagram_ciphers(2, (server, client))
+        for pairing in (server, client):
+            self.assertRaises(ValueError, pairing.datagram_cipher, 1)
+            self.assertRaises(ValueError, pairing.datagram_cipher, 3)
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(script=st.lists(st.tuples(st.sampled_from(["pass", "drop", "flip", "repeat",
+                                                      "hold", "release"]),
+                                     st.integers(0, 63)), max_size=40))
+    def test_whatever_the_gateway_does(self, script: list[tuple[str, int]]) -> None:
+        """Whatever a Gateway does to a flow's frames (pass, drop, flip a bit, repeat, hold
+        back and release later), what is delivered is a strictly increasing subsequence of
+        what was sent, each datagram unchanged, and every frame that arrived and was not
+        delivered was dropped with a reason."""
+        server, client = _datagram_ciphers()
+        arrived: list[bytes] = []
+        held: list[bytes] = []
+        sent = []
+        for i, (action, where) in enumerate(script):
+            datagram = b"datagram %d" % i
+            sent.append(datagram)
+            frame = server.sealer.seal(datagram)
+            if action == "pass":
+                arrived.append(frame)
+            elif action == "flip":
+                changed = bytearray(frame)
+                changed[where % len(frame)] ^= 0x80
+                arrived.append(bytes(changed))
+            elif action == "repeat":
+                arrived += [frame, frame]
+            elif action == "hold":
+                held.append(frame)
+            elif action == "release":
+                arrived += [*held, frame]
+                held.clear()
+        delivered, dropped = [], 0
+        for frame in arrived:
+            try:
+                delivered.append(client.opener.open(frame))
+            except DatagramRejectedError:
+                dropped += 1
+        indices = [sent.index(d) for d in delivered]
+        self.assertEqual(indices, sorted(set(indices)))
+        self.assertEqual(len(delivered) + dropped, len(arrived))
+
+
+class _Flow(DatagramEndpoint):
+    """A DatagramEndpoint that records what reaches it."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.dropped: list[str] = []
+        self.ended: list[str] = []
+        self.stream: Any = None
+
+    def describe(self) -> str:
+        return "udp test flow"
+
+    def datagram_dropped(self, why: str) -> None:
+        self.dropped.append(why)
+
+    def stream_data(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def stream_ended(self) -> None:
+        self.ended.append("fin")
+
+    def stream_reset(self, reason: Reason, message: str, remote: bool) -> None:
+        self.ended.append(f"reset {reason.name}")
+
+    def stream_closed(self) -> None:
+        self.ended.append("closed")
+
+
+class SealedDatagramEnds(Ends):
+    """Two MuxProtocols over iosim whose udp streams are SealedDatagramStreams."""
+
+    def __init__(self, initial_window: int = 64 * 1024) -> None:
+        self.server_pairing, self.client_pairing = _pairing()
+        self.flows: list[_Flow] = []
+        super().__init__(initial_window)
+
+    def _open_requested(self, stream_id: int, request: Any) -> None:
+        value = request.fields[0][1]
+        details, _ = self.client_pairing.accept_stream(value)
+        assert details[0] == fr.KIND_UDP
+        flow = _Flow()
+        flow.stream = SealedDatagramStream(self.acceptor, stream_id, flow,
+                                           self.client_pairing.datagram_cipher(stream_id))
+        self.acceptor.streams[stream_id] = flow.stream
+        self.acceptor.accept_stream(stream_id)
+        self.flows.append(flow)
+
+    def open_flow(self) -> tuple[_Flow, _Flow]:
+        """Open a sealed udp stream: (the Proxy-Server's flow, the Proxy-Client's)."""
+        flow = _Flow()
+        stream_id = self.opener.core.next_stream_id
+        value, _ = self.server_pairing.open_stream(stream_id, _e2e.inner_open(
+            fr.KIND_UDP, fr.target_fields("127.0.0.1", 5353)))
+        cipher = self.server_pairing.datagram_cipher(stream_id)
+        flow.stream = _open_raw(self.opener, fr.KIND_SEALED, ((_e2e.FIELD_SEALED, value),),
+                                lambda sid: SealedDatagramStream(self.opener, sid, flow, cipher))
+        self.pump.flush()
+        return flow, self.flows[-1]
+
+
+class SealedDatagramStreamTests(SynchronousTestCase):
+    """SealedDatagramStream over an in-memory link: datagram framing at both ends, drops
+    counted, the flow going on, credit returned for what was dropped."""
+
+    def test_datagram_flag_and_both_ways(self) -> None:
+        """The outer kind is sealed, yet both ends frame the stream as datagrams: each
+        datagram whole, the empty one too, both ways; byte counts are plaintext."""
+        ends = SealedDatagramEnds()
+        near, far = ends.open_flow()
+        self.assertTrue(near.stream.record.datagram and far.stream.record.datagram)
+        for datagram in (b"q1", b"", b"q" * 20000):
+            self.assertIsNone(near.stream.send_datagram(datagram))
+        ends.pump.flush()
+        self.assertEqual(far.received, [b"q1", b"", b"q" * 20000])
+        self.assertIsNone(far.stream.send_datagram(b"answer"))
+        ends.pump.flush()
+        self.assertEqual(near.received, [b"answer"])
+        self.assertEqual((near.stream.bytes_out, far.stream.bytes_in), (20002, 20002))
+        self.assertRaises(RuntimeError, near.stream.write, b"bytes in clear")
+
+    def test_forged_and_replayed_frames_dropped_flow_goes_on(self) -> None:
+        """Forged DATA frames beyond the whole window and a replayed one, injected on the
+        link, are dropped and counted, never delivered; the stream is not reset (their
+        bytes were credited) and the next datagram arrives."""
+        ends = SealedDatagramEnds(initial_window=fr.EARLY_WINDOW)
+        near, far = ends.open_flow()
+        stream_id = far.stream.stream_id
+        for _ in range(40):  # 40,000 bytes through a 16 KiB window
+            ends.acceptor.dataReceived(fr.encode(FrameType.DATA, stream_id,
+                                                 bytes([4]) + os.urandom(999)))
+            ends.pump.flush()
+        replayed = near.stream.cipher.sealer.seal(b"once")
+        for _ in range(2):
+            ends.acceptor.dataReceived(fr.encode(FrameType.DATA, stream_id, replayed))
+        ends.pump.flush()
+        self.assertEqual(far.received, [b"once"])
+        self.assertEqual(far.dropped, ["integrity"] * 40 + ["replayed"])
+        self.assertIsNone(near.stream.send_datagram(b"still flowing"))
+        ends.pump.flush()
+        self.assertEqual(far.received, [b"once", b"still flowing"])
+        self.assertEqual(far.ended, [])
+        self.assertFalse(far.stream.finished)
+
+    def test_fin_ends_the_flow_without_end_record(self) -> None:
+        """A flow ends with FIN both ways (no END record); after it datagrams are dropped
+        as not open, without sealing."""
+        ends = SealedDatagramEnds()
+        near, far = ends.open_flow()
+        near.stream.loseWriteConnection()
+        ends.pump.flush()
+        self.assertEqual(far.ended, ["fin"])
+        sequence = near.stream.cipher.sealer.sequence
+        self.assertEqual(near.stream.send_datagram(b"late"), _mux.DROP_NOT_OPEN)
+        self.assertEqual(near.stream.cipher.sealer.sequence, sequence)
+        far.stream.loseWriteConnection()
+        ends.pump.flush()
+        self.assertEqual((near.ended, far.ended), (["fin", "closed"], ["fin", "closed"]))
 
 
 class UdpConfigTests(SynchronousTestCase):
@@ -511,11 +920,10 @@ class ServerFlowsTimerTests(SynchronousTestCase):
 
 
 class _RefusingLink:
-    """A link whose every stream is refused (as with endToEndPassword, which seals only
-    TCP streams)."""
+    """A link whose every stream is refused (as with endToEndPassword and no pairing)."""
 
     def open_stream(self, *args: Any, **kwargs: Any) -> Any:
-        raise StreamError(Reason.UNSUPPORTED, "udp streams are not sealed by this release")
+        raise StreamError(Reason.E2E_UNAVAILABLE, "end-to-end: no end-to-end pairing yet")
 
 
 class ServerFlowsRefusalTests(SynchronousTestCase):

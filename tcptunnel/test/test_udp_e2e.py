@@ -19,7 +19,11 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python import log
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tcptunnel import _e2e
+from tcptunnel import _frames as fr
+from tcptunnel._e2e import ServerState
 from tcptunnel.config import StartupError
+from tcptunnel.e2e import SealedDatagramStream, ServerEndToEnd
 from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
 from tcptunnel.status import TunnelCollector, snapshot
@@ -31,6 +35,8 @@ from tcptunnel.test._harness import (
     reserve_port,
     wait_until,
 )
+from tcptunnel.test._hostile import LogCapture
+from tcptunnel.test.test_e2e_tunnel import Relay
 
 
 def need(program: str) -> str:
@@ -101,17 +107,33 @@ class UdpTunnel:
 
     async def start(self, target_port: int, binding: str = "", tcp_target: int | None = None,
                     allowed: str | None = None, same_port: bool = False,
-                    listen_ip: str = "127.0.0.1") -> int:
+                    listen_ip: str = "127.0.0.1", target_host: str = "127.0.0.1",
+                    server_e2e: str | None = None, client_e2e: str | None = None,
+                    server_via: int = 0, client_via: int = 0) -> int:
         """Start the three roles; the UDP Binding's port.  ``same_port``: the TCP Binding
         listens on the UDP Binding's port number (iperf3 sends its datagrams to the port of
-        its control connection)."""
+        its control connection).  ``*_e2e``: the proxies' endToEndPassword (when both have
+        the same one, this waits for their pairing); ``*_via``: the port a proxy connects
+        to instead of the Gateway's (a relay in front of it)."""
         tunnel = self.tunnel
         tunnel.start_gateway()
         if allowed is None:
-            allowed = f'<Endpoint protocol="udp" host="127.0.0.1" port="{target_port}"/>'
+            allowed = f'<Endpoint protocol="udp" host="{target_host}" port="{target_port}"/>'
             if tcp_target is not None:
                 allowed += f'<Endpoint host="127.0.0.1" port="{tcp_target}"/>'
-        self.client = tunnel.start_proxy_client(allowed=allowed)
+
+        def attributes(via: int) -> str:
+            return (f'host="127.0.0.1" port="{via}" maxRetryDelay="1"' if via
+                    else tunnel._proxy_attributes(""))
+
+        def e2e(password: str | None) -> str:
+            return f'endToEndPassword="{password}"' if password is not None else ""
+
+        self.client = tunnel._start_proxy(
+            ProxyClientService,
+            f'<Instance type="proxy-client" {attributes(client_via)}>'
+            f'<Session id="1" password="client-pw" {e2e(client_e2e)}/>'
+            f'<AllowedTargetEndpoints>{allowed}</AllowedTargetEndpoints></Instance>')
         for _attempt in range(5):
             # A TCP port held for the test (reserve_port); its UDP twin is free but for a
             # race, after which another one is tried.
@@ -122,18 +144,23 @@ class UdpTunnel:
             try:
                 self.server = tunnel._start_proxy(
                     ProxyServerService,
-                    f'<Instance type="proxy-server" {tunnel._proxy_attributes("")}>'
-                    f'<Session id="1" password="server-pw">'
+                    f'<Instance type="proxy-server" {attributes(server_via)}>'
+                    f'<Session id="1" password="server-pw" {e2e(server_e2e)}>'
                     f'<Binding protocol="udp" listenIp="{listen_ip}" listenPort="{listen}" '
-                    f'targetHost="127.0.0.1" targetPort="{target_port}" {binding}/>{tcp}'
+                    f'targetHost="{target_host}" targetPort="{target_port}" {binding}/>{tcp}'
                     f'</Session></Instance>')
                 break
             except StartupError:
                 if not same_port:
                     raise
-        assert self.server is not None
-        await tunnel.ready(self.server, self.client)
-        return int(self.server.ports[0].getHost().port)
+        server = self.server
+        assert server is not None
+        await tunnel.ready(server, self.client)
+        if server_e2e is not None and server_e2e == client_e2e:
+            await wait_until(lambda: isinstance(server.e2e, ServerEndToEnd)
+                             and server.e2e.pairing.state is ServerState.PAIRED, 15,
+                             "the end-to-end pairing")
+        return int(server.ports[0].getHost().port)
 
     @property
     def tcp_port(self) -> int:
@@ -411,6 +438,230 @@ class FloodTests(TestCase):
         await tcp.ended
 
 
+E2E_PASSWORD = "udp end-to-end test password"
+MARKER = b"UDP-MARKER-5b1e-the-secret-datagram"
+
+
+class DatagramRelay(Relay):
+    """A relay in front of the Gateway for one proxy's link that applies ``tamper`` to the
+    DATA frames that proxy sends on sealed streams (datagram frames of sealed udp flows):
+    on the Proxy-Server's link those toward the target, on the Proxy-Client's link the
+    target's replies."""
+
+    def change(self, frame: fr.Frame, half: Any) -> list[fr.Frame]:
+        """The frames to forward for ``frame``, which ``half`` received."""
+        if frame.type == fr.FrameType.OPEN and frame.payload[8:9] == bytes([fr.KIND_SEALED]):
+            self.sealed[frame.stream_id] = 0  # opened by the proxy, or toward it
+            return [frame]
+        count = self.sealed.get(frame.stream_id)
+        if (not half.inbound or count is None or frame.type != fr.FrameType.DATA
+                or self.tamper is None):
+            return [frame]
+        self.sealed[frame.stream_id] = count + 1
+        return self.tamper(count, frame)
+
+
+def _malicious(index: int, frame: fr.Frame, held: list[fr.Frame]) -> list[fr.Frame]:
+    """What the relay does to the ``index``-th sealed datagram frame: #1 one bit flipped,
+    #2 sent twice, #3 dropped, #4 held back and sent after #5; the others untouched."""
+    if index == 1:
+        payload = bytearray(frame.payload)
+        payload[len(payload) // 2] ^= 0x04
+        return [fr.Frame(frame.type, frame.flags, frame.stream_id, bytes(payload))]
+    if index == 2:
+        return [frame, frame]
+    if index == 3:
+        return []
+    if index == 4:
+        held.append(frame)
+        return []
+    if index == 5:
+        return [frame, *held]
+    return [frame]
+
+
+#: The datagrams of the malicious relay's test that arrive: the untouched ones, in order
+#: (#4 came after #5, older: dropped as replayed).
+_DELIVERED = [0, 2, 5, 6, 7]
+
+
+class EndToEndUdpTests(TestCase):
+    """UDP flows sealed end to end: each datagram authenticated, a changed, replayed or
+    older one dropped and counted, the flow going on; the Gateway sees no payload and no
+    target; refusals as for TCP."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.logs = LogCapture(self)
+
+    async def test_boundaries_kept_sealed(self) -> None:
+        """Sealed, datagrams of 1, 0, 1,400, 65,507 (the largest over IPv4) and 3 bytes
+        arrive whole, one for one, in order, both ways; the flow's stream is a
+        SealedDatagramStream at both proxies, with the datagram flag set at both."""
+        echo = UdpEcho()
+        target = udp_port_of(self, echo)
+        udp = UdpTunnel(self)
+        port = await udp.start(target, server_e2e=E2E_PASSWORD, client_e2e=E2E_PASSWORD)
+        client = client_to(self, port)
+        sent = [bytes([i + 1]) * size for i, size in enumerate([1, 0, 1400, 65507, 3])]
+        for datagram in sent:
+            client.send(datagram)
+        await wait_until(lambda: len(client.received) >= len(sent), 10, "the echoes")
+        self.assertEqual(echo.received, sent)
+        self.assertEqual(client.received, sent)
+        server, proxy_client = udp.server, udp.client
+        assert server is not None and proxy_client is not None
+        for proxy in (server, proxy_client):
+            assert proxy.link is not None
+            flows = [s for s in proxy.link.streams.values() if s.record.datagram]
+            self.assertEqual(len(flows), 1)
+            self.assertIsInstance(flows[0], SealedDatagramStream)
+        self.assertEqual(udp.drops(server), {})
+        self.assertEqual(udp.drops(proxy_client), {})
+
+    async def _tampered(self, relay_on_server: bool) -> None:
+        """Eight datagrams through the malicious relay on one proxy's link: exactly the
+        untouched ones arrive, in order; the changed one is counted ``integrity``, the
+        repeated and the older one ``replayed`` at the receiving proxy; the flow is never
+        reset and a ninth datagram still goes through."""
+        echo = UdpEcho()
+        target = udp_port_of(self, echo)
+        udp = UdpTunnel(self)
+        udp.tunnel.gateway_port = reserve_port(self)
+        held: list[fr.Frame] = []
+        relay = DatagramRelay(udp.tunnel.gateway_port,
+                              lambda index, frame: _malicious(index, frame, held))
+        via = await relay.start(self)
+        port = await udp.start(target, server_e2e=E2E_PASSWORD, client_e2e=E2E_PASSWORD,
+                               server_via=via if relay_on_server else 0,
+                               client_via=0 if relay_on_server else via)
+        server, proxy_client = udp.server, udp.client
+        assert server is not None and proxy_client is not None
+        client = client_to(self, port)
+        sent = [b"datagram %d " % i + os.urandom(40) for i in range(8)]
+        expected = [sent[i] for i in _DELIVERED]
+        receiver: Any
+        if relay_on_server:
+            receiver, received, receiving = proxy_client, echo.received, "the target"
+            for datagram in sent:
+                client.send(datagram)
+        else:
+            # Replies are tampered: one request at a time, each answered by the echo.
+            receiver, received, receiving = server, client.received, "the sender"
+            for datagram in sent:
+                client.send(datagram)
+                await wait_until(_grown_list(echo.received, len(echo.received) + 1), 10,
+                                 "the target")
+        await wait_until(lambda: len(received) >= len(expected)
+                         and sum(udp.drops(receiver).values()) >= 3, 10,
+                         f"the datagrams at {receiving} and the drops")
+        self.assertEqual(received, expected)
+        self.assertEqual(udp.drops(receiver), {"integrity": 1, "replayed": 2})
+        client.send(b"after the attack")
+        await wait_until(lambda: received[-1:] == [b"after the attack"], 10,
+                         "a datagram after the attack")
+        for proxy in (server, proxy_client):
+            self.assertEqual(proxy.stats["udp_flows_opened",], 1)
+            self.assertEqual({k: n for k, n in proxy.stats.items()
+                              if k[0] == "udp_flows_ended"}, {})
+        text = self.logs.text()
+        self.assertIn("sealed datagram dropped on stream", text)
+        self.assertIn("the flow goes on", text)
+
+    async def test_tampered_toward_the_target(self) -> None:
+        """A malicious relay on the Proxy-Server's link flips, replays, drops and reorders
+        datagrams toward the target: the target gets exactly the untouched ones."""
+        await self._tampered(relay_on_server=True)
+
+    async def test_tampered_replies(self) -> None:
+        """The same attacks on the Proxy-Client's link, on the target's replies: the
+        sender gets exactly the untouched ones."""
+        await self._tampered(relay_on_server=False)
+
+    async def _recorded(self, password: str | None) -> bytes:
+        """Both links' bytes, through a recording relay, while MARKER datagrams go to an
+        echo target named localhost and back."""
+        target = udp_port_of(self, UdpEcho())
+        with contextlib.suppress(OSError):  # "localhost" may resolve to ::1 first
+            ipv6: Any = _reactor.listenUDP(target, UdpEcho(), interface="::1")
+            self.addCleanup(ipv6.stopListening)
+        udp = UdpTunnel(self)
+        udp.tunnel.gateway_port = reserve_port(self)
+        relay = Relay(udp.tunnel.gateway_port)
+        via = await relay.start(self)
+        port = await udp.start(target, target_host=_TARGET_NAME, server_e2e=password,
+                               client_e2e=password, server_via=via, client_via=via)
+        client = client_to(self, port)
+        for _ in range(3):
+            client.send(MARKER * 10)
+        await wait_until(lambda: len(client.received) == 3, 10, "the echoes")
+        self.assertEqual(client.received, [MARKER * 10] * 3)
+        return relay.bytes()
+
+    async def test_recorded_links_hold_no_datagram_and_no_target(self) -> None:
+        """With end-to-end on, neither link carries the datagrams' marker, the target's
+        host name or the end-to-end password."""
+        recorded = await self._recorded(E2E_PASSWORD)
+        self.assertGreater(len(recorded), 6 * len(MARKER) * 10)  # the datagrams went by
+        self.assertNotIn(MARKER, recorded)
+        self.assertNotIn(_TARGET_NAME.encode(), recorded)
+        self.assertNotIn(E2E_PASSWORD.encode(), recorded)
+
+    async def test_recorded_links_control_in_clear(self) -> None:
+        """The control: with end-to-end off the same recorder sees the marker and the
+        target's name."""
+        recorded = await self._recorded(None)
+        self.assertIn(MARKER, recorded)
+        self.assertIn(_TARGET_NAME.encode(), recorded)
+
+    async def _refused(self, server_e2e: str | None, client_e2e: str | None) -> UdpTunnel:
+        """A datagram at a Binding whose proxies cannot seal: it never reaches the target."""
+        echo = UdpEcho()
+        target = udp_port_of(self, echo)
+        udp = UdpTunnel(self)
+        port = await udp.start(target, server_e2e=server_e2e, client_e2e=client_e2e)
+        server = udp.server
+        assert server is not None
+        if server_e2e is not None:
+            assert isinstance(server.e2e, ServerEndToEnd)
+            pairing = server.e2e.pairing
+            await wait_until(lambda: pairing.state is ServerState.IDLE
+                             and pairing.failure is not None, 15, "the failed pairing")
+        client = client_to(self, port)
+        client.send(MARKER)
+        await wait_until(lambda: server.stats["udp_dropped", "stream_refused"]
+                         + server.stats["udp_flows_ended", "reset_remote"] >= 1, 10,
+                         "the flow to be refused")
+        self.assertEqual(echo.received, [])
+        return udp
+
+    async def test_password_mismatch_refuses_flows(self) -> None:
+        """Different end-to-end passwords: the flow is refused at the Proxy-Server with the
+        same reason as a TCP connection, "end-to-end password mismatch"."""
+        udp = await self._refused(E2E_PASSWORD, "another end-to-end password")
+        assert udp.server is not None
+        self.assertEqual(udp.server.stats["udp_dropped", "stream_refused"], 1)
+        self.assertIn("refused: end-to-end: " + _e2e.MESSAGE_MISMATCH, self.logs.text())
+
+    async def test_partner_without_password_refuses_flows(self) -> None:
+        """A Proxy-Client without an end-to-end password: the flow is refused at the
+        Proxy-Server, "the partner proxy has no end-to-end password"."""
+        udp = await self._refused(E2E_PASSWORD, None)
+        assert udp.server is not None
+        self.assertEqual(udp.server.stats["udp_dropped", "stream_refused"], 1)
+        self.assertIn("refused: end-to-end: " + _e2e.MESSAGE_NO_PASSWORD, self.logs.text())
+
+    async def test_clear_flow_to_a_client_that_requires_it(self) -> None:
+        """A Proxy-Server without a password opens the flow in clear; the Proxy-Client,
+        which has one, refuses it E2E_REQUIRED before opening a socket."""
+        udp = await self._refused(None, E2E_PASSWORD)
+        assert udp.server is not None and udp.client is not None
+        self.assertEqual(udp.server.stats["udp_flows_ended", "reset_remote"], 1)
+        self.assertIn("E2E_REQUIRED", self.logs.text())
+        self.assertIn("A stream in clear from Proxy-Server #1 refused", self.logs.text())
+
+
 class RealClientTests(TestCase):
     """dig, socat and iperf3 through the tunnel."""
 
@@ -460,6 +711,30 @@ class RealClientTests(TestCase):
             self.assertEqual(out.strip(), b"192.0.2.7")
         self.assertEqual(server.stats["udp_flows_opened",], 3)
         self.assertEqual(server.stats["udp_datagrams", "to_senders"], 3)
+
+    async def test_dig_sealed_end_to_end(self) -> None:
+        """The same with endToEndPassword at both proxies: dig gets dnsmasq's answer three
+        times, each query and answer in a sealed flow (a SealedDatagramStream at both
+        proxies), nothing dropped."""
+        dig = need("dig")
+        dns_port = await self._dnsmasq()
+        udp = UdpTunnel(self)
+        port = await udp.start(dns_port, server_e2e=E2E_PASSWORD, client_e2e=E2E_PASSWORD)
+        server, client = udp.server, udp.client
+        assert server is not None and client is not None
+        for _ in range(3):
+            out = await utils.getProcessOutput(
+                dig, ["@127.0.0.1", "-p", str(port), "+short", "+tries=1", "+time=3",
+                      "test.example", "A"], env=os.environ)
+            self.assertEqual(out.strip(), b"192.0.2.7")
+        self.assertEqual(server.stats["udp_flows_opened",], 3)
+        self.assertEqual(server.stats["udp_datagrams", "to_senders"], 3)
+        for proxy in (server, client):
+            assert proxy.link is not None
+            flows = [s for s in proxy.link.streams.values() if s.record.datagram]
+            self.assertEqual(len(flows), 3)
+            self.assertTrue(all(isinstance(f, SealedDatagramStream) for f in flows))
+            self.assertEqual(udp.drops(proxy), {})
 
     async def test_socat_both_ways(self) -> None:
         """socat as the sender (STDIO to UDP) and socat as the target (an echo server):
@@ -574,11 +849,17 @@ async def _run_with_input(program: str, args: list[str], data: bytes,
 
 
 _reactor: Any = reactor  # typed as the reactor interfaces it provides (listenUDP among them)
+_TARGET_NAME = "localhost"
 
 
 def _grown(buffer: bytearray, size: int) -> Callable[[], bool]:
     """A predicate: ``buffer`` holds at least ``size`` bytes."""
     return lambda: len(buffer) >= size
+
+
+def _grown_list(items: list[bytes], size: int) -> Callable[[], bool]:
+    """A predicate: ``items`` holds at least ``size`` entries."""
+    return lambda: len(items) >= size
 
 
 def _user() -> str:
