@@ -21,7 +21,9 @@ socket finally goes away.
 
 from __future__ import annotations
 
+import struct
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tcptunnel import _frames as fr
@@ -38,6 +40,56 @@ FRAME_COST = 84
 # The largest OPEN payload the Gateway forwards (fields included): a target, a client
 # address and a sealed end-to-end OPEN fit many times over.
 MAX_FORWARDED_OPEN = 4096
+# How the Gateway names a stream's kind on its status page and in its log lines.  Sealed
+# and pairing streams carry no target the Gateway can read (their kind, target and fields
+# travel end-to-end encrypted): it shows what they are, never where they go.
+KIND_LABELS = {fr.KIND_TCP: "TCP", fr.KIND_UDP: "UDP", fr.KIND_PAKE: "end-to-end pairing",
+               fr.KIND_SEALED: "end-to-end encrypted"}
+#: The kinds whose target the Gateway reads from the OPEN (in clear): the others' it cannot.
+CLEAR_KINDS = frozenset((fr.KIND_TCP, fr.KIND_UDP))
+
+
+def kind_name(kind: int) -> str:
+    """A stream kind's short name (``tcp``, ``udp``, ``pake``, ``sealed``), or ``other`` for
+    a kind the Gateway does not know (it forwards those too): a bounded label set."""
+    return fr.KIND_NAMES.get(kind, "other")
+
+
+def kind_label(kind: int) -> str:
+    """A stream kind as people read it: TCP, UDP, end-to-end encrypted, end-to-end pairing."""
+    return KIND_LABELS.get(kind, f"kind {kind}")
+
+
+_OPEN_FIXED = 9  # window u32, origin u32, kind u8 (tcptunnel._frames)
+_FIELD_HEADER = struct.Struct(">BH")
+
+
+def clear_target(payload: bytes) -> str | None:
+    """``host:port`` of a tcp or udp OPEN, for the status page and the log (IPv6 in
+    brackets, anything unprintable escaped), or None when its fields name none.
+
+    Only the HOST and PORT fields are looked for, nothing is validated (the Proxy-Client
+    does that, and refuses what it cannot dial): ``fr.parse_open`` takes 3.8 us, this
+    1.3 us, of the about 38 us the relay spends on a stream's four frames (measured with
+    and without it in one run: 0.97-1.06x, noise).
+    """
+    host: bytes | None = None
+    port: int | None = None
+    offset, end = _OPEN_FIXED, len(payload)
+    while offset + 3 <= end and (host is None or port is None):
+        tag, length = _FIELD_HEADER.unpack_from(payload, offset)
+        offset += 3
+        if offset + length > end:
+            return None
+        if tag == fr.FIELD_HOST and host is None and 0 < length <= fr.MAX_HOST_BYTES:
+            host = payload[offset:offset + length]
+        elif tag == fr.FIELD_PORT and port is None and length == 2:
+            port = payload[offset] << 8 | payload[offset + 1]
+        offset += length
+    if host is None or not port:
+        return None
+    text = fr.printable(host.decode("utf-8", errors="replace"))
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +109,21 @@ class StreamFrameReceived:
     """A stream frame, for :meth:`RelayCore.stream_frame`."""
 
     frame: Frame
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """A route that ended, for the Gateway's log line (:meth:`RelayCore.take_ended`).
+
+    ``how`` is ``closed`` (FIN both ways), ``refused`` (the Proxy-Client's OPEN_RESULT) or
+    ``reset`` (a RESET from either proxy, a broken stream rule, or a lost link); ``reason``
+    is the Reason's name (``OK`` when closed).  The peers' reason texts are left out: they
+    are theirs, and what a Proxy-Client says of a sealed stream may name its target.
+    """
+
+    route: Route
+    how: str
+    reason: str
 
 
 class Budget:
@@ -241,10 +308,17 @@ class RelayLink(LinkCore):
 
 
 class Route:
-    """One stream across the Gateway: (Proxy-Server link, id) <-> (Proxy-Client link, id)."""
+    """One stream across the Gateway: (Proxy-Server link, id) <-> (Proxy-Client link, id).
+
+    It keeps what the Gateway can know of the stream for its status page and log lines: the
+    kind from the OPEN, the target only for a stream in clear (``None`` for an end-to-end
+    encrypted one: the Gateway cannot read it), when it opened, and the DATA bytes relayed
+    each way.
+    """
 
     # One per tunneled connection: no per-instance dict.
-    __slots__ = ("client", "client_stream", "server", "server_stream", "state", "to_client",
+    __slots__ = ("bytes_to_client", "bytes_to_server", "client", "client_stream", "kind",
+                 "opened_at", "server", "server_stream", "state", "target", "to_client",
                  "to_server")
     state: StreamState
 
@@ -259,17 +333,29 @@ class Route:
         self.state = advance(self.state, sent if from_server else received)
 
     def __init__(self, server: RelayLink, server_stream: int, client: RelayLink,
-                 client_stream: int, server_window: int) -> None:
+                 client_stream: int, server_window: int, kind: int = fr.KIND_TCP,
+                 target: str | None = None, opened_at: float = 0.0) -> None:
         self.server = server
         self.server_stream = server_stream
         self.client = client
         self.client_stream = client_stream
+        self.kind = kind
+        self.target = target
+        self.opened_at = opened_at
+        self.bytes_to_client = 0
+        self.bytes_to_server = 0
         # The lifecycle as the opener (the Proxy-Server) sees it: its frames are "sent", the
         # Proxy-Client's "received"; one table (tcptunnel._stream) for every end.
         self.state = StreamState.OPEN_SENT
         # DATA from the Proxy-Server: until the OPEN_RESULT only the early-data window.
         self.to_client = Direction(fr.EARLY_WINDOW)
         self.to_server = Direction(server_window)
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the stream is end-to-end (sealed or pairing): the Gateway relays what it
+        cannot read, and knows no target."""
+        return self.kind in (fr.KIND_SEALED, fr.KIND_PAKE)
 
 
 @dataclass(eq=False)
@@ -296,14 +382,19 @@ class RelayCore:
     """Sessions and routes of one Gateway instance; see the module docstring."""
 
     def __init__(self, session_ids: list[int], limits: RelayLimits,
-                 stats: Counter[tuple[str | int, ...]] | None = None) -> None:
+                 stats: Counter[tuple[str | int, ...]] | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.limits = limits
+        # When routes open (for how long a stream ran); the adapter passes its reactor's.
+        self.clock: Callable[[], float] = clock if clock is not None else (lambda: 0.0)
         self.sessions: dict[int, Session] = {sid: Session(sid) for sid in session_ids}
         self.total = Budget()
         self.stats: Counter[tuple[str | int, ...]] = Counter() if stats is None else stats
         self.links: set[RelayLink] = set()  # every link not yet detached
         self._dirty: dict[RelayLink, None] = {}
         self._failed: list[tuple[RelayLink, GoAway, str]] = []
+        # Routes ended since take_ended (at most the routes of the links one call touched).
+        self._ended: list[StreamEnded] = []
 
     # -- effects ------------------------------------------------------------
 
@@ -317,6 +408,11 @@ class RelayCore:
         """Links the relay closed (already detached, GOAWAY queued): close their transports."""
         failed, self._failed = self._failed, []
         return failed
+
+    def take_ended(self) -> list[StreamEnded]:
+        """Routes that ended since the last call, in the order they ended: log them."""
+        ended, self._ended = self._ended, []
+        return ended
 
     def _send(self, link: RelayLink, frame: bytes) -> None:
         link.queue_control(frame)
@@ -443,6 +539,7 @@ class RelayCore:
             other.routes.pop(other_id, None)
             link.drop_stream(route.server_stream if link is route.server else route.client_stream)
             self.stats["streams_reset", reason.name] += 1
+            self._ended.append(StreamEnded(route, "reset", reason.name))
             if not route.open and other is route.server:
                 other.drop_stream(other_id)
                 self._send(other, fr.build_open_result(other_id, Reason.NO_PARTNER, 0, message))
@@ -535,7 +632,7 @@ class RelayCore:
         session = link.session
         assert session is not None
         try:
-            window, _origin, _kind = fr.parse_open_header(frame.payload)
+            window, _origin, kind = fr.parse_open_header(frame.payload)
         except StreamError as e:
             self._send(link, fr.build_open_result(stream_id, e.reason, 0, e.message))
             return
@@ -569,7 +666,10 @@ class RelayCore:
         assert client is not None
         client_id = client.next_stream_id
         client.next_stream_id += 1
-        route = Route(link, stream_id, client, client_id, window)
+        # The target of a stream in clear, for the status page and the log; a sealed
+        # stream's travels encrypted (docs/security.md): the Gateway does not look for it.
+        target = clear_target(frame.payload) if kind in CLEAR_KINDS else None
+        route = Route(link, stream_id, client, client_id, window, kind, target, self.clock())
         link.routes[stream_id] = route
         client.routes[client_id] = route
         self.stats["streams_opened", session.id] += 1
@@ -591,6 +691,10 @@ class RelayCore:
             route.advance(from_server, StreamEvent.SEND_DATA, StreamEvent.RECV_DATA)
             size = len(frame.payload)
             towards_other.take(size)
+            if from_server:
+                route.bytes_to_client += size
+            else:
+                route.bytes_to_server += size
             session = link.session
             self.stats["bytes", session.id if session is not None else 0,
                        "to_client" if from_server else "to_server"] += size
@@ -611,12 +715,14 @@ class RelayCore:
             if route.state is StreamState.CLOSED:
                 self.stats["streams_closed",] += 1
                 self._forget(route)
+                self._ended.append(StreamEnded(route, "closed", Reason.OK.name))
             self._check(other)
         elif frame_type == FrameType.RESET:
             route.state = StreamState.RESET
             reason, message = fr.parse_reset(frame.payload)
             self.stats["streams_reset", reason.name] += 1
             self._forget(route)
+            self._ended.append(StreamEnded(route, "reset", reason.name))
             # Neither side takes more of this stream: drop what waits for either.
             link.drop_stream(route.server_stream if from_server else route.client_stream)
             other.drop_stream(other_id)
@@ -635,6 +741,7 @@ class RelayCore:
             else:
                 route.advance(False, StreamEvent.SEND_OPEN_FAILED, StreamEvent.RECV_OPEN_FAILED)
                 self._forget(route)
+                self._ended.append(StreamEnded(route, "refused", reason.name))
                 link.drop_stream(route.client_stream)  # early data it will not take
             # Passed on as it came: the reason text is the Proxy-Client's.
             self._send(other, fr.encode(FrameType.OPEN_RESULT, other_id, frame.payload))
@@ -649,6 +756,7 @@ class RelayCore:
         """A violation on a route: reset it toward both proxies."""
         self.stats["streams_reset", reason.name] += 1
         self._forget(route)
+        self._ended.append(StreamEnded(route, "reset", reason.name))
         for link, stream_id in ((route.server, route.server_stream),
                                 (route.client, route.client_stream)):
             link.drop_stream(stream_id)

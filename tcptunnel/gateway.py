@@ -36,7 +36,10 @@ from tcptunnel._relay import (
     RelayLink,
     Route,
     Session,
+    StreamEnded,
     StreamFrameReceived,
+    kind_label,
+    kind_name,
 )
 from tcptunnel.auth import (
     AuthInfo,
@@ -393,7 +396,7 @@ class Gateway:
         # Event counters for /metrics: (name, label...) -> count.
         self.stats: Counter[tuple[str | int, ...]] = Counter()
         self.relay = RelayCore([s.id for s in config.sessions], relay_limits(config.limits),
-                               self.stats)
+                               self.stats, clock=clock.seconds)
         self.auth_infos: dict[tuple[int, int], AuthInfo] = {}
         for session in config.sessions:
             self._add_auth_infos(session.id, session)
@@ -403,6 +406,10 @@ class Gateway:
         self.slots = UnauthenticatedSlots(config.limits.max_unauthenticated_links,
                                           config.limits.max_unauthenticated_links_per_address)
         self.log_budget = LogBudget()
+        # One line per stream end, like an access log; an authenticated Proxy-Server could
+        # still open and reset streams as fast as its link carries OPENs: past 100 lines a
+        # second (1000 at once) they are counted, not written.
+        self.stream_log_budget = LogBudget(rate=100.0, burst=1000)
         self.unauthenticated: set[GatewayLink] = set()
         self.links: set[GatewayLink] = set()
         # Draining (issue 20): no new logins; sessions leave as their streams end.
@@ -421,10 +428,42 @@ class Gateway:
         self.auth_infos[(session_id, fr.ROLE_PROXY_SERVER)] = auth_info_for(
             session_config.proxy_server)
 
+    def log_ended(self, ended: list[StreamEnded]) -> None:
+        """One line per stream that ended: its session, Proxy-Server and stream id, kind,
+        how it ended, how long it ran and the bytes relayed each way.  A sealed stream says
+        end-to-end encrypted and names no target: the Gateway cannot know it."""
+        budget = self.stream_log_budget
+        now = self.clock.seconds()
+        for item in ended:
+            if not budget.allow(now):
+                continue
+            suppressed = budget.take_suppressed()
+            if suppressed:
+                self.log.warn("[{index}] {count} stream log lines were suppressed (too many)",
+                              index=self.config.index, count=suppressed)
+            route = item.route
+            session = route.server.session
+            label = kind_label(route.kind)
+            what = (f"{label} stream to {route.target}" if route.target is not None
+                    else f"{label} stream")
+            how = item.how if item.how == "closed" else f"{item.how} ({item.reason})"
+            self.log.info(
+                "[{index}] Session {session}, Proxy-Server #{server}, stream {stream}: {what} "
+                "{how} after {duration:.1f} s, {to_client} bytes to the Proxy-Client, "
+                "{to_server} bytes back",
+                index=self.config.index, session=session.id if session is not None else "-",
+                server=route.server.number, stream=route.server_stream, what=what, how=how,
+                kind=kind_name(route.kind), end_to_end=route.sealed, target=route.target,
+                ended=item.how, reason=item.reason, duration=now - route.opened_at,
+                to_client=route.bytes_to_client, to_server=route.bytes_to_server,
+                event="gateway_stream_ended")
+
     def apply_effects(self) -> None:
-        """Carry out what the relay decided: close the links it failed, write the others."""
+        """Carry out what the relay decided: log the streams that ended, close the links it
+        failed, write the others."""
         relay = self.relay
         while True:
+            self.log_ended(relay.take_ended())
             failed = relay.take_failed()
             for link, code, message in failed:
                 adapter = link.adapter

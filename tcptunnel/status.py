@@ -17,6 +17,7 @@ import ipaddress
 import json
 import os
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +32,7 @@ from twisted.web.server import Request, Site
 
 from tcptunnel import __version__
 from tcptunnel import _frames as fr
+from tcptunnel._relay import Session, kind_label, kind_name
 from tcptunnel.config import StatusConfig, format_address, normalise_host
 from tcptunnel.gateway import GatewayLink, GatewayService
 from tcptunnel.ports import listen
@@ -79,6 +81,41 @@ def process_info(started: float, now: float) -> dict[str, Any]:
     }
 
 
+#: The streams ``/status`` lists one by one per session (the counts cover all of them): a
+#: session may have 1024 per link, and the page refreshes every 5 s.
+MAX_LISTED_STREAMS = 100
+#: The kinds a Gateway counts per session; a kind it does not know counts as ``other``.
+STREAM_KINDS = ("tcp", "udp", "sealed", "pake", "other")
+
+
+def session_streams(session: Session, now: float) -> dict[str, Any]:
+    """A Gateway session's streams as ``/status`` shows them: counts by kind, how many are
+    end-to-end (sealed or pairing), and the first :data:`MAX_LISTED_STREAMS` one by one.
+
+    A stream in clear shows its target; an end-to-end one shows ``target`` None and
+    ``end_to_end`` true: its kind, target and fields travel encrypted, the Gateway sees
+    only that it exists, its size and its timing.
+    """
+    counts = dict.fromkeys(STREAM_KINDS, 0)
+    rows: list[dict[str, Any]] = []
+    end_to_end = 0
+    for server in session.servers.values():
+        for route in server.routes.values():
+            counts[kind_name(route.kind)] += 1
+            end_to_end += route.sealed
+            if len(rows) < MAX_LISTED_STREAMS:
+                rows.append({
+                    "proxy_server": server.number, "stream": route.server_stream,
+                    "kind": kind_name(route.kind), "label": kind_label(route.kind),
+                    "end_to_end": route.sealed, "target": route.target,
+                    "open": route.open, "since": round(now - route.opened_at, 1),
+                    "bytes_to_client": route.bytes_to_client,
+                    "bytes_to_server": route.bytes_to_server,
+                })
+    return {"streams_by_kind": counts, "end_to_end_streams": end_to_end,
+            "streams": rows, "streams_not_listed": sum(counts.values()) - len(rows)}
+
+
 def _gateway_snapshot(child: GatewayService, now: float) -> dict[str, Any]:
     gateway = child.gateway
     # What the Gateway would itself forget or free at its next attempt; done here so that
@@ -112,6 +149,7 @@ def _gateway_snapshot(child: GatewayService, now: float) -> dict[str, Any]:
             "bytes_to_server": gateway.stats["bytes", session.id, "to_server"],
             "queued_bytes": session.budget.queued,
             "peers": peers,
+            **session_streams(session, now),
         })
     slots = gateway.slots
     return {
@@ -244,6 +282,10 @@ class TunnelCollector(Collector):
                                      labels=["instance", "role"])
         queued = GaugeMetricFamily("tcptunnel_queued_bytes", "Bytes queued for sending",
                                    labels=["instance", "role"])
+        relayed = GaugeMetricFamily(
+            "tcptunnel_gateway_streams", "Streams open now through the Gateway, by session "
+            "and kind (tcp, udp, sealed: end-to-end encrypted, pake: end-to-end pairing, "
+            "other)", labels=["instance", "session", "kind"])
         session_queued = GaugeMetricFamily("tcptunnel_session_queued_bytes",
                                            "Bytes the Gateway queued toward a session's links",
                                            labels=["instance", "session"])
@@ -290,6 +332,10 @@ class TunnelCollector(Collector):
                 queued.add_metric([index, "gateway"], gateway.relay.total.queued)
                 for session in gateway.sessions.values():
                     session_queued.add_metric([index, str(session.id)], session.budget.queued)
+                    by_kind = Counter(kind_name(route.kind) for server in
+                                      session.servers.values() for route in server.routes.values())
+                    for kind in STREAM_KINDS:
+                        relayed.add_metric([index, str(session.id), kind], by_kind[kind])
                 gateway.slots.expire(child.reactor.seconds())
                 held = gateway.slots.held()
                 slots.add_metric([index, "open"], len(gateway.slots) - held)
@@ -343,7 +389,8 @@ class TunnelCollector(Collector):
                 udp_flows.add_metric([index, role], _udp_status(child)["flows"])
         yield from (info, links, logins, with_client, partners, streams_open, streams_opened,
                     streams_refused, streams_ended, streams_reset, session_bytes,
-                    proxy_bytes_total, stalls, queued, session_queued, rtt, reconnects, limits,
+                    proxy_bytes_total, stalls, queued, relayed, session_queued, rtt, reconnects,
+                    limits,
                     slots, slots_limit, throttle, udp_flows, udp_datagrams, udp_dropped)
 
 
@@ -421,6 +468,41 @@ def _proxy_state_html(instance: dict[str, Any]) -> str:
     return f'<span class="{css}">{html.escape(text)}</span>'
 
 
+_KIND_WORDS = (("tcp", "TCP"), ("udp", "UDP"), ("sealed", "end-to-end encrypted"),
+               ("pake", "end-to-end pairing"), ("other", "of other kinds"))
+
+
+def _stream_counts_text(counts: dict[str, int]) -> str:
+    """``2 TCP · 1 end-to-end encrypted``, or ``none``."""
+    return " · ".join(f"{counts[key]} {word}" for key, word in _KIND_WORDS
+                      if counts.get(key)) or "none"
+
+
+def _stream_rows_html(instance: dict[str, Any]) -> str:
+    """The table of a Gateway's streams: a stream in clear with its target, an end-to-end
+    one as end-to-end encrypted (the Gateway cannot know its target)."""
+    e = html.escape
+    rows = []
+    not_listed = 0
+    for session in instance["sessions"]:
+        not_listed += session["streams_not_listed"]
+        for item in session["streams"]:
+            target = ("end-to-end encrypted (not visible to the Gateway)" if item["end_to_end"]
+                      else item["target"] or "?")
+            rows.append(
+                f"<tr><td>{session['id']}</td><td>#{item['proxy_server']}</td>"
+                f"<td>{item['stream']}</td><td>{e(item['label'])}</td><td>{e(target)}</td>"
+                f"<td>{e(human_duration(item['since']))}</td>"
+                f"<td>{e(human_bytes(item['bytes_to_client']))} / "
+                f"{e(human_bytes(item['bytes_to_server']))}</td></tr>")
+    if not rows:
+        return ""
+    more = f"<p><small>and {not_listed} more stream(s)</small></p>" if not_listed else ""
+    return ("<table><tr><th>session</th><th>Proxy-Server</th><th>stream</th><th>kind</th>"
+            "<th>target</th><th>up</th><th>to client / to server</th></tr>"
+            + "".join(rows) + "</table>" + more)
+
+
 def render_page(status: dict[str, Any]) -> str:
     """The human-readable status page."""
     e = html.escape
@@ -454,12 +536,14 @@ def render_page(status: dict[str, Any]) -> str:
                     for p in session["peers"]) or "—"
                 rows.append(f"<tr><td>{session['id']}</td><td>{state}</td>"
                             f"<td>{session['proxy_servers']}</td><td>{peers}</td>"
+                            f"<td>{e(_stream_counts_text(session['streams_by_kind']))}</td>"
                             f"<td>{e(human_bytes(session['bytes_to_client']))} / "
                             f"{e(human_bytes(session['bytes_to_server']))}</td>"
                             f"<td>{e(human_bytes(session['queued_bytes']))}</td></tr>")
             parts.append("<table><tr><th>session</th><th>state</th><th>Proxy-Servers</th>"
-                         "<th>peers</th><th>to client / to server</th><th>queued</th></tr>"
-                         + "".join(rows) + "</table>")
+                         "<th>peers</th><th>streams</th><th>to client / to server</th>"
+                         "<th>queued</th></tr>" + "".join(rows) + "</table>")
+            parts.append(_stream_rows_html(instance))
         else:
             up = (f" for {e(human_duration(instance['since']))}"
                   if instance["since"] is not None else "")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +37,8 @@ from tcptunnel.test._harness import (
     binding_port,
     connect,
     listen,
+    reserve_port,
+    spawn_twistd,
     wait_until,
 )
 from tcptunnel.test._hostile import LogCapture
@@ -708,3 +712,92 @@ class SealedStreamTests(SynchronousTestCase):
         self.assertIn("INTEGRITY", splice.end_description)
         self.assertIn("INTEGRITY", far_splice.end_description)
         self.assertTrue(far_socket.aborted)
+
+
+class GatewayViewTests(TestCase):
+    """What a real Gateway process (twistd, with a status page) shows of streams: an
+    end-to-end encrypted one as such, never its target; a clear one with its target."""
+
+    timeout = 60
+
+    async def test_status_and_log_name_no_target_of_a_sealed_stream(self) -> None:
+        """Session 1 end-to-end, session 2 in clear (the control), each with one stream to
+        an echo target named localhost, held open while /status is read: the Gateway's
+        status JSON lists session 1's stream as end-to-end encrypted without a target and
+        its log line at the stream's end says so, and neither holds the target's host or
+        port; session 2's stream shows localhost:port in both."""
+        from tcptunnel.test.test_status import get
+
+        tunnel = Tunnel(self, sessions=((1, "client-pw", "server-pw"),
+                                        (2, "client-pw2", "server-pw2")))
+        self.addCleanup(tunnel.close)
+        status_port, gateway_port = reserve_port(self), reserve_port(self)
+        gateway = spawn_twistd(self, f'<Status listenIp="127.0.0.1" listenPort="{status_port}"/>'
+                               + tunnel.gateway_xml(gateway_port))
+        await wait_until(lambda: b"Status page on" in gateway.output
+                         and b"Gateway listener started" in gateway.output, 20,
+                         "the Gateway process to listen")
+        tunnel.gateway_port = gateway_port
+        echo = await listen(self, EchoProtocol)
+        proxies: list[Any] = []
+        for session, e2e in ((1, f'endToEndPassword="{E2E_PASSWORD}"'), (2, "")):
+            proxies.append(tunnel._start_proxy(ProxyClientService, (
+                f'<Instance type="proxy-client" {tunnel._proxy_attributes("")}>'
+                f'<Session id="{session}" password="{tunnel._password(session, 1)}" {e2e}/>'
+                '<AllowedTargetEndpoints><Endpoint host="localhost" port="1-65535"/>'
+                "</AllowedTargetEndpoints></Instance>")))
+            proxies.append(tunnel._start_proxy(ProxyServerService, (
+                f'<Instance type="proxy-server" {tunnel._proxy_attributes("")}>'
+                f'<Session id="{session}" password="{tunnel._password(session, 2)}" {e2e}>'
+                f'<Binding listenIp="127.0.0.1" listenPort="0" targetHost="{TARGET_NAME}" '
+                f'targetPort="{echo}"/></Session></Instance>')))
+        await tunnel.ready(*proxies)
+        sealed_server, clear_server = proxies[1], proxies[3]
+        assert isinstance(sealed_server, ProxyServerService)
+        assert isinstance(clear_server, ProxyServerService)
+        await wait_until(lambda: isinstance(sealed_server.e2e, ServerEndToEnd)
+                         and sealed_server.e2e.pairing.state is ServerState.PAIRED, 15,
+                         "the end-to-end pairing")
+        apps = [await connect(binding_port(server)) for server in (sealed_server, clear_server)]
+        for app in apps:
+            app.transport.write(MARKER)
+        await wait_until(lambda: all(bytes(app.received) == MARKER for app in apps), 10,
+                         "the echoes")
+
+        code, body = await get(f"http://127.0.0.1:{status_port}/status")
+        self.assertEqual(code, 200)
+        (instance,) = json.loads(body)["instances"]
+        sessions = {session["id"]: session for session in instance["sessions"]}
+        sealed, clear = sessions[1], sessions[2]
+        # The stream, and the pairing's own stream (held while the pairing lasts).
+        self.assertEqual((sealed["end_to_end_streams"], sealed["streams_by_kind"]["sealed"],
+                          sealed["streams_by_kind"]["pake"], sealed["streams_by_kind"]["tcp"]),
+                         (2, 1, 1, 0))
+        rows = {row["kind"]: row for row in sealed["streams"]}
+        self.assertEqual([(row["label"], row["end_to_end"], row["target"])
+                          for row in (rows["sealed"], rows["pake"])],
+                         [("end-to-end encrypted", True, None),
+                          ("end-to-end pairing", True, None)])
+        self.assertGreater(rows["sealed"]["bytes_to_client"], len(MARKER))  # and overhead
+        self.assertEqual(clear["streams_by_kind"]["tcp"], 1)
+        self.assertEqual(clear["streams"][0]["target"], f"{TARGET_NAME}:{echo}")
+        target_port = re.compile(rf"\b{echo}\b")
+        self.assertNotIn(TARGET_NAME, json.dumps(sealed))
+        self.assertIsNone(target_port.search(json.dumps(sealed)))
+
+        for app in apps:
+            app.transport.loseWriteConnection()
+            self.assertEqual(await app.ended, "clean")
+        await wait_until(lambda: gateway.log().count(" closed after ") >= 2, 10,
+                         "the Gateway's log lines of both streams' ends")
+        lines = gateway.log().splitlines()
+        (sealed_line,) = [line for line in lines if "Session 1, Proxy-Server" in line
+                          and "closed after" in line]
+        self.assertIn("end-to-end encrypted stream closed after", sealed_line)
+        session_1 = "\n".join(line for line in lines if "Session 2" not in line
+                              and "session 2" not in line)
+        self.assertNotIn(TARGET_NAME, session_1)
+        self.assertIsNone(target_port.search(session_1))
+        (clear_line,) = [line for line in lines if "Session 2, Proxy-Server" in line
+                         and "closed after" in line]
+        self.assertIn(f"TCP stream to {TARGET_NAME}:{echo} closed after", clear_line)

@@ -26,7 +26,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from tcptunnel import _frames as fr
 from tcptunnel._frames import Frame, FrameType, GoAway, LinkError, Reason
 from tcptunnel._link import GoAwayReceived
-from tcptunnel._relay import RelayCore, RelayLimits, RelayLink, StreamFrameReceived
+from tcptunnel._relay import (
+    CLEAR_KINDS,
+    RelayCore,
+    RelayLimits,
+    RelayLink,
+    Route,
+    StreamEnded,
+    StreamFrameReceived,
+)
 
 EXAMPLES = int(os.environ.get("TCPTUNNEL_FUZZ_EXAMPLES", "200"))
 ROLE_CLIENT = fr.ROLE_PROXY_CLIENT
@@ -41,7 +49,10 @@ class Relay:
 
     def __init__(self, limits: RelayLimits | None = None,
                  sessions: tuple[int, ...] = (1, 2)) -> None:
-        self.core = RelayCore(list(sessions), limits or RelayLimits())
+        self.now = 0.0
+        self.core = RelayCore(list(sessions), limits or RelayLimits(), clock=lambda: self.now)
+        self.ended: list[StreamEnded] = []  # what take_ended said, in order
+        self.seen_routes: set[Route] = set()  # every route record_routes saw
         self.decoders: dict[RelayLink, fr.FrameDecoder] = {}
         self.gone: set[RelayLink] = set()  # the adapter stopped feeding these (closed or lost)
         self.failed: list[tuple[RelayLink, GoAway, str]] = []
@@ -100,6 +111,7 @@ class Relay:
     def record_routes(self, link: RelayLink) -> None:
         """Remember the routes through ``link`` (both ends), for checking what is sent."""
         for route in link.routes.values():
+            self.seen_routes.add(route)
             server = (route.server, route.server_stream)
             client = (route.client, route.client_stream)
             self.partners.setdefault(server, set()).add(client)
@@ -111,6 +123,7 @@ class Relay:
             self.failed.append(failed)
             self.gone.add(failed[0])
         self.core.take_dirty()
+        self.ended.extend(self.core.take_ended())
 
     def close(self, link: RelayLink) -> None:
         """The link's connection is lost (connectionLost)."""
@@ -191,6 +204,56 @@ class RelayUnitTests(SynchronousTestCase):
         self.assertEqual(opened.payload, fr.with_origin(payload, server.number))
         self.assertEqual(struct.unpack(">I", opened.payload[4:8])[0], 1)
         self.assertIs(server.routes[7], client.routes[1])
+
+    def test_route_keeps_kind_target_time_and_bytes(self) -> None:
+        """A route keeps its OPEN's kind; the target (host:port, IPv6 in brackets) only for a
+        tcp or udp stream, None for a sealed or pairing one and for a malformed target; when
+        it opened; and the DATA bytes relayed each way."""
+        client, server = self.pair()
+        relay = self.relay
+        relay.now = 12.5
+        sealed = ((0x81, b"\x00" * 40),)
+        cases = [(fr.KIND_TCP, tuple(fr.target_fields("db.internal", 5432)), "db.internal:5432"),
+                 (fr.KIND_UDP, tuple(fr.target_fields("::1", 53)), "[::1]:53"),
+                 (fr.KIND_SEALED, sealed, None),
+                 (fr.KIND_PAKE, ((0x82, b"\x01" * 32),), None),
+                 (fr.KIND_TCP, ((fr.FIELD_HOST, b"no port"),), None),
+                 (77, tuple(fr.target_fields("x", 1)), None)]
+        for stream_id, (kind, fields, target) in enumerate(cases, start=1):
+            relay.feed(server, open_frame(stream_id, kind=kind, fields=fields))
+            route = server.routes[stream_id]
+            self.assertEqual((route.kind, route.target, route.opened_at), (kind, target, 12.5))
+            self.assertEqual(route.sealed, kind in (fr.KIND_SEALED, fr.KIND_PAKE))
+        route = server.routes[3]
+        relay.feed(client, fr.build_open_result(route.client_stream, Reason.OK, 100_000))
+        relay.feed(server, data(3, b"x" * 300))
+        relay.feed(client, data(route.client_stream, b"y" * 1200))
+        self.assertEqual((route.bytes_to_client, route.bytes_to_server), (300, 1200))
+
+    def test_ended_routes_reported_once_with_how_and_reason(self) -> None:
+        """take_ended names each route that ended, once: closed (FIN both ways), refused (the
+        Proxy-Client's OPEN_RESULT), reset by a proxy, reset for a broken rule, reset because
+        its link was lost."""
+        client, server = self.pair()
+        relay = self.relay
+        routes = {}
+        for stream_id in (1, 3, 5, 7, 9):
+            relay.feed(server, open_frame(stream_id))
+            routes[stream_id] = server.routes[stream_id]
+        ids = {stream_id: route.client_stream for stream_id, route in routes.items()}
+        for stream_id in (1, 5, 7, 9):
+            relay.feed(client, fr.build_open_result(ids[stream_id], Reason.OK, 100_000))
+        relay.feed(server, fr.build_fin(1))
+        relay.feed(client, fr.build_fin(ids[1]))
+        relay.feed(client, fr.build_open_result(ids[3], Reason.DENIED, 0, "no"))
+        relay.feed(server, fr.build_reset(5, Reason.INTEGRITY, "bad record"))
+        relay.feed(server, data(7, b"z" * 60_000) * 2)  # past the window: FLOW_CONTROL
+        relay.close(client)
+        self.assertEqual([(e.route, e.how, e.reason) for e in relay.ended], [
+            (routes[1], "closed", "OK"), (routes[3], "refused", "DENIED"),
+            (routes[5], "reset", "INTEGRITY"), (routes[7], "reset", "FLOW_CONTROL"),
+            (routes[9], "reset", "LINK_LOST")])
+        self.assertEqual(relay.core.take_ended(), [])
 
     def test_no_partner(self) -> None:
         """An OPEN in a session without a Proxy-Client is answered NO_PARTNER by the
@@ -913,6 +976,19 @@ class HostileRelay(RuleBasedStateMachine):
                 assert session.id in core.sessions
 
     @invariant()
+    def ended_routes_reported_once(self) -> None:
+        """Every route that left the tables was reported ended exactly once, none that is
+        still in them was; and a route knows a target only if its kind is tcp or udp."""
+        relay = self.relay
+        ended = [item.route for item in relay.ended]
+        assert len(ended) == len(set(ended)), "a route ended twice"
+        live = {route for link in self.links for route in link.routes.values()}
+        assert not live & set(ended), "a live route reported ended"
+        assert relay.seen_routes - live <= set(ended), "a route left without an end"
+        for route in relay.seen_routes:
+            assert route.target is None or route.kind in CLEAR_KINDS, route.kind
+
+    @invariant()
     def detached_links_hold_no_routes(self) -> None:
         """A detached link has no routes, is in no session, and the relay no longer lists it."""
         core = self.relay.core
@@ -937,6 +1013,7 @@ class HostileRelay(RuleBasedStateMachine):
         self.relay.effects()
         for link in self.links:
             assert link.routes == {}
+        self.ended_routes_reported_once()
         for session in core.sessions.values():
             assert session.budget.queued == 0
             assert session.links == 0

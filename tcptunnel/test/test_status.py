@@ -19,7 +19,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
@@ -647,3 +647,98 @@ class JsonLogTests(TestCase):
                  process.output.decode().splitlines() if line.strip().strip("\x1e")]
         self.assertTrue(any(re.search("listener started", r.get("log_format", ""))
                             for r in lines))
+
+
+class GatewayStreamKindsTests(SynchronousTestCase):
+    """What the Gateway shows of each stream: its kind, its target only when it travels in
+    clear, and for an end-to-end encrypted stream that it is one and nothing of where it
+    goes (issue 16); driven through the Gateway's relay on a Clock."""
+
+    def test_sealed_udp_and_tcp_streams(self) -> None:
+        """A sealed, a UDP and a TCP stream of one session: /status counts and lists each
+        with its kind (the sealed one end-to-end, without a target, though its sealed field
+        holds text that reads like one), the page and /metrics say the same, and the log
+        line at each stream's end names the kind, the target of the clear ones only, and
+        the bytes relayed."""
+        clock = Clock()
+        clock.advance(100)
+        tunnel, service = gateway_process(clock)
+        gateway = service.gateway
+        events: list[dict[str, Any]] = []
+
+        @provider(ILogObserver)
+        def observe(event: dict[str, Any]) -> None:
+            events.append(event)
+
+        gateway.log = Logger(observer=observe)
+        relay = gateway.relay
+        client, server = relay.new_link(), relay.new_link()
+        for link, role in ((client, fr.ROLE_PROXY_CLIENT), (server, fr.ROLE_PROXY_SERVER)):
+            link.mark_ready()
+            relay.attach(link, 7, role)
+        opens = {
+            1: fr.open_payload(100_000, 0, fr.KIND_SEALED,
+                               [(0x81, b"\x00" * 12 + b"hidden.internal:2222" + b"\x01" * 16)]),
+            3: fr.open_payload(100_000, 0, fr.KIND_UDP, fr.target_fields("dns.internal", 53)),
+            5: fr.open_payload(100_000, 0, fr.KIND_TCP, fr.target_fields("db.internal", 5432)),
+        }
+        for stream_id, payload in opens.items():
+            relay.stream_frame(server, fr.Frame(fr.FrameType.OPEN, 0, stream_id, payload))
+            route = server.routes[stream_id]
+            relay.stream_frame(client, fr.Frame(fr.FrameType.OPEN_RESULT, 0, route.client_stream,
+                                                fr.build_open_result(0, fr.Reason.OK,
+                                                                     100_000)[fr.HEADER_SIZE:]))
+            relay.stream_frame(server, fr.Frame(fr.FrameType.DATA, 0, stream_id,
+                                                b"q" * (100 * stream_id)))
+        clock.advance(2.5)
+        (instance,) = snapshot(tunnel, clock.seconds())["instances"]
+        (session,) = instance["sessions"]
+        self.assertEqual(session["streams_by_kind"],
+                         {"tcp": 1, "udp": 1, "sealed": 1, "pake": 0, "other": 0})
+        self.assertEqual((session["end_to_end_streams"], session["streams_not_listed"]), (1, 0))
+        rows = {row["stream"]: row for row in session["streams"]}
+        self.assertEqual(rows[1], {
+            "proxy_server": 1, "stream": 1, "kind": "sealed", "label": "end-to-end encrypted",
+            "end_to_end": True, "target": None, "open": True, "since": 2.5,
+            "bytes_to_client": 100, "bytes_to_server": 0})
+        self.assertEqual([(rows[n]["kind"], rows[n]["label"], rows[n]["end_to_end"],
+                           rows[n]["target"], rows[n]["bytes_to_client"]) for n in (3, 5)],
+                         [("udp", "UDP", False, "dns.internal:53", 300),
+                          ("tcp", "TCP", False, "db.internal:5432", 500)])
+        self.assertNotIn("hidden", json.dumps(instance))
+        page = render_page(snapshot(tunnel, clock.seconds()))
+        self.assertIn("<td>1 TCP · 1 UDP · 1 end-to-end encrypted</td>", page)
+        self.assertIn("<td>end-to-end encrypted</td><td>end-to-end encrypted (not visible to "
+                      "the Gateway)</td>", page)
+        self.assertIn("<td>UDP</td><td>dns.internal:53</td>", page)
+        self.assertIn("<td>TCP</td><td>db.internal:5432</td>", page)
+        self.assertNotIn("hidden", page)
+        text = scrape(tunnel)
+        for kind, count in (("sealed", 1), ("udp", 1), ("tcp", 1), ("pake", 0)):
+            self.assertEqual(metric(text, "tcptunnel_gateway_streams", session="7", kind=kind),
+                             count, kind)
+        # Each stream ends: reset by the Proxy-Server (the sealed one, INTEGRITY), closed
+        # (UDP: FIN both ways), and lost with the Proxy-Client's link (TCP).
+        relay.stream_frame(server, fr.Frame(fr.FrameType.RESET, 0, 1, fr.build_reset(
+            1, fr.Reason.INTEGRITY, "a record did not authenticate")[fr.HEADER_SIZE:]))
+        relay.stream_frame(server, fr.Frame(fr.FrameType.FIN, 0, 3, b""))
+        relay.stream_frame(client, fr.Frame(fr.FrameType.FIN, 0, server.routes[3].client_stream,
+                                            b""))
+        gateway.apply_effects()  # as GatewayLink.handle_events does after each read
+        clock.advance(1)
+        relay.detach(client, fr.Reason.LINK_LOST, "lost")
+        gateway.apply_effects()
+        lines = [(event["stream"], event["kind"], event["end_to_end"], event["target"],
+                  event["ended"], event["reason"], event["to_client"], event["duration"])
+                 for event in events if "stream" in event]
+        self.assertEqual(lines, [(1, "sealed", True, None, "reset", "INTEGRITY", 100, 2.5),
+                                 (3, "udp", False, "dns.internal:53", "closed", "OK", 300, 2.5),
+                                 (5, "tcp", False, "db.internal:5432", "reset", "LINK_LOST",
+                                  500, 3.5)])
+        texts = [formatEvent(event) for event in events if "stream" in event]
+        self.assertEqual(texts[0], "[0] Session 7, Proxy-Server #1, stream 1: end-to-end "
+                         "encrypted stream reset (INTEGRITY) after 2.5 s, 100 bytes to the "
+                         "Proxy-Client, 0 bytes back")
+        self.assertIn("UDP stream to dns.internal:53 closed after 2.5 s", texts[1])
+        self.assertIn("TCP stream to db.internal:5432 reset (LINK_LOST) after 3.5 s", texts[2])
+        self.assertNotIn("hidden", repr(events))
