@@ -86,10 +86,16 @@ class PartnerChanged:
 
 @dataclass(frozen=True, slots=True)
 class GoAwayReceived:
-    """The peer is closing the link, and says why."""
+    """The peer is closing the link, and says why.
+
+    ``final`` is False for the one GOAWAY that does not close: a Gateway's first
+    ``DRAINING`` to a logged-in proxy (h2's GOAWAY: no new streams on this link, the running
+    ones finish; the Gateway closes the link when the last one ended, or at its deadline).
+    """
 
     code: GoAway
     message: str
+    final: bool = True
 
 
 # Control frames are few and small; a peer that keeps them from being sent (by not reading)
@@ -121,6 +127,9 @@ class LinkCore:
     # Which login frames this end takes, in order; set by the subclass for its side.
     login_sequence: tuple[FrameType, ...] = PROXY_LOGIN
     max_control_frames = MAX_QUEUED_CONTROL_FRAMES
+    # Whether the peer's first GOAWAY DRAINING after login leaves the link open (a proxy's
+    # end: the Gateway lets running streams finish); the Gateway's end takes no DRAINING.
+    draining_keeps_link = True
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK) -> None:
         self.state = LinkState.HELLO
@@ -132,6 +141,7 @@ class LinkCore:
         self._ready: OrderedDict[int, None] = OrderedDict()
         self.chunk_size = chunk_size
         self.bytes_received = 0
+        self.peer_draining = False  # the peer's GOAWAY DRAINING came; the link stays open
 
     # -- inbound ----------------------------------------------------------
 
@@ -201,6 +211,12 @@ class LinkCore:
             events.append(PongReceived(fr.check_ping(frame.payload)))
         elif frame_type == FrameType.GOAWAY:
             code, message = fr.parse_goaway(frame.payload)
+            if (code is GoAway.DRAINING and self.draining_keeps_link
+                    and self.state is LinkState.READY and not self.peer_draining):
+                # Running streams go on; the next GOAWAY (or the close) ends the link.
+                self.peer_draining = True
+                events.append(GoAwayReceived(code, message, final=False))
+                return
             events.append(GoAwayReceived(code, message))
             self.state = LinkState.CLOSED
         elif frame_type in _AUTH_TYPES:

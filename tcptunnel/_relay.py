@@ -141,6 +141,7 @@ class RelayLink(LinkCore):
     queued frames, round-robin."""
 
     login_sequence = GATEWAY_LOGIN
+    draining_keeps_link = False  # only the Gateway drains: a proxy's DRAINING closes
 
     def __init__(self, total: Budget, max_control_frames: int = MAX_QUEUED_CONTROL_FRAMES,
                  max_queued_bytes: int = 64 * 1024 * 1024) -> None:
@@ -165,6 +166,8 @@ class RelayLink(LinkCore):
         # (toward which Proxy-Client link, its drains then, OPENs since).
         self.opens_undrained: tuple[RelayLink | None, int, int] = (None, 0, 0)
         self.adapter: object = None  # the Twisted protocol driving this core (opaque here)
+        # Told GOAWAY DRAINING (RelayCore.retire): no new streams, closed once drained.
+        self.retiring = False
 
     @property
     def role_name(self) -> str:
@@ -505,6 +508,31 @@ class RelayCore:
         link.go_away(code, message)
         self._failed.append((link, code, message))
 
+    def retire(self, link: RelayLink, message: str) -> None:
+        """Drain ``link`` (issue 20, h2's GOAWAY): GOAWAY ``DRAINING`` now, and the link
+        stays open: its running streams keep flowing both ways (DATA, FIN, WINDOW_UPDATE),
+        new OPENs on it or toward it are refused (``SHUTDOWN``), and it is closed once its
+        last stream ended and what was queued toward it was written (:meth:`check_drained`).
+        The proxy meanwhile logs in elsewhere with a new link.  A link without streams is
+        closed at once, with the same GOAWAY."""
+        if link.detached or link.retiring or link.role is None:
+            return
+        link.retiring = True
+        if not link.routes:
+            self.fail(link, GoAway.DRAINING, message)
+            return
+        self._send(link, fr.build_goaway(GoAway.DRAINING, message))
+
+    def check_drained(self, link: RelayLink) -> None:
+        """Close a retiring link that carries no stream any more and has no stream frame
+        left queued toward it (its last DATA and FIN are written first: closing drops what
+        is queued).  Called after each read of the link and after each write to it.  The
+        closing GOAWAY is ``DRAINING`` again, so that a proxy that never got the first
+        (it was still queued) reconnects at once too."""
+        if link.retiring and not link.detached and not link.routes and not link._queues:
+            self.fail(link, GoAway.DRAINING, "the Gateway is draining and the last stream "
+                      "of this link ended")
+
     def remove_session(self, session_id: int, message: str) -> list[RelayLink]:
         """A session left the configuration: close its links (SESSION_CLOSED)."""
         session = self.sessions.pop(session_id, None)
@@ -646,6 +674,11 @@ class RelayCore:
                                      f"forwards at most {MAX_FORWARDED_OPEN}")
         elif client is None:
             refusal = Reason.NO_PARTNER, "the session has no Proxy-Client"
+        elif link.retiring or client.retiring:
+            # An OPEN that crossed our GOAWAY DRAINING: the proxy opens it again (or the
+            # next one) on its new link, to another Gateway.
+            refusal = Reason.SHUTDOWN, ("the Gateway is draining: new streams go through "
+                                        "the proxies' new link")
         elif (why := self._open_allowance_refusal(session, link, client)) is not None:
             refusal = Reason.LIMIT, why
         elif len(link.routes) >= self.limits.max_streams_per_link:

@@ -179,6 +179,9 @@ class GatewayConfig:
     limits: GatewayLimits
     location: Location = field(compare=False)
     role: Role = "gateway"
+    # drain="true" (issue 20): the Gateway drains when a reload sets it (as SIGUSR2 does),
+    # and starts without listening while it is set.
+    drain: bool = False
     # Start-up warnings about this instance ("file:line: ..."), for the service to log.
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -917,6 +920,7 @@ def _gateway(index: int, element: _Element) -> GatewayConfig:
             f"larger than maxQueuedBytes ({limits.max_queued_bytes})",
             "maxQueuedBytesPerSession",
         )
+    drain = element.get("drain", _bool, "1/true/yes or 0/false/no") or False
     element.raw("type")
     element.check_unknown_attributes()
     listeners: list[ListenerConfig] = []
@@ -965,6 +969,7 @@ def _gateway(index: int, element: _Element) -> GatewayConfig:
         sessions=tuple(sessions),
         limits=limits,
         location=element.location,
+        drain=drain,
         warnings=_in_line_order(element.sink),
     )
 

@@ -288,6 +288,10 @@ class EndToEnd:
     def link_lost(self, link: ProxyLink) -> None:
         """A link is gone (its streams were reset already)."""
 
+    def link_draining(self, link: ProxyLink) -> None:
+        """The Gateway drains the link: it keeps the streams it has (and their keys), new
+        ones go to a new link (issue 20); :meth:`link_lost` follows when it closes."""
+
     def open_stream(self, link: ProxyLink, host: str, port: int, endpoint: StreamEndpoint,
                     kind: int, fields: tuple[tuple[int, bytes], ...]) -> MuxStream | None:
         """The stream for a local connection, or None to open it in clear."""
@@ -414,6 +418,18 @@ class ServerEndToEnd(EndToEnd):
         self.pake = None
         self.pairing.set_partner(False, now)
         self._step()
+
+    def link_draining(self, link: ProxyLink) -> None:
+        """The pairing ends with its link's draining: the new link pairs afresh, with new
+        keys.  Its pake stream is reset, so that it does not keep the draining link open;
+        the streams it sealed hold their own keys and finish on the draining link."""
+        if link is not self.link:
+            return
+        pake = self.pake
+        self.link_lost(link)
+        if pake is not None and pake.stream is not None and not pake.stream.finished:
+            pake.stream.abortConnection(Reason.CANCELLED, "the link is draining: the "
+                                        "pairing starts again on the new link")
 
     def stop(self) -> None:
         """Cancel the timer."""

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import interfaces
+from twisted.internet import defer, interfaces
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -66,8 +66,6 @@ __all__ = ["ROLE_NAMES", "Gateway", "GatewayFactory", "GatewayLink", "GatewaySer
 # A link still logging in may not keep its socket after being closed: TLS close_notify and
 # unsent bytes get this long, then the connection is aborted.
 UNAUTHENTICATED_CLOSE_GRACE = 1.0
-# While draining, how often the Gateway looks for sessions whose streams have all ended.
-DRAIN_CHECK_INTERVAL = 0.25
 
 
 def relay_limits(limits: GatewayLimits) -> RelayLimits:
@@ -260,6 +258,7 @@ class GatewayLink(LinkProtocol):
         gateway.relay.detach(self.core, Reason.LINK_LOST,
                              f"the {self.core.role_name} link was lost ({why})")
         gateway.apply_effects()
+        gateway.drain_progress()
         if self.log_allowed():
             session = self.core.session
             self.log.info(
@@ -296,7 +295,16 @@ class GatewayLink(LinkProtocol):
                     self._auth_proof(event)
         except LinkError as e:
             self.fail(e.code, e.message)
+        # A retiring link whose last stream this read ended (its FIN, RESET or refusal).
+        relay.check_drained(core)
         gateway.apply_effects()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        """As LinkProtocol's; a retiring link may have written its last queued frames."""
+        super().resumeProducing()
+        if self.core.retiring:
+            self.gateway.relay.check_drained(self.core)
+            self.gateway.apply_effects()
 
     def _auth_start(self, event: AuthStartReceived) -> None:
         gateway = self.gateway
@@ -412,9 +420,10 @@ class Gateway:
         self.stream_log_budget = LogBudget(rate=100.0, burst=1000)
         self.unauthenticated: set[GatewayLink] = set()
         self.links: set[GatewayLink] = set()
-        # Draining (issue 20): no new logins; sessions leave as their streams end.
+        # Draining (issue 20): no new logins; every link told GOAWAY DRAINING at once, kept
+        # until its running streams end, closed at the deadline.
         self.draining = False
-        self._drain_ends_at = 0.0
+        self.drained = False  # draining, and no link left
         self._drain_call: interfaces.IDelayedCall | None = None
 
     @property
@@ -475,6 +484,7 @@ class Gateway:
                 if isinstance(adapter, GatewayLink):
                     adapter.flush()
                     relay.check_unsent(link)
+                    relay.check_drained(link)  # a retiring link's last frames are written
             if not failed and not dirty:
                 return
 
@@ -530,46 +540,62 @@ class Gateway:
         ]
 
     def drain(self) -> None:
-        """Stop taking logins and move every session to another Gateway: a session's links
-        get GOAWAY DRAINING (the proxies reconnect at once) as soon as none of them carries
-        a stream, so a session moves whole and no running stream is cut; at the deadline
-        (``drainTimeout``) the links left are closed the same way, their streams reset
-        SHUTDOWN.  Links still logging in are told DRAINING once they have proven their
-        password."""
+        """Stop taking logins and move every session to another Gateway at once, letting
+        running streams finish here (make-before-break, as h2's GOAWAY).
+
+        Every logged-in link is told GOAWAY DRAINING now (:meth:`RelayCore.retire`): its
+        proxy logs in elsewhere with a new link at once and opens new streams there, while
+        this link keeps carrying its running streams both ways; it is closed when its last
+        stream ended, a link without streams at once.  At the deadline (``drainTimeout``)
+        the links left are closed, their streams reset SHUTDOWN.  Links still logging in are
+        told DRAINING once they have proven their password."""
         if self.draining:
             return
         self.draining = True
-        self._drain_ends_at = self.clock.seconds() + self.limits.drain_timeout
+        timeout = self.limits.drain_timeout
+        links = sorted(self.links, key=lambda link: link.connected_at)
         self.log.info("[{index}] Draining: no new logins; {sessions} sessions move to another "
-                      "Gateway as their streams end (at most {timeout:g} s)",
-                      index=self.config.index, timeout=self.limits.drain_timeout,
-                      sessions=sum(1 for s in self.relay.sessions.values() if s.links))
-        self._drain_step()
+                      "Gateway now; {streams} running streams may finish here (at most "
+                      "{timeout:g} s)", index=self.config.index, timeout=timeout,
+                      sessions=sum(1 for s in self.relay.sessions.values() if s.links),
+                      streams=sum(len(link.routes) for link in links
+                                  if link.role == fr.ROLE_PROXY_SERVER))
+        for link in links:
+            self.relay.retire(link.core, "the Gateway is draining: log in to another one; "
+                              "the streams running on this link may finish")
+        self.apply_effects()
+        self._drain_call = self.clock.callLater(timeout, self._drain_deadline)
+        self.drain_progress()
 
-    def _drain_step(self) -> None:
+    def drain_progress(self) -> None:
+        """A link of a draining Gateway closed: say so once none is left."""
+        if not self.draining or self.links or self.drained:
+            return
+        self.drained = True
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
         self._drain_call = None
-        late = self.clock.seconds() >= self._drain_ends_at
+        self.log.info("[{index}] Drained: no links left", index=self.config.index)
+
+    def _drain_deadline(self) -> None:
+        self._drain_call = None
+        timeout = self.limits.drain_timeout
         for session in self.relay.sessions.values():
             links = session.all_links()
-            if not links or (not late and any(link.routes for link in links)):
+            if not links:
                 continue
-            if late and any(link.routes for link in links):
-                self.log.warn("[{index}] Draining: session {session} still has streams after "
-                              "{timeout:g} s: closing them", index=self.config.index,
-                              session=session.id, timeout=self.limits.drain_timeout)
+            streams = sum(len(link.routes) for link in links
+                          if link.role == fr.ROLE_PROXY_SERVER)
+            self.log.warn("[{index}] Draining: session {session} still has {streams} streams "
+                          "after {timeout:g} s: closing them", index=self.config.index,
+                          session=session.id, timeout=timeout, streams=streams)
+            message = f"the Gateway's drain deadline ({timeout:g} s) passed"
             for link in links:
-                self.relay.detach(link, Reason.SHUTDOWN, "the Gateway is draining")
+                self.relay.detach(link, Reason.SHUTDOWN, message)
             self.apply_effects()
             for link in links:
                 if isinstance(link.adapter, GatewayLink):
-                    link.adapter.fail(GoAway.DRAINING, "the Gateway is draining: log in to "
-                                      "another")
-        if self.links and not late:
-            # Streams end in their own time; looking four times a second moves a session
-            # within 0.25 s of its last stream, for a loop over the sessions.
-            self._drain_call = self.clock.callLater(DRAIN_CHECK_INTERVAL, self._drain_step)
-        elif not self.links:
-            self.log.info("[{index}] Drained: no links left", index=self.config.index)
+                    link.adapter.fail(GoAway.DRAINING, message)
 
     def close_all(self) -> None:
         """Close every link with GOAWAY NORMAL (shutdown); streams are reset SHUTDOWN."""
@@ -696,7 +722,13 @@ class GatewayService(service.Service):
         for warning in self.gateway.warnings():
             # "problem", not "warning": legacy observers take that for a Python warning.
             self.log.warn("[{index}] {problem}", index=self.config.index, problem=warning)
-        self.listeners.start(self.config.listeners)
+        if self.config.drain:
+            # Restarted while drain="true" is set: it stays out of service (no Listener).
+            self.log.warn("[{index}] drain=\"true\" is set: not listening (remove it and "
+                          "restart to take logins again)", index=self.config.index)
+            self.gateway.drain()
+        else:
+            self.listeners.start(self.config.listeners)
         super().startService()
 
     def apply_config(self, new: GatewayConfig) -> Any:
@@ -732,9 +764,16 @@ class GatewayService(service.Service):
             elif headers is not None:
                 headers.trusted = listener.accept_proxy_protocol
 
-        def applied(_: Any) -> bool:
+        def applied(_: Any) -> Any:
             self.gateway.update(new)
             self.config = new
+            if new.drain and not self.gateway.draining:
+                self.log.info("[{index}] drain=\"true\" set by the reload",
+                              index=new.index)
+                return defer.maybeDeferred(self.drain).addCallback(lambda _: True)
+            if not new.drain and self.gateway.draining:
+                self.log.warn("[{index}] Still draining: a drained Gateway takes logins again "
+                              "only after a restart", index=new.index)
             return True
 
         def failed(reason: Any) -> Any:

@@ -103,8 +103,9 @@ class LinkProtocol(Protocol):
                 if sent is not None:
                     self.rtt = self.clock.seconds() - sent
             elif isinstance(event, GoAwayReceived):
-                self.close_reason = f"peer sent GOAWAY {event.code.name}: {event.message}"
-                self._peer_went_away = True
+                if event.final:  # a first DRAINING leaves the link open (tcptunnel._link)
+                    self.close_reason = f"peer sent GOAWAY {event.code.name}: {event.message}"
+                    self._peer_went_away = True
                 self.handle_go_away(event)
         self.handle_events(events)
         if self.core.state is LinkState.CLOSED:
@@ -236,7 +237,7 @@ class LinkProtocol(Protocol):
         """Hook for subclasses."""
 
     def handle_go_away(self, event: GoAwayReceived) -> None:
-        """Hook: the peer closes the link."""
+        """Hook: the peer closes the link (or, ``event.final`` False, drains it)."""
 
     # -- keepalive ----------------------------------------------------------
 

@@ -42,6 +42,17 @@ if TYPE_CHECKING:
     from tcptunnel.e2e import EndToEnd
 
 
+# A link the Gateway drains (GOAWAY DRAINING, issue 20) keeps its running streams while a
+# new link takes the new ones; the Gateway closes it when they ended, at its drainTimeout at
+# the latest (60 s by default).  A Gateway that never does (a bug, or hostile) cannot keep it
+# for ever: the proxy closes a draining link after this long, resetting what still runs
+# (docs/scaling.md).  An hour: above any sensible drainTimeout, below "for ever".
+MAX_DRAINING = 3600.0
+# A link told DRAINING less than this long after its login reconnects after the normal
+# backoff, not at once: a Gateway that drains every link as soon as it logs in must not
+# make the proxy log in again and again as fast as it can.
+DRAIN_RECONNECT_MIN_AGE = 1.0
+
 # A proxy that failed over to a later <Gateway> asks the first one again this often, and
 # goes back to it once it answers (issue 20, docs/scaling.md): every proxy of a session
 # has the same list, so they meet again on the first within one interval.
@@ -93,6 +104,17 @@ class ProxyLink(MuxProtocol):
         self._login_call: interfaces.IDelayedCall | None = None
         self._rejected = False
         self.partners = 0
+        # Where it leads (the Gateway of the try that built it) and when it logged in.
+        self.gateway = proxy.gateway_address
+        self.logged_in_at: float | None = None
+        # Since when the Gateway drains it (GOAWAY DRAINING): no new streams on it, its
+        # running ones finish; None while it is the proxy's link for new streams.
+        self.draining_since: float | None = None
+
+    @property
+    def draining(self) -> bool:
+        """Whether the Gateway drains this link (it carries only the streams it had)."""
+        return self.draining_since is not None
 
     def connectionMade(self) -> None:  # noqa: N802
         """Send HELLO and AUTH_START at once; the login must finish before the deadline."""
@@ -165,12 +187,29 @@ class ProxyLink(MuxProtocol):
         if self._login_call is not None and self._login_call.active():
             self._login_call.cancel()
         self._login_call = None
+        self.logged_in_at = self.clock.seconds()
         self.core.mark_ready()
         # Logged with the partner count that follows at once (ProxyService.partner_changed).
         self.proxy.link_ready(self)
 
     def handle_go_away(self, event: GoAwayReceived) -> None:
-        """Log why the Gateway closes the link."""
+        """Log why the Gateway closes the link; a first DRAINING makes it a draining link."""
+        if self.draining:
+            # The end of a draining link is no news for the reconnects (a new link runs).
+            if self.streams:
+                self.reset_all_streams(Reason.SHUTDOWN, f"the draining Gateway closed the "
+                                       f"link ({event.code.name}: {event.message})")
+            self.log.info("[{index}] The Gateway {gateway} closes the draining link: {code} "
+                          "({why})", index=self.proxy.config.index, gateway=self.gateway,
+                          code=event.code.name, why=event.message)
+            return
+        if not event.final:  # DRAINING after the login: the link stays for its streams
+            self.log.info("[{index}] The Gateway {gateway} is draining ({why}): new streams "
+                          "go to a new link; the {count} running on this one may finish",
+                          index=self.proxy.config.index, gateway=self.gateway,
+                          why=event.message, count=len(self.streams))
+            self.proxy.link_draining(self)
+            return
         if event.code is GoAway.AUTH_FAILED:
             self._login_rejected()
         elif event.code is GoAway.LIMIT:
@@ -186,8 +225,8 @@ class ProxyLink(MuxProtocol):
             # would only throw it out again: wait the longest delay.
             self.proxy.factory.wait_longest()
         elif event.code is GoAway.DRAINING:
-            # The Gateway is going away on purpose: straight to the next one in the list
-            # (or, behind a balancer, the same address, which now leads elsewhere).
+            # Told while logging in: the Gateway is going away on purpose; the next one in
+            # the list (or, behind a balancer, the same address, which leads elsewhere).
             self.proxy.gateway_draining()
         # Not "message": legacy log observers take that field for the event's own text.
         self.log.warn("[{index}] The Gateway closes the link: {code} ({why})",
@@ -241,6 +280,9 @@ class ProxyLinkFactory(ReconnectingClientFactory):
         self.last_wait = 0.0  # the wait before the try now scheduled
         self._refused_login = False
         self.retry_now = False  # the next try without a wait (a draining Gateway)
+        # Connectors of draining links (issue 20): their loss is not retried (one or two at
+        # most: the draining link's, and an older one whose close is under way).
+        self._drained_connectors: list[Any] = []
 
     def buildProtocol(self, addr: Any) -> ProxyLink:  # noqa: N802
         """A new link (the backoff is reset only after login)."""
@@ -254,10 +296,7 @@ class ProxyLinkFactory(ReconnectingClientFactory):
         one: Twisted's normal-distributed jitter can exceed the cap without bound and drifts)."""
         if not self.continueTrying:
             return
-        if connector is None:
-            if self.connector is None:
-                raise ValueError("no connector to retry")
-            connector = self.connector
+        # ``connector`` is not reused: each try dials through a new one (ProxyService.connect).
         self.retries += 1
         self.last_wait = self.delay * random.uniform(1 - self.jitter, 1 + self.jitter)
         if self.retry_now:
@@ -272,6 +311,28 @@ class ProxyLinkFactory(ReconnectingClientFactory):
         clock: Any = self.clock
         self._callID = clock.callLater(self.last_wait, reconnector)
         self.delay = min(self.delay * self.factor, self.maxDelay)
+
+    def connect_beside(self, connector: Any) -> None:
+        """Make-before-break: connect a new link now (or after the backoff, see ``retry``)
+        while the connection of ``connector`` stays open for its streams and is forgotten.
+
+        ReconnectingClientFactory connects again only from clientConnectionLost/Failed, one
+        connection at a time.  Here the draining connection's connector is remembered (its
+        loss, in clientConnectionLost, is then not retried) and ``retry()`` is called at
+        once; our retry() dials through a fresh connector (ProxyService.connect) instead of
+        reusing the old one, so both connections coexist, and the factory goes on handling
+        the new one's ends as usual."""
+        if connector is not None:
+            self._drained_connectors.append(connector)
+        self.retry(connector)
+
+    def _drained(self, connector: Any) -> bool:
+        """Whether ``connector`` carried a draining link (forgotten now)."""
+        for index, drained in enumerate(self._drained_connectors):
+            if drained is connector:
+                del self._drained_connectors[index]
+                return True
+        return False
 
     def wait_longest(self) -> None:
         """The Gateway refused the login (or a limit, or replaced us): retry only after the
@@ -304,7 +365,11 @@ class ProxyLinkFactory(ReconnectingClientFactory):
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:  # noqa: N802
         """Retry (the link already logged why it ended), saying when; a link that never
-        logged in (TLS failed, the Gateway closed it) moves on to the next Gateway."""
+        logged in (TLS failed, the Gateway closed it) moves on to the next Gateway.  The end
+        of a draining link's connection is not retried: a new link was started when the
+        Gateway said DRAINING (:meth:`ProxyService.link_draining`)."""
+        if self._drained(connector):
+            return
         if not self.proxy.logged_in_since_connect:
             self.proxy.target_failed()
         super().clientConnectionLost(connector, reason)
@@ -350,6 +415,12 @@ class ProxyService(service.MultiService):
         self._moved_since_connect = False  # the target was advanced for this connection
         self.failback_interval = FAILBACK_INTERVAL
         self._failback_call: interfaces.IDelayedCall | None = None
+        # Make-before-break (issue 20): the link the Gateway drains, kept for its running
+        # streams while self.link takes the new ones; at most one (a second DRAINING closes
+        # the older), and for at most max_draining seconds.
+        self.draining_link: ProxyLink | None = None
+        self.max_draining = MAX_DRAINING
+        self._draining_call: interfaces.IDelayedCall | None = None
 
     def _link_stack(self, config: ProxyConfig) -> Any:
         """What connectTCP is given: the link factory, wrapped in a WebSocket and then TLS
@@ -395,7 +466,10 @@ class ProxyService(service.MultiService):
 
     def partner_changed(self, link: ProxyLink, count: int) -> None:
         """Log partner availability: with the login the first time a link hears it (the
-        Gateway tells each link its count right after AUTH_RESULT), then each real change."""
+        Gateway tells each link its count right after AUTH_RESULT), then each real change.
+        A draining link's counts are not the session's any more: ignored."""
+        if link.draining:
+            return
         logged = self._partners_logged
         self._partners_logged = (weakref.ref(link), count)  # a lost link may go
         if logged is None or logged[0]() is not link:
@@ -410,7 +484,11 @@ class ProxyService(service.MultiService):
             self.e2e.partner_changed(link, count)
 
     def link_lost(self, link: ProxyLink, why: str) -> None:
-        """Forget the link; the factory reconnects."""
+        """Forget the link; the factory reconnects (a draining link's end is not a lost
+        link: a new one runs already)."""
+        if link.draining:
+            self._draining_ended(link, why)
+            return
         if self.link is link:
             self.link = None
             self.stats["links_lost",] += 1
@@ -420,6 +498,80 @@ class ProxyService(service.MultiService):
         if self.running:
             self.log.warn("[{index}] Link to the Gateway lost ({why}); reconnecting",
                           index=self.config.index, why=why)
+
+    # -- draining (issue 20): make-before-break --------------------------------------
+
+    def link_draining(self, link: ProxyLink) -> None:
+        """The Gateway drains ``link`` (GOAWAY DRAINING after the login): it keeps its running
+        streams, both ways, until the Gateway closes it; new streams (Bindings, UDP flows, a
+        new end-to-end pairing) wait for a new link, started now, to the next Gateway of the
+        list or the same address behind a balancer (ProxyLinkFactory.connect_beside says how
+        a second connection runs beside the first)."""
+        if link is not self.link or link.draining:
+            return
+        now = self.reactor.seconds()
+        older = self.draining_link
+        if older is not None:
+            # At most one draining link: the new link's Gateway drains too.
+            self.log.warn("[{index}] Closing the older draining link to the Gateway {gateway}: "
+                          "{count} streams on it are reset (at most one draining link)",
+                          index=self.config.index, gateway=older.gateway,
+                          count=len(older.streams))
+            self._close_draining(older, "a newer link is draining too: the older draining "
+                                 "link is closed (at most one)")
+        link.draining_since = now
+        self.draining_link = link
+        self.link = None
+        self.stats["links_drained",] += 1
+        if self.e2e is not None:
+            self.e2e.link_draining(link)
+        self._draining_call = self.reactor.callLater(self.max_draining,
+                                                     self._draining_too_long, link)
+        connector, self._connector = self._connector, None
+        if len(self.targets) > 1:
+            self._set_target((self.target_index + 1) % len(self.targets))
+        if link.logged_in_at is not None and now - link.logged_in_at >= DRAIN_RECONNECT_MIN_AGE:
+            self.factory.retry_now = True
+        self.factory.connect_beside(connector)
+        self.log.info("[{index}] Connecting a new link to the Gateway {gateway} in {delay:.1f} "
+                      "s", index=self.config.index, gateway=self.gateway_address,
+                      delay=self.factory.last_wait)
+
+    def _close_draining(self, link: ProxyLink, why: str) -> None:
+        """Close a draining link now, resetting what still runs on it (SHUTDOWN, ``why``)."""
+        if link is self.draining_link:
+            self.draining_link = None
+            if self._draining_call is not None and self._draining_call.active():
+                self._draining_call.cancel()
+            self._draining_call = None
+        link.reset_all_streams(Reason.SHUTDOWN, why)
+        link.fail(GoAway.NORMAL, why)
+
+    def _draining_too_long(self, link: ProxyLink) -> None:
+        self._draining_call = None
+        if link is not self.draining_link:
+            return
+        self.log.warn("[{index}] The Gateway {gateway} has not closed its draining link after "
+                      "{limit:g} s: closing it, {count} streams are reset",
+                      index=self.config.index, gateway=link.gateway, limit=self.max_draining,
+                      count=len(link.streams))
+        self._close_draining(link, f"the Gateway kept the draining link open for "
+                             f"{self.max_draining:g} s, the most this proxy allows")
+
+    def _draining_ended(self, link: ProxyLink, why: str) -> None:
+        """A draining link is gone (its streams ended, or were reset with it)."""
+        if link is self.draining_link:
+            self.draining_link = None
+            if self._draining_call is not None and self._draining_call.active():
+                self._draining_call.cancel()
+            self._draining_call = None
+        self.stats["window_stalls",] += link.core.blocked_sent
+        if self.e2e is not None:
+            self.e2e.link_lost(link)
+        since = link.draining_since or 0.0
+        self.log.info("[{index}] The draining link to the Gateway {gateway} closed after "
+                      "{duration:.1f} s of draining ({why})", index=self.config.index,
+                      gateway=link.gateway, duration=self.reactor.seconds() - since, why=why)
 
     # What a reload cannot change without a new link to the Gateway.
     _LINK_SETTINGS = ("host", "port", "use_tls", "session_id", "password", "ca_file",
@@ -593,6 +745,8 @@ class ProxyService(service.MultiService):
         if link is not None:
             link.reset_all_streams(Reason.SHUTDOWN, "the proxy is stopping")
             link.fail(GoAway.NORMAL, "the proxy is stopping")
+        if self.draining_link is not None:
+            self._close_draining(self.draining_link, "the proxy is stopping")
         if self._connector is not None:
             self._connector.disconnect()  # stops a connection attempt in progress
             self._connector = None

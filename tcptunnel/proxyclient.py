@@ -262,6 +262,11 @@ class ProxyClientService(ProxyService):
 
     def open_requested(self, link: MuxProtocol, stream_id: int, request: OpenRequest) -> None:
         """Check and dial a target for a new stream."""
+        if getattr(link, "draining", False):
+            # The Gateway said DRAINING on this link: it opens nothing more on it.
+            link.reject_stream(stream_id, Reason.SHUTDOWN, "this link is draining: new streams "
+                               "come on the new link")
+            return
         if self.e2e is not None:  # pake / sealed OPENs, the end-to-end policy (tcptunnel.e2e)
             opened = self.e2e.filter_open(link, stream_id, request)  # type: ignore[arg-type]
             if opened is None:

@@ -60,11 +60,11 @@ def proxy_bytes(child: ProxyService) -> tuple[int, int]:
     """Bytes a proxy's streams sent and received so far: the finished streams' counts plus
     the live streams' (summed here, at read time, so the data path counts nothing twice)."""
     sent, received = child.stats["bytes_sent",], child.stats["bytes_received",]
-    link = child.link
-    if link is not None:
-        for stream in link.streams.values():
-            sent += stream.bytes_out
-            received += stream.bytes_in
+    for link in (child.link, child.draining_link):
+        if link is not None:
+            for stream in link.streams.values():
+                sent += stream.bytes_out
+                received += stream.bytes_in
     return sent, received
 
 
@@ -140,6 +140,7 @@ def _gateway_snapshot(child: GatewayService, now: float) -> dict[str, Any]:
                 "queued_bytes": link.core.queued_bytes,
                 "rtt_ms": round(link.rtt * 1e3, 3) if link.rtt is not None else None,
                 "tls": link.tls_description or None,
+                "draining": core.retiring,
             })
         sessions.append({
             "id": session.id,
@@ -154,6 +155,7 @@ def _gateway_snapshot(child: GatewayService, now: float) -> dict[str, Any]:
     slots = gateway.slots
     return {
         "index": child.config.index, "role": "gateway",
+        "draining": gateway.draining,
         "listeners": [
             {"address": format_address(listener.ip, port.getHost().port),
              "tls": listener.tls is not None}
@@ -185,6 +187,11 @@ def _proxy_snapshot(child: ProxyService, now: float) -> dict[str, Any]:
                    if proxy_link is not None and proxy_link.rtt else None),
         "bytes_sent": sent,
         "bytes_received": received,
+        # The link its Gateway drains (issue 20): only its running streams, until they end.
+        "draining_link": None if (draining := child.draining_link) is None else {
+            "gateway": draining.gateway,
+            "since": round(now - (draining.draining_since or now), 1),
+            "streams": len(draining.streams)},
     }
     bindings = getattr(child, "ports", None)
     if child.config.role == "proxy-server" and bindings is not None:
@@ -365,6 +372,8 @@ class TunnelCollector(Collector):
                 index, role = str(child.config.index), child.config.role
                 link = child.link
                 links.add_metric([index, role, "ready"], 1 if link is not None else 0)
+                links.add_metric([index, role, "draining"],
+                                 1 if child.draining_link is not None else 0)
                 partners.add_metric([index, role], link.partners if link is not None else 0)
                 streams_open.add_metric([index, role], len(link.streams) if link else 0)
                 queued.add_metric([index, role], sum(
@@ -515,8 +524,10 @@ def render_page(status: dict[str, Any]) -> str:
                                   for item in instance["listeners"])
             slots = instance["unauthenticated_slots"]
             buckets = instance["login_throttle"]["buckets"]
+            draining_text = ('<span class="warn">draining</span>: no new logins; '
+                             if instance.get("draining") else "")
             parts.append(
-                f"<h2>{e(title)}</h2><p>Listening on {listeners}; "
+                f"<h2>{e(title)}</h2><p>{draining_text}Listening on {listeners or 'nothing'}; "
                 f"{instance['unauthenticated_links']} link(s) logging in; unauthenticated "
                 f"slots {slots['taken']} of {slots['limit']} taken ({slots['held']} held "
                 f"after failed logins); login throttle remembers "
@@ -530,7 +541,8 @@ def render_page(status: dict[str, Any]) -> str:
                          '<span class="down">no Proxy-Client</span>')
                 peers = "<br>".join(
                     e(f"{p['role']} {p['address']} · {p['streams']} streams · "
-                      f"up {human_duration(p['since'])} · in {human_bytes(p['bytes_in'])}, "
+                      + ("draining · " if p.get("draining") else "")
+                      + f"up {human_duration(p['since'])} · in {human_bytes(p['bytes_in'])}, "
                       f"out {human_bytes(p['bytes_out'])}"
                       + (f" · RTT {p['rtt_ms']} ms" if p["rtt_ms"] else ""))
                     for p in session["peers"]) or "—"
@@ -553,6 +565,12 @@ def render_page(status: dict[str, Any]) -> str:
                 f"{_proxy_state_html(instance)}{up}; {instance['streams']} stream(s) open; "
                 f"{e(human_bytes(instance['bytes_sent']))} sent, "
                 f"{e(human_bytes(instance['bytes_received']))} received.</p>")
+            draining = instance.get("draining_link")
+            if draining:
+                parts.append(
+                    f"<p><span class=\"warn\">draining</span> link to the Gateway "
+                    f"{e(draining['gateway'])} for {e(human_duration(draining['since']))}: "
+                    f"{draining['streams']} stream(s) finishing there.</p>")
             if instance.get("bindings"):
                 parts.append("<table><tr><th>listen</th><th>target</th></tr>" + "".join(
                     f"<tr><td>{e(b['listen'])}</td><td>{e(b['target'])}</td></tr>"

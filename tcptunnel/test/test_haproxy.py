@@ -356,9 +356,10 @@ class HaproxyShardingTests(TestCase):
     async def test_kill_and_drain(self) -> None:
         """kill -9 one Gateway: its sessions work again through another within 35 s, and a
         running stream of a session on another Gateway is not reset.  Then SIGUSR2 another:
-        its idle sessions move at once, its running stream keeps working and ends
-        cleanly, and then its session moves too.  Restarting the killed one in between moves
-        no session a second time."""
+        all its sessions move at once, the one with a running stream too (a new stream goes
+        through its new Gateway), while that stream keeps working on the drained one and
+        ends cleanly; then the draining links close, and no proxy counts a lost link.
+        Restarting the killed one in between moves no session a second time."""
         cluster = Cluster(self, gateways=3, sessions=6)
         await cluster.start()
         victim, alive = await cluster.kill_one()
@@ -379,30 +380,38 @@ class HaproxyShardingTests(TestCase):
         # Drain the Gateway with most sessions; keep one stream running in one of them.
         drained = max(alive, key=lambda i: len(owners[i]))
         (remaining,) = [i for i in alive if i != drained]
-        busy, *idle = owners[drained]
+        moving = owners[drained]
+        busy = moving[0]
         stream = await cluster.echo_through(cluster.servers[busy][0])
-        lost_before = {s: cluster.clients[s].stats["links_lost",] for s in owners[drained]}
+        proxies = [p for s in moving for p in cluster.proxies(s)]
+        before = {p: (p.stats["links_drained",], p.stats["links_lost",]) for p in proxies}
         cluster.processes[drained].transport.signalProcess(signal.SIGUSR2)  # type: ignore[union-attr]
         started = reactor.seconds()
-        await wait_until(lambda: all(cluster.clients[s].stats["links_lost",] > lost_before[s]
-                                     for s in idle), 10, "the idle sessions to leave")
-        await cluster.ready(idle, timeout=10)
+        # Every session moves at once, the busy one too (make-before-break): its proxies log
+        # in elsewhere while its stream still runs on the drained Gateway.
+        await wait_until(lambda: all(p.stats["links_drained",] > before[p][0] for p in proxies),
+                         10, "every session of the drained Gateway to be told DRAINING")
+        await cluster.ready(moving, timeout=10)
         self.assertLess(reactor.seconds() - started, 8)
-        self.assertEqual(cluster.clients[busy].stats["links_lost",], lost_before[busy])
+        self.assertIsNone(stream.ended)
+        self.assertTrue(await cluster.works(busy), "the busy session through its new Gateway")
         stream.transport.write(b" again")  # type: ignore[union-attr]
         await wait_until(lambda: stream.received == b"hello again", 10,
                          "the running stream to echo while draining")
         stream.transport.loseConnection()  # type: ignore[union-attr]
         await wait_until(lambda: stream.ended is not None, 10, "the stream's end")
         self.assertEqual(stream.ended, "ConnectionDone")
-        await wait_until(lambda: cluster.clients[busy].stats["links_lost",] > lost_before[busy],
-                         10, "the busy session to leave once its stream ended")
-        await cluster.ready([busy, *idle], timeout=15)
+        await wait_until(lambda: all(p.draining_link is None for p in proxies), 10,
+                         "the draining links to close once the stream ended")
+        self.assertEqual({p: p.stats["links_lost",] for p in proxies},
+                         {p: lost for p, (_drained, lost) in before.items()})
+        await cluster.ready(cluster.session_ids, timeout=15)
         after = await cluster.owners([remaining, victim])
         self.assertEqual(sorted(after[remaining] + after[victim]), cluster.session_ids)
         self.assertEqual((await cluster.owners([drained]))[drained], [])
         for s in cluster.session_ids:
             self.assertTrue(await cluster.works(s), f"session {s} after the drain")
+        self.assertIn("Drained: no links left", cluster.processes[drained].log())
         self.assertIn("Draining: no new logins", cluster.processes[drained].log())
 
 
