@@ -25,6 +25,7 @@ from tcptunnel.e2e import ServerEndToEnd
 from tcptunnel.gateway import GatewayService
 from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
+from tcptunnel.status import _gateway_snapshot, _proxy_snapshot, process_info, render_page
 from tcptunnel.tap import TunnelService
 from tcptunnel.test._harness import (
     EchoProtocol,
@@ -160,6 +161,7 @@ class DrainTests(TestCase):
             assert draining is not None
             self.assertEqual(len(draining.streams), 1)
             self.assertEqual(proxy.stats["links_drained",], 1)
+        self.check_status(fixture)
         if isinstance(fixture.server.e2e, ServerEndToEnd):
             await wait_until(lambda: fixture.paired(), 15, "a new pairing on B")
         again = await fixture.talk()
@@ -190,6 +192,24 @@ class DrainTests(TestCase):
             assert proxy.link is not None
             self.assertEqual(proxy.link.gateway, proxy.gateway_address)
         again.transport.loseConnection()
+
+    def check_status(self, fixture: Fixture) -> None:
+        """The status of a drain in progress: the proxy lists its draining link (to A, one
+        stream) beside its link to B; A shows itself and its peers draining."""
+        now = reactor.seconds()
+        proxy = _proxy_snapshot(fixture.server, now)
+        self.assertEqual(proxy["gateway"], f"127.0.0.1:{fixture.b.gateway_port}")
+        self.assertEqual(proxy["draining_link"]["gateway"], f"127.0.0.1:{fixture.a_port}")
+        self.assertEqual(proxy["draining_link"]["streams"], 1)
+        assert fixture.a.gateway is not None
+        gateway = _gateway_snapshot(fixture.a.gateway, now)
+        self.assertTrue(gateway["draining"])
+        (session,) = gateway["sessions"]
+        self.assertEqual([peer["draining"] for peer in session["peers"]], [True, True])
+        page = render_page({"process": process_info(now, now), "instances": [gateway, proxy]})
+        self.assertIn(f'<span class="warn">draining</span> link to the Gateway '
+                      f'127.0.0.1:{fixture.a_port}', page)
+        self.assertIn('<span class="warn">draining</span>: no new logins', page)
 
     async def test_drain_moves_at_once(self) -> None:
         """The session moves to the second Gateway at once while its stream runs; the stream
