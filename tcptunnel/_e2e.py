@@ -56,6 +56,8 @@ from tcptunnel._saslprep import prepare_password
 __all__ = [
     "ADMIT_OPEN",
     "ADMIT_WAIT",
+    "ADVICE_MISMATCH",
+    "ADVICE_NO_PASSWORD",
     "FIELD_PAKE",
     "FIELD_SEALED",
     "KIND_PAKE",
@@ -65,6 +67,7 @@ __all__ = [
     "MAX_SEALED_DATAGRAM",
     "MESSAGE_MISMATCH",
     "MESSAGE_NO_PASSWORD",
+    "MESSAGE_REQUIRED",
     "PAKE_DEADLINE",
     "Admission",
     "ClientPairings",
@@ -123,10 +126,17 @@ RESPONDER_MESSAGE_SIZE = POINT_SIZE + CONFIRM_SIZE  # Yb, Tb
 #: confirmation (three one-way trips through the Gateway; 10 s as the login deadline).
 PAKE_DEADLINE = 10.0
 
-MESSAGE_NO_PASSWORD = "the partner proxy has no end-to-end password"
+# Why streams are refused, as the end that reads them (the Proxy-Server) logs them: what
+# happened, then what to do.
+MESSAGE_NO_PASSWORD = "the Proxy-Client has no end-to-end password"
 MESSAGE_MISMATCH = "end-to-end password mismatch"
-MESSAGE_REQUIRED = ("this proxy requires end-to-end encryption and the stream came in clear "
-                    "(the partner proxy has no end-to-end password)")
+MESSAGE_REQUIRED = ("the Proxy-Client requires end-to-end encryption and this stream came in "
+                    "clear: set endToEndPassword on this Proxy-Server (the same as the "
+                    "Proxy-Client's)")
+#: What to do about a failed pairing, by its reason (the log lines at both ends add it).
+ADVICE_NO_PASSWORD = "set endToEndPassword on the Proxy-Client too (the same as this proxy's)"
+ADVICE_MISMATCH = ("the two proxies' endToEndPassword values differ: set the same one on "
+                   "both")
 
 _LABEL = b"tcptunnel-e2e-1"
 

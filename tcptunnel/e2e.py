@@ -567,10 +567,14 @@ class ServerEndToEnd(EndToEnd):
         failure = self.pairing.failure
         if failure and failure != self._logged_failure:
             self._logged_failure = failure
-            emit = log.error if failure.startswith((_e2e.MESSAGE_MISMATCH,
-                                                    _e2e.MESSAGE_NO_PASSWORD)) else log.warn
-            emit("[{index}] No end-to-end pairing: {why}; local connections are refused until "
-                 "one is made", index=self.index, why=failure)
+            advice = (_e2e.ADVICE_MISMATCH if failure.startswith(_e2e.MESSAGE_MISMATCH)
+                      else _e2e.ADVICE_NO_PASSWORD
+                      if failure.startswith(_e2e.MESSAGE_NO_PASSWORD) else "")
+            emit = log.error if advice else log.warn
+            emit("[{index}] Session {session}: no end-to-end pairing with the Proxy-Client: "
+                 "{why}; {advice}local connections are refused until one is made",
+                 index=self.index, session=self.service.config.session_id, why=failure,
+                 advice=f"{advice}; " if advice else "")
 
     # -- streams -----------------------------------------------------------------------
 
@@ -709,9 +713,12 @@ class ClientEndToEnd(EndToEnd):
         if self.password is None:
             if kind in fr.ENVELOPE_FIELDS:
                 self._refuse(link, stream_id, Reason.E2E_UNAVAILABLE,
-                             "this proxy has no end-to-end password", "unavailable",
-                             "A Proxy-Server asks for end-to-end encryption, but this "
-                             "Proxy-Client has no endToEndPassword: its streams are refused")
+                             _e2e.MESSAGE_NO_PASSWORD, "unavailable",
+                             "Session {session}: Proxy-Server #{origin} requires end-to-end "
+                             "encryption, but this Proxy-Client has no end-to-end password: "
+                             "its streams are refused; set endToEndPassword on this proxy "
+                             "(the same as the Proxy-Server's)", origin=request.origin,
+                             session=self.service.config.session_id)
                 return None
             return request
         origin = request.origin
@@ -720,9 +727,11 @@ class ClientEndToEnd(EndToEnd):
             return None
         if kind != fr.KIND_SEALED:
             self._refuse(link, stream_id, Reason.E2E_REQUIRED, _e2e.MESSAGE_REQUIRED,
-                         "required", "A stream in clear from Proxy-Server #{origin} refused: "
-                         "this Proxy-Client requires end-to-end encryption (the Proxy-Server "
-                         "has no endToEndPassword)", origin=origin)
+                         "required", "Session {session}: refused a stream in clear from "
+                         "Proxy-Server #{origin}, which has no end-to-end password (this "
+                         "Proxy-Client requires end-to-end encryption): set endToEndPassword "
+                         "on the Proxy-Server too (the same as this proxy's)", origin=origin,
+                         session=self.service.config.session_id)
             return None
         outer = fr.open_payload(request.window, request.origin, kind, list(request.fields))
         try:
@@ -824,9 +833,10 @@ class ClientEndToEnd(EndToEnd):
         try:
             pairings.handshake_data(pake.stream_id, data, self.clock.seconds())
         except PasswordMismatchError as e:
-            log.error("[{index}] End-to-end handshake with Proxy-Server #{origin} failed: "
-                      "{why} (check endToEndPassword on both proxies)", index=self.index,
-                      origin=pake.origin, why=e.message)
+            log.error("[{index}] Session {session}: end-to-end handshake with Proxy-Server "
+                      "#{origin} failed: {why}; {advice}; its streams are refused until then",
+                      index=self.index, session=self.service.config.session_id,
+                      origin=pake.origin, why=e.message, advice=_e2e.ADVICE_MISMATCH)
             stream.abortConnection(Reason.E2E_MISMATCH, e.message)
         except IntegrityError as e:
             stream.abortConnection(Reason.INTEGRITY, e.message)

@@ -355,15 +355,19 @@ class EndToEndTunnelTests(TestCase):
         e2e = server.e2e
         await wait_until(lambda: e2e.pairing.failure == _e2e.MESSAGE_MISMATCH, 10,
                          "the mismatch at the server")
-        await wait_until(lambda: "End-to-end handshake with Proxy-Server #1 failed: "
-                         "end-to-end password mismatch" in self.logs.text(), 10,
-                         "the mismatch at the client")
+        await wait_until(lambda: "Session 1: end-to-end handshake with Proxy-Server #1 "
+                         "failed: end-to-end password mismatch; the two proxies' "
+                         "endToEndPassword values differ: set the same one on both"
+                         in self.logs.text(), 10, "the mismatch at the client")
         await self.refused_at_once(server)
-        self.assertIn("No end-to-end pairing: end-to-end password mismatch", self.logs.text())
+        self.assertIn("Session 1: no end-to-end pairing with the Proxy-Client: end-to-end "
+                      "password mismatch; the two proxies' endToEndPassword values differ: "
+                      "set the same one on both", self.logs.text())
 
     async def test_partner_without_password(self) -> None:
         """A Proxy-Client without an end-to-end password refuses the handshake with
-        E2E_UNAVAILABLE; the Proxy-Server says so and refuses local connections."""
+        E2E_UNAVAILABLE; both ends log what happened in their session and what to set, and
+        the Proxy-Server refuses local connections."""
         echo = await listen(self, EchoProtocol)
         client = self.client(None)
         server = self.server(echo)
@@ -372,13 +376,19 @@ class EndToEndTunnelTests(TestCase):
         e2e = server.e2e
         await wait_until(lambda: (e2e.pairing.failure or "").startswith(
             _e2e.MESSAGE_NO_PASSWORD), 10, "the refusal at the server")
-        self.assertIn("A Proxy-Server asks for end-to-end encryption, but this Proxy-Client "
-                      "has no endToEndPassword", self.logs.text())
+        self.assertIn("Session 1: Proxy-Server #1 requires end-to-end encryption, but this "
+                      "Proxy-Client has no end-to-end password: its streams are refused; set "
+                      "endToEndPassword on this proxy (the same as the Proxy-Server's)",
+                      self.logs.text())
+        await wait_until(lambda: "Session 1: no end-to-end pairing with the Proxy-Client: the "
+                         "Proxy-Client has no end-to-end password; set endToEndPassword on "
+                         "the Proxy-Client too" in self.logs.text(), 10,
+                         "the Proxy-Server's line")
         await self.refused_at_once(server)
 
     async def test_clear_stream_to_a_client_that_requires_it(self) -> None:
         """A Proxy-Server without a password opens in clear; a Proxy-Client with one refuses
-        it E2E_REQUIRED before any dial."""
+        it E2E_REQUIRED before any dial; both ends log what happened and what to set."""
         dialled: list[int] = []
 
         class Counting(EchoProtocol):
@@ -393,7 +403,12 @@ class EndToEndTunnelTests(TestCase):
         await wait_until(lambda: server.stats[("streams_ended", "reset_remote",
                                                "E2E_REQUIRED")] == 1, 10, "E2E_REQUIRED")
         self.assertEqual(dialled, [])
-        self.assertIn("this Proxy-Client requires end-to-end encryption", self.logs.text())
+        self.assertIn("Session 1: refused a stream in clear from Proxy-Server #1, which has no "
+                      "end-to-end password (this Proxy-Client requires end-to-end encryption): "
+                      "set endToEndPassword on the Proxy-Server too", self.logs.text())
+        self.assertIn("reset by the far end (E2E_REQUIRED: the Proxy-Client requires end-to-end "
+                      "encryption and this stream came in clear: set endToEndPassword on this "
+                      "Proxy-Server (the same as the Proxy-Client's))", self.logs.text())
 
     # -- pairings -------------------------------------------------------------------------
 

@@ -659,7 +659,8 @@ class EndToEndUdpTests(TestCase):
         assert udp.server is not None and udp.client is not None
         self.assertEqual(udp.server.stats["udp_flows_ended", "reset_remote"], 1)
         self.assertIn("E2E_REQUIRED", self.logs.text())
-        self.assertIn("A stream in clear from Proxy-Server #1 refused", self.logs.text())
+        self.assertIn("Session 1: refused a stream in clear from Proxy-Server #1",
+                      self.logs.text())
 
 
 class RealClientTests(TestCase):
