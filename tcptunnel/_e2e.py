@@ -113,6 +113,10 @@ TAG_SIZE = 16
 RECORD_OVERHEAD = _HEADER.size + TAG_SIZE  # 19 bytes: 0.12 % of a full record
 MAX_PLAINTEXT = MAX_RECORD - RECORD_OVERHEAD  # 16,365
 _AD = struct.Struct(">8sIBBHQ")  # pairing id, stream, direction, type, length, sequence
+# _AD in two parts: the first is fixed per direction of a stream, packed once.
+_AD_PREFIX = struct.Struct(">8sIB")  # pairing id, stream, direction
+_AD_TAIL = struct.Struct(">BHQ")  # type, length, sequence
+_NONCE = struct.Struct(">4xQ")  # 4 zero bytes, sequence
 _SEALED_PREFIX = struct.Struct(">8sI")  # pairing id, stream number
 _MAX_SEQUENCE = 2**64 - 1
 
@@ -325,7 +329,7 @@ def stream_key(prk: bytes, stream_number: int, direction: Direction) -> bytes:
 
 
 def _nonce(sequence: int) -> bytes:
-    return b"\x00\x00\x00\x00" + sequence.to_bytes(8, "big")
+    return _NONCE.pack(sequence)
 
 
 # -- records ------------------------------------------------------------------------------
@@ -351,6 +355,7 @@ class _RecordDirection:
         self._pairing_id = pairing_id
         self._stream = stream_number
         self._direction = direction
+        self._ad_prefix = _AD_PREFIX.pack(pairing_id, stream_number, direction)
         self.sequence = sequence  # of the next record
         self.ended = False
 
@@ -366,11 +371,10 @@ class RecordSealer(_RecordDirection):
         if self.sequence >= _MAX_SEQUENCE:
             raise E2EError("sequence numbers of this stream are used up")
         length = len(plaintext) + TAG_SIZE
-        ad = _AD.pack(self._pairing_id, self._stream, self._direction, record_type, length,
-                      self.sequence)
+        ad = self._ad_prefix + _AD_TAIL.pack(record_type, length, self.sequence)
         _HEADER.pack_into(out, offset, record_type, length)
         start = offset + _HEADER.size
-        self._aead.encrypt_into(_nonce(self.sequence), plaintext, ad,
+        self._aead.encrypt_into(_NONCE.pack(self.sequence), plaintext, ad,
                                 out[start : start + length])
         self.sequence += 1
         if record_type is RecordType.END:
@@ -421,7 +425,10 @@ class RecordDecoder(_RecordDirection):
     def __init__(self, key: bytes, pairing_id: bytes, stream_number: int,
                  direction: Direction, sequence: int = 0) -> None:
         super().__init__(key, pairing_id, stream_number, direction, sequence)
+        # The start of the one incomplete record (< 16 KiB), and its whole size once its
+        # header is in (0 before).
         self._buffer = bytearray()
+        self._needed = 0
         self._failed: IntegrityError | None = None
 
     @property
@@ -443,6 +450,59 @@ class RecordDecoder(_RecordDirection):
             raise self._fail(f"not one {expected.name} record")
         return records[0]
 
+    def _record_size(self, work: bytes | bytearray | memoryview, offset: int) -> int:
+        """The whole size of the record whose (complete) header is at ``offset``."""
+        record_type, length = _HEADER.unpack_from(work, offset)
+        if record_type not in _RECORD_TYPES or not (
+                TAG_SIZE <= length <= MAX_RECORD - _HEADER.size):
+            raise self._fail(f"malformed record header {bytes(work[offset:offset + 3]).hex()}")
+        return _HEADER.size + length
+
+    def _open(self, view: memoryview, offset: int, size: int) -> Record:
+        """Authenticate the record of ``size`` bytes at ``offset`` at the next sequence
+        number."""
+        kind = _RECORD_TYPE_OF[view[offset]]
+        sequence = self.sequence
+        ad = self._ad_prefix + _AD_TAIL.pack(kind, size - _HEADER.size, sequence)
+        try:
+            plaintext = self._aead.decrypt(_NONCE.pack(sequence),
+                                           view[offset + _HEADER.size : offset + size], ad)
+        except InvalidTag:
+            raise self._fail("it does not authenticate (changed, dropped, replayed, "
+                             "reordered or from another stream)") from None
+        if kind is RecordType.END:
+            if plaintext:
+                raise self._fail("END record with content")
+            self.ended = True
+        self.sequence = sequence + 1
+        return Record(kind, plaintext, size)
+
+    def _complete(self, data: bytes, records: list[Record]) -> int:
+        """Add the start of ``data`` to the incomplete record; open it if that completed it.
+        Return how many bytes of ``data`` it took.
+
+        Only what completes the record is copied (at most 16 KiB, once): a record that DATA
+        frames cut (32 KiB frames under 16 KiB records: about one per frame) costs one copy
+        of itself, not a copy of the whole frame and of its tail twice."""
+        buffer = self._buffer
+        taken = 0
+        if not self._needed:  # its header is not complete yet
+            taken = min(_HEADER.size - len(buffer), len(data))
+            buffer += data[:taken]
+            if len(buffer) < _HEADER.size:
+                return taken
+            self._needed = self._record_size(buffer, 0)
+        more = min(self._needed - len(buffer), len(data) - taken)
+        with memoryview(data) as source:
+            buffer += source[taken : taken + more]
+        taken += more
+        if len(buffer) == self._needed:
+            with memoryview(buffer) as view:
+                records.append(self._open(view, 0, self._needed))
+            self._buffer = bytearray()
+            self._needed = 0
+        return taken
+
     def feed(self, data: bytes) -> list[Record]:
         """Add bytes; return the records completed, in order."""
         if self._failed is not None:
@@ -451,47 +511,24 @@ class RecordDecoder(_RecordDirection):
             return []
         if self.ended:
             raise self._fail("bytes after the END record")
-        # Records are cut straight out of ``data`` when nothing is pending (the bulk case);
-        # only a record split across reads is joined in the buffer.
-        if self._buffer:
-            self._buffer += data
-            work: bytes | bytearray = self._buffer
-        else:
-            work = data
         records: list[Record] = []
-        offset = 0
-        available = len(work)
-        with memoryview(work) as view:
-            while available - offset >= _HEADER.size:
-                record_type, length = _HEADER.unpack_from(work, offset)
-                if record_type not in _RECORD_TYPES or not (
-                        TAG_SIZE <= length <= MAX_RECORD - _HEADER.size):
-                    raise self._fail(
-                        f"malformed record header {bytes(view[offset:offset + 3]).hex()}")
-                end = offset + _HEADER.size + length
-                if end > available:
+        offset = self._complete(data, records) if self._buffer else 0
+        available = len(data)
+        if self.ended and offset != available:
+            raise self._fail("bytes after the END record")
+        # Whole records are opened straight out of ``data`` (no copy).
+        with memoryview(data) as view:
+            while not self.ended and available - offset >= _HEADER.size:
+                size = self._record_size(data, offset)
+                if offset + size > available:
+                    self._needed = size
                     break
-                kind = RecordType(record_type)
-                ad = _AD.pack(self._pairing_id, self._stream, self._direction, kind, length,
-                              self.sequence)
-                try:
-                    plaintext = self._aead.decrypt(
-                        _nonce(self.sequence), view[offset + _HEADER.size : end], ad)
-                except InvalidTag:
-                    raise self._fail("it does not authenticate (changed, dropped, replayed, "
-                                     "reordered or from another stream)") from None
-                if kind is RecordType.END and plaintext:
-                    raise self._fail("END record with content")
-                self.sequence += 1
-                records.append(Record(kind, plaintext, end - offset))
-                offset = end
-                if kind is RecordType.END:
-                    if offset != available:
-                        raise self._fail("bytes after the END record")
-                    self.ended = True
-                    break
-            rest = bytes(view[offset:]) if offset < available else b""
-        self._buffer = bytearray(rest)
+                records.append(self._open(view, offset, size))
+                offset += size
+                if self.ended and offset != available:
+                    raise self._fail("bytes after the END record")
+            if offset < available and not self._buffer:
+                self._buffer = bytearray(view[offset:])  # the one copy of the tail
         return records
 
     def finish(self) -> None:
@@ -505,6 +542,7 @@ class RecordDecoder(_RecordDirection):
 
 # DATAGRAM records never travel in a byte stream: there, type 4 is a malformed header.
 _RECORD_TYPES = frozenset(int(t) for t in RecordType if t is not RecordType.DATAGRAM)
+_RECORD_TYPE_OF = {int(t): t for t in RecordType}
 
 
 class StreamCipher:

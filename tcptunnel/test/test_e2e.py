@@ -506,6 +506,36 @@ class RecordTests(SynchronousTestCase):
         self.setUp()
         self.assert_integrity(b"", [])  # FIN at once
 
+    def test_byte_by_byte(self) -> None:
+        """Fed one byte at a time (every header and record completed across reads), the
+        records come out whole, each at the read that completes it, and nothing more than
+        the one incomplete record is ever kept."""
+        records, stream = self.sent(b"a", b"b" * 20, b"")
+        decoder = self.client_cipher.decoder
+        completed_at = []
+        out = []
+        for position in range(len(stream)):
+            got = decoder.feed(stream[position : position + 1])
+            out += got
+            if got:
+                completed_at.append(position + 1)
+            self.assertLess(decoder.buffered, e2e.MAX_RECORD)
+        self.assertEqual([r.data for r in out], [b"a", b"b" * 20, b"", b""])
+        self.assertEqual(completed_at, list(itertools.accumulate(len(r) for r in records)))
+        self.assertEqual(decoder.buffered, 0)
+        decoder.finish()
+
+    def test_bytes_after_an_end_completed_across_reads(self) -> None:
+        """An END record whose last bytes come in the same read as anything more is an
+        integrity failure, also when the END record began in an earlier read."""
+        _records, stream = self.sent(b"one")
+        decoder = self.client_cipher.decoder
+        self.assertEqual([r.data for r in decoder.feed(stream[:-5])], [b"one"])
+        with self.assertRaises(IntegrityError):
+            decoder.feed(stream[-5:] + b"\x02")
+        with self.assertRaises(IntegrityError):
+            decoder.finish()
+
     def test_bytes_after_end(self) -> None:
         """Nothing may follow the END record, in the same read or a later one."""
         records, stream = self.sent(b"one")
