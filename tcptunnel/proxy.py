@@ -60,7 +60,10 @@ FAILBACK_INTERVAL = 30.0
 
 
 class _FailbackProbe(ClientFactory):
-    """A TCP connect to the first Gateway, closed at once: does it answer again?"""
+    """A TCP connect to the first Gateway, closed at once: does it answer again?  Through
+    the outbound proxy when there is one (:meth:`ProxyService._dial`): the tunnel to the
+    Gateway opened is the answer, a refusal by the outbound proxy (its 502, a SOCKS
+    "connection refused") is "still down"."""
 
     noisy = False
 
@@ -660,6 +663,17 @@ class ProxyService(service.MultiService):
         if factory is None:
             factory = self._stacks[index] = self._link_stack(dataclasses.replace(
                 config, host=target.host, port=target.port, server_name=target.server_name))
+        self.logged_in_since_connect = False
+        self._moved_since_connect = False
+        self._connector = self._dial(target, factory)
+
+    def _dial(self, target: GatewayAddress, factory: Any) -> Any:
+        """Connect ``factory`` to ``target``, through the outbound proxy when there is one
+        (TCP to it, its CONNECT or SOCKS5 handshake to the target's host and port, then
+        ``factory`` inside the tunnel).  The link and the failback probe both dial here, so
+        the probe asks the way the link goes: a network that needs the proxy allows nothing
+        else.  Every step has the connect timeout as its deadline."""
+        config = self.config
         host, port = target.host, target.port
         if config.outbound_proxy is not None:
             from tcptunnel.outbound import ProxiedClientFactory
@@ -668,10 +682,7 @@ class ProxyService(service.MultiService):
             factory = ProxiedClientFactory(factory, config.outbound_proxy, host, port,
                                            self.reactor, timeout=config.connect_timeout)
             host, port = config.outbound_proxy.host, config.outbound_proxy.port
-        self.logged_in_since_connect = False
-        self._moved_since_connect = False
-        self._connector = connect_tcp(self.reactor, host, port, factory,
-                                      timeout=config.connect_timeout)
+        return connect_tcp(self.reactor, host, port, factory, timeout=config.connect_timeout)
 
     def _set_target(self, index: int) -> None:
         config = self.config
@@ -700,21 +711,18 @@ class ProxyService(service.MultiService):
             self._set_target((self.target_index + 1) % len(self.targets))
 
     def _schedule_failback(self) -> None:
-        if (self._failback_call is None and self.target_index != 0 and self.running
-                and self.config.outbound_proxy is None):
+        if self._failback_call is None and self.target_index != 0 and self.running:
             self._failback_call = self.reactor.callLater(self.failback_interval,
                                                          self._probe_first)
 
     def _probe_first(self) -> None:
-        """Logged in to a later Gateway: does the first answer again?  A TCP connect that
-        is closed at once; when it succeeds, the link moves back (its streams are reset,
-        as on any Gateway change)."""
+        """Logged in to a later Gateway: does the first answer again?  A TCP connect
+        (through the outbound proxy when there is one) that is closed at once; when it
+        succeeds, the link moves back (its streams are reset, as on any Gateway change)."""
         self._failback_call = None
         if not self.running or self.target_index == 0:
             return
-        first = self.targets[0]
-        connect_tcp(self.reactor, first.host, first.port, _FailbackProbe(self),
-                    timeout=self.config.connect_timeout)
+        self._dial(self.targets[0], _FailbackProbe(self))
 
     def first_gateway_back(self) -> None:
         """The probe reached the first Gateway: move the link back to it."""

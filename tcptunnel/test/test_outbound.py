@@ -7,10 +7,14 @@ import os
 import shutil
 import socket
 from typing import Any
+from unittest.mock import Mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tcptunnel._outbound import (
@@ -23,6 +27,8 @@ from tcptunnel._outbound import (
     proxy_from_environment,
 )
 from tcptunnel.config import ConfigError
+from tcptunnel.proxyclient import ProxyClientService
+from tcptunnel.proxyserver import ProxyServerService
 from tcptunnel.test._harness import (
     NS,
     ChildProcess,
@@ -47,6 +53,57 @@ def splits(data: bytes, cuts: list[int]) -> list[bytes]:
         pieces.append(data[start:point])
         start = point
     return pieces
+
+
+async def assert_echo(test: TestCase, ps: Any) -> None:
+    """A stream through the Proxy-Server's Binding to the echo target: exact bytes back, a
+    clean end."""
+    client = await connect(binding_port(ps))
+    client.transport.write(b"through the outbound proxy")
+    client.transport.loseWriteConnection()
+    test.assertEqual(await client.ended, "clean")
+    test.assertEqual(bytes(client.received), b"through the outbound proxy")
+
+
+async def fail_over_and_back(test: TestCase, proxy_attribute: str) -> None:
+    """Both proxies, TLS (over this module's ``Tunnel``: a WebSocket one in test_websocket)
+    and ``proxy_attribute`` (an outbound proxy, or none), with Gateway A (down) first in
+    their list and B second: they log in to B and a stream works; A starts: the failback
+    probes (through the outbound proxy too) find it, both proxies move back to A, and a
+    stream works there."""
+    echo = await listen(test, EchoProtocol)
+    a, b = Tunnel(test, tls=True), Tunnel(test, tls=True)
+    b.certs = a.certs  # one certificate (and caFile) for both Gateways
+    test.addCleanup(a.close)
+    test.addCleanup(b.close)  # first: it stops the proxies too
+    a.gateway_port = reserve_port(test)
+    b.start_gateway()
+    attributes = a._proxy_attributes(proxy_attribute)  # host and port: A's
+    fallback = f'<Gateway host="127.0.0.1" port="{b.gateway_port}" serverName="localhost"/>'
+    pc = b._start_proxy(ProxyClientService, (
+        f'<Instance type="proxy-client" {attributes}>{fallback}'
+        '<Session id="1" password="client-pw"/></Instance>'))
+    ps = b._start_proxy(ProxyServerService, (
+        f'<Instance type="proxy-server" {attributes}>{fallback}<Session id="1" '
+        f'password="server-pw"><Binding listenIp="127.0.0.1" listenPort="0" '
+        f'targetHost="127.0.0.1" targetPort="{echo}"/></Session></Instance>'))
+    for proxy in (pc, ps):
+        proxy.failback_interval = 0.3  # 30 s in production; the mechanism is the same
+
+    def on(tunnel: Tunnel) -> bool:
+        gateway = tunnel.gateway
+        return (gateway is not None and len(gateway.gateway.links) == 2
+                and pc.partner_available and ps.partner_available)
+
+    await wait_until(lambda: on(b), 20, "both proxies on the second Gateway")
+    test.assertEqual((pc.target_index, ps.target_index), (1, 1))
+    await assert_echo(test, ps)
+    a.start_gateway(a.gateway_port)
+    await wait_until(lambda: on(a), 20, "both proxies back on the first Gateway")
+    test.assertEqual((pc.target_index, ps.target_index), (0, 0))
+    assert b.gateway is not None
+    test.assertEqual(len(b.gateway.gateway.links), 0)
+    await assert_echo(test, ps)
 
 
 class ProxyUrlTests(SynchronousTestCase):
@@ -275,13 +332,6 @@ class RealProxyTests(TestCase):
         ps = tunnel.start_proxy_server([("127.0.0.1", echo)], extra=proxy_attribute)
         return tunnel, pc, ps
 
-    async def assert_echo(self, ps: Any) -> None:
-        client = await connect(binding_port(ps))
-        client.transport.write(b"through the outbound proxy")
-        client.transport.loseWriteConnection()
-        self.assertEqual(await client.ended, "clean")
-        self.assertEqual(bytes(client.received), b"through the outbound proxy")
-
     async def test_tinyproxy_with_authentication(self) -> None:
         """Both proxies reach a TLS Gateway through tinyproxy with Basic authentication, and a
         stream tunnels end to end."""
@@ -290,7 +340,7 @@ class RealProxyTests(TestCase):
         _tunnel, pc, ps = await self.tunnel_through(
             f'httpProxy="http://tunnel:s3cret@127.0.0.1:{port}"')
         await _tunnel.ready(pc, ps)
-        await self.assert_echo(ps)
+        await assert_echo(self, ps)
 
     async def test_tinyproxy_wrong_password_is_reported(self) -> None:
         """A wrong proxy password is logged as the proxy's refusal, with the hint to check the
@@ -318,5 +368,80 @@ class RealProxyTests(TestCase):
         _tunnel, pc, ps = await self.tunnel_through(
             f'socksProxy="socks5://tunnel:s3cret@127.0.0.1:{port}"')
         await _tunnel.ready(pc, ps)
-        await self.assert_echo(ps)
+        await assert_echo(self, ps)
 
+    async def test_failback_through_tinyproxy(self) -> None:
+        """Failover and failback with the link and the failback probe through tinyproxy
+        (HTTP CONNECT)."""
+        port = self.tinyproxy()
+        await self.wait_listening(port)
+        await fail_over_and_back(self, f'httpProxy="http://127.0.0.1:{port}"')
+
+    async def test_failback_through_microsocks(self) -> None:
+        """Failover and failback with the link and the failback probe through microsocks
+        (SOCKS5, with a password)."""
+        port = self.microsocks(("tunnel", "s3cret"))
+        await self.wait_listening(port)
+        await fail_over_and_back(self, f'socksProxy="socks5://tunnel:s3cret@127.0.0.1:{port}"')
+
+
+class FailbackProbeTests(SynchronousTestCase):
+    """The failback probe of a proxy with an outbound proxy goes through it: the first
+    Gateway is asked by a CONNECT through the outbound proxy, never by a direct connect."""
+
+    def setUp(self) -> None:
+        from tcptunnel.config import parse_settings
+        from tcptunnel.proxyclient import ProxyClientService
+
+        config: Any = parse_settings(
+            f'<Settings {NS}><Instance type="proxy-client" host="gw1.test" port="7001" '
+            'httpProxy="http://127.0.0.1:3128"><Gateway host="gw2.test" port="7002"/>'
+            '<Session id="1" password="x"/></Instance></Settings>'.encode()).instances[0]
+        self.reactor = MemoryReactorClock()
+        self.proxy = ProxyClientService(config, self.reactor)
+        self.proxy.startService()
+        self.addCleanup(self.proxy.stopService)
+        # The first Gateway fails (the outbound proxy refused the CONNECT): the second next.
+        self.proxy.factory.clientConnectionFailed(Mock(), Failure(ConnectionRefusedError()))
+        self.assertEqual(self.proxy.target_index, 1)
+        self.proxy._schedule_failback()  # as a login to the second Gateway does
+        self.reactor.advance(self.proxy.failback_interval)
+
+    def probe(self) -> tuple[Any, StringTransport]:
+        """The probe's connection: (its factory, the transport its protocol got)."""
+        from tcptunnel.outbound import ProxiedClientFactory
+
+        connection: Any = self.reactor.tcpClients[-1]
+        host, port, factory, _timeout, _bind = connection
+        self.assertEqual((host, port), ("127.0.0.1", 3128))  # to the outbound proxy
+        self.assertIsInstance(factory, ProxiedClientFactory)
+        self.assertEqual((factory.host, factory.port), ("gw1.test", 7001))
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.value().split(b"\r\n")[0],
+                         b"CONNECT gw1.test:7001 HTTP/1.1")
+        return protocol, transport
+
+    def test_tunnel_opened_moves_back(self) -> None:
+        """The outbound proxy opens the tunnel to the first Gateway: the probe closes it at
+        once and the next link goes to the first Gateway."""
+        protocol, transport = self.probe()
+        protocol.dataReceived(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.proxy.target_index, 0)
+
+    def test_refused_asks_again_later(self) -> None:
+        """The outbound proxy answers 502 (the first Gateway refused it): the proxy stays
+        on the second and probes again one interval later, through the outbound proxy."""
+        protocol, transport = self.probe()
+        protocol.dataReceived(b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        factory: Any = self.reactor.tcpClients[-1][2]
+        factory.clientConnectionLost(Mock(), Failure(ConnectionDone()))
+        self.assertEqual(self.proxy.target_index, 1)
+        before = len(self.reactor.tcpClients)
+        self.reactor.advance(self.proxy.failback_interval)
+        self.assertEqual(len(self.reactor.tcpClients), before + 1)
+        self.probe()
