@@ -827,3 +827,63 @@ class WsRealProxyTests(test_outbound.RealProxyTests):
 
     def setUp(self) -> None:
         _over_websocket(self, test_outbound)
+
+
+class FailoverTargetTests(SynchronousTestCase):
+    """A WebSocket proxy's <Gateway> list (issue 20): each target is dialled with its own
+    address, TLS server name and WebSocket URL (the Host header), not the first one's."""
+
+    def test_each_target_its_own_url(self) -> None:
+        """The Instance's Gateway, a <Gateway> with a serverName and one without (its host
+        then): the TCP address, the SNI in the ClientHello and the upgrade request's path and
+        Host header of each connection are that target's."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tcptunnel.proxyclient import ProxyClientService
+
+        config: Any = parse_settings(
+            f'<Settings {NS}><Instance type="proxy-client" host="gw1.test" port="7001" '
+            'useSsl="true" serverName="s1.gw1.test" webSocketPath="/tunnel">'
+            '<Gateway host="127.0.0.1" port="7002" serverName="s1.gw2.test"/>'
+            '<Gateway host="gw3.test" port="443"/>'
+            '<Session id="1" password="x"/></Instance></Settings>'.encode()).instances[0]
+        clock = MemoryReactorClock()
+        proxy = ProxyClientService(config, clock)
+        proxy.startService()  # dials the first
+        self.addCleanup(proxy.stopService)
+        for index in (1, 2):
+            proxy._set_target(index)
+            proxy.connect()
+        expected = [("gw1.test", 7001, b"s1.gw1.test", b"s1.gw1.test:7001"),
+                    ("127.0.0.1", 7002, b"s1.gw2.test", b"s1.gw2.test:7002"),
+                    ("gw3.test", 443, b"gw3.test", b"gw3.test:443")]
+        seen = []
+        for host, port, factory, _timeout, _bind in clock.tcpClients:
+            tls: Any = factory  # TLS around the WebSocket factory
+            hello = StringTransport()
+            tls.buildProtocol(None).makeConnection(hello)
+            sni = next(name for name in (b"s1.gw1.test", b"s1.gw2.test", b"gw3.test")
+                       if name in hello.value())
+            upgrade = StringTransport()
+            tls.wrappedFactory.buildProtocol(None).makeConnection(upgrade)
+            head = upgrade.value().split(b"\r\n\r\n")[0].split(b"\r\n")
+            self.assertEqual(head[0], b"GET /tunnel HTTP/1.1")
+            (host_header,) = [line[6:] for line in head if line.lower().startswith(b"host: ")]
+            seen.append((host, port, sni, host_header))
+        self.assertEqual(seen, expected)
+
+
+class WsFailoverTests(TestCase):
+    """test_outbound's failover and failback between two Gateways with the links as
+    WebSockets (wss://), without an outbound proxy."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        _over_websocket(self, test_outbound)
+
+    async def test_first_down_then_back(self) -> None:
+        """First WebSocket Gateway down: both proxies log in to the second, a WebSocket
+        Listener too, through its own URL, and a stream works; the first back: both move
+        back to it (failback probe) and a stream works there."""
+        await test_outbound.fail_over_and_back(self, "")
