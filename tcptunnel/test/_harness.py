@@ -7,6 +7,7 @@ record how their connection ended) live here too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 from twisted.internet import defer, protocol, reactor, task, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ProcessExitedAlready
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -380,10 +381,15 @@ async def raw_peer(port: int) -> RawPeer:
 
 class ChildProcess(protocol.ProcessProtocol):
     """A child process (twistd, or a third-party program a test drives): collects its
-    output and exit code."""
+    output and exit code (``exit_code`` None while it runs, and after a signal ended it).
 
-    def __init__(self) -> None:
+    Standard error goes to ``output`` too, or with ``stderr_apart`` to ``errors`` (for a
+    program whose standard output a test compares byte for byte, like curl's).
+    """
+
+    def __init__(self, stderr_apart: bool = False) -> None:
         self.output = bytearray()
+        self.errors = bytearray() if stderr_apart else self.output
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.exit_code: int | None = None
         self.exit_signal: int | None = None
@@ -391,17 +397,21 @@ class ChildProcess(protocol.ProcessProtocol):
     def outReceived(self, data: bytes) -> None:  # noqa: N802
         self.output += data
 
-    errReceived = outReceived  # noqa: N815
+    def errReceived(self, data: bytes) -> None:  # noqa: N802
+        self.errors += data  # ``output`` itself unless stderr_apart
 
     def processEnded(self, reason: Any) -> None:  # noqa: N802
         self.exit_code = reason.value.exitCode
         self.exit_signal = reason.value.signal
         self.ended.callback(None)
 
-    def kill(self) -> defer.Deferred[None] | None:
-        """SIGKILL (cleanup) and wait for the exit."""
+    def kill(self, signal: str = "KILL") -> defer.Deferred[None] | None:
+        """SIGKILL (cleanup), or ``signal`` (TERM: a server whose workers must go with it),
+        and wait for the exit."""
         if not self.ended.called:
-            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+            # Reaped a moment ago, its pipes not yet closed: it needs no signal then.
+            with contextlib.suppress(ProcessExitedAlready):
+                self.transport.signalProcess(signal)  # type: ignore[union-attr]
             return self.ended
         return None
 

@@ -13,7 +13,6 @@ address.  Each program missing is a skip that says how to install it (``make tes
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import os
 import shutil
@@ -22,11 +21,10 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcptunnel import _frames as fr
@@ -48,7 +46,7 @@ from tcptunnel.proxyserver import (
     ProxyServerService,
     RequestBindingConnection,
 )
-from tcptunnel.test._harness import NS, Tunnel, reserve_port, wait_until
+from tcptunnel.test._harness import NS, ChildProcess, Tunnel, reserve_port, wait_until
 from tcptunnel.test.test_proxyunits import FakeGateway, Logs
 
 
@@ -543,51 +541,19 @@ class AllowListAtTheProxyClientTests(SynchronousTestCase):
 # -- real layer --------------------------------------------------------------------------
 
 
-class Child(protocol.ProcessProtocol):
-    """A child process: its output, exit code, and a kill at the test's end."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.err = bytearray()
-        self.ended: defer.Deferred[int] = defer.Deferred()
-        self.code: int | None = None
-        self.process: Any = None
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
-        """Keep stdout."""
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:  # noqa: N802
-        """Keep stderr."""
-        self.err += data
-
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802
-        """Record the exit code (a signal counts as -1)."""
-        code = getattr(reason.value, "exitCode", None)
-        self.code = -1 if code is None else int(code)
-        self.ended.callback(self.code)
-
-    async def stop(self) -> None:
-        """Terminate the child if it still runs, and wait for it."""
-        if self.code is None:
-            with contextlib.suppress(Exception):  # it ended just now
-                self.process.signalProcess("TERM")
-            await self.ended
-
-
-def spawn(test: TestCase, argv: list[str], cwd: str | None = None) -> Child:
-    """Start a child; it is stopped (and waited for) at the test's end."""
-    child = Child()
-    child.process = reactor.spawnProcess(child, argv[0], argv, env=dict(os.environ), path=cwd)
-    test.addCleanup(lambda: defer.ensureDeferred(child.stop()))
+def spawn(test: TestCase, argv: list[str], cwd: str | None = None) -> ChildProcess:
+    """Start a child (its standard error kept apart); at the test's end it is stopped with
+    SIGTERM (nginx's and sshd's workers go with their master) and waited for."""
+    child = ChildProcess(stderr_apart=True)
+    reactor.spawnProcess(child, argv[0], argv, env=dict(os.environ), path=cwd)
+    test.addCleanup(child.kill, "TERM")
     return child
 
 
-async def run(test: TestCase, argv: list[str], timeout: float = 30) -> Child:
+async def run(test: TestCase, argv: list[str], timeout: float = 30) -> ChildProcess:
     """Run a child to its end (killed after ``timeout`` seconds: a hung client fails)."""
     child = spawn(test, argv)
-    killer = reactor.callLater(timeout, lambda: child.code is None and
-                               child.process.signalProcess("KILL"))
+    killer = reactor.callLater(timeout, child.kill)
     await child.ended
     if killer.active():
         killer.cancel()
@@ -655,7 +621,7 @@ class RealTunnelMixin:
         """The port a Binding (listenPort="0") got."""
         return int(server.ports[index].getHost().port)
 
-    async def curl(self, *args: str) -> Child:
+    async def curl(self, *args: str) -> ChildProcess:
         """curl -sS with a 10 s limit."""
         assert CURL is not None
         return await run(self, [CURL, "-sS", "--max-time", "10", *args])  # type: ignore[arg-type]
@@ -677,14 +643,15 @@ class SocksCurlTests(RealTunnelMixin, TestCase):
             f'<Endpoint host="localhost" port="{target},{closed}"/>')
         proxy = f"127.0.0.1:{self.port_of(server)}"
         ok = await self.curl("--socks5-hostname", proxy, f"http://localhost:{target}/")
-        self.assertEqual((bytes(ok.out), ok.code), (BODY, 0), bytes(ok.err))
+        self.assertEqual((bytes(ok.output), ok.exit_code), (BODY, 0), bytes(ok.errors))
         for url, reply in ((f"http://localhost:{target + 1}/", b"(2)"),
                            (f"http://denied.example:{target}/", b"(2)"),
                            (f"http://127.0.0.1:{target}/", b"(2)"),  # a literal: no name rule
                            (f"http://localhost:{closed}/", b"(5)")):
             failed = await self.curl("--socks5-hostname", proxy, url)
-            self.assertEqual((bytes(failed.out), failed.code), (b"", 97), bytes(failed.err))
-            self.assertIn(reply, bytes(failed.err), url)
+            self.assertEqual((bytes(failed.output), failed.exit_code), (b"", 97),
+                             bytes(failed.errors))
+            self.assertIn(reply, bytes(failed.errors), url)
         await wait_until(lambda: "TCP stream to denied.example" in self.logs.text(), 5,
                          "the denial's log line")
         self.assertIn("denied: denied.example is not in AllowedTargetEndpoints: no name rule "
@@ -703,10 +670,11 @@ class SocksCurlTests(RealTunnelMixin, TestCase):
             'password="s3cret"/>', f'<Endpoint host="localhost" port="{target}"/>')
         proxy, url = f"127.0.0.1:{self.port_of(server)}", f"http://localhost:{target}/"
         ok = await self.curl("--socks5-hostname", proxy, "--proxy-user", "alice:s3cret", url)
-        self.assertEqual((bytes(ok.out), ok.code), (BODY, 0), bytes(ok.err))
+        self.assertEqual((bytes(ok.output), ok.exit_code), (BODY, 0), bytes(ok.errors))
         for extra in (["--proxy-user", "alice:wrong"], []):
             failed = await self.curl("--socks5-hostname", proxy, *extra, url)
-            self.assertEqual((bytes(failed.out), failed.code), (b"", 97), bytes(failed.err))
+            self.assertEqual((bytes(failed.output), failed.exit_code), (b"", 97),
+                             bytes(failed.errors))
 
     async def test_network_rule_and_check_resolved_addresses(self) -> None:
         """With checkResolvedAddresses, localhost (allowed by name) goes through when a
@@ -721,13 +689,13 @@ class SocksCurlTests(RealTunnelMixin, TestCase):
         proxy = f"127.0.0.1:{self.port_of(server)}"
         for url in (f"http://localhost:{target}/", f"http://127.0.0.1:{target}/"):
             ok = await self.curl("--socks5-hostname", proxy, url)
-            self.assertEqual((bytes(ok.out), ok.code), (BODY, 0), bytes(ok.err))
+            self.assertEqual((bytes(ok.output), ok.exit_code), (BODY, 0), bytes(ok.errors))
         self.assertTrue(self.proxy_client.apply_config(_reconfigured(
             self.proxy_client.config, f'<Endpoint host="localhost" port="{target}"/>'
             f'<Endpoint host="10.0.0.0/8" port="{target}"/>')))
         failed = await self.curl("--socks5-hostname", proxy, f"http://localhost:{target}/")
-        self.assertEqual(failed.code, 97, bytes(failed.err))
-        self.assertIn(b"(2)", bytes(failed.err))
+        self.assertEqual(failed.exit_code, 97, bytes(failed.errors))
+        self.assertIn(b"(2)", bytes(failed.errors))
 
 
 def _reconfigured(config: ProxyConfig, endpoints: str) -> ProxyConfig:
@@ -755,15 +723,16 @@ class HttpConnectCurlTests(RealTunnelMixin, TestCase):
             f'<Endpoint host="localhost" port="{target},{closed}"/>')
         proxy = f"http://127.0.0.1:{self.port_of(server)}"
         ok = await self.curl("-p", "-x", proxy, f"http://localhost:{target}/")
-        self.assertEqual((bytes(ok.out), ok.code), (BODY, 0), bytes(ok.err))
+        self.assertEqual((bytes(ok.output), ok.exit_code), (BODY, 0), bytes(ok.errors))
         for url, status in ((f"http://localhost:{target + 1}/", b"403"),
                             (f"http://localhost:{closed}/", b"502")):
             failed = await self.curl("-p", "-x", proxy, url)
-            self.assertEqual((bytes(failed.out), failed.code), (b"", 56), bytes(failed.err))
-            self.assertIn(b"response " + status, bytes(failed.err))
+            self.assertEqual((bytes(failed.output), failed.exit_code), (b"", 56),
+                             bytes(failed.errors))
+            self.assertIn(b"response " + status, bytes(failed.errors))
         plain = await self.curl("--fail", "-x", proxy, f"http://localhost:{target}/")
-        self.assertEqual(plain.code, 22, bytes(plain.err))
-        self.assertIn(b"405", bytes(plain.err))
+        self.assertEqual(plain.exit_code, 22, bytes(plain.errors))
+        self.assertIn(b"405", bytes(plain.errors))
 
     async def test_login(self) -> None:
         """With username/password, curl --proxy-user gets through and a client without is
@@ -774,10 +743,10 @@ class HttpConnectCurlTests(RealTunnelMixin, TestCase):
             'username="alice" password="s3cret"/>', f'<Endpoint host="localhost" port="{target}"/>')
         proxy, url = f"http://127.0.0.1:{self.port_of(server)}", f"http://localhost:{target}/"
         ok = await self.curl("-p", "-x", proxy, "--proxy-user", "alice:s3cret", url)
-        self.assertEqual((bytes(ok.out), ok.code), (BODY, 0), bytes(ok.err))
+        self.assertEqual((bytes(ok.output), ok.exit_code), (BODY, 0), bytes(ok.errors))
         failed = await self.curl("-p", "-x", proxy, url)
-        self.assertEqual(failed.code, 56, bytes(failed.err))
-        self.assertIn(b"407", bytes(failed.err))
+        self.assertEqual(failed.exit_code, 56, bytes(failed.errors))
+        self.assertIn(b"407", bytes(failed.errors))
 
 
 class SshThroughSocksTests(RealTunnelMixin, TestCase):
@@ -794,7 +763,7 @@ class SshThroughSocksTests(RealTunnelMixin, TestCase):
         for name in ("host", "client"):
             made = await run(self, [SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f",  # type: ignore[list-item]
                                     os.path.join(folder, name)])
-            self.assertEqual(made.code, 0, bytes(made.err))
+            self.assertEqual(made.exit_code, 0, bytes(made.errors))
         shutil.copy(os.path.join(folder, "client.pub"), os.path.join(folder, "authorized"))
         port = reserve_port(self)
         config = os.path.join(folder, "sshd_config")
@@ -809,7 +778,7 @@ class SshThroughSocksTests(RealTunnelMixin, TestCase):
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         daemon = spawn(self, [SSHD, "-D", "-e", "-f", config])  # type: ignore[list-item]
         await listening(port, what="sshd")
-        self.assertIsNone(daemon.code, bytes(daemon.err))
+        self.assertFalse(daemon.ended.called, bytes(daemon.errors))
         return port, os.path.join(folder, "client")
 
     def ssh(self, proxy: int, port: int, key: str, host: str = "localhost") -> list[str]:
@@ -832,9 +801,10 @@ class SshThroughSocksTests(RealTunnelMixin, TestCase):
             f'<Endpoint host="localhost" port="{port}"/>')
         proxy = self.port_of(server)
         ok = await run(self, self.ssh(proxy, port, key))
-        self.assertEqual((bytes(ok.out), ok.code), (b"hello through socks\n", 0), bytes(ok.err))
+        self.assertEqual((bytes(ok.output), ok.exit_code), (b"hello through socks\n", 0),
+                         bytes(ok.errors))
         denied = await run(self, self.ssh(proxy, port, key, host="127.0.0.1"))
-        self.assertEqual((bytes(denied.out), denied.code), (b"", 255), bytes(denied.err))
+        self.assertEqual((bytes(denied.output), denied.exit_code), (b"", 255), bytes(denied.errors))
 
 
 NGINX_CONF = """\
@@ -879,7 +849,7 @@ class NginxProxyProtocolTests(RealTunnelMixin, TestCase):
         daemon = spawn(self, [NGINX, "-p", folder, "-e", os.path.join(folder, "error.log"),  # type: ignore[list-item]
                               "-c", config])
         await listening(port, what="nginx")
-        self.assertIsNone(daemon.code, bytes(daemon.err))
+        self.assertFalse(daemon.ended.called, bytes(daemon.errors))
         return port, os.path.join(folder, "access.log")
 
     async def logged(self, path: str, count: int) -> list[str]:
@@ -907,16 +877,16 @@ class NginxProxyProtocolTests(RealTunnelMixin, TestCase):
             f'<Endpoint host="localhost" port="{port}" proxyProtocol="v2"/>')
         fixed, socks = self.port_of(server, 0), self.port_of(server, 1)
         first = await self.curl("-w", "\\n%{local_port}", f"http://127.0.0.1:{fixed}/")
-        self.assertEqual(first.code, 0, bytes(first.err))
-        body, local_port = bytes(first.out).rsplit(b"\n", 1)
+        self.assertEqual(first.exit_code, 0, bytes(first.errors))
+        body, local_port = bytes(first.output).rsplit(b"\n", 1)
         self.assertEqual(body, b"hello from nginx\n")
         (line,) = await self.logged(log, 1)
         self.assertTrue(line.startswith(f"client=127.0.0.1:{int(local_port)} "), line)
         self.assertNotEqual(line.rpartition(":")[2], local_port.decode())
         second = await self.curl("-w", "\\n%{local_port}", "--socks5-hostname",
                                  f"[::1]:{socks}", f"http://localhost:{port}/")
-        self.assertEqual(second.code, 0, bytes(second.err))
-        local_port = bytes(second.out).rsplit(b"\n", 1)[1]
+        self.assertEqual(second.exit_code, 0, bytes(second.errors))
+        local_port = bytes(second.output).rsplit(b"\n", 1)[1]
         line = (await self.logged(log, 2))[1]
         self.assertTrue(line.startswith(f"client=::1:{int(local_port)} peer=127.0.0.1:"), line)
 
@@ -960,8 +930,8 @@ class HaproxyProxyProtocolTests(RealTunnelMixin, TestCase):
         reply = await self.curl("-w", "\\n%{local_port}", "-p", "-x",
                                 f"http://127.0.0.1:{self.port_of(server)}",
                                 f"http://127.0.0.1:{port}/")
-        self.assertEqual(reply.code, 0, bytes(reply.err))
-        body, local_port = bytes(reply.out).rsplit(b"\n", 1)
+        self.assertEqual(reply.exit_code, 0, bytes(reply.errors))
+        body, local_port = bytes(reply.output).rsplit(b"\n", 1)
         self.assertEqual(body, b"hello from haproxy")
         expected = f"client=127.0.0.1:{int(local_port)}".encode()
-        await wait_until(lambda: expected in daemon.out, 10, "haproxy's log line")
+        await wait_until(lambda: expected in daemon.output, 10, "haproxy's log line")

@@ -18,7 +18,7 @@ import signal
 import socket
 from typing import Any
 
-from twisted.internet import protocol, reactor
+from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
@@ -29,6 +29,7 @@ from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
 from tcptunnel.test._certs import mint
 from tcptunnel.test._harness import (
+    ChildProcess,
     EchoProtocol,
     Tunnel,
     TwistdProcess,
@@ -76,20 +77,6 @@ backend gateways
 """
 SERVER_LINE = ("  server g{i} 127.0.0.1:{port} source 127.0.0.2 send-proxy-v2 "
                "check inter 500ms fall 2 rise 1\n")
-
-
-class _Haproxy(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended = False
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
-        self.output += data
-
-    errReceived = outReceived  # noqa: N815
-
-    def processEnded(self, reason: Any) -> None:  # noqa: N802
-        self.ended = True
 
 
 def accepts(port: int) -> bool:
@@ -160,16 +147,11 @@ class Cluster:
         with open(config, "w", encoding="ascii") as f:
             f.write(HAPROXY_CONF.format(port=self.front, servers="".join(
                 SERVER_LINE.format(i=i, port=port) for i, port in enumerate(self.ports))))
-        self.haproxy = _Haproxy()
+        self.haproxy = ChildProcess()
         assert HAPROXY is not None
-        process = reactor.spawnProcess(self.haproxy, HAPROXY, [HAPROXY, "-db", "-f", config],
-                                       env=dict(os.environ))
-
-        def stop() -> None:
-            if not self.haproxy.ended:
-                process.signalProcess("KILL")
-
-        self.test.addCleanup(stop)
+        reactor.spawnProcess(self.haproxy, HAPROXY, [HAPROXY, "-db", "-f", config],
+                             env=dict(os.environ))
+        self.test.addCleanup(self.haproxy.kill)
         await wait_until(lambda: accepts(self.front), 30, "HAProxy to listen")
 
     def balancer_log(self) -> str:
