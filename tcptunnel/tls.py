@@ -27,6 +27,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from tcptunnel.config import ListenerConfig, ProxyConfig, TlsFiles
+from tcptunnel.tlslink import LinkTLSFactory, using_own_tls
 
 
 class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
@@ -46,8 +47,25 @@ class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
 def tls_factory(creator: Any, wrapped: IProtocolFactory, is_client: bool) -> Any:
     """Wrap ``wrapped`` in TLS for listenTCP / connectTCP; ``creator`` is an
     IOpenSSLServerConnectionCreator (:class:`ReloadableServerTls`) or an
-    IOpenSSLClientConnectionCreator."""
+    IOpenSSLClientConnectionCreator.
+
+    Links get :class:`tcptunnel.tlslink.LinkTLSFactory` (fewer pyOpenSSL calls per record);
+    Twisted's TLSMemoryBIOProtocol (without its write aggregation) with
+    ``TCPTUNNEL_TWISTED_TLS=1`` or after :func:`tcptunnel.tlslink.use_twisted_tls`, for a
+    creator of the legacy ``getContext`` kind, and under WebSocket (autobahn): its
+    ``create_transport_details`` refuses any ISSLTransport that is not a
+    TLSMemoryBIOProtocol instance (``autobahn/twisted/util.py`` ``transport_channel_id``).
+    """
+    interface = IOpenSSLClientConnectionCreator if is_client else IOpenSSLServerConnectionCreator
+    if using_own_tls() and interface.providedBy(creator) and not _autobahn(wrapped):
+        return LinkTLSFactory(creator, is_client, wrapped)
     return _UnbufferedTLSFactory(creator, is_client, wrapped)
+
+
+def _autobahn(factory: Any) -> bool:
+    """Whether ``factory`` is an autobahn (WebSocket) factory (autobahn is not imported:
+    it is optional)."""
+    return any(cls.__module__.startswith("autobahn.") for cls in type(factory).__mro__)
 
 
 class TlsSetupError(Exception):

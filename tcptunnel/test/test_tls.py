@@ -4,18 +4,28 @@ reloadable server TLS of listeners (interface, ALPN, certificate swap)."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import re
 from typing import Any, cast
 
-from OpenSSL import crypto
-from twisted.internet import defer, reactor, ssl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from OpenSSL import SSL, crypto
+from service_identity import VerificationError
+from twisted.internet import defer, error, reactor, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLServerConnectionCreator,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.protocols._tls_legacy import LegacyContextFactoryWarning
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer, provider
 from zope.interface.verify import verifyObject
@@ -42,6 +52,13 @@ from tcptunnel.tls import (
     server_context_factory,
     server_tls,
     tls_factory,
+)
+from tcptunnel.tlslink import (
+    MAX_RECORD_BODY,
+    LinkTLSFactory,
+    LinkTLSProtocol,
+    RecordCounter,
+    use_twisted_tls,
 )
 
 
@@ -133,10 +150,9 @@ class VerificationTests(TestCase):
         assert tunnel.gateway is not None
         links = [pc.link, ps.link, *tunnel.gateway.gateway.links]  # type: ignore[attr-defined]
         self.assertEqual(len(links), 4)
+        # They are tcptunnel.tlslink's protocol (fewer pyOpenSSL calls per record).
         for link in links:
-            transport = link.transport
-            self.assertIsInstance(transport, TLSMemoryBIOProtocol)
-            self.assertNotIsInstance(transport, BufferingTLSTransport)
+            self.assertIsInstance(link.transport, LinkTLSProtocol)
 
     async def assert_refused_at_tls(self, tunnel: Tunnel, *proxies: Any) -> None:
         """Wait until each proxy's first try ended in a failed TLS handshake (the reason its
@@ -311,3 +327,281 @@ class ServerTlsTests(TestCase):
         self.assertEqual(await self.handshake(
             port, client_connection_creator("localhost", None, new_pin)),
             (ALPN_PROTOCOL, new_pin))
+
+
+class RecordCounterTests(SynchronousTestCase):
+    """tlslink.RecordCounter: whole TLS records in bytes fed in any pieces."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(0, 2**14 + 300), max_size=12), st.data())
+    def test_counts_whole_records_however_cut(self, lengths: list[int], data: Any) -> None:
+        """Records of any length, cut anywhere (in headers too): after each piece the sum of
+        the counts is the number of records whose last byte was fed."""
+        stream = b"".join(bytes([23, 3, 3]) + n.to_bytes(2, "big") + b"r" * n for n in lengths)
+        ends = list(itertools.accumulate(5 + n for n in lengths))
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+        counter, counted, start = RecordCounter(), 0, 0
+        for cut in [*cuts, len(stream)]:
+            counted += counter.feed(stream[start:cut])
+            start = cut
+            self.assertEqual(counted, sum(1 for end in ends if end <= cut))
+
+    def test_oversized_record_counted_at_its_header(self) -> None:
+        """A header announcing more than OpenSSL accepts counts as a record at once, so that
+        recv() reports the error instead of waiting for 64 KiB."""
+        header = bytes([23, 3, 3]) + (MAX_RECORD_BODY + 1).to_bytes(2, "big")
+        self.assertEqual(RecordCounter().feed(header), 1)
+        self.assertEqual(RecordCounter().feed(bytes([23, 3, 3, 0, 0])), 1)  # empty: whole
+
+
+@implementer(IHandshakeListener)
+class _TlsApp(Protocol):
+    """Records what a TLS transport delivers: the handshake, bytes, how it ended."""
+
+    def __init__(self, on_handshake: bytes = b"", echo: bool = False) -> None:
+        self.handshakes = 0
+        self.received = bytearray()
+        self.deliveries = 0
+        self.lost: Any = None
+        self.on_handshake = on_handshake
+        self.echo = echo
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        self.handshakes += 1
+        if self.on_handshake:
+            cast(Any, self.transport).write(self.on_handshake)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+        self.deliveries += 1
+        if self.echo:
+            cast(Any, self.transport).write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.lost = reason
+
+
+@implementer(IPushProducer)
+class _Producer:
+    """Counts pause and resume calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.calls.append("stop")
+
+
+class _TlsBehaviour:
+    """The behaviour links need of their TLS protocol, over iosim; run for tlslink's protocol
+    and for Twisted's TLSMemoryBIOProtocol (the switch back), so the two are shown equal."""
+
+    own = True
+
+    def setUp(self) -> None:
+        test = cast(SynchronousTestCase, self)
+        self.certs = mint(os.path.abspath(test.mktemp()))
+        self.server_tls = server_tls(TlsFiles(pem_certificate=self.certs.cert,
+                                              pem_key=self.certs.key))
+        use_twisted_tls(not self.own)
+        test.addCleanup(use_twisted_tls, False)
+
+    def pair(self, server_app: _TlsApp | None = None, client_app: _TlsApp | None = None,
+             hostname: str = "localhost", greet: bool = True) -> tuple[Any, Any, Any]:
+        """(client TLS protocol, server TLS protocol, pump) around two _TlsApps."""
+        server_app = self.sapp = server_app or _TlsApp()
+        client_app = self.capp = client_app or _TlsApp()
+        client_creator = client_connection_creator(hostname, self.certs.ca, None)
+        server_factory = tls_factory(self.server_tls, Factory.forProtocol(lambda: server_app),
+                                     is_client=False)
+        client_factory = tls_factory(client_creator, Factory.forProtocol(lambda: client_app),
+                                     is_client=True)
+        expected = LinkTLSFactory if self.own else TLSMemoryBIOFactory
+        cast(SynchronousTestCase, self).assertIsInstance(server_factory, expected)
+        server = server_factory.buildProtocol(None)
+        client = client_factory.buildProtocol(None)
+        pump = iosim.connect(server, iosim.FakeTransport(server, True),
+                             client, iosim.FakeTransport(client, False), greet=greet)
+        return client, server, pump
+
+    def test_handshake_alpn_and_certificate(self) -> None:
+        """The handshake completes once on each side, with our ALPN protocol; the client sees
+        the server's certificate; the transports are ISSLTransport with an SSL.Connection."""
+        test = cast(SynchronousTestCase, self)
+        client, server, _pump = self.pair()
+        for side, app in ((client, self.capp), (server, self.sapp)):
+            test.assertEqual(app.handshakes, 1)
+            test.assertEqual(side.negotiatedProtocol, ALPN_PROTOCOL)
+            test.assertTrue(ISSLTransport.providedBy(side))
+            test.assertIsInstance(side.getHandle(), SSL.Connection)
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, client.getPeerCertificate())
+        test.assertEqual(certificate_pin(der).hex(), self.certs.pin_hex)
+
+    def test_bytes_both_ways_whole_and_in_order(self) -> None:
+        """Writes made before the handshake, 1 byte, and 300 KiB (many records, cut into
+        pieces by the transport) arrive whole and in order, both ways."""
+        test = cast(SynchronousTestCase, self)
+        server_app = _TlsApp(echo=True)
+        client, _server, pump = self.pair(server_app, greet=False)
+        client.write(b"early ")  # before the server's first flight
+        pump.flush()
+        big = os.urandom(300 * 1024)
+        client.write(b"x")
+        client.writeSequence([big, b"end"])
+        pump.flush()
+        expected = b"early x" + big + b"end"
+        test.assertEqual(bytes(server_app.received), expected)
+        test.assertEqual(bytes(self.capp.received), expected)
+
+    def test_held_writes_pause_a_producer_until_the_handshake(self) -> None:
+        """A write before the handshake is held and pauses a registered streaming producer,
+        which is resumed when the handshake lets the write go out."""
+        test = cast(SynchronousTestCase, self)
+        client, _server, pump = self.pair(greet=False)
+        producer = _Producer()
+        client.registerProducer(producer, True)
+        client.write(b"held")
+        test.assertEqual(producer.calls, ["pause"])
+        pump.flush()
+        test.assertEqual(producer.calls, ["pause", "resume"])
+        test.assertEqual(bytes(self.sapp.received), b"held")
+
+    def test_close_notify_both_ways(self) -> None:
+        """loseConnection sends close_notify; the peer answers; both sides end cleanly
+        (ConnectionDone) and a write after loseConnection goes nowhere."""
+        test = cast(SynchronousTestCase, self)
+        client, _server, pump = self.pair()
+        client.write(b"last")
+        client.loseConnection()
+        client.write(b"dropped")
+        pump.flush()
+        test.assertEqual(bytes(self.sapp.received), b"last")
+        for app in (self.capp, self.sapp):
+            app.lost.trap(error.ConnectionDone)
+
+    def test_lose_connection_waits_for_the_producer(self) -> None:
+        """With a producer registered, writes after loseConnection still go out; close_notify
+        follows when the producer unregisters."""
+        test = cast(SynchronousTestCase, self)
+        client, _server, pump = self.pair()
+        client.registerProducer(_Producer(), True)
+        client.loseConnection()
+        client.write(b"still")
+        pump.flush()
+        test.assertIsNone(self.sapp.lost)
+        client.unregisterProducer()
+        pump.flush()
+        test.assertEqual(bytes(self.sapp.received), b"still")
+        self.sapp.lost.trap(error.ConnectionDone)
+
+    def test_eof_without_close_notify_is_connection_lost(self) -> None:
+        """The TCP connection closing under TLS (no close_notify) is ConnectionLost: a cut
+        link, not a clean end."""
+        _client, server, pump = self.pair()
+        server.transport.loseConnection()  # under TLS
+        pump.flush()
+        self.capp.lost.trap(error.ConnectionLost)
+
+    def test_abort_delivers_nothing_more(self) -> None:
+        """After abortConnection nothing more reaches the protocol."""
+        test = cast(SynchronousTestCase, self)
+        client, server, pump = self.pair()
+        server.write(b"late")
+        client.abortConnection()
+        pump.flush()
+        test.assertEqual(bytes(self.capp.received), b"")
+        test.assertIsNotNone(self.capp.lost)
+
+    def test_corrupt_record_is_a_tls_error(self) -> None:
+        """A record that does not decrypt ends the connection with the SSL error."""
+        test = cast(SynchronousTestCase, self)
+        client, server, pump = self.pair()
+        client.write(b"secret")
+        data = bytearray(client.transport.getOutBuffer())
+        data[-1] ^= 1
+        server.dataReceived(bytes(data))
+        pump.flush()
+        test.assertEqual(bytes(self.sapp.received), b"")
+        self.sapp.lost.trap(SSL.Error)
+
+    def test_wrong_hostname_fails_verification(self) -> None:
+        """Canary of what ClientTLSOptions expects of the protocol given to
+        clientConnectionForTLS: its certificate check calls failVerification, whose reason
+        (service_identity's VerificationError) reaches connectionLost; no byte is
+        delivered."""
+        test = cast(SynchronousTestCase, self)
+        _client, _server, _pump = self.pair(hostname="other.example")
+        test.assertEqual(self.capp.handshakes, 0)
+        self.capp.lost.trap(VerificationError)
+        test.assertEqual(bytes(self.sapp.received), b"")
+        test.assertEqual(test.flushLoggedErrors(), [])  # not "while verifying certificate"
+
+
+class LinkTlsBehaviourTests(_TlsBehaviour, SynchronousTestCase):
+    """tcptunnel.tlslink.LinkTLSProtocol has the behaviour links need."""
+
+    own = True
+
+    def test_one_delivery_per_transport_read(self) -> None:
+        """The records of one transport read reach the protocol in one dataReceived (Twisted's
+        delivers each record separately)."""
+        server_app = _TlsApp()
+        client, _server, pump = self.pair(server_app)
+        client.write(b"a" * 100_000)  # 7 records
+        pump.flush()
+        self.assertEqual(bytes(server_app.received), b"a" * 100_000)
+        self.assertEqual(server_app.deliveries, 1)
+
+
+class TwistedTlsBehaviourTests(_TlsBehaviour, SynchronousTestCase):
+    """Twisted's TLSMemoryBIOProtocol (use_twisted_tls) has the same behaviour."""
+
+    own = False
+
+
+class TlsChoiceTests(SynchronousTestCase):
+    """Which TLS protocol tls_factory gives, and the switches back to Twisted's."""
+
+    def setUp(self) -> None:
+        certs = mint(os.path.abspath(self.mktemp()))
+        self.creator = client_connection_creator("localhost", certs.ca, None)
+        self.addCleanup(use_twisted_tls, False)
+
+    def kind(self, wrapped: Any = None) -> type:
+        return type(tls_factory(self.creator, wrapped or Factory.forProtocol(Protocol),
+                                is_client=True))
+
+    def test_default_is_tlslink(self) -> None:
+        """By default links use tlslink's factory."""
+        self.assertIs(self.kind(), LinkTLSFactory)
+
+    def test_environment_switches_back(self) -> None:
+        """TCPTUNNEL_TWISTED_TLS=1 gives Twisted's TLS protocol, without its write
+        aggregation (no BufferingTLSTransport)."""
+        self.patch(os, "environ", {**os.environ, "TCPTUNNEL_TWISTED_TLS": "1"})
+        factory = tls_factory(self.creator, Factory.forProtocol(Protocol), is_client=True)
+        self.assertIsInstance(factory, TLSMemoryBIOFactory)
+        self.assertIs(factory.protocol, TLSMemoryBIOProtocol)
+        self.assertNotEqual(factory.protocol, BufferingTLSTransport)
+
+    def test_use_twisted_tls(self) -> None:
+        """use_twisted_tls() switches, use_twisted_tls(False) switches back."""
+        use_twisted_tls()
+        self.assertTrue(issubclass(self.kind(), TLSMemoryBIOFactory))
+        use_twisted_tls(False)
+        self.assertIs(self.kind(), LinkTLSFactory)
+
+    def test_websocket_keeps_twisted_tls(self) -> None:
+        """Under WebSocket (autobahn, which accepts only TLSMemoryBIOProtocol as a TLS
+        transport) the TLS stays Twisted's."""
+        from tcptunnel.websocket import ProxyWebSocketFactory
+
+        factory = ProxyWebSocketFactory(Factory.forProtocol(Protocol), "wss://localhost/t",
+                                        5.0, reactor)
+        self.assertTrue(issubclass(self.kind(factory), TLSMemoryBIOFactory))

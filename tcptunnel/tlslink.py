@@ -1,0 +1,495 @@
+"""TLS for links: a thin memory-BIO TLS protocol on pyOpenSSL's public API.
+
+What Twisted's ``TLSMemoryBIOProtocol`` does for a link, in fewer calls per record.  Twisted's
+read path calls ``recv`` until OpenSSL raises ``WantReadError`` and then ``bio_read`` on the
+empty send BIO, which raises again: two raised and caught exceptions (pyOpenSSL's
+``_raise_ssl_error``, about 2.5 µs each) after every record, and a ``recv`` that finds nothing.
+This protocol counts the whole TLS records in the bytes it feeds OpenSSL (each record starts
+with a 5-byte header: type, version, length; :class:`RecordCounter`) and calls ``recv`` once per
+record, so a read of one record costs one ``bio_write`` and one ``recv``.  A record that carries
+no application data (a TLS 1.3 session ticket or key update) still ends in ``WantReadError``;
+only then is the send BIO read for what OpenSSL answered.  A write is one ``send`` of all the
+bytes and one ``bio_read`` of all it produced, one ``write`` to the transport.  All the records
+one transport read decrypts reach the link in one ``dataReceived``.
+
+``bench/tls_records.py`` measured, per record (write and read, µs CPU): 1-byte records 17.1
+with ``TLSMemoryBIOProtocol``, 11.4 counted; 16 KiB records 19.3 and 14.0.
+
+Everything else is as Twisted's: the handshake and its listener (``handshakeCompleted``),
+writes held until the handshake is done (pausing a registered producer), ``close_notify``
+both ways, ``abortConnection``, writes after ``loseConnection`` dropped unless a producer is
+registered, errors passed to ``connectionLost`` (an EOF that breaks TLS as ``ConnectionLost``),
+``getPeerCertificate``, ``negotiatedProtocol`` (ALPN), ``getHandle`` (the ``SSL.Connection``).
+Twisted's connection creators get this protocol where they expect a ``TLSMemoryBIOProtocol``
+(``IOpenSSLClientConnectionCreator.clientConnectionForTLS``): ``ClientTLSOptions``' certificate
+check calls its ``failVerification``, its ALPN offer reads ``factory.wrappedFactory``, an SNI
+callback may call ``abortConnection`` on the connection's app data; all three are here, and
+``test_tls.LinkTLSContractTests`` is the canary for them.
+
+``TCPTUNNEL_TWISTED_TLS=1`` in the environment, or :func:`use_twisted_tls`, makes
+:func:`tcptunnel.tls.tls_factory` use Twisted's ``TLSMemoryBIOProtocol`` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from OpenSSL.SSL import Connection, Error, SysCallError, WantReadError, ZeroReturnError
+from twisted.internet import error
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    ILoggingContext,
+    INegotiated,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IPushProducer,
+    ISystemHandle,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, implementer, providedBy
+
+_ENVIRONMENT = "TCPTUNNEL_TWISTED_TLS"
+
+# TLS records: a 5-byte header (content type, version, 2-byte length), then that many bytes.
+_HEADER = 5
+# The largest record OpenSSL accepts (TLS 1.2: 2^14 plaintext + 2048 expansion); a header
+# announcing more is counted as a whole record at once, so recv() meets the error now.
+MAX_RECORD_BODY = 2**14 + 2048
+# recv() size: more than a record's plaintext (2^14), so one call reads a whole record; a
+# call that fills it is followed by another.
+_RECV_SIZE = 2**15
+# Room for what a write's records add beyond its bytes (TLS 1.3: 22 bytes a record; TLS 1.2
+# CBC with SHA-384 up to 85), so that one bio_read takes all of it; more is read in a loop.
+_SEND_SLACK = 1024
+
+
+class RecordCounter:
+    """How many whole TLS records the bytes fed so far complete (sans-IO).
+
+    ``feed(data)`` returns the number of records whose last byte is in ``data``; a header or
+    a body cut by the end of ``data`` is carried over to the next call.
+    """
+
+    __slots__ = ("_header", "_left")
+
+    def __init__(self) -> None:
+        self._header = b""  # the start of a header cut by the end of the bytes fed
+        self._left = 0  # bytes of the current record's body still to come
+
+    def feed(self, data: bytes) -> int:
+        """The number of records that ``data`` completes."""
+        records = 0
+        position = 0
+        end = len(data)
+        left = self._left
+        while True:
+            if left:
+                if end - position < left:
+                    self._left = left - (end - position)
+                    return records
+                position += left
+                records += 1
+            if position == end:
+                self._left = 0
+                return records
+            if self._header or end - position < _HEADER:
+                cut = position + _HEADER - len(self._header)
+                self._header += data[position:cut]
+                if len(self._header) < _HEADER:
+                    self._left = 0
+                    return records
+                position = cut
+                left = int.from_bytes(self._header[3:], "big")
+                self._header = b""
+            else:
+                left = (data[position + 3] << 8) | data[position + 4]
+                position += _HEADER
+            if left == 0:
+                records += 1  # an empty record is whole at its header
+            elif left > MAX_RECORD_BODY:
+                records += 1  # not a record OpenSSL reads: let recv() say so at once
+
+
+class _Choice:
+    """Whether :func:`tcptunnel.tls.tls_factory` uses :class:`LinkTLSFactory`."""
+
+    forced: bool | None = None  # set by use_twisted_tls()
+
+
+def use_twisted_tls(enabled: bool = True) -> None:
+    """From now on, new TLS links use Twisted's ``TLSMemoryBIOProtocol`` (``enabled``), or
+    this module's protocol again (False: the environment decides again).  Links already made
+    keep theirs.  ``TCPTUNNEL_TWISTED_TLS=1`` does the same for a whole process."""
+    _Choice.forced = None if not enabled else True
+
+
+def using_own_tls() -> bool:
+    """Whether new TLS links use :class:`LinkTLSProtocol` (not Twisted's)."""
+    if _Choice.forced is not None:
+        return not _Choice.forced
+    return os.environ.get(_ENVIRONMENT, "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+def represents_eof(value: BaseException) -> bool:
+    """Whether a pyOpenSSL error is an EOF that came before TLS closed (the peer or the
+    network dropped the connection), which Twisted reports as ``ConnectionLost``."""
+    if isinstance(value, SysCallError):
+        reason = value.args[1] if len(value.args) > 1 else ""
+    elif isinstance(value, Error):
+        queue = value.args[0] if value.args else []
+        if not queue:
+            return True  # OpenSSL 4 reports an EOF with an empty error queue
+        reason = queue[-1][-1]
+    else:
+        return False
+    return str(reason).casefold().startswith("unexpected eof")
+
+
+@implementer(IPushProducer)
+class _ProducerGate:
+    """What the transport below sees as the producer: it passes pause and resume on once
+    each, whichever of the transport and this TLS layer (holding writes until the handshake
+    is done) asks."""
+
+    def __init__(self, producer: Any) -> None:
+        self.producer = producer
+        self.paused = False
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        """Pause the producer, unless paused already."""
+        if not self.paused:
+            self.paused = True
+            self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        """Resume the producer, if paused."""
+        if self.paused:
+            self.paused = False
+            self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        """Stop the producer."""
+        self.producer.stopProducing()
+
+
+@implementer(ISystemHandle, INegotiated, ITransport)
+class LinkTLSProtocol(ProtocolWrapper):
+    """TLS between a transport and the protocol it wraps (see the module docstring).
+
+    Attribute names the transport does not have are looked up on the transport below
+    (``ProtocolWrapper``), as with Twisted's TLS protocol: a link reaches the TCP socket's
+    ``pauseProducing`` or ``setTcpNoDelay`` that way.
+    """
+
+    factory: LinkTLSFactory
+    transport: Any  # the transport below (TCP, a PROXY header reader)
+    _tls: Connection | None = None
+    _handshake_done = False
+    _lost_tls = False  # TLS is over (closed, failed): nothing more is read or written
+    _aborted = False
+    _reason: Failure | None = None  # what connectionLost reports, when known before
+    _producer: Any = None  # a _ProducerGate, or a pull producer as registered
+    _held: list[bytes] | None = None  # writes waiting for the handshake
+
+    def __init__(self, factory: LinkTLSFactory, wrapped: Any) -> None:
+        ProtocolWrapper.__init__(self, factory, wrapped)
+        self._records = RecordCounter()
+        self._unread = 0  # whole records fed to OpenSSL and not known to be read
+
+    # -- the connection -------------------------------------------------------------------
+
+    def makeConnection(self, transport: Any) -> None:  # noqa: N802
+        """Make the TLS connection, connect the wrapped protocol, start the handshake."""
+        self._tls = self.factory.tls_connection(self)
+        # As Twisted's TLS protocol does (each call replaces the last: the transport's
+        # last interface stays, besides the ones this class declares).
+        for interface in providedBy(transport):
+            directlyProvides(self, interface)
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self.wrappedProtocol.makeConnection(self)
+        self._handshake()
+
+    def getHandle(self) -> Connection | None:  # noqa: N802
+        """The ``OpenSSL.SSL.Connection`` (None once the connection is lost)."""
+        return self._tls
+
+    def getPeerCertificate(self) -> Any:  # noqa: N802
+        """The peer's certificate (``OpenSSL.crypto.X509``), or None."""
+        assert self._tls is not None
+        return self._tls.get_peer_certificate()
+
+    @property
+    def negotiatedProtocol(self) -> bytes | None:  # noqa: N802
+        """The ALPN protocol the handshake chose, or None."""
+        if self._tls is None:
+            return None
+        return self._tls.get_alpn_proto_negotiated() or None
+
+    def _handshake(self) -> None:
+        """Advance the handshake; on completion tell an ``IHandshakeListener``."""
+        if self._aborted:
+            return
+        assert self._tls is not None
+        try:
+            self._tls.do_handshake()
+        except WantReadError:
+            self._flush()
+            return
+        except Error:
+            self._tls_finished(Failure())
+            return
+        self._handshake_done = True
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+
+    # -- reading --------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        """Feed the bytes to OpenSSL; deliver what they complete."""
+        tls = self._tls
+        if tls is None or self._lost_tls:
+            return
+        tls.bio_write(data)
+        self._unread += self._records.feed(data)
+        if not self._handshake_done:
+            self._handshake()
+            if not self._handshake_done:
+                return
+            self._unread = -1  # how many records the handshake read is unknown: read all
+        if self._held is not None:
+            self._release_held()
+        self._receive()
+
+    def _receive(self) -> None:
+        """``recv`` once per whole record fed (until WantReadError when ``_unread`` < 0),
+        deliver the application data in one call, then act on a close or an error."""
+        tls = self._tls
+        assert tls is not None
+        chunks: list[bytes] = []
+        unread = self._unread
+        answered = False  # a record without application data: OpenSSL may have answered it
+        ending: Failure | None = None
+        closed = False
+        while unread:
+            try:
+                chunk = tls.recv(_RECV_SIZE)
+            except WantReadError:
+                answered = True
+                break
+            except ZeroReturnError:
+                closed = True
+                break
+            except Error:
+                ending = Failure()
+                break
+            chunks.append(chunk)
+            if len(chunk) < _RECV_SIZE:
+                unread -= 1  # a whole record read (a full buffer may leave some of it)
+        self._unread = 0
+        if chunks and not self._aborted:
+            self.wrappedProtocol.dataReceived(chunks[0] if len(chunks) == 1
+                                              else b"".join(chunks))
+        if closed:
+            self._shutdown_tls()  # answer the peer's close_notify
+            self._tls_finished(None)
+        elif ending is not None:
+            self._tls_finished(ending)
+        elif answered and self._tls is not None:
+            self._flush()
+
+    # -- writing --------------------------------------------------------------------------
+
+    def write(self, data: Any) -> None:
+        """Encrypt and send ``data``; dropped after ``loseConnection`` unless a producer is
+        registered (as Twisted's)."""
+        if self.disconnecting and self._producer is None:
+            return
+        self._write(data)
+
+    def writeSequence(self, data: Any) -> None:  # noqa: N802
+        """``write`` of the joined bytes."""
+        self.write(b"".join(data))
+
+    def _write(self, data: Any) -> None:
+        if self._lost_tls or not data:
+            return
+        if self._held is not None or not self._handshake_done:
+            self._hold(bytes(data))
+            return
+        tls = self._tls
+        assert tls is not None
+        total = len(data)
+        sent = 0
+        try:
+            sent = tls.send(data)
+            while sent < total:  # a memory BIO takes all at once; this is in case not
+                sent += tls.send(memoryview(data)[sent:])
+        except WantReadError:  # renegotiating (TLS 1.2): wait for the peer
+            self._hold(bytes(memoryview(data)[sent:]))
+        except Error:
+            self._tls_finished(Failure())
+            return
+        self._flush(total)
+
+    def _hold(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = []
+        self._held.append(data)
+        if isinstance(self._producer, _ProducerGate):
+            self._producer.pauseProducing()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held or [], None
+        for data in held:
+            self._write(data)
+        if self._held is not None:
+            return  # held again
+        if isinstance(self._producer, _ProducerGate):
+            self._producer.resumeProducing()
+        elif self.disconnecting and self._producer is None:
+            self._shutdown_tls()  # loseConnection() came while the writes were held
+
+    def _flush(self, expected: int = 0) -> None:
+        """Write to the transport all that OpenSSL has to send (``expected``: about as many
+        bytes as a write just gave it)."""
+        tls = self._tls
+        assert tls is not None
+        size = expected + (expected >> 7) + _SEND_SLACK
+        chunks = []
+        while True:
+            try:
+                chunk = tls.bio_read(size)
+            except WantReadError:
+                break
+            chunks.append(chunk)
+            if len(chunk) < size:
+                break
+        if chunks:
+            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    # -- closing --------------------------------------------------------------------------
+
+    def loseConnection(self) -> None:  # noqa: N802
+        """Send close_notify (after the held writes) and close the transport once the peer
+        answers; before the handshake, abort (OpenSSL would wait for it)."""
+        if self.disconnecting or not self.connected:
+            return
+        if not self._handshake_done and self._held is None:
+            self.abortConnection()
+        self.disconnecting = True
+        if self._held is None and self._producer is None:
+            self._shutdown_tls()
+
+    def abortConnection(self) -> None:  # noqa: N802
+        """Close at once: nothing more is delivered or sent."""
+        self._aborted = True
+        self.disconnecting = True
+        self.transport.abortConnection()
+
+    def failVerification(self, reason: Failure) -> None:  # noqa: N802
+        """The peer's certificate was refused (Twisted's ``ClientTLSOptions`` calls this):
+        abort, with ``reason`` for ``connectionLost``."""
+        self._reason = reason
+        self.abortConnection()
+
+    def _shutdown_tls(self) -> None:
+        """Send close_notify, or answer the peer's; close the transport when both were."""
+        tls = self._tls
+        if tls is None:
+            return
+        try:
+            done = tls.shutdown()
+        except Error:  # mid-handshake: OpenSSL cannot shut down yet
+            done = False
+        self._flush()
+        if done:
+            self.transport.loseConnection()
+
+    def _tls_finished(self, reason: Failure | None) -> None:
+        """TLS is over (``reason``: why, or None when it closed cleanly): send what OpenSSL
+        has for the peer (an alert), close the transport."""
+        if reason is not None and reason.value is not None and represents_eof(reason.value):
+            reason = Failure(error.ConnectionLost())
+        if self._reason is None:
+            self._reason = reason
+        self._lost_tls = True
+        if self._tls is not None:
+            self._flush()
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008, N802
+        """The transport is gone: deliver what OpenSSL still holds, then tell the wrapped
+        protocol, with the TLS error if there was one."""
+        if not self._lost_tls and self._tls is not None:
+            self._tls.bio_shutdown()
+            self._unread = -1
+            self._receive()
+            self._lost_tls = True
+        reason = self._reason or reason
+        self._reason = None
+        self.connected = False
+        ProtocolWrapper.connectionLost(self, reason)
+        self._tls = None  # the connection's app data is this protocol: break the cycle
+
+    # -- producer -------------------------------------------------------------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
+        """Register on the transport below, through a gate that this layer can pause too."""
+        if self._lost_tls:
+            producer.stopProducing()
+            return
+        registered = _ProducerGate(producer) if streaming else producer
+        self.transport.registerProducer(registered, streaming)
+        self._producer = registered
+
+    def unregisterProducer(self) -> None:  # noqa: N802
+        """Unregister; a ``loseConnection`` waiting for it goes on."""
+        if self._producer is None:
+            return
+        self._producer = None
+        self.transport.unregisterProducer()
+        if self.disconnecting and self._held is None:
+            self._shutdown_tls()
+
+
+class LinkTLSFactory(WrappingFactory[LinkTLSProtocol]):
+    """Wraps the protocols of ``wrapped`` in :class:`LinkTLSProtocol`; ``creator`` is an
+    ``IOpenSSLClientConnectionCreator`` (``is_client``) or an
+    ``IOpenSSLServerConnectionCreator``."""
+
+    protocol = LinkTLSProtocol
+    noisy = False  # as Twisted's: the wrapped factory says (or not) that it starts
+
+    def __init__(self, creator: Any, is_client: bool, wrapped: IProtocolFactory) -> None:
+        interface = (IOpenSSLClientConnectionCreator if is_client
+                     else IOpenSSLServerConnectionCreator)
+        if not interface.providedBy(creator):
+            raise TypeError(f"{creator!r} does not provide {interface.__name__}")
+        super().__init__(wrapped)
+        self._creator: Any = creator
+        self._is_client = is_client
+
+    def tls_connection(self, protocol: LinkTLSProtocol) -> Connection:
+        """A new ``SSL.Connection`` for ``protocol``, set up as Twisted's factory does: the
+        creator's connection, in connect or accept state, ``protocol`` as its app data."""
+        if self._is_client:
+            connection = self._creator.clientConnectionForTLS(protocol)
+            connection.set_connect_state()
+        else:
+            connection = self._creator.serverConnectionForTLS(protocol)
+            connection.set_accept_state()
+        connection.set_app_data(protocol)
+        return connection
+
+    def logPrefix(self) -> str:  # noqa: N802
+        """The wrapped factory's prefix, marked as TLS (as Twisted's)."""
+        wrapped = self.wrappedFactory
+        prefix = (wrapped.logPrefix() if ILoggingContext.providedBy(wrapped)
+                  else wrapped.__class__.__name__)
+        return f"{prefix} (TLS)"
