@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from typing import Any, cast
 
 from twisted.internet import abstract, base, defer, reactor, tcp
@@ -19,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from tcptunnel.sockets import (
+    MAX_LISTEN_BACKLOG,
     TWISTED_INTERNALS,
     _Mode,
     _pending,
@@ -26,6 +28,7 @@ from tcptunnel.sockets import (
     check_twisted_internals,
     connect_tcp,
     dialing_reactor,
+    listen_backlog,
     listen_tcp,
     use_twisted_transports,
     using_own_transports,
@@ -604,3 +607,45 @@ class TransportSwitchTests(TestCase):
         self.assertEqual([c for c in tcp_connections() if isinstance(c, _SendAtEventEnd)], [])
         use_twisted_transports(False)
         self.assertTrue(using_own_transports())
+
+
+class ListenBacklogTests(SynchronousTestCase):
+    """The accept queue of listening sockets: net.core.somaxconn, at most 4,096."""
+
+    def somaxconn(self, text: str | None) -> int:
+        path = self.mktemp()
+        if text is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return listen_backlog(path)
+
+    def test_follows_somaxconn_up_to_4096(self) -> None:
+        """The backlog is somaxconn when it is between 50 and 4,096, else the nearer bound;
+        4,096 when somaxconn cannot be read."""
+        self.assertEqual(self.somaxconn("128\n"), 128)
+        self.assertEqual(self.somaxconn("4096\n"), 4096)
+        self.assertEqual(self.somaxconn("65535\n"), MAX_LISTEN_BACKLOG)
+        self.assertEqual(self.somaxconn("10\n"), 50)
+        self.assertEqual(self.somaxconn(None), 4096)
+        self.assertEqual(self.somaxconn("garbage"), 4096)
+
+    def test_listen_tcp_asks_for_it(self) -> None:
+        """listen_tcp without a backlog asks the reactor for listen_backlog()'s."""
+        memory = MemoryReactor()
+        listen_tcp(memory, 1234, ClientFactory(), interface="127.0.0.1")
+        self.assertEqual(memory.tcpServers[0][2], listen_backlog())
+        self.assertGreater(listen_backlog(), 50)  # this machine's somaxconn: 4,096
+
+    def test_gateway_listener_socket_has_it(self) -> None:
+        """A listener made as Gateway Listeners and Bindings are (ports.listen) has that
+        accept queue in the kernel (ss shows a listening socket's backlog as Send-Q)."""
+        from tcptunnel.config import Location
+        from tcptunnel.ports import listen as listen_port
+
+        port = listen_port(reactor, "127.0.0.1", 0, Factory.forProtocol(Protocol), "test",
+                           Location("t.xml", 1))
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+        output = subprocess.run(["ss", "-ltnH", f"sport = :{number}"], capture_output=True,
+                                text=True, check=True).stdout.split()
+        self.assertEqual(int(output[2]), listen_backlog(), output)
