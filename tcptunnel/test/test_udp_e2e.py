@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, protocol, reactor, utils
+from twisted.internet import reactor, utils
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python import log
 from twisted.trial.unittest import SkipTest, TestCase
@@ -28,6 +28,7 @@ from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
 from tcptunnel.status import TunnelCollector, snapshot
 from tcptunnel.test._harness import (
+    ChildProcess,
     EchoProtocol,
     Tunnel,
     connect,
@@ -679,17 +680,18 @@ class RealClientTests(TestCase):
             holder.bind(("127.0.0.1", 0))
             dns_port = holder.getsockname()[1]
             holder.close()
-            process = _Child()
-            transport = reactor.spawnProcess(
+            process = ChildProcess()
+            reactor.spawnProcess(
                 process, dnsmasq,
                 [dnsmasq, "--keep-in-foreground", "--no-daemon", f"--port={dns_port}",
                  "--no-resolv", "--no-hosts", "--address=/test.example/192.0.2.7",
                  "--bind-interfaces", "--listen-address=127.0.0.1", "--user=" + _user(),
                  "--pid-file", "--log-facility=-"], env=os.environ)
-            self.addCleanup(process.stop, transport)
-            await wait_until(lambda: process.ended or _dns_answers(probe, dns_port),  # noqa: B023
+            self.addCleanup(process.kill, "TERM")
+            await wait_until(lambda: process.ended.called  # noqa: B023
+                             or _dns_answers(probe, dns_port),  # noqa: B023
                              10, "dnsmasq to answer")
-            if not process.ended:
+            if not process.ended.called:
                 return int(dns_port)
             output = process.output.decode(errors="replace")
         self.fail(f"dnsmasq did not start on three ports: {output}")
@@ -745,11 +747,11 @@ class RealClientTests(TestCase):
         holder.bind(("127.0.0.1", 0))
         target = holder.getsockname()[1]
         holder.close()
-        echo = _Child()
-        transport = reactor.spawnProcess(
+        echo = ChildProcess()
+        reactor.spawnProcess(
             echo, socat, [socat, f"UDP4-RECVFROM:{target},bind=127.0.0.1,fork", "EXEC:cat"],
             env=os.environ)
-        self.addCleanup(echo.stop, transport)
+        self.addCleanup(echo.kill, "TERM")
         udp = UdpTunnel(self)
         port = await udp.start(target)
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -781,13 +783,13 @@ class RealClientTests(TestCase):
         holder.bind(("127.0.0.1", 0))
         server_port = holder.getsockname()[1]
         holder.close()
-        server = _Child()
-        transport = reactor.spawnProcess(
+        server = ChildProcess()
+        reactor.spawnProcess(
             server, iperf3, [iperf3, "-s", "-B", "127.0.0.1", "-p", str(server_port),
                                       "--forceflush"],
             env=os.environ)
-        self.addCleanup(server.stop, transport)
-        await wait_until(lambda: server.ended or b"listening" in server.output, 10,
+        self.addCleanup(server.kill, "TERM")
+        await wait_until(lambda: server.ended.called or b"listening" in server.output, 10,
                          "iperf3 -s to listen")
         udp = UdpTunnel(self)
         port = await udp.start(server_port, tcp_target=server_port, same_port=True)
@@ -810,43 +812,17 @@ class RealClientTests(TestCase):
 # -- helpers ------------------------------------------------------------------------------
 
 
-class _Child(protocol.ProcessProtocol):
-    """A child process whose output is kept."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended = False
-        self.done: defer.Deferred[None] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
-        self.output += data
-
-    def errReceived(self, data: bytes) -> None:  # noqa: N802
-        self.output += data
-
-    def processEnded(self, reason: Any) -> None:  # noqa: N802
-        self.ended = True
-        self.done.callback(None)
-
-    def stop(self, transport: Any) -> defer.Deferred[None] | None:
-        """Terminate the child (cleanup) and wait for it."""
-        if self.ended:
-            return None
-        transport.signalProcess("TERM")
-        return self.done
-
-
 async def _run_with_input(program: str, args: list[str], data: bytes,
                           extra_env: dict[str, str] | None = None) -> bytes:
     """Run ``program`` with ``data`` on stdin; its stdout."""
-    child = _Child()
+    child = ChildProcess()
     transport = reactor.spawnProcess(child, program, [program, *args],
                                      env={**os.environ, **(extra_env or {})})
     if data:
         transport.write(data)
     transport.closeStdin()
-    await child.done
-    return child.output
+    await child.ended
+    return bytes(child.output)
 
 
 _reactor: Any = reactor  # typed as the reactor interfaces it provides (listenUDP among them)
