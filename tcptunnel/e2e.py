@@ -58,6 +58,13 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+#: Bytes a sealed stream's local socket reads at a time: four full records, whose 65,536
+#: bytes of record are exactly two 32 KiB DATA frames, each of two whole records.  With
+#: Twisted's 65,536 a full read sealed to 65,631 bytes: two full frames and one of 95 bytes
+#: (50 % more frames at all three processes, the Gateway included), and every later record
+#: cut by a frame boundary, to be joined by the receiver.
+SEALED_READ_SIZE = 4 * _e2e.MAX_PLAINTEXT  # 65,460
+
 #: Seconds between two log lines about the same kind of refused stream (a Proxy-Server
 #: without a password opening streams to a Proxy-Client that requires one sends many).
 REFUSAL_LOG_INTERVAL = 60.0
@@ -92,6 +99,13 @@ class SealedStream(MuxStream, StreamEndpoint):
         return not self.failed and self.mux.streams.get(self.stream_id) is self
 
     # -- sending: seal, then let the multiplexer count the record bytes -----------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
+        """Take the local socket as producer, reading :data:`SEALED_READ_SIZE` at a time
+        (a Twisted TCP transport's ``bufferSize``; other producers are left as they are)."""
+        super().registerProducer(producer, streaming)
+        if isinstance(getattr(producer, "bufferSize", None), int):
+            producer.bufferSize = SEALED_READ_SIZE
 
     def write(self, data: bytes) -> None:
         """Seal ``data`` into DATA records and send them (after the window allows)."""

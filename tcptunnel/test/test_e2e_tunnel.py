@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from tcptunnel import _e2e
 from tcptunnel import _frames as fr
 from tcptunnel._e2e import ServerState
 from tcptunnel.config import ConfigError
-from tcptunnel.e2e import SealedStream, ServerEndToEnd, _open_raw
+from tcptunnel.e2e import SEALED_READ_SIZE, SealedStream, ServerEndToEnd, _open_raw
 from tcptunnel.mux import MuxStream
 from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
@@ -692,6 +693,35 @@ class SealedStreamTests(SynchronousTestCase):
         stream = splice.stream
         assert isinstance(stream, SealedStream)
         self.assertEqual((stream.bytes_out, stream.bytes_in), (len(payload), len(payload)))
+
+    def test_full_read_is_two_frames_of_whole_records(self) -> None:
+        """A sealed stream has its local TCP socket read SEALED_READ_SIZE at a time, and one
+        such read leaves as exactly two 32 KiB DATA frames of two whole 16 KiB records each:
+        no small third frame, no record cut by a frame (65,536-byte reads made three frames,
+        the third of 95 bytes, and cut every later record)."""
+        ends = SealedEnds(initial_window=384 * 1024)
+        splice, socket, _far_splice, far_socket = ends.open()
+        stream = splice.stream
+        assert stream is not None
+        tcp_like = LocalSocket()
+        tcp_like.bufferSize = 65536  # type: ignore[attr-defined]  # Twisted's default
+        stream.registerProducer(tcp_like, True)
+        self.assertEqual(tcp_like.bufferSize, SEALED_READ_SIZE)  # type: ignore[attr-defined]
+        stream.registerProducer(socket, True)
+        payload = os.urandom(SEALED_READ_SIZE)
+        for _ in range(3):
+            splice.dataReceived(payload)
+            assert ends.opener.transport is not None
+            wire = ends.opener.transport.getOutBuffer()  # type: ignore[attr-defined]
+            frames = fr.FrameDecoder(expect_magic=False).feed(wire)
+            self.assertEqual([(f.type, len(f.payload)) for f in frames],
+                             [(fr.FrameType.DATA, 32 * 1024)] * 2)
+            for frame in frames:  # two whole records: the second header right after the first
+                self.assertEqual(struct.unpack_from(">BH", frame.payload, 0), (2, 16381))
+                self.assertEqual(struct.unpack_from(">BH", frame.payload, 16384), (2, 16381))
+            ends.acceptor.dataReceived(wire)
+            ends.pump.flush()
+        self.assertEqual(far_socket.value(), payload * 3)
 
     def test_half_close_is_end_then_fin(self) -> None:
         """A local EOF sends END then FIN: the far socket half-closes cleanly, the other
