@@ -567,6 +567,10 @@ class StreamCipher:
 # between the two ends (a sender drops what its queue or the window cannot take, after the
 # record was sealed): the receiver must open record 7 after record 5.  What it must never do
 # is deliver a datagram twice, or an older one after a newer one; see DatagramOpener.
+#
+# ChaCha20-Poly1305 in every suite, with no key updates: its confidentiality limit per key
+# lies beyond 2^64 records (RFC 8446 §5.5), so the sequence space runs out first, and a key
+# update announced by a datagram could itself be lost.
 
 
 def datagram_key(prk: bytes, stream_number: int, direction: Direction) -> bytes:
@@ -586,6 +590,9 @@ MAX_SEALED_DATAGRAM = fr.MAX_PAYLOAD - DATAGRAM_OVERHEAD  # 65,511
 #: Why a DatagramOpener dropped a datagram (the ``reason`` of its drop count).
 DATAGRAM_INTEGRITY = "integrity"  # changed, cut, forged, of another stream or direction
 DATAGRAM_REPLAYED = "replayed"  # authentic or not, not newer than the last one delivered
+#: Datagrams that fail authentication under one key before the flow is reset (RFC 9147
+#: §4.5.3's limit for ChaCha20-Poly1305: a forgery chance below 2^-57 in all).
+DATAGRAM_INTEGRITY_LIMIT = 2**36
 
 
 class DatagramRejectedError(E2EError):
@@ -600,11 +607,11 @@ class DatagramRejectedError(E2EError):
         self.why = why
 
 
-class DatagramSealer:
-    """The sending side of one direction of one ``udp`` stream: one DATAGRAM record per
-    datagram, sequence numbers rising by one per record sealed (sent or not)."""
+class _DatagramDirection:
+    """What both ends of one direction of one ``udp`` stream keep: its key and where its
+    associated data comes from."""
 
-    __slots__ = ("_aead", "_direction", "_pairing_id", "_stream", "sequence")
+    __slots__ = ("_aead", "_direction", "_pairing_id", "_stream")
 
     def __init__(self, key: bytes, pairing_id: bytes, stream_number: int,
                  direction: Direction) -> None:
@@ -612,6 +619,17 @@ class DatagramSealer:
         self._pairing_id = pairing_id
         self._stream = stream_number
         self._direction = direction
+
+
+class DatagramSealer(_DatagramDirection):
+    """The sending side of one direction of one ``udp`` stream: one DATAGRAM record per
+    datagram, sequence numbers rising by one per record sealed (sent or not)."""
+
+    __slots__ = ("sequence",)
+
+    def __init__(self, key: bytes, pairing_id: bytes, stream_number: int,
+                 direction: Direction) -> None:
+        super().__init__(key, pairing_id, stream_number, direction)
         self.sequence = 0  # of the next record
 
     def seal(self, datagram: bytes) -> bytes:
@@ -629,7 +647,7 @@ class DatagramSealer:
                 + self._aead.encrypt(_nonce(sequence), datagram, ad))
 
 
-class DatagramOpener:
+class DatagramOpener(_DatagramDirection):
     """The receiving side of one direction of one ``udp`` stream.
 
     Replay policy: a datagram is delivered only if its sequence number is above that of every
@@ -640,28 +658,40 @@ class DatagramOpener:
     Gateway.  A window of recent numbers (as DTLS and IPsec keep for networks that reorder)
     would only let such datagrams through, so there is none: one integer of state.
 
-    A datagram that does not authenticate changes nothing here: a forged sequence number
-    cannot move the bar and shut out the datagrams that follow.
+    A datagram that does not authenticate changes nothing here (a forged sequence number
+    cannot move the bar and shut out the datagrams that follow) but is counted: after
+    ``integrity_limit`` of them the key is used up and :meth:`open` raises IntegrityError
+    (reset the flow; the sender's next datagram opens a new one, with new keys).  Dropping
+    forgeries for ever would give a Gateway unlimited tries at one key; DTLS 1.3 (RFC 9147
+    §4.5.3) bounds them alike, at 2^36 for ChaCha20-Poly1305.
     """
 
-    __slots__ = ("_aead", "_direction", "_pairing_id", "_stream", "next_sequence")
+    __slots__ = ("failures", "integrity_limit", "next_sequence")
 
     def __init__(self, key: bytes, pairing_id: bytes, stream_number: int,
-                 direction: Direction) -> None:
-        self._aead = ChaCha20Poly1305(key)
-        self._pairing_id = pairing_id
-        self._stream = stream_number
-        self._direction = direction
+                 direction: Direction, integrity_limit: int = DATAGRAM_INTEGRITY_LIMIT) -> None:
+        super().__init__(key, pairing_id, stream_number, direction)
         self.next_sequence = 0  # the least sequence number still acceptable
+        self.failures = 0  # datagrams that did not authenticate under this key
+        self.integrity_limit = integrity_limit
 
     def _reject(self, why: str, what: str) -> DatagramRejectedError:
         return DatagramRejectedError(
             why, f"sealed datagram dropped on stream {self._stream} "
                  f"({_DIRECTION_NAMES[self._direction]}): {what}")
 
+    def _check_limit(self) -> None:
+        if self.failures >= self.integrity_limit:
+            raise IntegrityError(
+                f"end-to-end integrity check failed on stream {self._stream} "
+                f"({_DIRECTION_NAMES[self._direction]}): {self.failures} sealed datagrams "
+                "did not authenticate, the limit for one key")
+
     def open(self, payload: bytes) -> bytes:
         """The datagram in one DATA frame; raises DatagramRejectedError (drop it, count it,
-        keep the flow)."""
+        keep the flow), or IntegrityError once the key's integrity limit is reached (reset
+        the flow)."""
+        self._check_limit()
         if not (DATAGRAM_OVERHEAD <= len(payload) <= fr.MAX_PAYLOAD) or (
                 payload[0] != RecordType.DATAGRAM):
             raise self._reject(DATAGRAM_INTEGRITY, f"not a DATAGRAM record ({len(payload)} "
@@ -676,6 +706,8 @@ class DatagramOpener:
         try:
             datagram = self._aead.decrypt(_nonce(sequence), ciphertext, ad)
         except InvalidTag:
+            self.failures += 1
+            self._check_limit()
             raise self._reject(DATAGRAM_INTEGRITY, f"record {sequence} does not authenticate "
                                "(changed, or from another stream)") from None
         self.next_sequence = sequence + 1

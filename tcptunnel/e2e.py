@@ -212,9 +212,10 @@ class SealedDatagramStream(MuxStream, StreamEndpoint):
     both ends.  A frame that does not open (changed, forged, replayed, older than the last
     one delivered) is dropped and counted through ``app.datagram_dropped``, its bytes
     credited as if delivered, and the flow goes on: UDP is lossy, and a Gateway able to
-    change a datagram could drop it or reset the stream anyway.  FIN ends a direction with no
-    END record: a flow has no "complete transfer" to protect, and a forged FIN does nothing
-    a Gateway's RESET could not.  ``bytes_in`` / ``bytes_out`` count plaintext.
+    change a datagram could drop it or reset the stream anyway.  Only when forgeries reach
+    the key's integrity limit (2^36) is the flow reset ``INTEGRITY``.  FIN ends a direction
+    with no END record: a flow has no "complete transfer" to protect, and a forged FIN does
+    nothing a Gateway's RESET could not.  ``bytes_in`` / ``bytes_out`` count plaintext.
     """
 
     __slots__ = ("_dropped", "app", "cipher")
@@ -252,6 +253,13 @@ class SealedDatagramStream(MuxStream, StreamEndpoint):
         window)."""
         try:
             datagram = self.cipher.opener.open(data)
+        except IntegrityError as e:
+            # The key's integrity limit: the flow ends (its next datagram opens a new one).
+            log.warn("[{index}] UDP flow {flow} reset: {why}", index=self.mux.instance_index,
+                     flow=self.app.describe(), why=e.message)
+            self.abortConnection(Reason.INTEGRITY, e.message)
+            self.app.stream_reset(Reason.INTEGRITY, e.message, False)
+            return
         except DatagramRejectedError as e:
             self._dropped += 1
             if self._dropped == 1:

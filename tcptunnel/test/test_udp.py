@@ -475,6 +475,24 @@ class SealedDatagramTests(SynchronousTestCase):
             self.assertEqual(self.rejected(payload), _e2e.DATAGRAM_INTEGRITY)
         self.assertEqual(self.client.opener.open(good), b"ok")
 
+    def test_integrity_limit(self) -> None:
+        """Forgeries are dropped one by one until the key's integrity limit (2^36; here 3):
+        the one that reaches it, and everything after, raise IntegrityError (the flow is
+        reset); authentic datagrams in between still open, replays do not count."""
+        self.assertEqual(self.client.opener.integrity_limit, 2**36)
+        opener = self.client.opener
+        opener.integrity_limit = 3
+        frames = [self.server.sealer.seal(b"%d" % i) for i in range(3)]
+        forged = bytes([_e2e.RecordType.DATAGRAM]) + (10**6).to_bytes(8, "big") + bytes(40)
+        self.assertEqual(self.rejected(forged), _e2e.DATAGRAM_INTEGRITY)
+        self.assertEqual(opener.open(frames[0]), b"0")
+        self.assertEqual(self.rejected(frames[0]), _e2e.DATAGRAM_REPLAYED)
+        self.assertEqual(self.rejected(forged), _e2e.DATAGRAM_INTEGRITY)
+        with self.assertRaises(_e2e.IntegrityError) as caught:
+            opener.open(forged)
+        self.assertIn("3 sealed datagrams did not authenticate", caught.exception.message)
+        self.assertRaises(_e2e.IntegrityError, opener.open, frames[1])
+
     def test_keys_only_for_the_latest_stream(self) -> None:
         """Datagram keys are made right after the sealed OPEN: not for an older stream, nor
         one never opened."""
@@ -628,6 +646,21 @@ class SealedDatagramStreamTests(SynchronousTestCase):
         self.assertEqual(far.received, [b"once", b"still flowing"])
         self.assertEqual(far.ended, [])
         self.assertFalse(far.stream.finished)
+
+    def test_integrity_limit_resets_the_flow(self) -> None:
+        """The forgery that reaches the key's integrity limit resets the flow INTEGRITY at
+        both ends (a new flow gets new keys); the ones before it were only dropped."""
+        ends = SealedDatagramEnds()
+        near, far = ends.open_flow()
+        far.stream.cipher.opener.integrity_limit = 5
+        for _ in range(5):
+            ends.acceptor.dataReceived(fr.encode(FrameType.DATA, far.stream.stream_id,
+                                                 bytes([4]) + os.urandom(99)))
+        ends.pump.flush()
+        self.assertEqual(far.dropped, ["integrity"] * 4)
+        self.assertEqual(far.ended, ["reset INTEGRITY"])
+        self.assertEqual(near.ended, ["reset INTEGRITY"])
+        self.assertTrue(near.stream.finished and far.stream.finished)
 
     def test_fin_ends_the_flow_without_end_record(self) -> None:
         """A flow ends with FIN both ways (no END record); after it datagrams are dropped
