@@ -173,6 +173,15 @@ class UdpTunnel:
         """The drop counts of a proxy, by reason."""
         return {key[1]: n for key, n in service.stats.items() if key[0] == "udp_dropped"}
 
+    def status_and_metrics(self) -> tuple[dict[str, Any], list[Any]]:
+        """What ``/status`` and ``/metrics`` would show of the tunnel's roles now."""
+        from twisted.application import service
+
+        parent = service.MultiService()
+        for child in self.tunnel.services:
+            parent.services.append(child)  # only iterated: not started or owned
+        return snapshot(parent, reactor.seconds()), list(TunnelCollector(parent).collect())
+
 
 class DatagramTests(TestCase):
     """Datagrams through the tunnel keep their boundaries, both ways."""
@@ -271,18 +280,12 @@ class DatagramTests(TestCase):
         client = client_to(self, port)
         client.send(b"x")
         await wait_until(lambda: len(client.received) == 1, 10, "the reply")
-        root = udp.tunnel.services
-        from twisted.application import service
-
-        parent = service.MultiService()
-        for child in root:
-            parent.services.append(child)  # only iterated: not started or owned
-        status = snapshot(parent, reactor.seconds())
+        status, metrics = udp.status_and_metrics()
         server_entry = next(e for e in status["instances"] if e["role"] == "proxy-server")
         self.assertEqual(server_entry["udp"]["flows"], 1)
         self.assertEqual(server_entry["udp"]["datagrams"]["from_senders"], 1)
         self.assertEqual(server_entry["bindings"][0]["protocol"], "udp")
-        names = {metric.name for metric in TunnelCollector(parent).collect()}
+        names = {metric.name for metric in metrics}
         self.assertIn("tcptunnel_udp_datagrams", names)
         self.assertIn("tcptunnel_udp_dropped", names)
         json.dumps(status)
@@ -559,6 +562,13 @@ class EndToEndUdpTests(TestCase):
                          f"the datagrams at {receiving} and the drops")
         self.assertEqual(received, expected)
         self.assertEqual(udp.drops(receiver), {"integrity": 1, "replayed": 2})
+        status, metrics = udp.status_and_metrics()
+        entry = next(e for e in status["instances"] if e["role"] == receiver.config.role)
+        self.assertEqual(entry["udp"]["dropped"], {"integrity": 1, "replayed": 2})
+        dropped = {sample.labels["reason"]: sample.value for metric in metrics
+                   if metric.name == "tcptunnel_udp_dropped" for sample in metric.samples
+                   if sample.labels["role"] == receiver.config.role}
+        self.assertEqual(dropped, {"integrity": 1, "replayed": 2})
         client.send(b"after the attack")
         await wait_until(lambda: received[-1:] == [b"after the attack"], 10,
                          "a datagram after the attack")
