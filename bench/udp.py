@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -157,13 +156,8 @@ def udp_pings(port: int, count: int) -> list[float]:
 
 def iperf_udp(port: int, mbit: float, seconds: float = 2.0) -> tuple[float, float]:
     """(loss %, received Mbit/s) of one iperf3 -u run at ``mbit``."""
-    out = subprocess.run(
-        ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-u", "-b", f"{mbit}M", "-l", "1400",
-         "-t", str(seconds), "-J"], capture_output=True, timeout=seconds + 30)
-    report = json.loads(out.stdout)
-    if "error" in report:
-        raise RuntimeError(f"iperf3: {report['error']}")
-    end = report["end"]["sum"]
+    end = bench.iperf_client(port, "-u", "-b", f"{mbit}M", "-l", "1400",
+                             seconds=seconds)["end"]["sum"]
     return float(end["lost_percent"]), float(end["bits_per_second"]) / 1e6 * (
         1 - float(end["lost_percent"]) / 100)
 
@@ -209,6 +203,7 @@ def measure_udp(procs: bench.Processes, work: str, repeats: int = 3,
             "rtt_ms_median": bench.percentile(samples, 0.5) * 1e3 if samples else None,
             "rtt_ms_p99": bench.percentile(samples, 0.99) * 1e3 if samples else None,
             "pings_answered": len(samples),
+            "pings_sent": pings // repeats * repeats,
         }
     ours, theirs = result["tcptunnel plain"], result["socat 3 hops"]
     result["ratios"] = {
