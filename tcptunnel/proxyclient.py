@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import ipaddress
 from collections.abc import Sequence
@@ -26,6 +27,13 @@ from tcptunnel.splice import SpliceProtocol
 from tcptunnel.udp import ClientFlow, reason_for_udp_failure
 
 MAX_DIALS_IN_PROGRESS = 64
+# TCP OPENs past MAX_DIALS_IN_PROGRESS wait for a free dial, first come first served, instead
+# of being refused: a burst of 100 connections to a Binding (the kernel's accept queue lets all
+# of them through at once since the backlog is somaxconn) must all work.  At most this many
+# wait (each is a stream the link's own limit already counts); an OPEN that waited
+# connectTimeout is answered TIMEOUT when its turn comes, so no wait exceeds about twice
+# connectTimeout (a dial in progress frees its slot within connectTimeout).
+MAX_WAITING_DIALS = 1024
 
 
 class _DeniedError(Exception):
@@ -234,6 +242,11 @@ class ProxyClientService(ProxyService):
         super().__init__(config, reactor)
         self.allow = self._allow_list(config)
         self.dials_in_progress = 0
+        # TCP streams waiting for a free dial: (connection, decision, when it began to wait).
+        self.waiting_dials: collections.deque[tuple[TargetConnection, Decision, float]] = (
+            collections.deque())
+        self._starting_waiting = False  # _next_dial is running (a dial that fails at once)
+        self.max_waiting_dials = MAX_WAITING_DIALS
 
     @staticmethod
     def _allow_list(config: ProxyConfig) -> AllowList:
@@ -298,30 +311,52 @@ class ProxyClientService(ProxyService):
         # What is dialled is what was checked: "127.0.0.1." as the literal 127.0.0.1,
         # "Host.Example." as "host.example".
         request = dataclasses.replace(request, host=decision.target.host)
-        if self.dials_in_progress >= MAX_DIALS_IN_PROGRESS:
-            self.log.warn("[{index}] Stream to {target} refused: {n} dials in progress (limit)",
-                          index=index, target=target, n=self.dials_in_progress)
-            link.reject_stream(stream_id, Reason.LIMIT, "too many connects in progress")
-            return
         if request.kind == KIND_UDP:
+            if self.dials_in_progress >= MAX_DIALS_IN_PROGRESS:
+                # Lossy by nature: the flow's next datagram asks again.
+                self.log.warn("[{index}] UDP stream to {target} refused: {n} dials in progress "
+                              "(limit)", index=index, target=target, n=self.dials_in_progress)
+                link.reject_stream(stream_id, Reason.LIMIT, "too many connects in progress")
+                return
             self._open_udp_flow(link, stream_id, request, decision)
+            return
+        busy = self.dials_in_progress >= MAX_DIALS_IN_PROGRESS
+        if busy and len(self.waiting_dials) >= self.max_waiting_dials:
+            self.log.warn("[{index}] Stream to {target} refused: {n} dials in progress and "
+                          "{waiting} waiting (limit)", index=index, target=target,
+                          n=self.dials_in_progress, waiting=len(self.waiting_dials))
+            link.reject_stream(stream_id, Reason.LIMIT, "too many connects in progress")
             return
         connection = TargetConnection(self, request)
         connection.header = header
         connection.stream = link.attach_stream(stream_id, connection)
         # Nothing is consumed (no credit returned) until the target is connected.
         connection.stream.pauseProducing()
+        if busy:
+            self.stats["dials_waited",] += 1
+            self.waiting_dials.append((connection, decision, self.reactor.seconds()))
+            return
+        self._dial_target(connection, decision, self.config.connect_timeout)
+
+    def _dial_target(self, connection: TargetConnection, decision: Decision,
+                     timeout: float) -> None:
+        """Dial the target of ``connection`` (its stream attached and paused)."""
+        stream = connection.stream
+        assert stream is not None
+        link, stream_id = stream.mux, stream.stream_id
+        request = connection.request
+        target = format_address(request.host, request.port)
+        index = self.config.index
         self.dials_in_progress += 1
         if decision.resolve:
-            dial = self._resolve_and_dial(decision, request, connection)
+            dial = self._resolve_and_dial(decision, request, connection, timeout)
         else:
-            dial = dial_target(self.reactor, request.host, request.port,
-                               self.config.connect_timeout, connection)
+            dial = dial_target(self.reactor, request.host, request.port, timeout, connection)
         connection.dial = dial
 
         def done(result: Any) -> Any:
-            self.dials_in_progress -= 1
             connection.dial = None
+            self._dial_finished()
             return result
 
         def failed(failure: Failure) -> None:
@@ -341,13 +376,46 @@ class ProxyClientService(ProxyService):
             link.reject_stream(stream_id, reason, message)
             connection._finish(f"failed to open ({reason.name})")
 
-        dial.addBoth(done).addErrback(failed)
+        dial.addErrback(failed)
+        dial.addBoth(done)
+
+    def _dial_finished(self) -> None:
+        """A dial ended (connected or not): its slot goes to the oldest waiting stream."""
+        self.dials_in_progress -= 1
+        self._next_dial()
+
+    def _next_dial(self) -> None:
+        """Start waiting dials while there are free slots; skip streams reset while they
+        waited, answer TIMEOUT to those that waited connectTimeout."""
+        if self._starting_waiting:  # a dial that ended at once, inside the loop below
+            return
+        self._starting_waiting = True
+        try:
+            timeout = self.config.connect_timeout
+            while self.waiting_dials and self.dials_in_progress < MAX_DIALS_IN_PROGRESS:
+                connection, decision, since = self.waiting_dials.popleft()
+                stream = connection.stream
+                if stream is None or stream.finished:
+                    continue
+                remaining = timeout - (self.reactor.seconds() - since)
+                if remaining <= 0:
+                    target = connection.target
+                    self.log.warn("[{index}] Stream to {target} refused: no free dial within "
+                                  "connectTimeout ({timeout} s)", index=self.config.index,
+                                  target=target, timeout=timeout)
+                    stream.mux.reject_stream(stream.stream_id, Reason.TIMEOUT,
+                                             f"no free dial to {target} within {timeout:g} s")
+                    connection._finish("failed to open (TIMEOUT)")
+                    continue
+                self._dial_target(connection, decision, remaining)
+        finally:
+            self._starting_waiting = False
 
     def _resolve_and_dial(self, decision: Decision, request: OpenRequest,
-                          connection: Protocol) -> Deferred[Any]:
+                          connection: Protocol, timeout: float) -> Deferred[Any]:
         """checkResolvedAddresses: resolve the name, keep the addresses an address or
-        network Endpoint allows, dial those (never the name), all within connectTimeout."""
-        timeout = self.config.connect_timeout
+        network Endpoint allows, dial those (never the name), all within ``timeout`` (what
+        is left of connectTimeout)."""
         started = self.reactor.seconds()
 
         def dial(addresses: list[str]) -> Deferred[Any]:
@@ -387,7 +455,7 @@ class ProxyClientService(ProxyService):
         self.stats["udp_flows_opened",] += 1
 
         def done(result: Any) -> Any:
-            self.dials_in_progress -= 1
+            self._dial_finished()
             return result
 
         def failed(failure: Failure) -> None:

@@ -8,6 +8,7 @@ exactly what the Gateway sent and reads exactly what the proxy sent back.
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 from twisted.internet import error as neterror
@@ -433,13 +434,66 @@ class ProxyClientUnitTests(SynchronousTestCase):
                          ["reset by the far end (CANCELLED: client gone)"])
         self.assertIsNone(self.result(stream_id))
 
-    def test_dials_in_progress_are_bounded(self) -> None:
-        """Past MAX_DIALS_IN_PROGRESS connects at once, a stream is answered LIMIT."""
+    def test_dials_past_the_limit_wait_their_turn(self) -> None:
+        """Past MAX_DIALS_IN_PROGRESS connects at once, a stream waits (no answer, no dial)
+        with its early data kept, and is dialled, oldest first, when a dial ends; a waiting
+        stream reset by the far end is skipped."""
         for _ in range(MAX_DIALS_IN_PROGRESS):
             self.open()
-        stream_id = self.open()
-        self.assertEqual(self.answer(stream_id)[0], Reason.LIMIT)
+        waiting = self.open(early=b"first")
+        reset_while_waiting = self.open()
+        last = self.open()
         self.assertEqual(self.service.dials_in_progress, MAX_DIALS_IN_PROGRESS)
+        self.assertEqual(len(self.reactor.tcpClients), MAX_DIALS_IN_PROGRESS)
+        self.assertEqual(len(self.service.waiting_dials), 3)
+        self.assertIsNone(self.result(waiting))
+        self.gateway.send(fr.build_reset(reset_while_waiting, Reason.CANCELLED, "client gone"))
+        connector, factory, _timeout = self.dial(0)
+        factory.clientConnectionFailed(connector, Failure(neterror.ConnectionRefusedError()))
+        self.assertEqual(len(self.reactor.tcpClients), MAX_DIALS_IN_PROGRESS + 1)
+        connector, factory, timeout = self.dial()
+        self.assertEqual(timeout, 7)
+        protocol = factory.buildProtocol(None)
+        target = StringTransport()
+        protocol.makeConnection(target)
+        self.assertEqual(target.value(), b"first")  # the early data that waited with it
+        self.assertEqual(self.answer(waiting)[0], Reason.OK)
+        connector, factory, _timeout = self.dial(1)
+        factory.clientConnectionFailed(connector, Failure(neterror.ConnectionRefusedError()))
+        # The reset one is skipped: the next slot goes to the last.
+        self.assertEqual(len(self.reactor.tcpClients), MAX_DIALS_IN_PROGRESS + 2)
+        self.assertEqual(self.service.waiting_dials, collections.deque())
+        self.assertIsNone(self.result(reset_while_waiting))
+        self.assertIsNone(self.result(last))
+
+    def test_waiting_dial_has_a_deadline(self) -> None:
+        """A stream that waited connectTimeout for a free dial is answered TIMEOUT when its
+        turn comes; one that waited less is dialled with what is left of it."""
+        for _ in range(MAX_DIALS_IN_PROGRESS):
+            self.open()
+        late = self.open()
+        self.reactor.advance(4)
+        in_time = self.open()
+        self.reactor.advance(3)
+        connector, factory, _timeout = self.dial(0)
+        factory.clientConnectionFailed(connector, Failure(neterror.ConnectionRefusedError()))
+        reason, _window, message = self.answer(late)
+        self.assertEqual(reason, Reason.TIMEOUT)
+        self.assertIn("no free dial", message)
+        self.assertEqual(len(self.reactor.tcpClients), MAX_DIALS_IN_PROGRESS + 1)
+        _connector, _factory, timeout = self.dial()
+        self.assertAlmostEqual(timeout, 4)
+        self.assertIsNone(self.result(in_time))
+
+    def test_waiting_dials_are_bounded(self) -> None:
+        """With max_waiting_dials streams waiting, the next is answered LIMIT at once."""
+        self.service.max_waiting_dials = 2
+        for _ in range(MAX_DIALS_IN_PROGRESS + 2):
+            self.open()
+        refused = self.open()
+        self.assertEqual(self.answer(refused)[0], Reason.LIMIT)
+        self.assertEqual(len(self.service.waiting_dials), 2)
+        self.assertIn("dials in progress and 2 waiting (limit)", self.logs.text())
 
 
 class BindingConnectionTests(SynchronousTestCase):
