@@ -1,5 +1,5 @@
-"""WebSocket links, sans-IO: which HTTP requests a WebSocket Listener upgrades, and who the
-peer is behind a trusted reverse proxy.
+"""WebSocket links, sans-IO: which HTTP requests a WebSocket Listener upgrades, who the
+peer is behind a trusted reverse proxy, and the data frames of an open link.
 
 A WebSocket Listener is an HTTP server to everyone who is not a proxy of ours: a request for
 any other path, a plain ``GET`` without the Upgrade headers, or any other method gets a plain
@@ -9,12 +9,24 @@ request head alone; the RFC 6455 handshake itself is autobahn's (:mod:`tcptunnel
 
 ``X-Forwarded-For`` is honoured only when the TCP peer is one of the Listener's trusted
 proxies (:func:`forwarded_client`): otherwise anyone could claim any address and escape the
-login throttle and the per-address slot limits.  No Twisted here.
+login throttle and the per-address slot limits.
+
+A link's data frames (RFC 6455 §5.2: binary messages, their continuations, and the control
+frames between them) are written by :func:`binary_frame_header` / :func:`mask_payload` and read
+by :class:`FrameReader`, our own small codec for the one kind of traffic a link carries.
+autobahn's general frame layer costs ~25 µs of Python per frame and hop (profiled: frame
+parse 2 calls, a new C masker object per frame, message and frame callbacks, traffic
+counters), a third of a TLS hop's whole CPU per round trip.  Everything else stays
+autobahn's: the opening handshake, every control frame (the reader hands them over whole),
+the closing handshake, and any frame the reader does not take (text, reserved bits or
+opcodes, wrong masking, non-minimal lengths): from there on autobahn reads, and fails the
+connection as RFC 6455 says.  No Twisted here.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Browsers send 1-3 KiB of request head, nginx's large_client_header_buffers default is
@@ -170,3 +182,177 @@ def forwarded_client(peer: str, forwarded_for: str | None,
         if not any(address in network for network in trusted):
             break
     return found
+
+
+# -- data frames (RFC 6455 §5.2) ----------------------------------------------------------
+
+OP_CONTINUATION = 0x0
+OP_BINARY = 0x2
+# Control frames (§5.5): opcodes 0x8 and up; close, ping and pong are defined, the rest are
+# reserved.  They are never fragmented and carry at most 125 bytes.
+OP_CONTROL = 0x8
+OP_PONG = 0xA
+MAX_CONTROL_PAYLOAD = 125
+# The longest data frame header: 2 bytes, an 8-byte length, a 4-byte masking key.
+MAX_HEADER = 14
+
+Masker = Callable[[bytes, bytes], bytes]
+
+
+def xor_mask(key: bytes, data: bytes) -> bytes:
+    """``data`` XOR the 4-byte ``key`` repeated (§5.3: masking and unmasking are the same).
+
+    One big-integer XOR in C: 0.3-0.8 µs up to 200 bytes, ~3 µs at 1.4 KB, but ~7 µs per
+    KiB beyond (measured: 120 µs for 64 KiB, against 9 µs for autobahn's SIMD masker, which
+    costs ~3 µs to set up for each frame)."""
+    size = len(data)
+    if not size:
+        return b""
+    words = (size + 3) >> 2
+    masked = int.from_bytes(data, "little") ^ int.from_bytes(key * words, "little")
+    return masked.to_bytes(words << 2, "little")[:size]
+
+
+def binary_frame_header(length: int, key: bytes = b"") -> bytes:
+    """The header of one unfragmented binary message of ``length`` bytes: FIN, opcode 2, the
+    length in the fewest bytes (§5.2), then the masking ``key`` if any (a client's frames
+    carry one, a server's none)."""
+    second = 0x80 if key else 0
+    if length < 126:
+        return bytes((0x80 | OP_BINARY, second | length)) + key
+    if length < 0x10000:
+        return bytes((0x80 | OP_BINARY, second | 126)) + length.to_bytes(2, "big") + key
+    return bytes((0x80 | OP_BINARY, second | 127)) + length.to_bytes(8, "big") + key
+
+
+@dataclass(frozen=True)
+class ControlFrame:
+    """A whole control frame (close, ping or pong), as received: for autobahn to act on."""
+
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class Unhandled:
+    """Where the reader stops for good: ``raw`` from the first byte of a frame it does not
+    take, to be read by a full WebSocket implementation from there, ``inside_message``
+    telling it whether a fragmented binary message is open."""
+
+    raw: bytes
+    inside_message: bool
+
+
+ReadEvent = bytes | ControlFrame | Unhandled
+
+
+class FrameReader:
+    """Reads the frames of an open link: the bytes of binary messages as they arrive (a
+    message's boundaries mean nothing to the link, so nothing is gathered), whole control
+    frames, and :class:`Unhandled` at the first frame that is not one of those.
+
+    ``masked``: whether frames must be masked (a server reads a client's, which must be,
+    §5.1; a client reads a server's, which must not be); a frame that is not is
+    :class:`Unhandled` (the full implementation fails the connection).  ``unmask`` is the
+    XOR function (:func:`xor_mask` or a faster one of the same result).
+
+    Holds at most one incomplete header or control frame: :data:`MAX_HEADER` +
+    :data:`MAX_CONTROL_PAYLOAD` bytes.
+    """
+
+    def __init__(self, masked: bool, unmask: Masker = xor_mask) -> None:
+        self._masked = 0x80 if masked else 0
+        self._unmask = unmask
+        self._buffer = b""
+        self._remaining = 0  # payload bytes of the current data frame still to come
+        self._key = b""  # its masking key, turned to start at the next byte's position
+        self._inside = False  # a fragmented message is open (its FIN frame not yet begun)
+        self.stopped = False  # an Unhandled was returned: no more reading here
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held: the start of a header or of a control frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[ReadEvent]:
+        """Read ``data``: payload bytes (unmasked), control frames, or an Unhandled, in
+        order.  A control frame is always the last event of its call: call ``feed(b"")``
+        after acting on it, to read on (so that what follows a close is not read here)."""
+        if self.stopped:
+            raise RuntimeError("the reader stopped at an unhandled frame")
+        buffer = self._buffer + data if self._buffer else data
+        self._buffer = b""
+        end = len(buffer)
+        events: list[ReadEvent] = []
+        position = self._payload(buffer, 0, end, events) if self._remaining else 0
+        masked = self._masked
+        while position < end:
+            if end - position < 2:
+                break
+            first, second = buffer[position], buffer[position + 1]
+            opcode = first & 0x0F
+            length = second & 0x7F
+            if first & 0x70 or second & 0x80 != masked:
+                return self._stop(events, buffer, position)  # reserved bits, or masking
+            if opcode >= OP_CONTROL:
+                if opcode > OP_PONG or not first & 0x80 or length > MAX_CONTROL_PAYLOAD:
+                    return self._stop(events, buffer, position)
+                size = (6 if masked else 2) + length
+                if end - position < size:
+                    break
+                events.append(ControlFrame(buffer[position:position + size]))
+                self._buffer = buffer[position + size:]
+                return events
+            if opcode != (OP_CONTINUATION if self._inside else OP_BINARY):
+                return self._stop(events, buffer, position)  # text, reserved, out of order
+            start = position + 2
+            header = (6 if masked else 2) + (2 if length == 126 else 8 if length == 127 else 0)
+            if end - position < header:
+                break
+            if length == 126:
+                length = int.from_bytes(buffer[start:start + 2], "big")
+                if length < 126:
+                    return self._stop(events, buffer, position)  # not the fewest bytes
+            elif length == 127:
+                length = int.from_bytes(buffer[start:start + 8], "big")
+                if length < 0x10000 or length >> 63:
+                    return self._stop(events, buffer, position)
+            position += header
+            self._key = buffer[position - 4:position] if masked else b""
+            self._inside = not first & 0x80
+            if length:
+                self._remaining = length
+                if position < end:
+                    position = self._payload(buffer, position, end, events)
+        if position < end:
+            self._buffer = buffer[position:]
+        return events
+
+    def _payload(self, buffer: bytes, position: int, end: int,
+                 events: list[ReadEvent]) -> int:
+        """Take what ``buffer`` holds of the current frame's payload from ``position`` on
+        (at least a byte), unmasked, into ``events``; where it ended."""
+        remaining = self._remaining
+        take = min(remaining, end - position)
+        chunk = buffer[position:position + take] if take != end else buffer
+        key = self._key
+        if key:
+            chunk = self._unmask(key, chunk)
+            turn = take & 3
+            if turn and take < remaining:  # the next byte's position in the key
+                self._key = key[turn:] + key[:turn]
+        events.append(chunk)
+        self._remaining = remaining - take
+        return position + take
+
+    def _stop(self, events: list[ReadEvent], buffer: bytes,
+              position: int) -> list[ReadEvent]:
+        self.stopped = True
+        events.append(Unhandled(buffer[position:], self._inside))
+        return events
+
+    def rest(self) -> Unhandled:
+        """Stop here (after a control frame that began the closing handshake): what is held
+        and not read, for the full implementation to read from; nothing more is read."""
+        self.stopped = True
+        rest, self._buffer = self._buffer, b""
+        return Unhandled(rest, self._inside)

@@ -12,7 +12,7 @@ import shutil
 import socket
 import ssl
 import subprocess
-from typing import Any
+from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from hypothesis import given, settings
@@ -196,9 +196,8 @@ class _FakeWebSocket:
         self.sent: list[bytes] = []
         self.closed: list[int] = []
 
-    def sendMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
-        assert isBinary
-        self.sent.append(payload)
+    def send_link_data(self, parts: list[bytes]) -> None:
+        self.sent.append(b"".join(parts))
 
     def sendClose(self, code: int) -> None:  # noqa: N802
         self.closed.append(code)
@@ -234,6 +233,338 @@ class AdapterTests(SynchronousTestCase):
         self.assertEqual((websocket.sent, websocket.closed), ([b"abcd"], [1000]))
         transport.abortConnection()
         self.assertTrue(websocket.transport.disconnecting)
+
+
+def _frame(opcode: int, payload: bytes, key: bytes = b"", fin: bool = True,
+           rsv: int = 0, length_bytes: int | None = None) -> bytes:
+    """A frame as RFC 6455 §5.2 draws it, written out independently of the code under test
+    (``length_bytes`` forces a longer length field than needed)."""
+    size = len(payload)
+    first = (0x80 if fin else 0) | rsv << 4 | opcode
+    wide = length_bytes if length_bytes is not None else (
+        0 if size < 126 else 2 if size < 0x10000 else 8)
+    code = {0: size, 2: 126, 8: 127}[wide]
+    head = bytes((first, (0x80 if key else 0) | code)) + (size.to_bytes(wide, "big")
+                                                         if wide else b"")
+    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if key else payload
+    return head + key + body
+
+
+class FrameCodecTests(SynchronousTestCase):
+    """The link's own data frames (_websocket): the writer's headers, masking, and the
+    reader, against RFC 6455's text and examples."""
+
+    def test_headers(self) -> None:
+        """One unfragmented binary frame: the length in the fewest bytes (7 bits, 16, 64),
+        the mask bit and key only when a key is given."""
+        from tcptunnel._websocket import binary_frame_header
+
+        key = b"\x01\x02\x03\x04"
+        for size in (0, 1, 125, 126, 65535, 65536, 1 << 20):
+            payload = b"x" * size
+            self.assertEqual(binary_frame_header(size) + payload, _frame(2, payload))
+            self.assertEqual(binary_frame_header(size, key),
+                             _frame(2, payload, key)[:len(binary_frame_header(size, key))])
+        self.assertEqual(binary_frame_header(5, key), b"\x82\x85" + key)
+
+    def test_rfc_masking_example(self) -> None:
+        """RFC 6455 §5.7: "Hello" masked with key 37 fa 21 3d is 7f 9f 4d 51 58; both
+        maskers give it, and unmask it back."""
+        from tcptunnel._websocket import xor_mask
+        from tcptunnel.websocket import mask
+
+        key = bytes.fromhex("37fa213d")
+        for masker in (xor_mask, mask):
+            self.assertEqual(masker(key, b"Hello"), bytes.fromhex("7f9f4d5158"))
+            self.assertEqual(masker(key, bytes.fromhex("7f9f4d5158")), b"Hello")
+        self.assertEqual(xor_mask(key, b""), b"")
+
+    @given(st.binary(min_size=4, max_size=4), st.binary(max_size=5000))
+    @settings(max_examples=300)
+    def test_maskers_agree(self, key: bytes, data: bytes) -> None:
+        """The big-integer XOR and the size-dispatching masker (autobahn's C masker from
+        2 KiB) give the byte-by-byte XOR of §5.3."""
+        from tcptunnel._websocket import xor_mask
+        from tcptunnel.websocket import mask
+
+        expected = bytes(b ^ key[i % 4] for i, b in enumerate(data))
+        self.assertEqual(xor_mask(key, data), expected)
+        self.assertEqual(mask(key, data), expected)
+
+    @given(st.booleans(),
+           st.lists(st.one_of(
+               st.lists(st.binary(max_size=300), min_size=1, max_size=4),  # a message
+               st.tuples(st.sampled_from([8, 9, 10]), st.binary(max_size=125))),  # control
+               max_size=8),
+           st.lists(st.integers(min_value=1, max_value=100), max_size=40),
+           # (No zero byte: it would leave its quarter of the payload as it is.)
+           st.lists(st.integers(min_value=1, max_value=255), min_size=4, max_size=4))
+    @settings(max_examples=400)
+    def test_reader_any_split(self, masked: bool, items: list[Any], cuts: list[int],
+                              key_bytes: list[int]) -> None:
+        """Fragmented binary messages with control frames between their fragments, cut at
+        any points: the reader gives every payload byte unmasked and in order, each control
+        frame whole and after exactly the bytes sent before it, and never holds more than a
+        header plus a control frame."""
+        from tcptunnel._websocket import (
+            MAX_CONTROL_PAYLOAD,
+            MAX_HEADER,
+            ControlFrame,
+            FrameReader,
+        )
+
+        use = bytes(key_bytes) if masked else b""
+        wire = b""
+        expected: list[Any] = []  # payload bytes so far, at each control frame
+        sent = b""
+        for item in items:
+            if isinstance(item, tuple):
+                opcode, payload = item
+                raw = _frame(opcode, payload, use)
+                wire += raw
+                expected.append((sent, raw))
+                continue
+            for index, fragment in enumerate(item):
+                wire += _frame(2 if index == 0 else 0, fragment, use,
+                               fin=index == len(item) - 1)
+                sent += fragment
+                if index == 0 and len(item) > 1:  # a ping inside the fragmented message
+                    raw = _frame(9, b"in", use)
+                    wire += raw
+                    expected.append((sent, raw))
+        reader = FrameReader(masked=masked)
+        got, controls = b"", []
+        pieces, position = [], 0
+        for cut in cuts:
+            pieces.append(wire[position:position + cut])
+            position += cut
+        pieces.append(wire[position:])
+        for piece in pieces:
+            events = reader.feed(piece)
+            while events:
+                for event in events:
+                    if isinstance(event, bytes):
+                        got += event
+                    else:
+                        self.assertIsInstance(event, ControlFrame)
+                        controls.append((got, event.raw))
+                events = reader.feed(b"") if isinstance(events[-1], ControlFrame) else []
+            self.assertLessEqual(reader.buffered, MAX_HEADER + MAX_CONTROL_PAYLOAD)
+        self.assertEqual(got, sent)
+        self.assertEqual(controls, expected)
+        self.assertEqual(reader.buffered, 0)
+
+    def test_unhandled_frames(self) -> None:
+        """What is not a link's data frame or a well-formed control frame stops the reader
+        at its first byte (everything from there on is for autobahn, which fails the
+        connection as §5 says): text, reserved bits and opcodes, a client frame unmasked
+        or a server frame masked, a fragmented or long control frame, a continuation with
+        no message open or a new message inside one, lengths not in the fewest bytes, a
+        64-bit length with its top bit set."""
+        from tcptunnel._websocket import FrameReader, Unhandled
+
+        key = b"\x0a\x0b\x0c\x0d"
+        good = _frame(2, b"ok", key)
+        open_message = _frame(2, b"ok", key, fin=False)
+        cases = [
+            (True, good, _frame(1, b"text", key), False),
+            (True, good, _frame(2, b"x", key, rsv=4), False),
+            (True, good, _frame(2, b"x"), False),  # unmasked, to a server
+            (False, b"\x82\x02ok", _frame(2, b"x", key), False),  # masked, to a client
+            (True, good, _frame(3, b"x", key), False),
+            (True, good, _frame(11, b"x", key), False),
+            (True, good, _frame(9, b"x", key, fin=False), False),
+            (True, good, _frame(9, b"x" * 126, key), False),
+            (True, good, _frame(0, b"x", key), False),
+            (True, open_message, _frame(2, b"x", key), True),
+            (True, good, _frame(2, b"x" * 100, key, length_bytes=2), False),
+            (True, good, _frame(2, b"x" * 1000, key, length_bytes=8), False),
+            (True, good, good[:1] + b"\xff" + b"\x80" + b"\x00" * 7 + key, False),
+        ]
+        for masked, before, bad, inside in cases:
+            reader = FrameReader(masked=masked)
+            events = reader.feed(before + bad + good)
+            self.assertEqual(events, [b"ok", Unhandled(bad + good, inside)], bad)
+            self.assertTrue(reader.stopped)
+            self.assertRaises(RuntimeError, reader.feed, b"")
+
+    def test_rest_after_a_close(self) -> None:
+        """After a control frame the reader holds what followed, unread, until fed again or
+        asked for the rest (for autobahn, once a close began the closing handshake)."""
+        from tcptunnel._websocket import ControlFrame, FrameReader, Unhandled
+
+        reader = FrameReader(masked=False)
+        close = _frame(8, b"\x03\xe8")
+        after = _frame(0, b"tail", fin=True)
+        events = reader.feed(b"\x02\x01a" + close + after)  # a message left open
+        self.assertEqual(events, [b"a", ControlFrame(close)])
+        self.assertEqual(reader.buffered, len(after))
+        self.assertEqual(reader.rest(), Unhandled(after, True))
+        self.assertTrue(reader.stopped)
+
+
+class _RecordingLink(Protocol):
+    """The link protocol's place: records what the WebSocket hands it; the producer on the
+    socket, as the link protocol is."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.lost: list[Failure] = []
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        """(Never full.)"""
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        """(Never full.)"""
+
+    def stopProducing(self) -> None:  # noqa: N802
+        """(Closed by the test.)"""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        """(TLS never comes here.)"""
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:  # noqa: N802
+        self.lost.append(reason)
+
+
+class _LinkFactory:
+    """The wrapped link factory (Gateway's or proxy's): one _RecordingLink per connection."""
+
+    def __init__(self) -> None:
+        self.links: list[_RecordingLink] = []
+
+    def buildProtocol(self, addr: Any) -> _RecordingLink:  # noqa: N802
+        self.links.append(_RecordingLink())
+        return self.links[-1]
+
+    def doStart(self) -> None:  # noqa: N802
+        """Nothing to start."""
+
+    def doStop(self) -> None:  # noqa: N802
+        """Nothing to stop."""
+
+
+class _Pair:
+    """A Gateway WebSocket and a proxy WebSocket back to back over StringTransports, upgraded,
+    each with its recording link."""
+
+    def __init__(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tcptunnel.websocket import GatewayWebSocketFactory, ProxyWebSocketFactory
+
+        clock = MemoryReactorClock()
+        self.gateway_links, self.proxy_links = _LinkFactory(), _LinkFactory()
+        gateway = GatewayWebSocketFactory(self.gateway_links, "/tunnel", (), 10.0, clock)
+        proxy = ProxyWebSocketFactory(self.proxy_links, "ws://gw.example:80/tunnel", 10.0,
+                                      clock)
+        self.gateway: Any = cast(Any, gateway.buildProtocol(None))
+        self.proxy: Any = cast(Any, proxy.buildProtocol(None))
+        self.gateway.makeConnection(StringTransport())
+        self.proxy.makeConnection(StringTransport())
+        self.to_gateway()
+        self.to_proxy()
+        assert self.gateway.link is not None and self.proxy.link is not None
+
+    def _move(self, source: Any, target: Any, piece: int) -> bytes:
+        data = source.transport.value()
+        source.transport.clear()
+        for start in range(0, len(data), piece):
+            target.dataReceived(data[start:start + piece])
+        return bytes(data)
+
+    def to_gateway(self, piece: int = 1 << 30) -> bytes:
+        """Deliver what the proxy wrote (in reads of ``piece`` bytes); what that was."""
+        return self._move(self.proxy, self.gateway, piece)
+
+    def to_proxy(self, piece: int = 1 << 30) -> bytes:
+        """Deliver what the Gateway wrote; what that was."""
+        return self._move(self.gateway, self.proxy, piece)
+
+
+class LinkFramesTests(SynchronousTestCase):
+    """Our frames on a real autobahn WebSocket pair: autobahn reads what we write, we read
+    what autobahn writes, and what we do not read is autobahn's."""
+
+    SIZES = (1, 125, 126, 65535, 65536, 300_000)
+
+    def test_autobahn_reads_our_frames(self) -> None:
+        """Link writes of every length class, each way, read by autobahn's own parser: the
+        bytes arrive exact; the proxy's frames are masked, each with a key of its own, the
+        Gateway's are not (RFC 6455 §5.1)."""
+        pair = _Pair()
+        for end in (pair.gateway, pair.proxy):
+            end._reader_done = True  # autobahn reads
+        keys, sent = set(), b""
+        for size in self.SIZES:
+            payload = os.urandom(size)
+            sent += payload
+            pair.proxy.link_transport.writeSequence([payload[:7], b"", payload[7:]])
+            wire = pair.to_gateway()
+            self.assertTrue(wire[1] & 0x80)
+            keys.add(wire[-size - 4:-size])
+            pair.gateway.link_transport.write(payload)
+            wire = pair.to_proxy()
+            self.assertEqual(wire[-size:], payload)  # unmasked
+            self.assertFalse(wire[1] & 0x80)
+        self.assertEqual(len(keys), len(self.SIZES))
+        self.assertEqual(bytes(pair.gateway.link.received), sent)
+        self.assertEqual(bytes(pair.proxy.link.received), sent)
+        self.assertIsNone(pair.gateway._reader)
+
+    def test_we_read_autobahns_frames(self) -> None:
+        """autobahn's own messages, fragmented (every 1000 bytes) and with pings between
+        them, cut into 1-byte and 700-byte reads: our reader hands the link every byte in
+        order and autobahn answers each ping with a pong."""
+        for piece in (1, 700):
+            pair = _Pair()
+            sent = b""
+            for size in self.SIZES[:5]:
+                payload = os.urandom(size)
+                sent += payload
+                pair.proxy.sendMessage(payload, isBinary=True, fragmentSize=1000)
+                pair.proxy.sendPing(b"p%d" % size)
+                pair.gateway.sendMessage(payload, isBinary=True, fragmentSize=1000)
+            pair.to_gateway(piece)
+            answers = pair.to_proxy(piece)
+            self.assertIsNotNone(pair.gateway._reader)
+            self.assertIsNotNone(pair.proxy._reader)
+            self.assertEqual(bytes(pair.gateway.link.received), sent)
+            self.assertEqual(bytes(pair.proxy.link.received), sent)
+            for size in self.SIZES[:5]:
+                pong = b"p%d" % size
+                self.assertIn(bytes((0x8A, len(pong))) + pong, answers)
+
+    def test_close_is_autobahns(self) -> None:
+        """A close frame after data: the data reaches the link, autobahn answers the close
+        and ends the connection, and the link hears of it."""
+        pair = _Pair()
+        pair.proxy.link_transport.write(b"last")
+        pair.proxy.link_transport.loseConnection()
+        pair.to_gateway()
+        self.assertEqual(bytes(pair.gateway.link.received), b"last")
+        answer = pair.to_proxy()
+        self.assertEqual(answer[:1], b"\x88")  # the Gateway's close frame
+        self.assertTrue(pair.gateway.transport.disconnecting)
+        pair.gateway.connectionLost(_DONE)
+        self.assertEqual(len(pair.gateway_links.links[0].lost), 1)
+
+    def test_violation_is_autobahns(self) -> None:
+        """An unmasked frame from a proxy after good ones: the good bytes reach the link,
+        then autobahn fails the connection (drops it) and nothing more is delivered."""
+        pair = _Pair()
+        pair.proxy.link_transport.write(b"good")
+        pair.to_gateway()
+        pair.gateway.dataReceived(_frame(2, b"bad") + _frame(2, b"more", b"abcd"))
+        self.assertEqual(bytes(pair.gateway.link.received), b"good")
+        self.assertTrue(pair.gateway.failedByMe)
+        self.assertTrue(pair.gateway.transport.disconnecting)
 
 
 class WebSocketTunnel(Tunnel):
