@@ -269,6 +269,10 @@ class GatewayAddress:
     port: int
     server_name: str | None
     location: Location = field(compare=False)
+    # The WebSocket path this Gateway is dialled with, None: the link protocol on TCP/TLS.
+    # The Instance's unless the entry says its own (webSocketPath="" for none): a list may
+    # mix a plain TLS Gateway and a WebSocket Listener behind a reverse proxy.
+    websocket_path: str | None = None
 
     def describe(self) -> str:
         """host:port as in log lines."""
@@ -1246,7 +1250,7 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
     gateways: list[GatewayAddress] = []
     for child in element.children(wanted, ignored):
         if child.node.name == "Gateway":
-            gateways.append(_gateway_address(child, use_tls))
+            gateways.append(_gateway_address(child, use_tls, websocket_path))
             continue
         if child.node.name == "Session":
             if session_element is not None:
@@ -1319,17 +1323,34 @@ def _proxy(index: int, role: Role, element: _Element) -> ProxyConfig:
     )
 
 
-def _gateway_address(child: _Element, use_tls: bool) -> GatewayAddress:
-    """A ``<Gateway>`` failover entry: host and port required, serverName with useSsl
-    (TLS, certificate checks and the WebSocket path are the Instance's)."""
+def _gateway_address(child: _Element, use_tls: bool,
+                     instance_websocket_path: str | None) -> GatewayAddress:
+    """A ``<Gateway>`` failover entry: host and port required; serverName with useSsl, or
+    with a WebSocket (its Host header, as on the Instance); webSocketPath its own or, when
+    absent, the Instance's (``""``: none for this entry).  TLS and certificate checks are
+    the Instance's."""
     host = child.get_required("host", _host, _HOST_WHAT)
     port = child.get_required("port", _PORT, _PORT_WHAT)
     server_name = child.get("serverName", _host, _HOST_WHAT)
+    websocket_path = instance_websocket_path
+    if child.raw("webSocketPath") is not None:
+        websocket_path = child.get("webSocketPath", _websocket_path_or_none,
+                                   _GATEWAY_WEBSOCKET_PATH_WHAT) or None
     child.check_unknown_attributes()
     _no_children(child)
-    if server_name is not None and not use_tls:
-        raise child.error("serverName needs useSsl=\"true\" on the Instance", "serverName")
-    return GatewayAddress(host, port, server_name, child.location)
+    if server_name is not None and not use_tls and websocket_path is None:
+        raise child.error("serverName needs useSsl=\"true\" on the Instance (or a "
+                          "webSocketPath: then it is the Host header)", "serverName")
+    return GatewayAddress(host, port, server_name, child.location, websocket_path)
+
+
+_GATEWAY_WEBSOCKET_PATH_WHAT = (f"{_WEBSOCKET_PATH_WHAT}, or \"\" for none (this Gateway "
+                                "then takes the link protocol on TCP/TLS)")
+
+
+def _websocket_path_or_none(text: str) -> str:
+    """A ``<Gateway>``'s webSocketPath: a URL path, or ``""`` (no WebSocket to this one)."""
+    return text if text == "" else _websocket_path(text)
 
 
 def _endpoints(allow_list: _Element) -> Iterator[EndpointConfig]:

@@ -410,7 +410,8 @@ class ProxyService(service.MultiService):
         self._connector: Any = None
         # The Gateways to try, in order: host/port, then each <Gateway> (issue 20).
         self.targets: list[GatewayAddress] = [
-            GatewayAddress(config.host, config.port, config.server_name, config.location),
+            GatewayAddress(config.host, config.port, config.server_name, config.location,
+                           config.websocket_path),
             *config.gateways]
         self.target_index = 0
         self._stacks: dict[int, Any] = {0: self._connecting_factory}
@@ -654,15 +655,16 @@ class ProxyService(service.MultiService):
     # -- the Gateway list (issue 20) ------------------------------------------------
 
     def connect(self) -> None:
-        """Dial the current target: its host and port, TLS checked against its serverName
-        (the Instance's caFile, pin and webSocketPath for all)."""
+        """Dial the current target: its host and port, TLS checked against its serverName,
+        a WebSocket to its webSocketPath or none (the Instance's caFile and pin for all)."""
         config = self.config
         index = self.target_index
         target = self.targets[index]
         factory = self._stacks.get(index)
         if factory is None:
             factory = self._stacks[index] = self._link_stack(dataclasses.replace(
-                config, host=target.host, port=target.port, server_name=target.server_name))
+                config, host=target.host, port=target.port, server_name=target.server_name,
+                websocket_path=target.websocket_path))
         self.logged_in_since_connect = False
         self._moved_since_connect = False
         self._connector = self._dial(target, factory)

@@ -65,21 +65,26 @@ async def assert_echo(test: TestCase, ps: Any) -> None:
     test.assertEqual(bytes(client.received), b"through the outbound proxy")
 
 
-async def fail_over_and_back(test: TestCase, proxy_attribute: str) -> None:
-    """Both proxies, TLS (over this module's ``Tunnel``: a WebSocket one in test_websocket)
-    and ``proxy_attribute`` (an outbound proxy, or none), with Gateway A (down) first in
-    their list and B second: they log in to B and a stream works; A starts: the failback
+async def fail_over_and_back(test: TestCase, proxy_attribute: str,
+                             tunnels: tuple[type[Tunnel], type[Tunnel]] | None = None,
+                             fallback_attributes: str = "") -> None:
+    """Both proxies, TLS (over this module's ``Tunnel``: a WebSocket one in test_websocket,
+    or the ``tunnels`` given for A and B) and ``proxy_attribute`` (an outbound proxy, or
+    none), with Gateway A (down) first in their list and B second (its <Gateway> entry with
+    ``fallback_attributes``): they log in to B and a stream works; A starts: the failback
     probes (through the outbound proxy too) find it, both proxies move back to A, and a
     stream works there."""
     echo = await listen(test, EchoProtocol)
-    a, b = Tunnel(test, tls=True), Tunnel(test, tls=True)
+    first, second = tunnels if tunnels is not None else (Tunnel, Tunnel)
+    a, b = first(test, tls=True), second(test, tls=True)
     b.certs = a.certs  # one certificate (and caFile) for both Gateways
     test.addCleanup(a.close)
     test.addCleanup(b.close)  # first: it stops the proxies too
     a.gateway_port = reserve_port(test)
     b.start_gateway()
     attributes = a._proxy_attributes(proxy_attribute)  # host and port: A's
-    fallback = f'<Gateway host="127.0.0.1" port="{b.gateway_port}" serverName="localhost"/>'
+    fallback = (f'<Gateway host="127.0.0.1" port="{b.gateway_port}" serverName="localhost" '
+                f"{fallback_attributes}/>")
     pc = b._start_proxy(ProxyClientService, (
         f'<Instance type="proxy-client" {attributes}>{fallback}'
         '<Session id="1" password="client-pw"/></Instance>'))

@@ -561,6 +561,59 @@ class GatewayListConfigTests(SynchronousTestCase):
                 self.parse(inner)
             self.assertIn(word, str(caught.exception))
 
+    def test_websocket_path_per_gateway(self) -> None:
+        """An entry without webSocketPath takes the Instance's, one with a path its own, and
+        webSocketPath="" none (plain TLS to that Gateway); under an Instance without one, an
+        entry may still be a WebSocket."""
+        config = self.parse('<Gateway host="gw2" port="1"/>'
+                            '<Gateway host="gw3" port="2" webSocketPath="/other/ws"/>'
+                            '<Gateway host="gw4" port="3" webSocketPath=""/>',
+                            'useSsl="true" webSocketPath="/tunnel"')
+        self.assertEqual(config.websocket_path, "/tunnel")
+        self.assertEqual([g.websocket_path for g in config.gateways],
+                         ["/tunnel", "/other/ws", None])
+        plain = self.parse('<Gateway host="gw2" port="1" webSocketPath="/tunnel"/>'
+                           '<Gateway host="gw3" port="2"/>', 'useSsl="true"')
+        self.assertEqual((plain.websocket_path, [g.websocket_path for g in plain.gateways]),
+                         (None, ["/tunnel", None]))
+        self.assertEqual(config.warnings, ())
+
+    def test_websocket_server_name_without_tls(self) -> None:
+        """Without useSsl, an entry's serverName is its WebSocket Host header, so it is
+        allowed on an entry that is a WebSocket (its own path or the Instance's) and refused
+        on one that is not (webSocketPath="")."""
+        config = self.parse('<Gateway host="127.0.0.1" port="1" serverName="s1.gw" '
+                            'webSocketPath="/ws"/>')
+        self.assertEqual((config.gateways[0].server_name, config.gateways[0].websocket_path),
+                         ("s1.gw", "/ws"))
+        inherited = self.parse('<Gateway host="127.0.0.1" port="1" serverName="s1.gw"/>',
+                               'webSocketPath="/ws"')
+        self.assertEqual(inherited.gateways[0].websocket_path, "/ws")
+        with self.assertRaises(ConfigError) as caught:
+            self.parse('\n<Gateway host="127.0.0.1" port="1" serverName="s1.gw" '
+                       'webSocketPath=""/>', 'webSocketPath="/ws"')
+        self.assertIn("/tmp/x.xml:2: <Gateway> attribute 'serverName': serverName needs "
+                      "useSsl=\"true\"", str(caught.exception))
+
+    def test_websocket_path_mistakes(self) -> None:
+        """A path without its leading /, with a query or a space is an error naming the file,
+        the line, the element and the attribute, and saying what is expected ("" too); on
+        the Instance "" stays an error (there is nothing to switch off)."""
+        for bad in ("tunnel", "/t?x=1", "/a b", "/" + "a" * 256):
+            with self.assertRaises(ConfigError) as caught:
+                self.parse(f'\n\n<Gateway host="gw2" port="1" webSocketPath="{bad}"/>',
+                           'useSsl="true"')
+            message = str(caught.exception)
+            self.assertTrue(message.startswith(
+                "/tmp/x.xml:3: <Gateway> attribute 'webSocketPath': expected a URL path "
+                "starting with /"), message)
+            self.assertIn('or "" for none', message)
+            self.assertIn(repr(bad), message)
+        with self.assertRaises(ConfigError) as caught:
+            self.parse("", 'useSsl="true" webSocketPath=""')
+        self.assertIn("<Instance> attribute 'webSocketPath': expected a URL path",
+                      str(caught.exception))
+
     def test_draining_code(self) -> None:
         """GOAWAY DRAINING is 13, after BUSY."""
         self.assertEqual(int(fr.GoAway.DRAINING), 13)

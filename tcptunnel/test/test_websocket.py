@@ -1203,6 +1203,66 @@ class FailoverTargetTests(SynchronousTestCase):
             seen.append((host, port, sni, host_header))
         self.assertEqual(seen, expected)
 
+    def dialled(self, settings_xml: str, names: tuple[bytes, ...]) -> list[Any]:
+        """Each target of a proxy-client Instance dialled once, in order over a
+        MemoryReactorClock: (host, port, SNI among ``names``, ALPN offered, the first line
+        the layer inside TLS writes)."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tcptunnel.proxyclient import ProxyClientService
+
+        config: Any = parse_settings(f"<Settings {NS}>{settings_xml}</Settings>".encode()
+                                     ).instances[0]
+        clock = MemoryReactorClock()
+        proxy = ProxyClientService(config, clock)
+        proxy.startService()  # dials the first
+        self.addCleanup(proxy.stopService)
+        for index in range(1, len(proxy.targets)):
+            proxy._set_target(index)
+            proxy.connect()
+        seen = []
+        for host, port, factory, _timeout, _bind in clock.tcpClients:
+            tls: Any = factory
+            hello = StringTransport()
+            tls.buildProtocol(None).makeConnection(hello)
+            sni = next(name for name in names if name in hello.value())
+            alpn = next(name for name in (b"tcptunnel/1", b"http/1.1") if name in hello.value())
+            inner = StringTransport()
+            tls.wrappedFactory.buildProtocol(None).makeConnection(inner)
+            seen.append((host, port, sni, alpn, inner.value().split(b"\r\n")[0]))
+        return seen
+
+    def test_each_target_its_own_transport(self) -> None:
+        """A <Gateway>'s own webSocketPath (issue 20): a plain TLS Instance's first Gateway
+        is dialled with the link protocol (ALPN tcptunnel/1, the link's magic first), the
+        second, webSocketPath="/gw2/tunnel", with a WebSocket upgrade of its own path (ALPN
+        http/1.1), the third, without one, plain TLS again; and under a WebSocket Instance,
+        webSocketPath="" dials that entry with the link protocol while the next entry keeps
+        the Instance's path."""
+        from tcptunnel._frames import MAGIC
+
+        magic = MAGIC.split(b"\r\n")[0]
+        seen = self.dialled(
+            '<Instance type="proxy-client" host="gw1.test" port="7001" useSsl="true">'
+            '<Gateway host="gw2.test" port="7002" webSocketPath="/gw2/tunnel"/>'
+            '<Gateway host="gw3.test" port="7003"/>'
+            '<Session id="1" password="x"/></Instance>',
+            (b"gw1.test", b"gw2.test", b"gw3.test"))
+        self.assertEqual(seen, [
+            ("gw1.test", 7001, b"gw1.test", b"tcptunnel/1", magic),
+            ("gw2.test", 7002, b"gw2.test", b"http/1.1", b"GET /gw2/tunnel HTTP/1.1"),
+            ("gw3.test", 7003, b"gw3.test", b"tcptunnel/1", magic)])
+        seen = self.dialled(
+            '<Instance type="proxy-client" host="gw1.test" port="7001" useSsl="true" '
+            'webSocketPath="/tunnel"><Gateway host="gw2.test" port="7002" webSocketPath=""/>'
+            '<Gateway host="gw3.test" port="7003"/>'
+            '<Session id="1" password="x"/></Instance>',
+            (b"gw1.test", b"gw2.test", b"gw3.test"))
+        self.assertEqual(seen, [
+            ("gw1.test", 7001, b"gw1.test", b"http/1.1", b"GET /tunnel HTTP/1.1"),
+            ("gw2.test", 7002, b"gw2.test", b"tcptunnel/1", magic),
+            ("gw3.test", 7003, b"gw3.test", b"http/1.1", b"GET /tunnel HTTP/1.1")])
+
 
 class WsFailoverTests(TestCase):
     """test_outbound's failover and failback between two Gateways with the links as
@@ -1218,3 +1278,20 @@ class WsFailoverTests(TestCase):
         Listener too, through its own URL, and a stream works; the first back: both move
         back to it (failback probe) and a stream works there."""
         await test_outbound.fail_over_and_back(self, "")
+
+
+class MixedFailoverTests(TestCase):
+    """Failover and failback between a plain TLS Gateway and a WebSocket Listener, each
+    <Gateway> entry with its own transport (issue 20)."""
+
+    timeout = 60
+
+    async def test_plain_first_websocket_second(self) -> None:
+        """First Gateway a plain TLS Listener (down), the second a wss:// WebSocket Listener
+        named by its entry's webSocketPath="/tunnel": both proxies log in to the second and a
+        stream works; the first back: both move back to it and a stream works there.  Each
+        Listener takes only its own transport (a WebSocket Listener answers anything else
+        with 404, a plain one fails an upgrade), so both phases pass only when each entry is
+        dialled the way it says."""
+        await test_outbound.fail_over_and_back(
+            self, "", (Tunnel, WebSocketTunnel), f'webSocketPath="{WebSocketTunnel.path}"')
