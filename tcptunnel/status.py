@@ -68,6 +68,21 @@ def proxy_bytes(child: ProxyService) -> tuple[int, int]:
     return sent, received
 
 
+def link_transport(tls: bool, websocket_path: str | None) -> str:
+    """What a link runs on: ``tls`` or ``tcp``, ``wss`` or ``ws`` as a WebSocket."""
+    if websocket_path is not None:
+        return "wss" if tls else "ws"
+    return "tls" if tls else "tcp"
+
+
+def _transport_text(item: dict[str, Any]) -> str:
+    """``TLS`` / ``plain``, and the WebSocket path if any (the page's words)."""
+    text = "TLS" if item["tls"] else "plain"
+    if item.get("websocket_path") is not None:
+        text += f", WebSocket {item['websocket_path']}"
+    return text
+
+
 def process_info(started: float, now: float) -> dict[str, Any]:
     """Version, host name, process id and start time (``started``, seconds since the epoch)."""
     when = datetime.datetime.fromtimestamp(started, datetime.UTC)
@@ -158,7 +173,10 @@ def _gateway_snapshot(child: GatewayService, now: float) -> dict[str, Any]:
         "draining": gateway.draining,
         "listeners": [
             {"address": format_address(listener.ip, port.getHost().port),
-             "tls": listener.tls is not None}
+             "tls": listener.tls is not None,
+             # Links arrive as WebSockets on this path (issue 19), else None.
+             "websocket_path": listener.websocket_path,
+             "transport": link_transport(listener.tls is not None, listener.websocket_path)}
             for listener, port in zip(child.config.listeners, child.ports, strict=False)],
         "unauthenticated_links": len(gateway.unauthenticated),
         "unauthenticated_slots": {
@@ -177,6 +195,8 @@ def _proxy_snapshot(child: ProxyService, now: float) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "index": child.config.index, "role": child.config.role,
         "gateway": child.gateway_address, "tls": child.config.use_tls,
+        "websocket_path": child.config.websocket_path,
+        "transport": link_transport(child.config.use_tls, child.config.websocket_path),
         "session": child.config.session_id,
         "state": proxy_state(child),
         "connected": proxy_link is not None,
@@ -302,6 +322,10 @@ class TunnelCollector(Collector):
         reconnects = CounterMetricFamily("tcptunnel_links_lost",
                                          "Links to the Gateway lost (then re-established)",
                                          labels=["instance", "role"])
+        drained = CounterMetricFamily(
+            "tcptunnel_links_drained", "Links to the Gateway it drained (GOAWAY DRAINING after "
+            "the login: a new link started beside it at once; not counted as lost)",
+            labels=["instance", "role"])
         limits = CounterMetricFamily("tcptunnel_limits_hit", "Limits hit at the Gateway",
                                      labels=["instance", "limit"])
         udp_flows = GaugeMetricFamily("tcptunnel_udp_flows", "UDP flows open now at a proxy",
@@ -383,6 +407,7 @@ class TunnelCollector(Collector):
                 live_stalls = link.core.blocked_sent if link is not None else 0
                 stalls.add_metric([index, role], child.stats["window_stalls",] + live_stalls)
                 reconnects.add_metric([index, role], child.stats["links_lost",])
+                drained.add_metric([index, role], child.stats["links_drained",])
                 for result in ("ok", "failed"):
                     logins.add_metric([index, role, result], child.stats[f"logins_{result}",])
                 sent, received = proxy_bytes(child)
@@ -399,7 +424,7 @@ class TunnelCollector(Collector):
         yield from (info, links, logins, with_client, partners, streams_open, streams_opened,
                     streams_refused, streams_ended, streams_reset, session_bytes,
                     proxy_bytes_total, stalls, queued, relayed, session_queued, rtt, reconnects,
-                    limits,
+                    drained, limits,
                     slots, slots_limit, throttle, udp_flows, udp_datagrams, udp_dropped)
 
 
@@ -520,7 +545,7 @@ def render_page(status: dict[str, Any]) -> str:
     for instance in status["instances"]:
         title = f"[{instance['index']}] {instance['role']}"
         if instance["role"] == "gateway":
-            listeners = ", ".join(f"{e(item['address'])} ({'TLS' if item['tls'] else 'plain'})"
+            listeners = ", ".join(f"{e(item['address'])} ({e(_transport_text(item))})"
                                   for item in instance["listeners"])
             slots = instance["unauthenticated_slots"]
             buckets = instance["login_throttle"]["buckets"]
@@ -561,7 +586,7 @@ def render_page(status: dict[str, Any]) -> str:
                   if instance["since"] is not None else "")
             parts.append(
                 f"<h2>{e(title)}</h2><p>Gateway {e(instance['gateway'])} "
-                f"({'TLS' if instance['tls'] else 'plain'}), session {instance['session']}: "
+                f"({e(_transport_text(instance))}), session {instance['session']}: "
                 f"{_proxy_state_html(instance)}{up}; {instance['streams']} stream(s) open; "
                 f"{e(human_bytes(instance['bytes_sent']))} sent, "
                 f"{e(human_bytes(instance['bytes_received']))} received.</p>")

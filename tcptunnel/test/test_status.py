@@ -151,6 +151,25 @@ class StatusTests(TestCase):
                                 direction="sent"), 300_000)
         self.assertNotIn("secret", after)
 
+    async def test_links_drained(self) -> None:
+        """A drained link counts in tcptunnel_links_drained_total, next to links_lost: 0 for
+        both proxies at first, 1 each once their Gateway drained them, and links_lost stays
+        0 (a drained link is not a lost one)."""
+        service, port, _binding = await self.start()
+        before = (await get(f"http://127.0.0.1:{port}/metrics"))[1].decode()
+        for index, role in ((1, "proxy-client"), (2, "proxy-server")):
+            self.assertIn(f'tcptunnel_links_drained_total{{instance="{index}",role="{role}"}} '
+                          "0.0", before)
+        proxies = [c for c in service if isinstance(c, ProxyService)]
+        (gateway,) = [c for c in service if isinstance(c, GatewayService)]
+        await gateway.drain()
+        await wait_until(lambda: all(p.stats["links_drained",] == 1 and p.draining_link is None
+                                     for p in proxies), 15, "both proxies' links drained")
+        after = (await get(f"http://127.0.0.1:{port}/metrics"))[1].decode()
+        for role in ("proxy-client", "proxy-server"):
+            self.assertEqual(metric(after, "tcptunnel_links_drained_total", role=role), 1)
+            self.assertEqual(metric(after, "tcptunnel_links_lost_total", role=role), 0)
+
     async def test_status_json(self) -> None:
         """/status lists instances, listeners, the session and its peers, without secrets."""
         _service, port, binding = await self.start()
@@ -742,3 +761,46 @@ class GatewayStreamKindsTests(SynchronousTestCase):
         self.assertIn("UDP stream to dns.internal:53 closed after 2.5 s", texts[1])
         self.assertIn("TCP stream to db.internal:5432 reset (LINK_LOST) after 3.5 s", texts[2])
         self.assertNotIn("hidden", repr(events))
+
+
+class WebSocketListenersTests(SynchronousTestCase):
+    """WebSocket Listeners and WebSocket links are shown as such (issue 19)."""
+
+    def test_listeners_and_proxies_name_their_transport(self) -> None:
+        """A Gateway with a plain, a TLS-less WebSocket Listener and a proxy whose link is a
+        WebSocket: /status gives each its transport (tcp, ws) and path, the page says
+        "plain, WebSocket /tunnel" for the Listener and the proxy's Gateway."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        settings = parse_settings(
+            f'<Settings {NS}><Instance type="gateway"><Listener ip="127.0.0.1" port="0"/>'
+            '<Listener ip="::1" port="0" webSocketPath="/tunnel"/>'
+            '<Session id="7" proxyClientPassword="pc" proxyServerPassword="ps"/></Instance>'
+            '<Instance type="proxy-client" host="127.0.0.1" port="1" webSocketPath="/t">'
+            '<Session id="7" password="pc"/></Instance></Settings>'.encode())
+        reactor_ = MemoryReactorClock()
+        tunnel = MultiService()
+        gateway_config, proxy_config = settings.instances
+        assert isinstance(gateway_config, GatewayConfig)
+        gateway = GatewayService(gateway_config, reactor_)
+        gateway.setServiceParent(tunnel)
+        gateway.startService()  # listens on the memory reactor
+        ProxyService(proxy_config, reactor_).setServiceParent(tunnel)  # type: ignore[arg-type]
+        status = snapshot(tunnel, reactor_.seconds())
+        listed, proxy = status["instances"]
+        self.assertEqual(
+            [(item["transport"], item["websocket_path"]) for item in listed["listeners"]],
+            [("tcp", None), ("ws", "/tunnel")])
+        self.assertEqual((proxy["transport"], proxy["websocket_path"]), ("ws", "/t"))
+        page = render_page(status)
+        self.assertIn("Listening on 127.0.0.1:0 (plain), [::1]:0 (plain, WebSocket /tunnel);",
+                      page)
+        self.assertIn("Gateway 127.0.0.1:1 (plain, WebSocket /t), session 7", page)
+
+    def test_transport_names(self) -> None:
+        """tcp, tls, ws and wss, by TLS and WebSocket path."""
+        from tcptunnel.status import link_transport
+
+        self.assertEqual([link_transport(False, None), link_transport(True, None),
+                          link_transport(False, "/t"), link_transport(True, "/t")],
+                         ["tcp", "tls", "ws", "wss"])
