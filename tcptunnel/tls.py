@@ -51,21 +51,15 @@ def tls_factory(creator: Any, wrapped: IProtocolFactory, is_client: bool) -> Any
 
     Links get :class:`tcptunnel.tlslink.LinkTLSFactory` (fewer pyOpenSSL calls per record);
     Twisted's TLSMemoryBIOProtocol (without its write aggregation) with
-    ``TCPTUNNEL_TWISTED_TLS=1`` or after :func:`tcptunnel.tlslink.use_twisted_tls`, for a
-    creator of the legacy ``getContext`` kind, and under WebSocket (autobahn): its
-    ``create_transport_details`` refuses any ISSLTransport that is not a
-    TLSMemoryBIOProtocol instance (``autobahn/twisted/util.py`` ``transport_channel_id``).
+    ``TCPTUNNEL_TWISTED_TLS=1`` or after :func:`tcptunnel.tlslink.use_twisted_tls`, and for a
+    creator of the legacy ``getContext`` kind.  WebSocket links too: their protocol does
+    not ask for autobahn's TLS channel binding, which only a TLSMemoryBIOProtocol gives
+    (``tcptunnel.websocket._LinkWebSocket.connectionMade``).
     """
     interface = IOpenSSLClientConnectionCreator if is_client else IOpenSSLServerConnectionCreator
-    if using_own_tls() and interface.providedBy(creator) and not _autobahn(wrapped):
+    if using_own_tls() and interface.providedBy(creator):
         return LinkTLSFactory(creator, is_client, wrapped)
     return _UnbufferedTLSFactory(creator, is_client, wrapped)
-
-
-def _autobahn(factory: Any) -> bool:
-    """Whether ``factory`` is an autobahn (WebSocket) factory (autobahn is not imported:
-    it is optional)."""
-    return any(cls.__module__.startswith("autobahn.") for cls in type(factory).__mro__)
 
 
 class TlsSetupError(Exception):

@@ -38,12 +38,14 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from autobahn.twisted.util import peer2str
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
     WebSocketClientProtocol,
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.wamp.types import TransportDetails
 from autobahn.websocket import USES_NVX
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.xormasker import create_xor_masker
@@ -51,6 +53,7 @@ from OpenSSL import SSL
 from twisted.internet import interfaces
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.interfaces import ISSLTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -65,6 +68,7 @@ from tcptunnel._websocket import (
     Network,
     RequestHead,
     Unhandled,
+    XorUnmasker,
     binary_frame_header,
     could_be_http,
     forwarded_client,
@@ -94,6 +98,14 @@ def mask(key: bytes, data: bytes) -> bytes:
         return xor_mask(key, data)
     masked: bytes = create_xor_masker(key, len(data)).process(data)
     return masked
+
+
+def unmasker(key: bytes, length: int) -> Any:
+    """A received frame's unmasking, piece by piece: autobahn's C masker for a frame of 2 KiB
+    or more (one per frame: it keeps its place in the key), else the big-integer XOR."""
+    if length < _C_MASKER_FROM:
+        return XorUnmasker(key)
+    return create_xor_masker(key, length).process
 
 
 class WebSocketHandshakeError(ConnectError):
@@ -220,8 +232,22 @@ class _LinkWebSocket:
 
     def connectionMade(self) -> None:  # noqa: N802
         """The TLS and WebSocket handshakes must be done by the deadline (our own timer on
-        the factory's clock: autobahn's batched timers leave their buckets behind)."""
-        super().connectionMade()  # type: ignore[misc]
+        the factory's clock: autobahn's batched timers leave their buckets behind).
+
+        What autobahn's Twisted adapter does here, but for the TLS channel binding it reads
+        (``tls-unique``, for WAMP's authentication, nothing of ours): it refuses any TLS
+        transport that is not Twisted's TLSMemoryBIOProtocol, and links run on
+        :mod:`tcptunnel.tlslink`'s (fewer pyOpenSSL calls per record)."""
+        transport = self.transport
+        secure = ISSLTransport.providedBy(transport)
+        self._transport_details = TransportDetails(
+            channel_type=(TransportDetails.CHANNEL_TYPE_TLS if secure
+                          else TransportDetails.CHANNEL_TYPE_TCP),
+            channel_framing=TransportDetails.CHANNEL_FRAMING_WEBSOCKET,
+            peer=peer2str(transport), is_server=self.factory.isServer, is_secure=secure)
+        self.peer = self._transport_details.peer
+        # (TCP_NODELAY: the link sets it, mux.set_socket_options.)
+        self._connectionMade()  # type: ignore[attr-defined]
         self._deadline = self.factory.clock.callLater(self.factory.handshake_timeout,
                                                       self._handshake_timed_out)
 
@@ -236,6 +262,10 @@ class _LinkWebSocket:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+
+    def _onOpen(self) -> None:  # noqa: N802
+        """Open: no TLS channel binding to read (see connectionMade)."""
+        self.onOpen()  # type: ignore[attr-defined]
 
     def handshakeCompleted(self) -> None:  # noqa: N802
         """TLS is up (before the WebSocket handshake): the link logs it once it exists."""
@@ -279,7 +309,8 @@ class _LinkWebSocket:
                 self._dataReceived(data)  # type: ignore[attr-defined]
                 return
             # The first read with nothing left of autobahn's: ours from here on.
-            reader = self._reader = FrameReader(masked=self.factory.isServer, unmask=mask)
+            reader = self._reader = FrameReader(masked=self.factory.isServer,
+                                                     unmasker=unmasker)
         elif self.state not in (_OPEN, _CLOSING) or self.failedByMe:
             self._dataReceived(data)  # type: ignore[attr-defined]  # (closed: dropped)
             return

@@ -354,6 +354,24 @@ class FrameCodecTests(SynchronousTestCase):
         self.assertEqual(controls, expected)
         self.assertEqual(reader.buffered, 0)
 
+    def test_unmaskers_keep_their_place(self) -> None:
+        """Masked frames of every size class (the C masker from 2 KiB, the XOR below) read in
+        pieces that cut the key anywhere: the payloads come back exact."""
+        from tcptunnel._websocket import FrameReader, XorUnmasker
+        from tcptunnel.websocket import unmasker
+
+        key = b"\x9a\x3c\x55\xe1"
+        payloads = [os.urandom(size) for size in (1, 2047, 2048, 16385, 70001)]
+        wire = b"".join(_frame(2, payload, key) for payload in payloads)
+        for factory in (unmasker, XorUnmasker):
+            for piece in (1, 3, 1001, 16385):
+                if piece == 1 and factory is unmasker:
+                    continue  # (90,000 C masker calls: the 3-byte cuts cover it)
+                reader = FrameReader(masked=True, unmasker=factory)
+                got = b"".join(b"".join(reader.feed(wire[start:start + piece]))  # type: ignore
+                               for start in range(0, len(wire), piece))
+                self.assertEqual(got, b"".join(payloads), (factory, piece))
+
     def test_unhandled_frames(self) -> None:
         """What is not a link's data frame or a well-formed control frame stops the reader
         at its first byte (everything from there on is for autobahn, which fails the
@@ -594,7 +612,7 @@ class WebSocketTunnelTestsMixin(TunnelTestsMixin):
 
     async def test_bulk_5mb_each_way_at_once(self) -> None:
         """5 MB each way at the same time (the target writes its own 5 MB while reading):
-        both arrive exact; both links saw WebSocket traffic."""
+        both arrive exact; all four links are WebSockets, over tcptunnel.tlslink with wss."""
         from tcptunnel.test._harness import RecordingClient
 
         blob = os.urandom(5 * 1024 * 1024)
@@ -625,12 +643,18 @@ class WebSocketTunnelTestsMixin(TunnelTestsMixin):
         self.assertEqual(received[:len(blob)], blob)  # type: ignore[attr-defined]
         self.assertEqual(received[len(blob):].decode(),  # type: ignore[attr-defined]
                          hashlib.sha256(upload).hexdigest())
+        from tcptunnel.tlslink import LinkTLSProtocol
         from tcptunnel.websocket import WebSocketLinkTransport
 
-        for proxy in (pc, ps):
-            assert proxy.link is not None
-            self.assertIsInstance(proxy.link.transport,  # type: ignore[attr-defined]
-                                  WebSocketLinkTransport)
+        assert tunnel.gateway is not None
+        links = [proxy.link for proxy in (pc, ps)] + list(tunnel.gateway.gateway.links)
+        test: Any = self  # (a mixin: TestCase's methods come with the class it is mixed in)
+        test.assertEqual(len(links), 4)
+        for link in links:
+            transport: Any = link.transport  # type: ignore[union-attr]
+            test.assertIsInstance(transport, WebSocketLinkTransport)
+            if self.tls:  # our TLS beneath (autobahn's channel binding is not asked for)
+                test.assertIsInstance(transport._below, LinkTLSProtocol)
 
 
     async def test_link_loss_resets_streams(self) -> None:
