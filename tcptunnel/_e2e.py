@@ -12,10 +12,15 @@ clock, no sockets: bytes in, bytes out, typed errors.
   Elligator 2, transcript) is checked against the draft's test vectors.  Explicit key
   confirmation as the draft's §"Key confirmation" suggests (HMAC-SHA-512 tags over each
   party's own message), so each end decides a mismatch by its own check.
+* **Suites.**  The Proxy-Server proposes one in its first message (:data:`SUITE_AES`, 2:
+  AES-256-GCM records; :data:`SUITE_CHACHA`, 1: ChaCha20-Poly1305, what earlier builds
+  proposed), the Proxy-Client follows; the suite byte is CPace's ADa, so a Gateway that
+  changes it fails the handshake.
 * **Key schedule.**  HKDF-SHA-256 (RFC 5869): ``PRK = Extract(sid_output, ISK)``, then one
-  32-byte ChaCha20-Poly1305 key per stream and direction, ``Expand(PRK, "tcptunnel-e2e-1
-  stream" | stream u32 | direction u8)``.  The pairing id that names the keys in a sealed
-  OPEN is the first 8 bytes of CPace's public ``sid_output``.
+  32-byte key of the suite's AEAD per stream and direction, ``Expand(PRK, "tcptunnel-e2e-1
+  stream" | stream u32 | direction u8)`` (suite 2: replaced by ``Expand(key,
+  "tcptunnel-e2e-1 key update")`` every 2^24 records).  The pairing id that names the keys in
+  a sealed OPEN is the first 8 bytes of CPace's public ``sid_output``.
 * **Records.**  ``type u8 | length u16 | ciphertext`` with ``length`` counting the 16-byte tag;
   a whole record is at most 16 KiB (16,384 bytes, so it always fits the early-data window and
   the smallest window a stream is granted), hence at most 16,365 bytes of plaintext.  The nonce
@@ -47,7 +52,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from tcptunnel import _frames as fr
@@ -69,6 +74,9 @@ __all__ = [
     "MESSAGE_NO_PASSWORD",
     "MESSAGE_REQUIRED",
     "PAKE_DEADLINE",
+    "SUITES",
+    "SUITE_AES",
+    "SUITE_CHACHA",
     "Admission",
     "ClientPairings",
     "DatagramCipher",
@@ -91,7 +99,9 @@ __all__ = [
     "ServerPairing",
     "ServerState",
     "StreamCipher",
+    "Suite",
     "make_password",
+    "next_key",
 ]
 
 # -- wire constants (docs/protocol.md §9) -------------------------------------------------
@@ -104,8 +114,31 @@ KIND_SEALED = fr.KIND_SEALED  # 3
 FIELD_SEALED = fr.ENVELOPE_FIELDS[KIND_SEALED]  # 0x81: pairing id (8) | stream u32 | OPEN record
 FIELD_PAKE = fr.ENVELOPE_FIELDS[KIND_PAKE]  # 0x82: the initiator's CPace message
 
-#: The one suite of version 1: CPACE-X25519-SHA512, HKDF-SHA-256, ChaCha20-Poly1305.
-SUITE_CPACE_X25519 = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Suite:
+    """A cipher suite of a pairing (docs/protocol.md §9.2): its number (the first byte of
+    the ``pake`` field, and CPace's ADa, so a Gateway that changes it fails the handshake
+    as a mismatch), the AEAD of its byte-stream records, and after how many records of one
+    direction that AEAD's key is replaced by the next (:func:`next_key`; 0: never)."""
+
+    number: int
+    name: str
+    aead: type[ChaCha20Poly1305] | type[AESGCM]
+    key_update: int
+
+
+#: Suite 1: CPACE-X25519-SHA512, HKDF-SHA-256, ChaCha20-Poly1305 (2^64 records per key).
+SUITE_CHACHA = Suite(1, "CPACE-X25519-SHA512 HKDF-SHA-256 ChaCha20-Poly1305",
+                     ChaCha20Poly1305, 0)
+#: Suite 2, what a Proxy-Server proposes: the same with AES-256-GCM, ~2.6x as fast as
+#: ChaCha20-Poly1305 with AES-NI (16 KiB records here: 6.6 against 2.5 GB/s to seal, 6.5
+#: against 1.9 GB/s to open).  Its key is updated every 2^24 records of a direction
+#: (256 GiB): RFC 8446 §5.5 allows 2^24.5 full records per AES-GCM key.
+SUITE_AES = Suite(2, "CPACE-X25519-SHA512 HKDF-SHA-256 AES-256-GCM", AESGCM, 2**24)
+SUITES = {suite.number: suite for suite in (SUITE_CHACHA, SUITE_AES)}
+SUITE_CPACE_X25519 = SUITE_CHACHA.number  # the name of suite 1 before suite 2 existed
 
 MAX_RECORD = 16 * 1024  # a whole record, header and tag included
 _HEADER = struct.Struct(">BH")  # type, length of the ciphertext with its tag
@@ -323,9 +356,16 @@ def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
 
 
 def stream_key(prk: bytes, stream_number: int, direction: Direction) -> bytes:
-    """The ChaCha20-Poly1305 key of one direction of one stream."""
+    """The record key of one direction of one stream (its first, for a suite that updates
+    its keys)."""
     return hkdf_expand(prk, _LABEL + b" stream" + struct.pack(">IB", stream_number, direction),
                        32)
+
+
+def next_key(key: bytes) -> bytes:
+    """The record key that follows ``key`` in its direction (a suite with ``key_update``:
+    after every so many records), as TLS 1.3 derives its next traffic secret."""
+    return hkdf_expand(key, _LABEL + b" key update", 32)
 
 
 def _nonce(sequence: int) -> bytes:
@@ -350,14 +390,27 @@ class _RecordDirection:
     associated data come from, the next sequence number, whether END passed."""
 
     def __init__(self, key: bytes, pairing_id: bytes, stream_number: int,
-                 direction: Direction, sequence: int = 0) -> None:
-        self._aead = ChaCha20Poly1305(key)
+                 direction: Direction, sequence: int = 0,
+                 suite: Suite = SUITE_CHACHA) -> None:
+        if suite.key_update and sequence >= suite.key_update:
+            raise ValueError("a direction starts within its first key")
+        self._suite = suite
+        self._key = key
+        self._aead = suite.aead(key)
+        # The sequence number at which the next key takes over (never, for suite 1).
+        self._next_update = suite.key_update or _MAX_SEQUENCE + 1
         self._pairing_id = pairing_id
         self._stream = stream_number
         self._direction = direction
         self._ad_prefix = _AD_PREFIX.pack(pairing_id, stream_number, direction)
         self.sequence = sequence  # of the next record
         self.ended = False
+
+    def _update_key(self) -> None:
+        """Record ``_next_update`` is the first under the next key."""
+        self._key = next_key(self._key)
+        self._aead = self._suite.aead(self._key)
+        self._next_update += self._suite.key_update
 
 
 class RecordSealer(_RecordDirection):
@@ -370,6 +423,8 @@ class RecordSealer(_RecordDirection):
             raise RuntimeError("record after END")
         if self.sequence >= _MAX_SEQUENCE:
             raise E2EError("sequence numbers of this stream are used up")
+        if self.sequence == self._next_update:
+            self._update_key()
         length = len(plaintext) + TAG_SIZE
         ad = self._ad_prefix + _AD_TAIL.pack(record_type, length, self.sequence)
         _HEADER.pack_into(out, offset, record_type, length)
@@ -423,8 +478,9 @@ class RecordDecoder(_RecordDirection):
     """
 
     def __init__(self, key: bytes, pairing_id: bytes, stream_number: int,
-                 direction: Direction, sequence: int = 0) -> None:
-        super().__init__(key, pairing_id, stream_number, direction, sequence)
+                 direction: Direction, sequence: int = 0,
+                 suite: Suite = SUITE_CHACHA) -> None:
+        super().__init__(key, pairing_id, stream_number, direction, sequence, suite)
         # The start of the one incomplete record (< 16 KiB), and its whole size once its
         # header is in (0 before).
         self._buffer = bytearray()
@@ -463,6 +519,8 @@ class RecordDecoder(_RecordDirection):
         number."""
         kind = _RECORD_TYPE_OF[view[offset]]
         sequence = self.sequence
+        if sequence == self._next_update:
+            self._update_key()
         ad = self._ad_prefix + _AD_TAIL.pack(kind, size - _HEADER.size, sequence)
         try:
             plaintext = self._aead.decrypt(_NONCE.pack(sequence),
@@ -733,10 +791,12 @@ class Pairing:
     """The keys of one pairing of a Proxy-Server link with a Proxy-Client link, and the
     streams opened under them (each stream number once, rising)."""
 
-    def __init__(self, prk: bytes, pairing_id: bytes, initiator: bool) -> None:
+    def __init__(self, prk: bytes, pairing_id: bytes, initiator: bool,
+                 suite: Suite = SUITE_CHACHA) -> None:
         self._prk = prk
         self.pairing_id = pairing_id
         self.initiator = initiator
+        self.suite = suite
         self.last_stream = 0
 
     def _cipher(self, stream_number: int) -> StreamCipher:
@@ -745,14 +805,14 @@ class Pairing:
         if self.initiator:
             # Sequence 0 toward the Proxy-Client is the OPEN record.
             sealer = RecordSealer(to_client, self.pairing_id, stream_number,
-                                  Direction.TO_CLIENT, 1)
+                                  Direction.TO_CLIENT, 1, self.suite)
             decoder = RecordDecoder(to_server, self.pairing_id, stream_number,
-                                    Direction.TO_SERVER)
+                                    Direction.TO_SERVER, 0, self.suite)
         else:
             sealer = RecordSealer(to_server, self.pairing_id, stream_number,
-                                  Direction.TO_SERVER)
+                                  Direction.TO_SERVER, 0, self.suite)
             decoder = RecordDecoder(to_client, self.pairing_id, stream_number,
-                                    Direction.TO_CLIENT, 1)
+                                    Direction.TO_CLIENT, 1, self.suite)
         return StreamCipher(sealer, decoder, stream_number)
 
     def open_stream(self, stream_number: int, inner: bytes) -> tuple[bytes, StreamCipher]:
@@ -764,8 +824,8 @@ class Pairing:
             raise ValueError(f"stream number {stream_number} not above {self.last_stream}")
         self.last_stream = stream_number
         key = stream_key(self._prk, stream_number, Direction.TO_CLIENT)
-        record = RecordSealer(key, self.pairing_id, stream_number, Direction.TO_CLIENT).seal(
-            RecordType.OPEN, inner)
+        record = RecordSealer(key, self.pairing_id, stream_number, Direction.TO_CLIENT,
+                              0, self.suite).seal(RecordType.OPEN, inner)
         return (_SEALED_PREFIX.pack(self.pairing_id, stream_number) + record,
                 self._cipher(stream_number))
 
@@ -780,7 +840,8 @@ class Pairing:
         if pairing_id != self.pairing_id:
             raise IntegrityError("sealed OPEN for another pairing")
         key = stream_key(self._prk, stream_number, Direction.TO_CLIENT)
-        decoder = RecordDecoder(key, self.pairing_id, stream_number, Direction.TO_CLIENT)
+        decoder = RecordDecoder(key, self.pairing_id, stream_number, Direction.TO_CLIENT, 0,
+                                self.suite)
         record = decoder.open_record(value[_SEALED_PREFIX.size :], RecordType.OPEN)
         if stream_number <= self.last_stream:
             raise IntegrityError(f"sealed OPEN of stream {stream_number} replayed (streams up "
@@ -805,9 +866,10 @@ class Pairing:
             stream_number)
 
 
-def _pairing(isk: bytes, transcript: bytes, initiator: bool) -> Pairing:
+def _pairing(isk: bytes, transcript: bytes, initiator: bool, suite: Suite) -> Pairing:
     public_sid = sid_output(transcript)
-    return Pairing(hkdf_extract(public_sid, isk), public_sid[:PAIRING_ID_SIZE], initiator)
+    return Pairing(hkdf_extract(public_sid, isk), public_sid[:PAIRING_ID_SIZE], initiator,
+                   suite)
 
 
 def _random_scalar(random_bytes: Callable[[int], bytes]) -> bytes:
@@ -826,11 +888,13 @@ class PakeInitiator:
     """
 
     def __init__(self, password: str, session_id: int,
-                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+                 random_bytes: Callable[[int], bytes] = os.urandom,
+                 suite: Suite = SUITE_AES) -> None:
         self._prs = prepare_password(password)
         self._ci = channel_identifier(session_id)
         self._scalar = _random_scalar(random_bytes)
-        self._ad = bytes([SUITE_CPACE_X25519])
+        self._suite = suite
+        self._ad = bytes([suite.number])
         generator = calculate_generator(self._prs, self._ci, b"")
         self._point = scalar_mult_vfy(self._scalar, generator)
         self.message = self._ad + self._point
@@ -867,7 +931,7 @@ class PakeInitiator:
         if not hmac.compare_digest(peer_tag, expected):
             self.failed = True
             raise PasswordMismatchError(reply=ours)
-        self.pairing = _pairing(isk, transcript, initiator=True)
+        self.pairing = _pairing(isk, transcript, True, self._suite)
         return ours
 
 
@@ -896,12 +960,13 @@ class PakeResponder:
         UnsupportedSuiteError)."""
         if self._expected is not None or self.failed:
             raise RuntimeError("receive_open called twice")
+        suite = SUITES.get(message[0]) if message else None
         if len(message) != INITIATOR_MESSAGE_SIZE:
             self.failed = True
-            if message and message[0] != SUITE_CPACE_X25519:
+            if message and suite is None:
                 raise UnsupportedSuiteError(f"end-to-end suite {message[0]} is not supported here")
             raise IntegrityError(f"end-to-end handshake message of {len(message)} bytes")
-        if message[0] != SUITE_CPACE_X25519:
+        if suite is None:
             self.failed = True
             raise UnsupportedSuiteError(f"end-to-end suite {message[0]} is not supported here")
         ada, peer_point = message[:1], message[1:]
@@ -914,7 +979,7 @@ class PakeResponder:
         transcript = transcript_ir(peer_point, ada, point, b"")
         isk = cpace_isk(b"", k, transcript)
         self._expected, ours = _confirmation_tags(b"", isk, peer_point, ada, point, b"")
-        self.pairing = _pairing(isk, transcript, initiator=False)
+        self.pairing = _pairing(isk, transcript, False, suite)
         return point + ours
 
     def receive_data(self, data: bytes) -> None:

@@ -1,8 +1,9 @@
 """Tests for the end-to-end encryption core (tcptunnel._e2e).
 
 Published vectors first (CPace draft-irtf-cfrg-cpace for X25519/SHA-512, RFC 5869 HKDF,
-RFC 8439 §2.8.2 ChaCha20-Poly1305), then the handshake, the records and the sealed OPEN
-against every change a Gateway in the middle can make.
+RFC 8439 §2.8.2 ChaCha20-Poly1305, the GCM specification's AES-256-GCM test case 16), then
+the handshake and its suites, the records and the sealed OPEN against every change a Gateway
+in the middle can make.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import itertools
 import os
 import struct
 
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -239,6 +240,23 @@ class PrimitiveVectorTests(SynchronousTestCase):
         self.assertEqual(aead.encrypt(nonce, plaintext, aad), expected)
         self.assertEqual(aead.decrypt(nonce, expected, aad), plaintext)
 
+    def test_aes_256_gcm_test_case_16(self) -> None:
+        """AES-256-GCM with a 96-bit IV and associated data: test case 16 of McGrew and
+        Viega's GCM specification (also in NIST's GCM test data), sealed and opened."""
+        key = h("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")
+        nonce = h("cafebabefacedbaddecaf888")
+        aad = h("feedfacedeadbeeffeedfacedeadbeefabaddad2")
+        plaintext = h(
+            "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72"
+            "1c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39")
+        expected = h(
+            "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa"
+            "8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662"
+            "76fc6ece0f4e1768cddf8853bb2d551b")  # the tag
+        aead = AESGCM(key)
+        self.assertEqual(aead.encrypt(nonce, plaintext, aad), expected)
+        self.assertEqual(aead.decrypt(nonce, expected, aad), plaintext)
+
 
 class PakeTests(SynchronousTestCase):
     """The pairing handshake between a Proxy-Server and a Proxy-Client."""
@@ -358,7 +376,9 @@ class PakeTests(SynchronousTestCase):
         with self.assertRaises(IntegrityError):
             PakeResponder("pw", SESSION).receive_open(b"\x01" + bytes(31))
         with self.assertRaises(e2e.UnsupportedSuiteError):
-            PakeResponder("pw", SESSION).receive_open(b"\x02" + bytes(32))
+            PakeResponder("pw", SESSION).receive_open(b"\x09" + bytes(32))
+        with self.assertRaises(e2e.UnsupportedSuiteError):
+            PakeResponder("pw", SESSION).receive_open(b"\x00" + bytes(32))
 
     def test_confirmation_replayed_into_another_handshake(self) -> None:
         """The confirmation of one handshake does not confirm another (fresh scalars)."""
@@ -400,6 +420,134 @@ class PakeTests(SynchronousTestCase):
             assert initiator.pairing is not None
             return initiator.message, initiator.pairing.pairing_id
         self.assertEqual(run(), run())
+
+
+def record_by_the_spec(suite: e2e.Suite, key: bytes, pairing_id: bytes, stream: int,
+                       direction: Direction, record_type: RecordType, sequence: int,
+                       plaintext: bytes) -> bytes:
+    """A record built straight from docs/protocol.md §9.5, not through ``_e2e``'s sealer."""
+    length = len(plaintext) + 16
+    ad = pairing_id + struct.pack(">IBBHQ", stream, direction, record_type, length, sequence)
+    nonce = bytes(4) + struct.pack(">Q", sequence)
+    return struct.pack(">BH", record_type, length) + suite.aead(key).encrypt(
+        nonce, plaintext, ad)
+
+
+def update(key: bytes) -> bytes:
+    """The next record key as §9.5 defines it."""
+    return e2e.hkdf_expand(key, b"tcptunnel-e2e-1 key update", 32)
+
+
+class SuiteTests(SynchronousTestCase):
+    """The cipher suites: what a Proxy-Server proposes and a Proxy-Client follows, that a
+    Gateway cannot change the choice, and each suite's records (suite 2: AES-256-GCM, a new
+    key every 2^24 records of a direction)."""
+
+    PRK = bytes(range(32))
+    PAIRING_ID = b"pairing!"
+
+    def test_proxy_server_proposes_aes_gcm(self) -> None:
+        """The Proxy-Server's first message starts with suite 2 and both ends' pairings use
+        it; a sealed stream works under it."""
+        server, client, relayed = pair()
+        self.assertEqual(relayed[0][0], 2)
+        self.assertIs(server.suite, e2e.SUITE_AES)
+        self.assertIs(client.suite, e2e.SUITE_AES)
+        server_cipher, client_cipher, _ = open_stream(server, client)
+        self.assertEqual(client_cipher.decoder.feed(server_cipher.sealer.seal_data(b"x"))[0]
+                         .data, b"x")
+
+    def test_suite_1_is_followed(self) -> None:
+        """A Proxy-Server that proposes suite 1 (ChaCha20-Poly1305, as earlier builds did)
+        gets it: the Proxy-Client follows the proposal."""
+        initiator = PakeInitiator("pw", SESSION, suite=e2e.SUITE_CHACHA)
+        responder = PakeResponder("pw", SESSION)
+        self.assertEqual(initiator.message[0], 1)
+        responder.receive_data(initiator.receive_data(responder.receive_open(initiator.message)))
+        assert initiator.pairing is not None and responder.pairing is not None
+        self.assertIs(initiator.pairing.suite, e2e.SUITE_CHACHA)
+        self.assertIs(responder.pairing.suite, e2e.SUITE_CHACHA)
+        server_cipher, client_cipher, _ = open_stream(initiator.pairing, responder.pairing)
+        self.assertEqual(server_cipher.decoder.feed(client_cipher.sealer.seal_data(b"y"))[0]
+                         .data, b"y")
+
+    def test_gateway_cannot_change_the_suite(self) -> None:
+        """A Gateway that rewrites the suite byte (2 to 1, or 1 to 2) makes the handshake fail
+        as a password mismatch at both ends, by each end's own check: the suite byte is
+        CPace's ADa, inside both confirmation tags.  No pairing comes of it."""
+        for proposed, rewritten in ((e2e.SUITE_AES, e2e.SUITE_CHACHA),
+                                    (e2e.SUITE_CHACHA, e2e.SUITE_AES)):
+            initiator = PakeInitiator("pw", SESSION, suite=proposed)
+            responder = PakeResponder("pw", SESSION)
+            answer = responder.receive_open(bytes([rewritten.number]) + initiator.message[1:])
+            with self.assertRaises(PasswordMismatchError) as caught:
+                initiator.receive_data(answer)
+            with self.assertRaises(PasswordMismatchError):
+                responder.receive_data(caught.exception.reply)
+            self.assertIsNone(initiator.pairing)
+            self.assertIsNone(responder.pairing)
+
+    def test_records_by_the_spec(self) -> None:
+        """Under each suite a DATA record toward the Proxy-Client and an END record back
+        are byte for byte what §9.5 builds: type, length, the suite's AEAD under the stream
+        key with the nonce and associated data of its sequence number."""
+        for suite in (e2e.SUITE_CHACHA, e2e.SUITE_AES):
+            server = Pairing(self.PRK, self.PAIRING_ID, True, suite)
+            client = Pairing(self.PRK, self.PAIRING_ID, False, suite)
+            server_cipher, client_cipher, _ = open_stream(server, client, stream_number=5)
+            down = e2e.stream_key(self.PRK, 5, Direction.TO_CLIENT)
+            up = e2e.stream_key(self.PRK, 5, Direction.TO_SERVER)
+            self.assertEqual(server_cipher.sealer.seal_data(b"hello"), record_by_the_spec(
+                suite, down, self.PAIRING_ID, 5, Direction.TO_CLIENT, RecordType.DATA, 1,
+                b"hello"))
+            self.assertEqual(client_cipher.sealer.seal_end(), record_by_the_spec(
+                suite, up, self.PAIRING_ID, 5, Direction.TO_SERVER, RecordType.END, 0, b""))
+
+    def test_key_update(self) -> None:
+        """Suite 2 seals record 2^24 of a direction and each 2^24th after it under the next
+        key (HKDF-Expand of the last one); the other end switches in step.  Shown with an
+        update every 3 records; suite 1 never updates its key."""
+        self.assertEqual(e2e.SUITE_AES.key_update, 2**24)
+        self.assertEqual(e2e.SUITE_CHACHA.key_update, 0)
+        quick = e2e.Suite(2, "suite 2, key updated every 3 records", AESGCM, 3)
+        key = bytes(range(100, 132))
+        sealer = RecordSealer(key, self.PAIRING_ID, 9, Direction.TO_CLIENT, 1, quick)
+        decoder = RecordDecoder(key, self.PAIRING_ID, 9, Direction.TO_CLIENT, 1, quick)
+        keys = [key, update(key), update(update(key)), update(update(update(key)))]
+        for sequence in range(1, 10):
+            plaintext = b"record %d" % sequence
+            record = sealer.seal(RecordType.DATA, plaintext)
+            self.assertEqual(record, record_by_the_spec(
+                quick, keys[sequence // 3], self.PAIRING_ID, 9, Direction.TO_CLIENT,
+                RecordType.DATA, sequence, plaintext))
+            self.assertEqual([r.data for r in decoder.feed(record)], [plaintext])
+        # A record sealed under a key the receiver has left behind does not open.
+        stale = record_by_the_spec(quick, keys[2], self.PAIRING_ID, 9, Direction.TO_CLIENT,
+                                   RecordType.DATA, 10, b"old key")
+        with self.assertRaises(IntegrityError):
+            decoder.feed(stale)
+        with self.assertRaises(ValueError):
+            RecordSealer(key, self.PAIRING_ID, 9, Direction.TO_CLIENT, 3, quick)
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(st.lists(st.binary(min_size=1, max_size=3000), max_size=8),
+           st.lists(st.integers(min_value=0, max_value=10**5), max_size=12),
+           st.integers(min_value=1, max_value=4))
+    def test_any_split_across_key_updates(self, chunks: list[bytes], cuts: list[int],
+                                          every: int) -> None:
+        """Whatever split of the byte stream arrives, with a key update every few records,
+        the plaintext comes out whole and in order and the END record closes it."""
+        quick = e2e.Suite(2, "suite 2, quick key updates", AESGCM, every)
+        key = bytes(32)
+        sealer = RecordSealer(key, self.PAIRING_ID, 1, Direction.TO_SERVER, 0, quick)
+        decoder = RecordDecoder(key, self.PAIRING_ID, 1, Direction.TO_SERVER, 0, quick)
+        stream = b"".join(sealer.seal_data(c) for c in chunks) + sealer.seal_end()
+        out = []
+        for piece in splits(stream, cuts):
+            out += decoder.feed(piece)
+        decoder.finish()
+        self.assertEqual(b"".join(r.data for r in out), b"".join(chunks))
+        self.assertEqual(out[-1].type, RecordType.END)
 
 
 class RecordTests(SynchronousTestCase):
