@@ -219,3 +219,73 @@ class FlowTable:
                     break
                 expired.append(self._pop_oldest(entry))
         return expired
+
+
+# -- datagrams waiting for the end-to-end pairing ------------------------------------------
+
+#: While the Proxy-Server's end-to-end pairing is being made (CPace and its confirmation,
+#: two or three one-way trips through the Gateway, at most the pairing's 10 s deadline), a
+#: new flow's datagrams wait for it, as TCP connections wait unread.  Per flow the early
+#: queue's bounds (64 datagrams, 128 KiB: two datagrams of the largest size), so that a flow
+#: that waited leaves in the shape of one waiting for its OPEN_RESULT; in all 1,024
+#: datagrams and 1 MiB, so that a burst of spoofed senders during a handshake holds at most
+#: 1 MiB, never 512 flows' worth (64 MiB).
+MAX_HELD_DATAGRAMS_PER_FLOW = 64
+MAX_HELD_BYTES_PER_FLOW = 2 * 65536
+MAX_HELD_DATAGRAMS = 1024
+MAX_HELD_BYTES = 1024 * 1024
+#: The drop reason of a datagram over those bounds (``udp_dropped``).
+DROP_PAIRING_QUEUE = "pairing_queue"
+
+
+class HeldDatagrams:
+    """The datagrams of the flows that wait for the pairing, in arrival order per flow,
+    bounded per flow and in all.  ``key`` is the adapter's (its flow); opaque here."""
+
+    def __init__(self, per_flow_count: int = MAX_HELD_DATAGRAMS_PER_FLOW,
+                 per_flow_bytes: int = MAX_HELD_BYTES_PER_FLOW,
+                 total_count: int = MAX_HELD_DATAGRAMS,
+                 total_bytes: int = MAX_HELD_BYTES) -> None:
+        if min(per_flow_count, per_flow_bytes, total_count, total_bytes) < 1:
+            raise ValueError("every bound must be at least 1")
+        self.per_flow_count = per_flow_count
+        self.per_flow_bytes = per_flow_bytes
+        self.total_count = total_count
+        self.total_bytes = total_bytes
+        self._flows: dict[Hashable, tuple[list[bytes], list[int]]] = {}
+        self.count = 0  # datagrams held, all flows
+        self.bytes = 0  # their bytes
+
+    def __len__(self) -> int:
+        """Flows with datagrams held."""
+        return len(self._flows)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._flows
+
+    def hold(self, key: Hashable, datagram: bytes) -> bool:
+        """Keep ``datagram`` behind the others of ``key``; False (not kept: the adapter drops
+        and counts it, :data:`DROP_PAIRING_QUEUE`) when that would pass a bound."""
+        size = len(datagram)
+        entry = self._flows.get(key)
+        held, used = entry if entry is not None else ([], [0])
+        if (len(held) >= self.per_flow_count or used[0] + size > self.per_flow_bytes
+                or self.count >= self.total_count or self.bytes + size > self.total_bytes):
+            return False
+        if entry is None:
+            self._flows[key] = (held, used)
+        held.append(datagram)
+        used[0] += size
+        self.count += 1
+        self.bytes += size
+        return True
+
+    def release(self, key: Hashable) -> list[bytes]:
+        """The datagrams of ``key`` in arrival order, no longer held (to send or drop)."""
+        entry = self._flows.pop(key, None)
+        if entry is None:
+            return []
+        held, used = entry
+        self.count -= len(held)
+        self.bytes -= used[0]
+        return held

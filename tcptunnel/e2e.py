@@ -342,6 +342,11 @@ class EndToEnd:
         later), unless ``connection`` is done by then."""
         return False
 
+    def ready(self, link: ProxyLink) -> bool:
+        """Whether a new stream on ``link`` opens now (sealed where required): a UDP flow of
+        a draining link moves to ``link`` only then (tcptunnel.udp)."""
+        return True
+
 
 def _datagram_endpoint(endpoint: StreamEndpoint) -> DatagramEndpoint:
     """The local side of a ``udp`` stream: it counts the datagrams dropped for it."""
@@ -472,6 +477,10 @@ class ServerEndToEnd(EndToEnd):
             return False
         self._held.append((connection, retry))
         return True
+
+    def ready(self, link: ProxyLink) -> bool:
+        """Whether ``link`` has its pairing: its new streams are sealed now."""
+        return link is self.link and self.pairing.state is ServerState.PAIRED
 
     def _release(self) -> None:
         """The handshake ended (keys, or a failure): the held connections open or are

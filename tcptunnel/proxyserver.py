@@ -342,6 +342,13 @@ class ProxyServerService(ProxyService):
             lambda _: self.bindings.reload(_of(new.bindings, "tcp"), retarget)).addCallback(
             lambda _: apply_link_settings(new))
 
+    def link_draining(self, link: Any) -> None:
+        """The Gateway drains ``link``: its UDP flows move to the new link (tcptunnel.udp:
+        at each flow's next datagram, once the new link can take it)."""
+        super().link_draining(link)
+        if link.draining:
+            self.udp.link_draining(link)
+
     def stopService(self) -> Any:  # noqa: N802
         """Stop listening, then close the link; fires when the ports are closed."""
         from twisted.internet.defer import gatherResults, maybeDeferred

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from tcptunnel import _frames as fr
 from tcptunnel import _mux
 from tcptunnel._frames import OpenRequest, Reason, StreamError
-from tcptunnel._udp import Flow, FlowTable, policy_for
+from tcptunnel._udp import DROP_PAIRING_QUEUE, Flow, FlowTable, HeldDatagrams, policy_for
 from tcptunnel.config import BindingConfig, format_address
 from tcptunnel.mux import MuxProtocol, MuxStream, StreamEndpoint
 
@@ -54,6 +54,20 @@ FLOW_CLOSE_GRACE = 5.0
 #: At most one "dropped: no link" line per Binding in this many seconds (a flood would
 #: otherwise write one per datagram).
 DROP_LOG_INTERVAL = 10.0
+#: When the Gateway drains a link (GOAWAY DRAINING) and the new link can take UDP (logged
+#: in, the Proxy-Client present, paired end to end where required), a flow on the draining
+#: link moves at its sender's next datagram: a new stream on the new link, the same Binding
+#: socket and sender (the sender sees nothing; the target sees a new source port, as after a
+#: NAT rebinding).  Its stream on the draining link ends (FIN) this long after its last
+#: datagram from the sender, or after the move, whichever is later: replies to what it
+#: carried still reach the sender meanwhile (a target answers within a round trip; 2 s also
+#: covers a resolver's first retry, 1-5 s), and then the draining link is free to close.  A
+#: flow whose sender is silent ends likewise (its next datagram opens a flow on the new
+#: link), so the draining link closes within MOVE_LINGER + 2 DRAIN_SWEEP_INTERVAL (3 s) of the
+#: new link's readiness once its TCP streams are done, not at the Gateway's drainTimeout.
+MOVE_LINGER = 2.0
+#: How often the flows of a draining link are looked at (only while there are some).
+DRAIN_SWEEP_INTERVAL = 0.5
 
 
 def count_drop(stats: Any, why: str) -> None:
@@ -95,8 +109,8 @@ class DatagramEndpoint(StreamEndpoint):
 class ServerFlow(DatagramEndpoint):
     """One sender at a UDP Binding: its stream, and its replies back to the sender."""
 
-    __slots__ = ("binding", "close_timer", "ending", "flow", "flows", "pending",
-                 "pending_bytes", "started", "stream")
+    __slots__ = ("binding", "close_timer", "closed", "drain_since", "ending", "flow", "flows",
+                 "held", "last_sent", "pending", "pending_bytes", "started", "stream")
 
     def __init__(self, flows: ServerFlows, binding: UdpBinding, flow: Flow) -> None:
         self.flows = flows
@@ -109,12 +123,31 @@ class ServerFlow(DatagramEndpoint):
         # Datagrams waiting for the OPEN_RESULT (None once it came).
         self.pending: list[bytes] | None = []
         self.pending_bytes = 0
+        # Waiting for the end-to-end pairing (no stream yet; its datagrams in flows.held).
+        self.held = False
+        self.last_sent = self.started  # the last datagram from the sender into this stream
+        # On a draining link: since when it may end there (see MOVE_LINGER), once known.
+        self.drain_since: float | None = None
+        self.closed = False  # its stream ended (counted and logged once)
+
+    @property
+    def done(self) -> bool:
+        """Whether the flow is over (:meth:`tcptunnel.e2e.EndToEnd.hold` retries only a
+        flow that is not)."""
+        return self.closed or self.flow.handle is not self
+
+    @property
+    def transport(self) -> Any:
+        """The Binding's socket (for ``hold``: a flow of a closed Binding is not retried)."""
+        return self.binding.transport
 
     def send(self, datagram: bytes) -> str | None:
         """A datagram from the sender into the stream: None when it was sent or waits for
-        the OPEN_RESULT, else why it was dropped."""
+        the OPEN_RESULT (or for the pairing), else why it was dropped."""
         stream = self.stream
         if stream is None:
+            if self.held:
+                return None if self.flows.held.hold(self, datagram) else DROP_PAIRING_QUEUE
             return "not_open"
         pending = self.pending
         if pending is None:
@@ -150,7 +183,11 @@ class ServerFlow(DatagramEndpoint):
         count_drop(self.flows.proxy.stats, why)
 
     def end(self, why: str) -> None:
-        """End the flow (FIN); the far end's FIN closes the stream, or the grace runs out."""
+        """End the flow (FIN); the far end's FIN closes the stream, or the grace runs out.
+        A flow still waiting for the pairing drops what it holds."""
+        if self.held:
+            self.flows.give_up(self, "stream_refused")
+            return
         if self.ending or self.stream is None or self.stream.finished:
             return
         self.ending = why
@@ -193,11 +230,15 @@ class ServerFlow(DatagramEndpoint):
         stats["udp_datagrams", "to_senders"] += 1
         if flows.table.reply_to(self.flow, flows.proxy.reactor.seconds()):
             self.end("answered")
+            current = self.flow.handle  # the flow moved off this stream (a draining link)
+            if current is not self and isinstance(current, ServerFlow):
+                current.end("answered")
         flows.arm()
 
     def stream_ended(self) -> None:
         """The Proxy-Client ended the flow: end ours too."""
-        self.flows.table.remove(self.flow)
+        if self.flow.handle is self:
+            self.flows.table.remove(self.flow)
         self.end(self.ending or "ended by the far end")
 
     def stream_closed(self) -> None:
@@ -214,11 +255,15 @@ class ServerFlow(DatagramEndpoint):
         if self.close_timer is not None and self.close_timer.active():
             self.close_timer.cancel()
         self.close_timer = None
-        self.flows.table.remove(self.flow)
-        if self.flow.handle is self:
+        if self.closed:
+            return
+        self.closed = True
+        self.flows.draining.discard(self)
+        if self.flow.handle is self:  # not a stream the flow moved off (it goes on)
+            self.flows.table.remove(self.flow)
             self.flow.handle = None
-            count_flow_end(self.flows.proxy.stats, how)
-            self.flows.proxy.stream_ended(self, how)
+        count_flow_end(self.flows.proxy.stats, how)
+        self.flows.proxy.stream_ended(self, how)
 
 
 class UdpBinding(DatagramProtocol):
@@ -249,6 +294,12 @@ class ServerFlows:
         self.proxy = proxy  # a ProxyServerService
         self.table = FlowTable() if max_flows is None else FlowTable(max_flows)
         self._timer: Any = None
+        # The datagrams of new flows waiting for the end-to-end pairing (bounded).
+        self.held = HeldDatagrams()
+        # Streams on a draining link, to end once the new link can take their flows; and
+        # the one timer that looks at them (only while there are some).
+        self.draining: set[ServerFlow] = set()
+        self._sweep_timer: Any = None
 
     def add_binding(self, binding: UdpBinding) -> None:
         """Keep flows for a Binding that is listening now."""
@@ -273,10 +324,22 @@ class ServerFlows:
         proxy = self.proxy
         stats = proxy.stats
         stats["udp_datagrams", "from_senders"] += 1
+        now = proxy.reactor.seconds()
+        current = self.table.lookup(binding, sender)
+        handle = current.handle if current is not None else None
+        if (isinstance(handle, ServerFlow) and handle.stream is not None
+                and getattr(handle.stream.mux, "draining", False)):
+            # Its link drains: it moves to the new link once that can take it, and until
+            # then goes on where it is (with or without a new link logged in yet).
+            new_link = self._new_link()
+            if new_link is not None:
+                handle = self._move(handle, new_link, now)
+            self.table.datagram_from(binding, sender, now)
+            self._send(handle, datagram, now)
+            return
         link: MuxProtocol | None = proxy.link
         if link is None or not proxy.partner_available:
             count_drop(stats, "no_link" if link is None else "no_partner")
-            now = proxy.reactor.seconds()
             if now - binding.last_drop_log >= DROP_LOG_INTERVAL:
                 binding.last_drop_log = now
                 proxy.log.warn("[{index}] UDP Binding {listen}: datagrams dropped: {why}",
@@ -284,7 +347,6 @@ class ServerFlows:
                                why="no link to the Gateway" if link is None
                                else "no Proxy-Client in the session")
             return
-        now = proxy.reactor.seconds()
         arrival = self.table.datagram_from(binding, sender, now)
         for evicted in arrival.evicted:
             stats["udp_flows_evicted",] += 1
@@ -293,27 +355,162 @@ class ServerFlows:
         flow = arrival.flow
         if arrival.new:
             endpoint = ServerFlow(self, binding, flow)
-            config = binding.config
-            try:
-                endpoint.stream = link.open_stream(*config.fixed_target, endpoint,
-                                                   kind=fr.KIND_UDP)
-            except StreamError as e:
-                # LIMIT, or UNSUPPORTED where streams must be sealed end to end: a flood of
-                # senders would repeat it once per sender, so at most a line per interval.
-                self.table.remove(flow)
-                count_drop(stats, "stream_refused")
-                if now - binding.last_drop_log >= DROP_LOG_INTERVAL:
-                    binding.last_drop_log = now
-                    proxy.log.warn("[{index}] UDP flow {flow} refused: {why}",
-                                   index=proxy.config.index, flow=endpoint.describe(),
-                                   why=e.message)
-                return
-            flow.handle = endpoint
-            stats["udp_flows_opened",] += 1
-        endpoint = flow.handle
-        why = endpoint.send(datagram) if isinstance(endpoint, ServerFlow) else "not_open"
+            e2e = proxy.e2e
+            if e2e is not None and e2e.hold(endpoint, lambda: self._paired(endpoint)):
+                # The pairing is being made: the flow's datagrams wait for it (bounded),
+                # at most until its deadline; then they leave in order, or are dropped.
+                endpoint.held = True
+                flow.handle = endpoint
+            else:
+                stream = self._open(link, endpoint, binding, now)
+                if stream is None:
+                    self.table.remove(flow)
+                    return
+                endpoint.stream = stream
+                flow.handle = endpoint
+                stats["udp_flows_opened",] += 1
+        self._send(flow.handle, datagram, now)
+
+    def _send(self, endpoint: Any, datagram: bytes, now: float) -> None:
+        stats = self.proxy.stats
+        if isinstance(endpoint, ServerFlow):
+            endpoint.last_sent = now
+            why = endpoint.send(datagram)
+        else:
+            why = "not_open"
         if why is not None:
             count_drop(stats, why)
+        self.arm()
+
+    def _open(self, link: MuxProtocol, endpoint: ServerFlow, binding: UdpBinding,
+              now: float, dropped: int = 1) -> MuxStream | None:
+        """A flow's stream on ``link``, or None (refused: ``dropped`` datagrams counted,
+        logged at most once per interval and Binding)."""
+        proxy = self.proxy
+        try:
+            return link.open_stream(*binding.config.fixed_target, endpoint, kind=fr.KIND_UDP)
+        except StreamError as e:
+            # LIMIT, or UNSUPPORTED where streams must be sealed end to end: a flood of
+            # senders would repeat it once per sender, so at most a line per interval.
+            if dropped:
+                proxy.stats["udp_dropped", "stream_refused"] += dropped
+            if now - binding.last_drop_log >= DROP_LOG_INTERVAL:
+                binding.last_drop_log = now
+                proxy.log.warn("[{index}] UDP flow {flow} refused: {why}",
+                               index=proxy.config.index, flow=endpoint.describe(),
+                               why=e.message)
+            return None
+
+    # -- waiting for the end-to-end pairing ---------------------------------------------
+
+    def _paired(self, endpoint: ServerFlow) -> None:
+        """The pairing a held flow waited for is made or failed: open its stream and send
+        what it held, in order; or drop it all (``stream_refused``)."""
+        if not endpoint.held:
+            return
+        proxy = self.proxy
+        link: MuxProtocol | None = proxy.link
+        if link is None or not proxy.partner_available:
+            self.give_up(endpoint, "no_link" if link is None else "no_partner")
+            return
+        now = proxy.reactor.seconds()
+        held = self.held.release(endpoint)
+        endpoint.held = False
+        stream = self._open(link, endpoint, endpoint.binding, now, dropped=len(held))
+        if stream is None:
+            self._forget(endpoint)
+            return
+        endpoint.stream = stream
+        proxy.stats["udp_flows_opened",] += 1
+        for datagram in held:
+            why = endpoint.send(datagram)
+            if why is not None:
+                count_drop(proxy.stats, why)
+
+    def give_up(self, endpoint: ServerFlow, why: str) -> None:
+        """A flow that waited for the pairing ends without a stream: what it held is
+        dropped (counted under ``why``)."""
+        endpoint.held = False
+        for _datagram in self.held.release(endpoint):
+            count_drop(self.proxy.stats, why)
+        self._forget(endpoint)
+
+    def _forget(self, endpoint: ServerFlow) -> None:
+        endpoint.closed = True
+        if endpoint.flow.handle is endpoint:
+            self.table.remove(endpoint.flow)
+            endpoint.flow.handle = None
+        self.arm()
+
+    # -- a draining link (GOAWAY DRAINING): flows move to the new link ----------------------
+
+    def _new_link(self) -> MuxProtocol | None:
+        """The link a flow of a draining link moves to, once it can take one: logged in,
+        not draining, with the Proxy-Client present and (end to end) paired."""
+        proxy = self.proxy
+        link: MuxProtocol | None = proxy.link
+        if link is None or getattr(link, "draining", False) or not proxy.partner_available:
+            return None
+        e2e = proxy.e2e
+        if e2e is not None and not e2e.ready(link):
+            return None
+        return link
+
+    def _move(self, old: ServerFlow, link: MuxProtocol, now: float) -> ServerFlow:
+        """A new stream on ``link`` for ``old``'s flow (same Binding socket, same sender);
+        ``old``'s stream lingers for replies, then ends.  ``old`` itself when the new
+        link refuses the stream (the flow stays where it is and tries again later)."""
+        endpoint = ServerFlow(self, old.binding, old.flow)
+        stream = self._open(link, endpoint, old.binding, now, dropped=0)
+        if stream is None:
+            return old
+        endpoint.stream = stream
+        old.flow.handle = endpoint
+        stats = self.proxy.stats
+        stats["udp_flows_opened",] += 1
+        stats["udp_flows_moved",] += 1
+        old.drain_since = now
+        self.draining.add(old)
+        self._arm_sweep()
+        return endpoint
+
+    def link_draining(self, link: MuxProtocol) -> None:
+        """The Gateway drains ``link``: its flows are looked at until they moved or ended."""
+        for flow in self.table.flows():
+            handle = flow.handle
+            if (isinstance(handle, ServerFlow) and handle.stream is not None
+                    and handle.stream.mux is link):
+                self.draining.add(handle)
+        self._arm_sweep()
+
+    def _arm_sweep(self) -> None:
+        if self.draining and (self._sweep_timer is None or not self._sweep_timer.active()):
+            self._sweep_timer = self.proxy.reactor.callLater(DRAIN_SWEEP_INTERVAL, self._sweep)
+
+    def _sweep(self) -> None:
+        """End the streams of a draining link that have lingered MOVE_LINGER since the new
+        link could take their flows (or since they moved) and since their last datagram."""
+        self._sweep_timer = None
+        now = self.proxy.reactor.seconds()
+        ready = self._new_link() is not None
+        for endpoint in list(self.draining):
+            if endpoint.closed or endpoint.ending:
+                self.draining.discard(endpoint)
+                continue
+            if endpoint.drain_since is None:
+                if not ready:
+                    continue
+                endpoint.drain_since = now
+            if now < max(endpoint.drain_since, endpoint.last_sent) + MOVE_LINGER:
+                continue
+            self.draining.discard(endpoint)
+            if endpoint.flow.handle is endpoint:
+                # Not moved (its sender was silent): its next datagram opens a new flow.
+                self.table.remove(endpoint.flow)
+                endpoint.end("its link is draining: the next datagram goes to the new link")
+            else:
+                endpoint.end("moved to the new link")
+        self._arm_sweep()
         self.arm()
 
     # -- the idle timer -------------------------------------------------------------------
@@ -343,9 +540,10 @@ class ServerFlows:
 
     def stop(self) -> None:
         """The instance stops: no timer left behind."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._sweep_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._sweep_timer = None
 
 
 def listen_udp(reactor: Any, binding: UdpBinding) -> Any:

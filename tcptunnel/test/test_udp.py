@@ -910,6 +910,7 @@ class _FakeProxy:
         self.stats: Counter[tuple[str, ...]] = Counter()
         self.link = None
         self.partner_available = False
+        self.e2e = None
 
 
 class ServerFlowsTimerTests(SynchronousTestCase):
@@ -1019,3 +1020,356 @@ class _Binding:
         def describe() -> str:
             return "127.0.0.1:9 -> 127.0.0.1:53"
 
+
+
+# -- datagrams waiting for the end-to-end pairing (HeldDatagrams, ServerFlows) -------------
+
+
+class HeldDatagramsTests(SynchronousTestCase):
+    """The queue of the flows that wait for the pairing, at its documented bounds."""
+
+    def test_documented_numbers(self) -> None:
+        """64 datagrams and 128 KiB per flow, 1,024 datagrams and 1 MiB in all, as
+        docs/security.md's UDP bounds say."""
+        self.assertEqual((_udp.MAX_HELD_DATAGRAMS_PER_FLOW, _udp.MAX_HELD_BYTES_PER_FLOW,
+                          _udp.MAX_HELD_DATAGRAMS, _udp.MAX_HELD_BYTES),
+                         (64, 128 * 1024, 1024, 1024 * 1024))
+        held = _udp.HeldDatagrams()
+        for i in range(64):
+            self.assertTrue(held.hold("a", bytes([i])))
+        self.assertFalse(held.hold("a", b"65th"))
+        self.assertTrue(held.hold("b", b"x" * 65536))
+        self.assertTrue(held.hold("b", b"x" * 65536))
+        self.assertFalse(held.hold("b", b"x"))  # 128 KiB held for it
+        self.assertEqual(held.release("a"), [bytes([i]) for i in range(64)])
+        self.assertEqual((held.count, held.bytes, len(held)), (2, 131072, 1))
+
+    def test_total_bounds(self) -> None:
+        """The total bounds hold across flows: 16 flows of 64 fill 1,024 datagrams; 8
+        flows of two 64 KiB datagrams fill 1 MiB; a release makes room again."""
+        held = _udp.HeldDatagrams()
+        for flow in range(16):
+            for _ in range(64):
+                self.assertTrue(held.hold(flow, b"q"))
+        self.assertFalse(held.hold(99, b"q"))
+        held.release(0)
+        self.assertTrue(held.hold(99, b"q"))
+        big = _udp.HeldDatagrams()
+        for flow in range(8):
+            self.assertTrue(big.hold(flow, b"x" * 65536))
+            self.assertTrue(big.hold(flow, b"x" * 65536))
+        self.assertFalse(big.hold(8, b"x"))
+        self.assertRaises(ValueError, _udp.HeldDatagrams, 0)
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 3), st.one_of(
+        st.none(), st.integers(0, 70000))), max_size=80),
+        st.tuples(st.integers(1, 8), st.integers(1, 200000), st.integers(1, 20),
+                  st.integers(1, 300000)))
+    def test_against_a_model(self, ops: list[tuple[int, int | None]],
+                             bounds: tuple[int, int, int, int]) -> None:
+        """Any holds (size) and releases (None) of four flows under any bounds: a datagram is
+        kept exactly when every bound still holds with it, never more is kept than the
+        bounds allow, and a release gives back exactly the flow's datagrams in order."""
+        held = _udp.HeldDatagrams(*bounds)
+        per_count, per_bytes, total_count, total_bytes = bounds
+        model: dict[int, list[bytes]] = {}
+        for serial, (flow, size) in enumerate(ops):
+            if size is None:
+                self.assertEqual(held.release(flow), model.pop(flow, []))
+            else:
+                datagram = serial.to_bytes(4, "big")[: size] + bytes(max(0, size - 4))
+                mine = model.get(flow, [])
+                fits = (len(mine) < per_count and sum(map(len, mine)) + size <= per_bytes
+                        and sum(map(len, model.values())) < total_count
+                        and sum(len(d) for m in model.values() for d in m) + size
+                        <= total_bytes)
+                self.assertEqual(held.hold(flow, datagram), fits)
+                if fits:
+                    model.setdefault(flow, []).append(datagram)
+            self.assertEqual(held.count, sum(len(m) for m in model.values()))
+            self.assertEqual(held.bytes, sum(len(d) for m in model.values() for d in m))
+            self.assertLessEqual(held.count, total_count)
+            self.assertLessEqual(held.bytes, total_bytes)
+            self.assertEqual(len(held), len(model))
+
+
+class _FakeStream:
+    """A flow's stream as ServerFlow uses it: records what it sends, and its end."""
+
+    def __init__(self, link: _FakeLink, endpoint: Any) -> None:
+        self.mux = link
+        self.endpoint = endpoint
+        self.sent: list[bytes] = []
+        self.finished = False
+        self.fin = False
+
+    def send_datagram(self, data: bytes) -> str | None:
+        if self.fin:
+            return _mux.DROP_NOT_OPEN
+        self.sent.append(data)
+        return None
+
+    def loseWriteConnection(self) -> None:  # noqa: N802
+        self.fin = True
+
+    def abortConnection(self, reason: Reason = Reason.CANCELLED,  # noqa: N802
+                        message: str = "") -> None:
+        self.finished = True
+
+    def close(self) -> None:
+        """The far end's FIN back: the stream closes both ways."""
+        self.finished = True
+        self.endpoint.stream_closed()
+
+
+class _FakeLink:
+    """A link that opens fake streams (or refuses them), and may be draining."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.draining = False
+        self.streams: list[_FakeStream] = []
+
+    def open_stream(self, host: str, port: int, endpoint: Any, kind: int = 0) -> _FakeStream:
+        if self.refuse:
+            raise StreamError(Reason.E2E_UNAVAILABLE, "end-to-end: no end-to-end pairing yet")
+        stream = _FakeStream(self, endpoint)
+        self.streams.append(stream)
+        return stream
+
+
+class _FakeE2E:
+    """A Proxy-Server's end-to-end state: a handshake in progress holds, ``done`` retries."""
+
+    def __init__(self) -> None:
+        self.handshaking = True
+        self.paired = False
+        self.held: list[tuple[Any, Any]] = []
+
+    def hold(self, connection: Any, retry: Any) -> bool:
+        if not self.handshaking:
+            return False
+        self.held.append((connection, retry))
+        return True
+
+    def ready(self, link: Any) -> bool:
+        return self.paired
+
+    def done(self, paired: bool) -> None:
+        self.handshaking, self.paired = False, paired
+        held, self.held = self.held, []
+        for connection, retry in held:
+            if not connection.done:
+                retry()
+
+
+class _Port:
+    connected = 1
+
+    def __init__(self) -> None:
+        self.written: list[tuple[bytes, Any]] = []
+
+    def write(self, data: bytes, addr: Any) -> None:
+        self.written.append((data, addr))
+
+
+def _server_flows(link: Any = None, e2e: Any = None) -> tuple[Any, Any, Any, Clock]:
+    """ServerFlows of a fake proxy on a Clock, with one Binding; (flows, proxy, binding)."""
+    from tcptunnel.udp import ServerFlows
+
+    clock = Clock()
+    proxy: Any = _FakeProxy(clock)
+    proxy.link = link
+    proxy.partner_available = link is not None
+    proxy.e2e = e2e
+    proxy.log = _NullLog()
+    proxy.config = _Config()
+    proxy.ended = []
+    proxy.stream_ended = lambda endpoint, how: proxy.ended.append(how)
+    flows = ServerFlows(proxy)
+    binding: Any = _Binding()
+    binding.config = _UdpConfig()
+    binding.transport = _Port()
+    flows.add_binding(binding)
+    return flows, proxy, binding, clock
+
+
+class PairingHoldTests(SynchronousTestCase):
+    """A new UDP flow while the end-to-end pairing is being made waits for it, bounded."""
+
+    def test_held_then_sent_in_order(self) -> None:
+        """During the handshake a new flow's datagrams wait (no stream, no drop); once the
+        pairing is made its stream opens and they leave in order (as early data, within
+        the early window); later datagrams follow on the stream."""
+        link = _FakeLink()
+        e2e = _FakeE2E()
+        flows, proxy, binding, _clock = _server_flows(link, e2e)
+        for datagram in (b"one", b"two", b"three"):
+            flows.datagram_received(binding, datagram, ("127.0.0.1", 5000))
+        self.assertEqual(link.streams, [])
+        self.assertEqual((flows.held.count, len(e2e.held)), (3, 1))
+        e2e.done(paired=True)
+        (stream,) = link.streams
+        self.assertEqual(stream.sent, [b"one", b"two", b"three"])
+        stream.endpoint.stream_opened()
+        flows.datagram_received(binding, b"four", ("127.0.0.1", 5000))
+        self.assertEqual(stream.sent[-1], b"four")
+        self.assertEqual(proxy.stats["udp_flows_opened",], 1)
+        self.assertEqual({k: n for k, n in proxy.stats.items() if k[0] == "udp_dropped"}, {})
+        self.assertEqual(flows.held.count, 0)
+
+    def test_over_the_bound_dropped_and_counted(self) -> None:
+        """Past 64 datagrams a held flow drops and counts (pairing_queue); the 64 leave."""
+        link = _FakeLink()
+        e2e = _FakeE2E()
+        flows, proxy, binding, _clock = _server_flows(link, e2e)
+        for i in range(70):
+            flows.datagram_received(binding, bytes([i]), ("127.0.0.1", 5000))
+        self.assertEqual(proxy.stats["udp_dropped", _udp.DROP_PAIRING_QUEUE], 6)
+        e2e.done(paired=True)
+        (stream,) = link.streams
+        stream.endpoint.stream_opened()
+        self.assertEqual(stream.sent, [bytes([i]) for i in range(64)])
+
+    def test_pairing_failed_drops_and_counts(self) -> None:
+        """A pairing that fails (the link refuses the stream): every held datagram is
+        dropped and counted stream_refused, the flow is gone; the next datagram tries
+        again (and, with no handshake now, is refused as before)."""
+        link = _FakeLink(refuse=True)
+        e2e = _FakeE2E()
+        flows, proxy, binding, _clock = _server_flows(link, e2e)
+        for datagram in (b"a", b"b"):
+            flows.datagram_received(binding, datagram, ("127.0.0.1", 5000))
+        e2e.done(paired=False)
+        self.assertEqual(proxy.stats["udp_dropped", "stream_refused"], 2)
+        self.assertEqual((len(flows.table), flows.held.count, len(flows.held)), (0, 0, 0))
+        flows.datagram_received(binding, b"c", ("127.0.0.1", 5000))
+        self.assertEqual(proxy.stats["udp_dropped", "stream_refused"], 3)
+
+    def test_link_lost_while_held(self) -> None:
+        """The link is lost during the handshake: the held datagrams are dropped as
+        no_link."""
+        link = _FakeLink()
+        e2e = _FakeE2E()
+        flows, proxy, binding, _clock = _server_flows(link, e2e)
+        flows.datagram_received(binding, b"a", ("127.0.0.1", 5000))
+        proxy.link = None
+        proxy.partner_available = False
+        e2e.done(paired=False)
+        self.assertEqual(proxy.stats["udp_dropped", "no_link"], 1)
+        self.assertEqual((len(flows.table), flows.held.count), (0, 0))
+
+    def test_idle_while_held(self) -> None:
+        """A held flow that idles out (the Binding's timeout, a second deadline beside
+        the pairing's) drops what it held; the pairing's end does not retry it."""
+        link = _FakeLink()
+        e2e = _FakeE2E()
+        flows, proxy, binding, clock = _server_flows(link, e2e)
+        flows.datagram_received(binding, b"a", ("127.0.0.1", 5000))
+        clock.advance(_udp.DEFAULT_IDLE_TIMEOUT)
+        self.assertEqual(proxy.stats["udp_dropped", "stream_refused"], 1)
+        self.assertEqual((len(flows.table), flows.held.count), (0, 0))
+        e2e.done(paired=True)
+        self.assertEqual(link.streams, [])
+
+
+class DrainMoveTests(SynchronousTestCase):
+    """Flows of a link the Gateway drains move to the new link (same Binding socket and
+    sender), and their old streams end soon after, on a Clock."""
+
+    def setUp(self) -> None:
+        self.old = _FakeLink()
+        self.flows, self.proxy, self.binding, self.clock = _server_flows(self.old)
+        for port in (5000, 5001):
+            self.flows.datagram_received(self.binding, b"before", ("127.0.0.1", port))
+        self.moving, self.silent = self.old.streams
+        self.old.draining = True
+        self.proxy.link = None  # the new link is being made
+        self.proxy.partner_available = False
+        self.flows.link_draining(self.old)
+
+    def new_link(self, e2e: Any = None) -> _FakeLink:
+        """The new link logs in and sees the Proxy-Client."""
+        new = _FakeLink()
+        self.proxy.link = new
+        self.proxy.partner_available = True
+        self.proxy.e2e = e2e
+        return new
+
+    def test_stays_until_the_new_link_then_moves(self) -> None:
+        """Before the new link, datagrams go on the draining link (not dropped no_link);
+        with it, the next datagram opens a stream there and goes on it, a reply on the
+        old stream still reaches the sender, the old stream ends MOVE_LINGER later; the
+        silent flow's old stream ends too, and its next datagram opens a new flow."""
+        from tcptunnel.udp import DRAIN_SWEEP_INTERVAL, MOVE_LINGER
+
+        self.flows.datagram_received(self.binding, b"during", ("127.0.0.1", 5000))
+        self.assertEqual(self.moving.sent, [b"before", b"during"])
+        self.clock.advance(MOVE_LINGER * 3)
+        self.assertFalse(self.moving.fin or self.silent.fin)  # no new link: they stay
+        new = self.new_link()
+        self.flows.datagram_received(self.binding, b"after", ("127.0.0.1", 5000))
+        (moved,) = new.streams
+        self.assertEqual(moved.sent, [b"after"])
+        self.assertEqual(self.moving.sent, [b"before", b"during"])
+        self.moving.endpoint.stream_data(b"late reply")
+        self.assertEqual(self.binding.transport.written[-1],
+                         (b"late reply", ("127.0.0.1", 5000)))
+        self.assertEqual(self.proxy.stats["udp_flows_moved",], 1)
+        self.assertEqual(len(self.flows.table), 2)  # one flow each: moved, not doubled
+        self.clock.pump([0.05] * round((MOVE_LINGER - 0.1) / 0.05))
+        self.assertFalse(self.moving.fin or self.silent.fin)
+        # The silent one: a sweep sees the new link ready, then its end due (each at most
+        # an interval late).
+        self.clock.pump([0.05] * round((0.2 + 2 * DRAIN_SWEEP_INTERVAL) / 0.05))
+        self.assertTrue(self.moving.fin and self.silent.fin)
+        self.moving.close()
+        self.silent.close()
+        self.assertEqual(len(self.proxy.ended), 2)
+        self.assertEqual(self.flows.draining, set())
+        self.assertIsNone(self.flows._sweep_timer)
+        # The moved flow goes on; the silent one opens a new flow on the new link.
+        (flow,) = self.flows.table.flows()
+        self.assertIs(flow.handle, moved.endpoint)
+        self.flows.datagram_received(self.binding, b"back", ("127.0.0.1", 5001))
+        self.assertEqual(new.streams[1].sent, [b"back"])
+        self.assertEqual({k: n for k, n in self.proxy.stats.items()
+                          if k[0] == "udp_dropped"}, {})
+
+    def test_waits_for_the_new_pairing(self) -> None:
+        """End to end, a flow moves only once the new link has its pairing: until then
+        its datagrams stay on the draining link (whose streams keep their keys)."""
+        e2e = _FakeE2E()
+        new = self.new_link(e2e)
+        self.flows.datagram_received(self.binding, b"handshaking", ("127.0.0.1", 5000))
+        self.assertEqual((new.streams, self.moving.sent[-1]), ([], b"handshaking"))
+        e2e.paired = True
+        self.flows.datagram_received(self.binding, b"paired", ("127.0.0.1", 5000))
+        self.assertEqual(new.streams[0].sent, [b"paired"])
+
+    def test_refused_on_the_new_link_stays(self) -> None:
+        """The new link refuses the stream (LIMIT, say): the flow stays on the draining
+        link, nothing dropped, and tries again at its next datagram."""
+        new = self.new_link()
+        new.refuse = True
+        self.flows.datagram_received(self.binding, b"x", ("127.0.0.1", 5000))
+        self.assertEqual(self.moving.sent[-1], b"x")
+        new.refuse = False
+        self.flows.datagram_received(self.binding, b"y", ("127.0.0.1", 5000))
+        self.assertEqual(new.streams[0].sent, [b"y"])
+        self.assertEqual({k: n for k, n in self.proxy.stats.items()
+                          if k[0] == "udp_dropped"}, {})
+
+    def test_answered_on_the_old_stream_ends_both(self) -> None:
+        """A request/response flow whose last answer comes on its old stream after the
+        move: the flow is done, both its streams end."""
+        from tcptunnel._udp import FlowPolicy as Policy
+
+        self.flows.table.add_binding(self.binding, Policy(request_response=True))
+        new = self.new_link()
+        self.flows.datagram_received(self.binding, b"q2", ("127.0.0.1", 5000))
+        self.moving.endpoint.stream_data(b"a1")
+        self.assertFalse(self.moving.fin or new.streams[0].fin)
+        self.moving.endpoint.stream_data(b"a2")
+        self.assertTrue(self.moving.fin and new.streams[0].fin)
