@@ -110,12 +110,13 @@ class UdpTunnel:
                     allowed: str | None = None, same_port: bool = False,
                     listen_ip: str = "127.0.0.1", target_host: str = "127.0.0.1",
                     server_e2e: str | None = None, client_e2e: str | None = None,
-                    server_via: int = 0, client_via: int = 0) -> int:
+                    server_via: int = 0, client_via: int = 0, wait_paired: bool = True) -> int:
         """Start the three roles; the UDP Binding's port.  ``same_port``: the TCP Binding
         listens on the UDP Binding's port number (iperf3 sends its datagrams to the port of
         its control connection).  ``*_e2e``: the proxies' endToEndPassword (when both have
-        the same one, this waits for their pairing); ``*_via``: the port a proxy connects
-        to instead of the Gateway's (a relay in front of it)."""
+        the same one, this waits for their pairing unless ``wait_paired`` is false);
+        ``*_via``: the port a proxy connects to instead of the Gateway's (a relay in front
+        of it)."""
         tunnel = self.tunnel
         tunnel.start_gateway()
         if allowed is None:
@@ -157,7 +158,7 @@ class UdpTunnel:
         server = self.server
         assert server is not None
         await tunnel.ready(server, self.client)
-        if server_e2e is not None and server_e2e == client_e2e:
+        if server_e2e is not None and server_e2e == client_e2e and wait_paired:
             await wait_until(lambda: isinstance(server.e2e, ServerEndToEnd)
                              and server.e2e.pairing.state is ServerState.PAIRED, 15,
                              "the end-to-end pairing")
@@ -647,6 +648,44 @@ class EndToEndUdpTests(TestCase):
         self.assertEqual(echo.received, [])
         return udp
 
+    async def test_first_datagrams_wait_for_the_pairing(self) -> None:
+        """A new flow while the pairing is being made (the relay keeps the Proxy-Client's
+        answer back): its datagrams wait at the Proxy-Server, none reaches the target and
+        none is dropped; once the pairing is made they arrive, in order, sealed, and are
+        answered."""
+        echo = UdpEcho()
+        target = udp_port_of(self, echo)
+        udp = UdpTunnel(self)
+        udp.tunnel.gateway_port = reserve_port(self)  # start() starts the Gateway there
+        relay = Relay(udp.tunnel.gateway_port, decode=True)
+        relay.holding = True
+        via = await relay.start(self)
+        port = await udp.start(target, server_e2e=E2E_PASSWORD, client_e2e=E2E_PASSWORD,
+                               client_via=via, wait_paired=False)
+        server = udp.server
+        assert server is not None and udp.client is not None
+        assert isinstance(server.e2e, ServerEndToEnd)
+        e2e = server.e2e
+        await wait_until(lambda: bool(relay.held), 10, "the Proxy-Client's answer")
+        self.assertIs(e2e.pairing.state, ServerState.HANDSHAKING)
+        client = client_to(self, port)
+        sent = [b"first", b"", b"third" * 100]
+        for datagram in sent:
+            client.send(datagram)
+        await wait_until(lambda: server.udp.held.count == 3, 10, "the datagrams to wait")
+        self.assertEqual(echo.received, [])
+        relay.release()
+        await wait_until(lambda: len(client.received) == 3, 10, "the echoes")
+        self.assertEqual(echo.received, sent)
+        self.assertEqual(client.received, sent)
+        self.assertIs(e2e.pairing.state, ServerState.PAIRED)
+        self.assertEqual((server.udp.held.count, len(server.udp.held)), (0, 0))
+        self.assertEqual(udp.drops(server), {})
+        self.assertEqual(udp.drops(udp.client), {})
+        assert server.link is not None
+        (stream,) = [s for s in server.link.streams.values() if s.record.datagram]
+        self.assertIsInstance(stream, SealedDatagramStream)
+
     async def test_password_mismatch_refuses_flows(self) -> None:
         """Different end-to-end passwords: the flow is refused at the Proxy-Server with the
         same reason as a TCP connection, "end-to-end password mismatch"."""
@@ -672,6 +711,125 @@ class EndToEndUdpTests(TestCase):
         self.assertIn("E2E_REQUIRED", self.logs.text())
         self.assertIn("Session 1: refused a stream in clear from Proxy-Server #1",
                       self.logs.text())
+
+
+class AddressedEcho(UdpEcho):
+    """A UDP echo that also records each datagram's source address (the tunnel's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[tuple[str, int]] = []
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:  # noqa: N802
+        self.sources.append((addr[0], addr[1]))
+        super().datagramReceived(datagram, addr)
+
+
+class DrainTests(TestCase):
+    """A Gateway drains (GOAWAY DRAINING, make-before-break): UDP flows move to the new link
+    at their next datagram, the sender sees no change, and the draining link closes once its
+    TCP streams are done instead of waiting for the flows to idle out."""
+
+    timeout = 90
+
+    async def _across_a_drain(self, session: str = "") -> None:
+        """Gateways A then B in both proxies' lists; a UDP flow that talks, one that is
+        silent, and a TCP stream on A.  After A drains, the talking flow is answered at
+        once (on A, before the new link is ready) and after (through B: the target sees a
+        new source port, the sender the same Binding address); when the TCP stream ends,
+        A's links close within 5 s (without the move: at the flows' 60 s idle timeout);
+        the silent flow's next datagram is answered through B; nothing is dropped."""
+        from tcptunnel.test.test_scaling import proxy_xml
+
+        a, b = Tunnel(self), Tunnel(self)
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        a_port = reserve_port(self)
+        b.start_gateway()
+        echo = AddressedEcho()
+        target = udp_port_of(self, echo)
+        tcp_target = await listen(self, EchoProtocol)
+        client = b._start_proxy(ProxyClientService, proxy_xml(
+            "proxy-client", a_port, [b.gateway_port],
+            f'<Session id="1" password="client-pw" {session}/><AllowedTargetEndpoints>'
+            f'<Endpoint protocol="udp" host="127.0.0.1" port="{target}"/>'
+            f'<Endpoint host="127.0.0.1" port="{tcp_target}"/></AllowedTargetEndpoints>'))
+        server = b._start_proxy(ProxyServerService, proxy_xml(
+            "proxy-server", a_port, [b.gateway_port],
+            f'<Session id="1" password="server-pw" {session}>'
+            f'<Binding protocol="udp" listenIp="127.0.0.1" listenPort="0" '
+            f'targetHost="127.0.0.1" targetPort="{target}"/>'
+            f'<Binding listenIp="127.0.0.1" listenPort="0" targetHost="127.0.0.1" '
+            f'targetPort="{tcp_target}"/></Session>'))
+        a.start_gateway(a_port)
+
+        def on(tunnel: Tunnel) -> bool:
+            service = tunnel.gateway
+            e2e = server.e2e
+            return (service is not None and len(service.gateway.links) == 2
+                    and client.partner_available and server.partner_available
+                    and (not isinstance(e2e, ServerEndToEnd)
+                         or e2e.pairing.state is ServerState.PAIRED))
+
+        await wait_until(lambda: on(a), 15, "both proxies on A")
+        udp_port = int(server.udp_bindings.ports[0].getHost().port)
+        tcp_port = int(server.bindings.ports[0].getHost().port)
+        talker, silent = client_to(self, udp_port), client_to(self, udp_port)
+        sent: list[bytes] = []
+
+        async def talk(datagram: bytes) -> None:
+            sent.append(datagram)
+            talker.send(datagram)
+            await wait_until(lambda: len(talker.received) == len(sent), 10,
+                             f"the echo of {datagram!r}")
+
+        await talk(b"on A")
+        silent.send(b"silent on A")
+        await wait_until(lambda: silent.received == [b"silent on A"], 10, "the silent echo")
+        before = echo.sources[0]
+        stream = await connect(tcp_port)
+        stream.transport.write(b"tcp")
+        await wait_until(lambda: bytes(stream.received) == b"tcp", 10, "the TCP echo")
+
+        assert a.gateway is not None
+        await a.gateway.drain()
+        await talk(b"draining, no new link yet")  # on A: was dropped as no_link
+        await wait_until(lambda: on(b), 15, "both proxies on B")
+        await talk(b"on B")
+        self.assertEqual(server.stats["udp_flows_moved",], 1)
+        self.assertNotEqual(echo.sources[-1], before)  # a new flow at the target
+        for i in range(3):
+            await talk(b"on B %d" % i)
+        self.assertEqual(talker.received, sent)  # every one answered, in order
+
+        stream.transport.loseConnection()
+        await stream.ended
+        ended = reactor.seconds()
+        await wait_until(lambda: not a.gateway.gateway.links  # type: ignore[union-attr]
+                         and client.draining_link is None and server.draining_link is None,
+                         20, "the draining links to close")
+        self.assertLess(reactor.seconds() - ended, 5.0)
+        silent.send(b"silent on B")
+        await wait_until(lambda: silent.received[-1:] == [b"silent on B"], 10,
+                         "the silent flow's echo through B")
+        await talk(b"still on B")
+        self.assertEqual(udp_drops(server), {})
+        self.assertEqual(udp_drops(client), {})
+        self.assertEqual([p.stats["links_lost",] for p in (client, server)], [0, 0])
+
+    async def test_udp_across_a_drain(self) -> None:
+        """In clear (see _across_a_drain)."""
+        await self._across_a_drain()
+
+    async def test_udp_across_a_drain_end_to_end(self) -> None:
+        """Sealed: the flow waits on A for B's new pairing, then moves (see
+        _across_a_drain)."""
+        await self._across_a_drain(f'endToEndPassword="{E2E_PASSWORD}"')
+
+
+def udp_drops(service: Any) -> dict[str, int]:
+    """The drop counts of a proxy, by reason."""
+    return {key[1]: n for key, n in service.stats.items() if key[0] == "udp_dropped" and n}
 
 
 class RealClientTests(TestCase):
