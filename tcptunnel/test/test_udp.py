@@ -256,6 +256,7 @@ class DatagramBoundTests(SynchronousTestCase):
         self.assertEqual((udp.MAX_EARLY_DATAGRAMS, udp.MAX_EARLY_BYTES, udp.MAX_DATAGRAM),
                          (64, 128 * 1024, 65536))
         self.assertEqual((fr.MAX_PAYLOAD, _e2e.MAX_SEALED_DATAGRAM), (65536, 65511))
+        self.assertEqual((udp.MOVE_LINGER, udp.DRAIN_SWEEP_INTERVAL), (2.0, 0.5))
 
     def test_flow_queue_byte_bound(self) -> None:
         """A flow holds at most 256 KiB of datagrams waiting for the link: four of 60,000
