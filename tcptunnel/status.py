@@ -234,6 +234,8 @@ def _udp_status(proxy: ProxyService) -> dict[str, Any]:
         "flows": sum(1 for stream in link.streams.values() if stream.record.datagram)
         if link is not None else 0,
         "flows_opened": proxy.stats["udp_flows_opened",],
+        # Flows moved off a draining link to the new one (tcptunnel.udp, issue 20).
+        "flows_moved": proxy.stats["udp_flows_moved",],
         "datagrams": {key[1]: n for key, n in proxy.stats.items() if key[0] == "udp_datagrams"},
         "dropped": {key[1]: n for key, n in proxy.stats.items() if key[0] == "udp_dropped"},
     }

@@ -26,7 +26,7 @@ from tcptunnel.config import StartupError
 from tcptunnel.e2e import SealedDatagramStream, ServerEndToEnd
 from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.proxyserver import ProxyServerService
-from tcptunnel.status import TunnelCollector, snapshot
+from tcptunnel.status import TunnelCollector, _udp_status, snapshot
 from tcptunnel.test._harness import (
     ChildProcess,
     EchoProtocol,
@@ -796,7 +796,7 @@ class DrainTests(TestCase):
         await talk(b"draining, no new link yet")  # on A: was dropped as no_link
         await wait_until(lambda: on(b), 15, "both proxies on B")
         await talk(b"on B")
-        self.assertEqual(server.stats["udp_flows_moved",], 1)
+        self.assertEqual(_udp_status(server)["flows_moved"], 1)  # /status shows it
         self.assertNotEqual(echo.sources[-1], before)  # a new flow at the target
         for i in range(3):
             await talk(b"on B %d" % i)
