@@ -940,8 +940,10 @@ class RealClientTests(TestCase):
 
     async def test_iperf3_udp_rates(self) -> None:
         """iperf3 -u at 10 and 40 Mbit/s for 2 s each through the tunnel (its TCP control
-        connection through a TCP Binding on the same port number): the datagrams arrive,
-        with under 5 % lost at 10 Mbit/s; the figures are logged."""
+        connection through a TCP Binding on the same port number): the datagrams arrive;
+        at 10 Mbit/s the tunnel loses under 1 % of those its Binding read (its own counts at
+        both proxies) and under 5 % are lost end to end but for those the kernel dropped
+        before the Binding read them; the figures are logged."""
         iperf3 = need("iperf3")
         holder = socket.socket()
         holder.bind(("127.0.0.1", 0))
@@ -958,7 +960,19 @@ class RealClientTests(TestCase):
         udp = UdpTunnel(self)
         port = await udp.start(server_port, tcp_target=server_port, same_port=True)
         results = {}
+        # Under load (8 nice-19 busy loops on 2 cores) 3 runs of 10 lost 9-24 % at 10 Mbit/s,
+        # each time exactly the datagrams the kernel dropped at the Binding's full receive
+        # buffer (212,992 bytes, ~90 datagrams: ~0.1 s at 10 Mbit/s) while this process
+        # waited for a core; every datagram the Binding read reached the target.  Those
+        # drops are the machine's, not the tunnel's: the end-to-end bound leaves them out
+        # and the tunnel's own loss is bounded from its counts.
+        assert udp.server is not None and udp.client is not None
+        server_stats, client_stats = udp.server.stats, udp.client.stats
+        tunnel_loss = {}
         for run, rate in enumerate(("10M", "40M")):
+            read_before = server_stats["udp_datagrams", "from_senders"]
+            written_before = client_stats["udp_datagrams", "to_targets"]
+            kernel_before = _socket_drops(port)
             # iperf3 -s serves one test at a time and resets a client that comes before
             # it says "listening" again (seen under load as "unable to receive control
             # message: Connection reset by peer").
@@ -970,12 +984,25 @@ class RealClientTests(TestCase):
             report = json.loads(out)
             self.assertNotIn("error", report, report.get("error"))
             end = report["end"]["sum"]
-            results[rate] = (end["lost_percent"], end["bits_per_second"])
+            # Lost end to end but not in the Binding's receive buffer, in % of those sent.
+            kernel = _socket_drops(port) - kernel_before
+            beyond = 100 * (end["lost_packets"] - kernel) / max(end["packets"], 1)
+            results[rate] = (end["lost_percent"], beyond, end["bits_per_second"])
+            read = server_stats["udp_datagrams", "from_senders"] - read_before
+            written = client_stats["udp_datagrams", "to_targets"] - written_before
+            tunnel_loss[rate] = (read, written)
             log.msg(f"iperf3 -u -b {rate} through the tunnel: {end['lost_percent']:.2f} % "
-                    f"lost, {end['bits_per_second'] / 1e6:.1f} Mbit/s, jitter "
-                    f"{end['jitter_ms']:.3f} ms")
-        self.assertLess(results["10M"][0], 5.0, results)
-        self.assertGreater(results["40M"][1], 1e6, results)
+                    f"lost ({kernel} dropped before the Binding read them, {beyond:.2f} % "
+                    f"beyond), {end['bits_per_second'] / 1e6:.1f} Mbit/s, jitter "
+                    f"{end['jitter_ms']:.3f} ms; the Binding read {read}, the Proxy-Client "
+                    f"wrote {written}")
+        read, written = tunnel_loss["10M"]
+        self.assertGreater(read, 1000, tunnel_loss)  # 10 Mbit/s for 2 s is ~1,785
+        self.assertLess(read - written, read / 100,
+                        f"(read, written) by the tunnel: {tunnel_loss}; drops "
+                        f"{udp.drops(udp.server)} {udp.drops(udp.client)}")
+        self.assertLess(results["10M"][1], 5.0, results)
+        self.assertGreater(results["40M"][2], 1e6, results)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -1017,6 +1044,22 @@ def _user() -> str:
     import pwd
 
     return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _socket_drops(port: int) -> int:
+    """Datagrams the kernel dropped at the UDP sockets bound to ``port`` (their receive
+    buffers were full): the ``drops`` column of /proc/net/udp and udp6, 0 where there is
+    none (then the end-to-end bound of test_iperf3_udp_rates counts every loss)."""
+    drops = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table) as lines:
+                rows = [line.split() for line in lines.readlines()[1:]]
+        except OSError:
+            continue
+        drops += sum(int(row[-1]) for row in rows
+                     if len(row) > 2 and int(row[1].rpartition(":")[2], 16) == port)
+    return drops
 
 
 def _dns_answers(probe: socket.socket, port: int) -> bool:
