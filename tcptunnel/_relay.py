@@ -233,6 +233,11 @@ class RelayLink(LinkCore):
         else:
             self._updates[stream_id] = pending + increment
 
+    @property
+    def stream_frames_queued(self) -> bool:
+        """Whether stream frames (of any stream) wait to be sent toward this link."""
+        return bool(self._queues)
+
     def has_queued(self, stream_id: int) -> bool:
         """Whether stream frames for ``stream_id`` wait to be sent."""
         return stream_id in self._queues
@@ -513,14 +518,19 @@ class RelayCore:
         stays open: its running streams keep flowing both ways (DATA, FIN, WINDOW_UPDATE),
         new OPENs on it or toward it are refused (``SHUTDOWN``), and it is closed once its
         last stream ended and what was queued toward it was written (:meth:`check_drained`).
-        The proxy meanwhile logs in elsewhere with a new link.  A link without streams is
-        closed at once, with the same GOAWAY."""
+        The proxy meanwhile logs in elsewhere with a new link.  A link without streams and
+        without stream frames still queued toward it is closed at once, with the same
+        GOAWAY."""
         if link.detached or link.retiring or link.role is None:
             return
         link.retiring = True
-        if not link.routes:
+        if not link.routes and not link.stream_frames_queued:
             self.fail(link, GoAway.DRAINING, message)
             return
+        # Streams, or the last frames of ended ones (the DATA and FIN that closed a route,
+        # a lost partner's last DATA and its RESET): closing now would drop those, and a
+        # stream that ended cleanly would reach the proxy reset (GOAWAY resets every stream
+        # it still has).  check_drained closes the link once they are written.
         self._send(link, fr.build_goaway(GoAway.DRAINING, message))
 
     def check_drained(self, link: RelayLink) -> None:
@@ -529,7 +539,8 @@ class RelayCore:
         is queued).  Called after each read of the link and after each write to it.  The
         closing GOAWAY is ``DRAINING`` again, so that a proxy that never got the first
         (it was still queued) reconnects at once too."""
-        if link.retiring and not link.detached and not link.routes and not link._queues:
+        if (link.retiring and not link.detached and not link.routes
+                and not link.stream_frames_queued):
             self.fail(link, GoAway.DRAINING, "the Gateway is draining and the last stream "
                       "of this link ended")
 

@@ -24,7 +24,7 @@ from hypothesis.stateful import (
 from twisted.trial.unittest import SynchronousTestCase
 
 from tcptunnel import _frames as fr
-from tcptunnel._frames import Frame, FrameType, GoAway, LinkError, Reason
+from tcptunnel._frames import Frame, FrameType, GoAway, LinkError, Reason, StreamError
 from tcptunnel._link import GoAwayReceived
 from tcptunnel._relay import (
     CLEAR_KINDS,
@@ -35,6 +35,7 @@ from tcptunnel._relay import (
     StreamEnded,
     StreamFrameReceived,
 )
+from tcptunnel._stream import StreamEvent, StreamState, advance
 
 EXAMPLES = int(os.environ.get("TCPTUNNEL_FUZZ_EXAMPLES", "200"))
 ROLE_CLIENT = fr.ROLE_PROXY_CLIENT
@@ -106,6 +107,10 @@ class Relay:
                         self.record_routes(link)
         except LinkError as e:
             core.fail(link, e.code, e.message)
+        self.after_read(link)
+
+    def after_read(self, link: RelayLink) -> None:
+        """What GatewayLink.handle_events does once a read was handled: the effects."""
         self.effects()
 
     def record_routes(self, link: RelayLink) -> None:
@@ -662,13 +667,90 @@ class RelayUnitTests(SynchronousTestCase):
                          {GoAway.PROTOCOL_ERROR: 2})
 
 
+class RelayRetireTests(SynchronousTestCase):
+    """Regressions the draining rules of :class:`HostileRelay` found."""
+
+    def test_retire_keeps_the_last_frames_of_an_ended_stream(self) -> None:
+        """A link whose last stream ended with its final DATA and FIN still queued toward it
+        is not closed at once when retired (closing drops the queue: the proxy would see its
+        clean end as a reset): it is told GOAWAY DRAINING, those frames follow, and it is
+        closed with DRAINING once they were written."""
+        relay = DrainingRelay()
+        client = relay.login(1, ROLE_CLIENT)
+        server = relay.login(1, ROLE_SERVER)
+        relay.read_all(client)
+        relay.read_all(server)
+        relay.feed(server, open_frame(1))
+        (opened,) = of_type(relay.read_all(client), FrameType.OPEN)
+        relay.feed(client, fr.build_open_result(opened.stream_id, Reason.OK, 100_000))
+        relay.read_all(server)
+        relay.feed(server, fr.build_fin(1))
+        relay.feed(client, data(opened.stream_id, b"last") + fr.build_fin(opened.stream_id))
+        self.assertEqual(server.routes, {})  # FIN both ways: the route ended
+        relay.core.retire(server, "draining")
+        relay.effects()
+        self.assertEqual(relay.failed, [])
+        # One write of everything queued; DrainingRelay.read then checks it, as
+        # GatewayLink.resumeProducing does after a write.
+        frames = relay.read(server)
+        self.assertEqual([f.type for f in frames],
+                         [FrameType.GOAWAY, FrameType.DATA, FrameType.FIN])
+        self.assertEqual(fr.parse_goaway(frames[0].payload), (GoAway.DRAINING, "draining"))
+        self.assertEqual(frames[1].payload, b"last")
+        self.assertEqual([(link, code) for link, code, _message in relay.failed],
+                         [(server, GoAway.DRAINING)])
+        (closing,) = relay.read_all(server)
+        self.assertEqual(fr.parse_goaway(closing.payload)[0], GoAway.DRAINING)
+
+
 # -- the state machine -------------------------------------------------------
+
+class DrainingRelay(Relay):
+    """A Relay that also calls ``check_drained`` where gateway.py does: after each read of a
+    link, before the effects (GatewayLink.handle_events); after each write to it
+    (resumeProducing: here the ``read`` rule, a transport that takes a batch); and on each
+    link that got something new, once the adapter flushed it (Gateway.apply_effects, in its
+    loop until nothing more is failed or dirty).  The adapter's flush takes nothing here:
+    the transport is taken to be paused until a ``read`` rule says otherwise."""
+
+    def after_read(self, link: RelayLink) -> None:
+        """GatewayLink.handle_events: the drained check of ``link``, then the effects."""
+        self.core.check_drained(link)
+        self.effects()
+
+    def read(self, link: RelayLink, limit: int = 256 * 1024) -> list[Frame]:
+        """As Relay's, then the drained check of ``link`` (it may have written its last)."""
+        frames = super().read(link, limit)
+        self.core.check_drained(link)
+        self.effects()
+        return frames
+
+    def effects(self) -> None:
+        """Gateway.apply_effects: the failed links closed, each dirty link flushed (nothing
+        taken) and checked, until a round fails nothing and dirties nothing (a closed link's
+        PARTNER 0 and RESETs dirty its partners, whose check may close them in turn)."""
+        core = self.core
+        while True:
+            self.ended.extend(core.take_ended())
+            failed = core.take_failed()
+            for item in failed:
+                self.failed.append(item)
+                self.gone.add(item[0])
+            dirty = core.take_dirty()
+            for link in dirty:
+                core.check_drained(link)
+            if not failed and not dirty:
+                return
+
 
 # Small bounds, so that a few steps reach each of them: a link's bound is three full DATA
 # frames, a session's bound two busy links, the instance's both sessions busy.
 MACHINE_LIMITS = RelayLimits(
     max_links_per_session=4, max_streams_per_link=6, max_queued_bytes_per_link=200_000,
     max_queued_bytes_per_session=300_000, max_queued_bytes=420_000, max_control_frames=24)
+# What the model's retirements say in their GOAWAY DRAINING (check_drained's closing one
+# says something else: a GOAWAY with this text is the announcement, frames may follow it).
+RETIRE_MESSAGE = "the Gateway is draining"
 TAG = struct.Struct(">HI")  # DATA payloads name their sender: (link number, stream id)
 windows = st.one_of(st.sampled_from([0, 1, fr.EARLY_WINDOW - 1, fr.EARLY_WINDOW, 70_000,
                                      fr.MAX_WINDOW - 1, fr.MAX_WINDOW, 2**31, 2**32 - 1]),
@@ -688,11 +770,22 @@ good_windows = st.one_of(st.just(fr.MAX_WINDOW), st.integers(fr.EARLY_WINDOW, fr
 class HostileRelay(RuleBasedStateMachine):
     """Two sessions, up to three hostile links in each (plus unauthenticated ones), doing
     anything in any order: arbitrary frames, well-formed streams with arbitrary windows,
-    partial reads, failures, losses, new logins and Proxy-Client replacement."""
+    partial reads, failures, losses, new logins, Proxy-Client replacement, and draining
+    (links retired one by one or all at once, the drain deadline)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.relay = Relay(MACHINE_LIMITS, sessions=(1, 2))
+        self.relay = DrainingRelay(MACHINE_LIMITS, sessions=(1, 2))
+        # Retired links: the routes they had and, on a Proxy-Client link, the first stream
+        # id the Gateway had not yet used, when they were retired.
+        self.retired: dict[RelayLink, tuple[frozenset[Route], int]] = {}
+        # Retired links told GOAWAY DRAINING while they stay open (they had streams), and
+        # those whose (first) DRAINING was read: frames may follow that one.
+        self.announced: set[RelayLink] = set()
+        self.announcement_read: set[RelayLink] = set()
+        self.draining = False  # Gateway.drain ran: proven logins are told DRAINING
+        self.deadline_passed = False
+        self.refused_logins = 0
         self.links: list[RelayLink] = []
         self.numbers: dict[RelayLink, int] = {}
         self.opened: dict[RelayLink, set[int]] = {}  # ids a link sent OPEN on
@@ -767,13 +860,25 @@ class HostileRelay(RuleBasedStateMachine):
 
     # -- rules ------------------------------------------------------------------
 
-    @precondition(lambda self: len(self.live()) < 9)
+    @precondition(lambda self: len(self.live()) < 9 and self.refused_logins < 3)
     @rule(session_id=st.sampled_from([1, 2]),
           role=st.sampled_from([ROLE_CLIENT, ROLE_SERVER, ROLE_SERVER, ROLE_SERVER, None]))
     def log_in(self, session_id: int, role: int | None) -> None:
         """A new link: a proven login as either role (a Proxy-Client replaces the session's
-        last), or one that stays unauthenticated."""
+        last), or one that stays unauthenticated; while the Gateway drains, a proven login
+        is told DRAINING and closed (GatewayLink._login_ok), and changes nothing else."""
         session = self.relay.core.sessions[session_id]
+        if self.draining and role is not None:
+            self.refused_logins += 1  # (a few: the other rules get the steps)
+            before = {link: dict(link.routes) for link in self.live()}
+            link = self.relay.new_link()
+            self.links.append(link)
+            self.numbers[link] = len(self.links)
+            self.relay.core.fail(link, GoAway.DRAINING, "the Gateway is draining: log in to "
+                                 "another")
+            self.relay.effects()
+            assert {link: dict(link.routes) for link in self.live()} == before
+            return
         if role == ROLE_SERVER and (len(session.servers) >= 3
                                     or self.relay.core.refusal(session_id, role) is not None):
             return  # the adapter closes it with LIMIT before it reaches the relay
@@ -801,7 +906,8 @@ class HostileRelay(RuleBasedStateMachine):
         if not session.servers:
             self.log_in(session_id, ROLE_SERVER)
         client = session.client
-        assert client is not None
+        if client is None or not session.servers:
+            return  # the Gateway drains: no new logins
         server = data.draw(st.sampled_from(list(session.servers.values())))
         stream_id = server.last_opened + 1
         self.opened.setdefault(server, set()).add(stream_id)
@@ -832,8 +938,17 @@ class HostileRelay(RuleBasedStateMachine):
         stats = self.relay.core.stats
         key = ("streams_refused", session.id, Reason.LIMIT.name)
         before = stats[key]
+        shutdown = ("streams_refused", session.id, Reason.SHUTDOWN.name)
+        shutdown_before = stats[shutdown]
+        # (A window out of range is refused first, FLOW_CONTROL, uncounted.)
+        draining = (client is not None and (server.retiring or client.retiring)
+                    and 0 < window <= fr.MAX_WINDOW)
         self.opened.setdefault(server, set()).add(stream_id)
         self.relay.feed(server, open_frame(stream_id, window))
+        # A well-formed OPEN on or toward a retiring link is refused SHUTDOWN, and only such.
+        assert stats[shutdown] - shutdown_before == (1 if draining else 0), (
+            draining, stats[shutdown] - shutdown_before)
+        assert not (draining and stream_id in server.routes), "a route on a retiring link"
         if stats[key] > before:
             assert client is not None and used is not None
             capacity = MACHINE_LIMITS.max_streams_per_link
@@ -890,7 +1005,8 @@ class HostileRelay(RuleBasedStateMachine):
     def read(self, data: st.DataObject, limit: int) -> None:
         """One link's transport takes one batch (any link, failed ones included)."""
         link = data.draw(st.sampled_from(self.links))
-        self.check_sent(link, self.relay.read(link, limit))
+        detached = link.detached  # the read's drained check may close it after the write
+        self.check_sent(link, self.relay.read(link, limit), detached)
 
     @precondition(lambda self: bool(self.live()))
     @rule(data=st.data(), code=st.sampled_from(list(GoAway)), lost=st.booleans())
@@ -903,24 +1019,180 @@ class HostileRelay(RuleBasedStateMachine):
             self.relay.core.fail(link, code, "closed by the test")
             self.relay.effects()
 
+    def retire(self, links: list[RelayLink]) -> None:
+        """RelayCore.retire of each of ``links`` and then the effects, as Gateway.drain does
+        it; remembering what each carried then, and checking that nothing else changed:
+        no other link is closed or loses or gains a route (a link closed at once for want
+        of streams tells its partners PARTNER, nothing more)."""
+        core = self.relay.core
+        targets = [link for link in links if link.role is not None and not link.detached
+                   and not link.retiring]
+        others = {link: dict(link.routes) for link in self.live() if link not in targets}
+        # What each carries: streams, or the last frames of ended ones (a DATA and the FIN
+        # that closed a route wait toward it after the route left the tables).
+        busy = {link: bool(link.routes or link.stream_frames_queued) for link in targets}
+        for link in targets:
+            self.retired[link] = (frozenset(link.routes.values()), link.next_stream_id)
+            if busy[link]:
+                self.announced.add(link)
+            core.retire(link, RETIRE_MESSAGE)
+        self.relay.effects()
+        for link in targets:
+            assert link.retiring
+            # Closed at once exactly when it carried nothing: closing drops what is queued.
+            assert link.detached == (not busy[link]), ("retired", busy[link], link.detached)
+        for link, routes in others.items():
+            assert not link.detached, "retiring one link closed another"
+            assert link.routes == routes, "retiring one link changed another's streams"
+
+    @precondition(lambda self: any(link.role is not None for link in self.live()))
+    @rule(data=st.data())
+    def retire_link(self, data: st.DataObject) -> None:
+        """GOAWAY DRAINING to one logged-in link, mostly one with streams (retiring one
+        again is a no-op)."""
+        logged_in = [link for link in self.live() if link.role is not None]
+        busy = [link for link in logged_in if link.routes]
+        prefer_busy: bool = bool(busy) and data.draw(st.booleans())
+        self.retire([data.draw(st.sampled_from(busy if prefer_busy else logged_in))])
+
+    @precondition(lambda self: any(link.role is not None for link in self.live()))
+    @rule(session_id=st.sampled_from([1, 2]))
+    def retire_session(self, session_id: int) -> None:
+        """GOAWAY DRAINING to every link of one session; the other session is unaffected."""
+        self.retire(self.relay.core.sessions[session_id].all_links())
+
+    @precondition(lambda self: not self.draining)
+    @rule()
+    def drain(self) -> None:
+        """The Gateway drains (Gateway.drain): every logged-in link is retired at once, oldest
+        first, and from now on a proven login is told DRAINING (``log_in``)."""
+        self.draining = True
+        self.retire(list(self.live()))
+
+    @precondition(lambda self: self.draining and not self.deadline_passed)
+    @rule()
+    def drain_deadline(self) -> None:
+        """drainTimeout passed (Gateway._drain_deadline): every session's links are detached,
+        their streams reset SHUTDOWN toward the other end, the effects applied, then each
+        still open is closed with GOAWAY DRAINING."""
+        self.deadline_passed = True
+        relay, core = self.relay, self.relay.core
+        message = "the Gateway's drain deadline (60 s) passed"
+        for session in core.sessions.values():
+            links = session.all_links()
+            if not links:
+                continue
+            ended = len(relay.ended)
+            for link in links:
+                assert link.retiring, "a logged-in link of a draining Gateway not retiring"
+                core.detach(link, Reason.SHUTDOWN, message)
+            relay.effects()
+            assert {item.reason for item in relay.ended[ended:]} <= {Reason.SHUTDOWN.name}
+            for link in links:
+                if link not in relay.gone:  # GatewayLink.fail: once closing, no second GOAWAY
+                    link.go_away(GoAway.DRAINING, message)
+                    relay.failed.append((link, GoAway.DRAINING, message))
+                    relay.gone.add(link)
+        for link in self.links:
+            assert link.role is None or link.detached, "a link left after the drain deadline"
+
+    def draining_routes(self) -> list[tuple[RelayLink, int]]:
+        """(link, stream id) of each end of each route with a retiring end."""
+        return [(link, stream_id) for link, stream_id in self.routed()
+                if link.routes[stream_id].server.retiring
+                or link.routes[stream_id].client.retiring]
+
+    @precondition(lambda self: bool(self.draining_routes()))
+    @rule(data=st.data(), count=st.integers(1, 4))
+    def draining_streams_flow(self, data: st.DataObject, count: int) -> None:
+        """A few frames the stream rules allow (DATA within the window, FIN, WINDOW_UPDATE),
+        each on a stream of a retiring link from either end, each forwarded as on any link:
+        DATA and FIN queued toward the other end, credit passed on; the route stays until
+        FIN went both ways (draining changes nothing for running streams)."""
+        for _ in range(count):
+            self.draining_stream_frame(data, data.draw(st.sampled_from(
+                [1, 1000, fr.MAX_PAYLOAD])))
+
+    def draining_stream_frame(self, data: st.DataObject, size: int) -> None:
+        """One allowed frame on a stream of a retiring link (see draining_streams_flow)."""
+        allowed: list[tuple[RelayLink, int, str]] = []
+        for link, stream_id in self.draining_routes():
+            route = link.routes[stream_id]
+            from_server = link is route.server
+            towards_other = route.to_client if from_server else route.to_server
+            towards_link = route.to_server if from_server else route.to_client
+            if towards_link.credit < fr.MAX_WINDOW:
+                allowed.append((link, stream_id, "window"))
+            for kind, event in (("data", StreamEvent.SEND_DATA if from_server
+                                 else StreamEvent.RECV_DATA),
+                                ("fin", StreamEvent.SEND_FIN if from_server
+                                 else StreamEvent.RECV_FIN)):
+                try:
+                    advance(route.state, event)
+                except StreamError:
+                    continue  # not allowed in this state: the rules' business, not draining's
+                if not towards_other.fin and (kind == "fin" or towards_other.credit > 0):
+                    allowed.append((link, stream_id, kind))
+        if not allowed:
+            return
+        link, stream_id, frame_kind = data.draw(st.sampled_from(allowed))
+        route = link.routes[stream_id]
+        from_server = link is route.server
+        other, other_id = ((route.client, route.client_stream) if from_server
+                           else (route.server, route.server_stream))
+        towards_other = route.to_client if from_server else route.to_server
+        towards_link = route.to_server if from_server else route.to_client
+        if frame_kind == "window":
+            frame = fr.build_window_update(stream_id,
+                                           min(size, fr.MAX_WINDOW - towards_link.credit))
+        elif frame_kind == "data":
+            frame = fr.encode(FrameType.DATA, stream_id, self.payload(
+                link, stream_id, min(size, towards_other.credit)))
+        else:
+            frame = fr.build_fin(stream_id)
+        failed = len(self.relay.failed)
+        self.relay.feed(link, frame)
+        if any(item[0] in (link, other) and item[1] is not GoAway.DRAINING
+               for item in self.relay.failed[failed:]):
+            return  # a queue bound closed one end (bounds_hold says it was right)
+        if frame_kind == "window":
+            assert other_id in other._updates, "credit not passed on"
+        else:
+            assert other.has_queued(other_id), "a stream frame of a draining link not forwarded"
+        if route.state is StreamState.CLOSED:
+            assert stream_id not in link.routes
+        else:
+            assert link.routes.get(stream_id) is route, "a draining link's stream was dropped"
+
     # -- checks -----------------------------------------------------------------
 
-    def check_sent(self, link: RelayLink, frames: list[Frame]) -> None:
+    def check_sent(self, link: RelayLink, frames: list[Frame],
+                   detached: bool | None = None) -> None:
         """What a link sends names only its own streams, DATA comes from the route's other
-        end in the same session, nothing follows GOAWAY, and a detached link sends no stream
-        content (its queues and pending credit were dropped)."""
+        end in the same session, nothing follows GOAWAY (but a retired link's first GOAWAY
+        DRAINING, which keeps it open: its streams' frames follow, and PARTNER, PONG), a
+        detached link sends no stream content (its queues and pending credit were dropped),
+        and no OPEN goes toward a link after it was retired."""
         if frames:
             self.last[link] = frames[-1]
         for frame in frames:
             assert link not in self.after_goaway, ("frame after GOAWAY", frame)
             if frame.type == FrameType.GOAWAY:
-                self.after_goaway.add(link)
+                if (link in self.announced and link not in self.announcement_read
+                        and fr.parse_goaway(frame.payload) == (GoAway.DRAINING,
+                                                               RETIRE_MESSAGE)):
+                    self.announcement_read.add(link)
+                else:
+                    self.after_goaway.add(link)
             if frame.stream_id == 0:
                 continue
             assert frame.type in fr.STREAM_FRAME_TYPES, frame
-            if link.detached:
+            if link.detached if detached is None else detached:
                 assert frame.type not in (FrameType.DATA, FrameType.FIN,
                                           FrameType.WINDOW_UPDATE), ("sent after detach", frame)
+            if frame.type == FrameType.OPEN and link in self.retired:
+                assert frame.stream_id < self.retired[link][1], ("OPEN toward a retiring link",
+                                                                 frame)
             known = (link, frame.stream_id) in self.relay.partners
             assert (known or frame.stream_id in self.opened.get(link, set())
                     or (link.role == ROLE_CLIENT and frame.stream_id < link.next_stream_id)), (
@@ -987,6 +1259,22 @@ class HostileRelay(RuleBasedStateMachine):
         assert relay.seen_routes - live <= set(ended), "a route left without an end"
         for route in relay.seen_routes:
             assert route.target is None or route.kind in CLEAR_KINDS, route.kind
+
+    @invariant()
+    def retiring_links_take_no_new_streams(self) -> None:
+        """A retiring link carries only routes it had when it was retired: no OPEN on it or
+        toward it made a route."""
+        for link, (routes, _next_id) in self.retired.items():
+            assert link.retiring
+            assert set(link.routes.values()) <= routes, "a new stream on a retiring link"
+
+    @invariant()
+    def drained_links_close(self) -> None:
+        """A retiring link still open carries a stream or has stream frames queued toward it
+        (its last DATA or FIN): once both are gone, the adapter's next check closed it."""
+        for link in self.links:
+            if link.retiring and not link.detached:
+                assert link.routes or link.stream_frames_queued, "a drained link left open"
 
     @invariant()
     def detached_links_hold_no_routes(self) -> None:
