@@ -125,7 +125,8 @@ class ServerFlow(DatagramEndpoint):
         self.pending_bytes = 0
         # Waiting for the end-to-end pairing (no stream yet; its datagrams in flows.held).
         self.held = False
-        self.last_sent = self.started  # the last datagram from the sender into this stream
+        # The last datagram from the sender into this stream: kept from the drain on.
+        self.last_sent = self.started
         # On a draining link: since when it may end there (see MOVE_LINGER), once known.
         self.drain_since: float | None = None
         self.closed = False  # its stream ended (counted and logged once)
@@ -325,18 +326,11 @@ class ServerFlows:
         stats = proxy.stats
         stats["udp_datagrams", "from_senders"] += 1
         now = proxy.reactor.seconds()
-        current = self.table.lookup(binding, sender)
-        handle = current.handle if current is not None else None
-        if (isinstance(handle, ServerFlow) and handle.stream is not None
-                and getattr(handle.stream.mux, "draining", False)):
-            # Its link drains: it moves to the new link once that can take it, and until
-            # then goes on where it is (with or without a new link logged in yet).
-            new_link = self._new_link()
-            if new_link is not None:
-                handle = self._move(handle, new_link, now)
-            self.table.datagram_from(binding, sender, now)
-            self._send(handle, datagram, now)
-            return
+        if self.draining:  # (one set lookup per datagram, only while a link drains)
+            current = self.table.lookup(binding, sender)
+            if current is not None and current.handle in self.draining:
+                self._from_draining(current.handle, datagram, now)
+                return
         link: MuxProtocol | None = proxy.link
         if link is None or not proxy.partner_available:
             count_drop(stats, "no_link" if link is None else "no_partner")
@@ -369,15 +363,8 @@ class ServerFlows:
                 endpoint.stream = stream
                 flow.handle = endpoint
                 stats["udp_flows_opened",] += 1
-        self._send(flow.handle, datagram, now)
-
-    def _send(self, endpoint: Any, datagram: bytes, now: float) -> None:
-        stats = self.proxy.stats
-        if isinstance(endpoint, ServerFlow):
-            endpoint.last_sent = now
-            why = endpoint.send(datagram)
-        else:
-            why = "not_open"
+        endpoint = flow.handle
+        why = endpoint.send(datagram) if isinstance(endpoint, ServerFlow) else "not_open"
         if why is not None:
             count_drop(stats, why)
         self.arm()
@@ -456,6 +443,19 @@ class ServerFlows:
             return None
         return link
 
+    def _from_draining(self, endpoint: ServerFlow, datagram: bytes, now: float) -> None:
+        """A datagram of a flow on a draining link: it moves to the new link once that can
+        take it, and until then goes on where it is (with or without a new link yet)."""
+        new_link = self._new_link()
+        if new_link is not None:
+            endpoint = self._move(endpoint, new_link, now)
+        self.table.datagram_from(endpoint.binding, endpoint.flow.sender, now)
+        endpoint.last_sent = now  # (for the old stream's linger, if it stayed)
+        why = endpoint.send(datagram)
+        if why is not None:
+            count_drop(self.proxy.stats, why)
+        self.arm()
+
     def _move(self, old: ServerFlow, link: MuxProtocol, now: float) -> ServerFlow:
         """A new stream on ``link`` for ``old``'s flow (same Binding socket, same sender);
         ``old``'s stream lingers for replies, then ends.  ``old`` itself when the new
@@ -480,6 +480,8 @@ class ServerFlows:
             handle = flow.handle
             if (isinstance(handle, ServerFlow) and handle.stream is not None
                     and handle.stream.mux is link):
+                # Its last activity so far (replies included: a little longer linger).
+                handle.last_sent = flow.last_active
                 self.draining.add(handle)
         self._arm_sweep()
 
