@@ -11,7 +11,13 @@ bound, whenever the tunnel cannot take them at once: every drop is counted in th
 ``stats`` under ``("udp_dropped", why)`` (``/metrics`` and the status page show them).  With
 ``endToEndPassword`` each flow's stream is a :class:`tcptunnel.e2e.SealedDatagramStream`: the
 same flows, each datagram sealed, and one that does not open is dropped and counted too
-(``integrity``, ``replayed``).
+(``integrity``, ``replayed``); while the pairing is being made a new flow's datagrams wait
+for it (:class:`tcptunnel._udp.HeldDatagrams`, bounded), as TCP connections wait unread.
+
+When the Gateway drains a link (GOAWAY DRAINING), its flows go on there until the new link can
+take them, then move at their sender's next datagram: a new stream on the new link for the
+same flow (same Binding socket, same sender), the old one ending :data:`MOVE_LINGER` later, so
+that UDP never holds a draining link up to the Gateway's drainTimeout (docs/scaling.md).
 """
 
 from __future__ import annotations
