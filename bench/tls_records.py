@@ -9,7 +9,10 @@ work on the machine does not count) per record, i.e. per write plus the read of 
 
 * ``twisted``: Twisted's ``TLSMemoryBIOProtocol`` (what links use today), between two
   minimal transports that keep what is written;
-* ``tlslink``: tcptunnel.tlslink.LinkTLSProtocol (what links use now: the ``counted`` way);
+* ``tlslink``: tcptunnel.tlslink.LinkTLSProtocol on pyOpenSSL (``TCPTUNNEL_PYOPENSSL_TLS=1``:
+  the ``counted`` way);
+* ``tlslink-stdlib``: tcptunnel.tlslink.StdlibLinkTLSProtocol, the same protocol on the
+  standard library's ``ssl.SSLObject`` (what links use by default);
 * ``lean``: pyOpenSSL's public API only, in Twisted's order: ``bio_write``, ``recv`` until
   ``WantReadError``, ``bio_read`` of what the read may have produced (catching its
   ``WantReadError``); ``send`` then ``bio_read``;
@@ -18,8 +21,8 @@ work on the machine does not count) per record, i.e. per write plus the read of 
   TLS records (their 5-byte headers: type, version, length), the send BIO read only when a
   record carried no application data (a ticket, a key update), so neither the read path's
   ``WantReadError`` nor the empty ``bio_read`` is raised;
-* ``stdlib``: ``ssl.MemoryBIO`` / ``SSLObject`` (for comparison only: the links verify with
-  pyOpenSSL and Twisted's ``ClientTLSOptions``), reading until ``SSLWantReadError``.
+* ``stdlib``: bare ``ssl.MemoryBIO`` / ``SSLObject`` calls, reading until
+  ``SSLWantReadError`` (the floor under ``tlslink-stdlib``).
 
     .venv/bin/python bench/tls_records.py [--count 20000] [--repeats 5]
 
@@ -108,14 +111,17 @@ class Setup:
         self.cert, self.key = certs.cert, certs.key
 
 
-def twisted_path(setup: Setup, payload: bytes, count: int, own: bool = False) -> float:
+def twisted_path(setup: Setup, payload: bytes, count: int, own: bool = False,
+                 stdlib: bool = False) -> float:
     """CPU seconds for ``count`` ping-pongs through two TLSMemoryBIOProtocols (``own``: two
-    tcptunnel.tlslink.LinkTLSProtocols)."""
+    tcptunnel.tlslink.LinkTLSProtocols, on the standard library's ssl if ``stdlib``)."""
     server_factory: Any
     client_factory: Any
     if own:
-        server_factory = LinkTLSFactory(setup.server, False, Factory.forProtocol(_Echo))
-        client_factory = LinkTLSFactory(setup.client, True, Factory.forProtocol(_Count))
+        server_factory = LinkTLSFactory(setup.server, False, Factory.forProtocol(_Echo),
+                                        stdlib=stdlib)
+        client_factory = LinkTLSFactory(setup.client, True, Factory.forProtocol(_Count),
+                                        stdlib=stdlib)
     else:
         server_factory = TLSMemoryBIOFactory(setup.server, False, Factory.forProtocol(_Echo))
         server_factory.protocol = TLSMemoryBIOProtocol
@@ -329,6 +335,7 @@ def stdlib_path(setup: Setup, payload: bytes, count: int) -> float:
 PATHS: dict[str, Callable[[Setup, bytes, int], float]] = {
     "twisted": twisted_path,
     "tlslink": lambda s, p, n: twisted_path(s, p, n, own=True),
+    "tlslink-stdlib": lambda s, p, n: twisted_path(s, p, n, own=True, stdlib=True),
     "lean": lambda s, p, n: lean_path(s, p, n, "lean"),
     "lean-into": lambda s, p, n: lean_path(s, p, n, "lean-into"),
     "counted": lambda s, p, n: lean_path(s, p, n, "counted"),

@@ -15,7 +15,6 @@ import weakref
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.application import service
 from twisted.internet import interfaces
@@ -37,6 +36,7 @@ from tcptunnel.auth import LoginFailed, ProxyAuth
 from tcptunnel.config import GatewayAddress, ProxyConfig, format_address
 from tcptunnel.mux import MuxProtocol, MuxStream, StreamEndpoint
 from tcptunnel.sockets import connect_tcp
+from tcptunnel.tlslink import TLS_ERRORS, is_name_mismatch
 
 if TYPE_CHECKING:
     from tcptunnel.e2e import EndToEnd
@@ -243,12 +243,13 @@ class ProxyLink(MuxProtocol):
         super().connectionLost(reason)
         if closed_here:
             why = self.close_reason
-        elif reason.check(VerificationError) is not None:
-            # service_identity's: the certificate is valid but names another host.
+        elif reason.check(VerificationError) is not None or is_name_mismatch(reason.value):
+            # service_identity's (the standard library's, on its TLS): the certificate is
+            # valid but names another host.
             why = (f"the Gateway's certificate does not name "
                    f"{self.proxy.config.server_name or self.proxy.config.host!r} "
                    f"({reason.value}): check serverName (or host) against the certificate")
-        elif reason.check(SSL.Error) is not None:
+        elif reason.check(*TLS_ERRORS) is not None:
             why = (f"TLS handshake with the Gateway failed ({reason.getErrorMessage()}): the "
                    "Gateway did not answer with TLS (plain Listener?) or its certificate did "
                    "not verify (check caFile, serverName, certificatePin)")

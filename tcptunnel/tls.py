@@ -10,8 +10,12 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
+import os
+import ssl as stdlib_ssl
+import tempfile
 from typing import Any
 
 from cryptography import x509
@@ -27,7 +31,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from tcptunnel.config import ListenerConfig, ProxyConfig, TlsFiles
-from tcptunnel.tlslink import LinkTLSFactory, using_own_tls
+from tcptunnel.tlslink import LinkTLSFactory, StdlibTLS, using_own_tls
 
 
 class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
@@ -161,6 +165,55 @@ def _alpn_selector(protocol: bytes) -> Any:
 _select_alpn = _alpn_selector(ALPN_PROTOCOL)
 
 
+def _load_chain(context: stdlib_ssl.SSLContext, pem: bytes) -> None:
+    """``load_cert_chain`` from PEM bytes (key, certificate, chain): the standard library
+    loads only from a path, so from an anonymous memory file (Linux), else from a private
+    temporary file removed at once."""
+    memfd = getattr(os, "memfd_create", None)
+    if memfd is not None:
+        fd = memfd("tcptunnel-tls", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            os.write(fd, pem)
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+            return
+        except OSError:
+            pass  # no /proc: the temporary file below
+        finally:
+            os.close(fd)
+    fd, path = tempfile.mkstemp(prefix="tcptunnel-tls-")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        context.load_cert_chain(path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def stdlib_server_context(options: ssl.CertificateOptions, alpn: bytes) -> stdlib_ssl.SSLContext:
+    """The standard library's server context with the key and certificates of ``options``
+    (TLS 1.2 minimum, the standard library's modern ciphers); it selects ``alpn`` when the
+    client offers it and no ALPN at all otherwise (OpenSSL's NOACK: the handshake goes on,
+    as :func:`_alpn_selector`)."""
+    context = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = stdlib_ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols([alpn.decode("ascii")])
+    # No TLS 1.3 session tickets: proxies never resume a session (each link is a full
+    # handshake), so tickets are two records a link that no one reads.
+    context.num_tickets = 0
+    parts: list[Any] = [options.certificate, *options.extraCertChain]
+    key: Any = options.privateKey
+    pem = crypto.dump_privatekey(crypto.FILETYPE_PEM, key)
+    for certificate in parts:
+        pem += crypto.dump_certificate(crypto.FILETYPE_PEM, certificate)
+    try:
+        _load_chain(context, pem)
+    except (stdlib_ssl.SSLError, OSError) as e:
+        raise TlsSetupError(f"the standard library's TLS cannot load the certificate: {e}") \
+            from None
+    return context
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class ReloadableServerTls:
     """The server TLS of one listener, whose certificate a reload replaces: new links get
@@ -174,14 +227,22 @@ class ReloadableServerTls:
 
     def __init__(self, options: ssl.CertificateOptions, alpn: bytes = ALPN_PROTOCOL) -> None:
         self._select = _select_alpn if alpn == ALPN_PROTOCOL else _alpn_selector(alpn)
+        self._alpn = alpn
         self.update(options)
 
     def update(self, options: ssl.CertificateOptions) -> None:
         """Use ``options`` (e.g. a renewed certificate) for the connections made from now."""
         context = options.getContext()
         context.set_alpn_select_callback(self._select)  # replaces Twisted's (see above)
+        stdlib_context = stdlib_server_context(options, self._alpn)
         self.options = options
         self._context = context
+        self._stdlib = StdlibTLS(stdlib_context)
+
+    def stdlib_tls(self) -> StdlibTLS:
+        """The standard library's context on the current certificate
+        (:class:`tcptunnel.tlslink.StdlibLinkTLSProtocol`)."""
+        return self._stdlib
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803
         """A server connection on the current certificate (Twisted sets the accept state
@@ -243,6 +304,18 @@ class _PinnedClientCreator:
         context.set_verify(SSL.VERIFY_PEER, self._verify)
         context.set_alpn_protos([alpn])
         self._context = context
+        # The standard library's: no chain or name check (the pin is the check, made by
+        # StdlibLinkTLSProtocol once the handshake is done, before any byte goes out).
+        stdlib = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_CLIENT)
+        stdlib.check_hostname = False
+        stdlib.verify_mode = stdlib_ssl.CERT_NONE
+        stdlib.minimum_version = stdlib_ssl.TLSVersion.TLSv1_2
+        stdlib.set_alpn_protocols([alpn.decode("ascii")])
+        self._stdlib = StdlibTLS(stdlib, server_name, pin)
+
+    def stdlib_tls(self) -> StdlibTLS:
+        """The standard library's context, the server name (SNI) and the pin."""
+        return self._stdlib
 
     def _verify(self, connection: SSL.Connection, certificate: crypto.X509, errno: int,
                 depth: int, ok: int) -> bool:
@@ -259,6 +332,27 @@ class _PinnedClientCreator:
         return connection
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class _VerifyingClientCreator:
+    """Verify the Gateway's chain (a CA file or the system store) and its name: Twisted's
+    ``ClientTLSOptions`` (service_identity) on pyOpenSSL, and the same checks as a standard
+    library context (OpenSSL's host name check on the subject alternative names only, as
+    service_identity: no fallback to the common name)."""
+
+    def __init__(self, options: Any, stdlib: StdlibTLS) -> None:
+        self._options = options
+        self._stdlib = stdlib
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803
+        """Twisted's verifying connection (pyOpenSSL)."""
+        connection: SSL.Connection = self._options.clientConnectionForTLS(tlsProtocol)
+        return connection
+
+    def stdlib_tls(self) -> StdlibTLS:
+        """The standard library's verifying context and the server name."""
+        return self._stdlib
+
+
 def client_connection_creator(
     server_name: str, ca_file: str | None, pin: bytes | None, alpn: bytes = ALPN_PROTOCOL
 ) -> IOpenSSLClientConnectionCreator:
@@ -267,6 +361,10 @@ def client_connection_creator(
     if pin is not None:
         return _PinnedClientCreator(pin, server_name, alpn)
     trust_root: Any = None
+    stdlib = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, names
+    stdlib.minimum_version = stdlib_ssl.TLSVersion.TLSv1_2
+    stdlib.hostname_checks_common_name = False
+    stdlib.set_alpn_protocols([alpn.decode("ascii")])
     if ca_file is not None:
         data = _read(ca_file, "CA file")
         try:
@@ -275,6 +373,11 @@ def client_connection_creator(
             raise TlsSetupError(f"{ca_file!r} holds no PEM certificate") from None
         trust_root = ssl.trustRootFromCertificates(
             [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certificates])
-    return ssl.optionsForClientTLS(
+        stdlib.load_verify_locations(cadata="".join(
+            c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in certificates))
+    else:
+        stdlib.load_default_certs()  # OpenSSL's default paths, as Twisted's platformTrust
+    options = ssl.optionsForClientTLS(
         server_name, trustRoot=trust_root, acceptableProtocols=[alpn],
         extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
+    return _VerifyingClientCreator(options, StdlibTLS(stdlib, server_name))

@@ -49,7 +49,6 @@ from autobahn.wamp.types import TransportDetails
 from autobahn.websocket import USES_NVX
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.xormasker import create_xor_masker
-from OpenSSL import SSL
 from twisted.internet import interfaces
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectError, ConnectionDone
@@ -77,6 +76,7 @@ from tcptunnel._websocket import (
 )
 from tcptunnel.config import format_address
 from tcptunnel.outbound import WrappingClientFactory
+from tcptunnel.tlslink import TLS_ERRORS
 
 # RFC 6455 §7.4.1: 1003, "received a type of data it cannot accept" (a text message).
 _CLOSE_UNSUPPORTED_DATA = 1003
@@ -541,7 +541,7 @@ class ProxyWebSocket(_LinkWebSocket, WebSocketClientProtocol):  # type: ignore[m
         if opened:
             return
         factory = self.factory
-        if reason.check(SSL.Error) is not None:
+        if reason.check(*TLS_ERRORS) is not None:
             why = (f"TLS handshake with the Gateway failed ({reason.getErrorMessage()}): the "
                    "Gateway did not answer with TLS (plain Listener?) or its certificate did "
                    "not verify (check caFile, serverName, certificatePin)")

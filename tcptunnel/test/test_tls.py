@@ -7,6 +7,7 @@ import datetime
 import itertools
 import os
 import re
+import ssl as stdlib_ssl
 from typing import Any, cast
 
 from hypothesis import given, settings
@@ -58,7 +59,12 @@ from tcptunnel.tlslink import (
     LinkTLSFactory,
     LinkTLSProtocol,
     RecordCounter,
+    StdlibLinkTLSProtocol,
+    is_name_mismatch,
+    use_pyopenssl_tls,
     use_twisted_tls,
+    using_own_tls,
+    using_stdlib_tls,
 )
 
 
@@ -150,9 +156,13 @@ class VerificationTests(TestCase):
         assert tunnel.gateway is not None
         links = [pc.link, ps.link, *tunnel.gateway.gateway.links]  # type: ignore[attr-defined]
         self.assertEqual(len(links), 4)
-        # They are tcptunnel.tlslink's protocol (fewer pyOpenSSL calls per record).
+        # They are tcptunnel.tlslink's protocol, on the standard library's ssl unless
+        # TCPTUNNEL_PYOPENSSL_TLS=1, or Twisted's with TCPTUNNEL_TWISTED_TLS=1 (the suite
+        # runs all three ways).
+        expected: type = (TLSMemoryBIOProtocol if not using_own_tls()
+                          else StdlibLinkTLSProtocol if using_stdlib_tls() else LinkTLSProtocol)
         for link in links:
-            self.assertIsInstance(link.transport, LinkTLSProtocol)
+            self.assertIs(type(link.transport), expected)
 
     async def assert_refused_at_tls(self, tunnel: Tunnel, *proxies: Any) -> None:
         """Wait until each proxy's first try ended in a failed TLS handshake (the reason its
@@ -161,9 +171,10 @@ class VerificationTests(TestCase):
 
         @provider(ILogObserver)
         def observe(event: dict[str, Any]) -> None:
-            # A name mismatch (service_identity's VerificationError) ends the link after the
-            # handshake and is logged by its repr; every other refusal is an SSL.Error.
-            if re.search("TLS handshake with the Gateway failed|VerificationError",
+            # A name mismatch (service_identity's VerificationError on pyOpenSSL) ends the
+            # link after the handshake and is logged by its repr; on the standard library's
+            # ssl the proxy says "does not name"; every other refusal is a TLS error.
+            if re.search("TLS handshake with the Gateway failed|VerificationError|does not name",
                          str(event.get("why", ""))):
                 failures.append(event.get("log_source"))
 
@@ -400,48 +411,95 @@ class _Producer:
 
 class _TlsBehaviour:
     """The behaviour links need of their TLS protocol, over iosim; run for tlslink's protocol
-    and for Twisted's TLSMemoryBIOProtocol (the switch back), so the two are shown equal."""
+    on the standard library's ssl (the default), on pyOpenSSL (use_pyopenssl_tls) and for
+    Twisted's TLSMemoryBIOProtocol (use_twisted_tls), so the three are shown equal."""
 
-    own = True
+    engine = "stdlib"  # or "pyopenssl", "twisted"
 
     def setUp(self) -> None:
         test = cast(SynchronousTestCase, self)
         self.certs = mint(os.path.abspath(test.mktemp()))
         self.server_tls = server_tls(TlsFiles(pem_certificate=self.certs.cert,
                                               pem_key=self.certs.key))
-        use_twisted_tls(not self.own)
+        # Each class its engine, whatever the environment says (the suite runs both ways).
+        test.patch(os, "environ", {k: v for k, v in os.environ.items()
+                                   if k not in ("TCPTUNNEL_TWISTED_TLS",
+                                                "TCPTUNNEL_PYOPENSSL_TLS")})
+        use_twisted_tls(self.engine == "twisted")
+        use_pyopenssl_tls(self.engine == "pyopenssl")
         test.addCleanup(use_twisted_tls, False)
+        test.addCleanup(use_pyopenssl_tls, False)
+        stdlib = self.engine == "stdlib"
+        self.tls_error: type[BaseException] = stdlib_ssl.SSLError if stdlib else SSL.Error
+        self.name_error: type[BaseException] = (stdlib_ssl.SSLCertVerificationError if stdlib
+                                                else VerificationError)
 
     def pair(self, server_app: _TlsApp | None = None, client_app: _TlsApp | None = None,
-             hostname: str = "localhost", greet: bool = True) -> tuple[Any, Any, Any]:
+             hostname: str = "localhost", greet: bool = True,
+             client_creator: Any = None) -> tuple[Any, Any, Any]:
         """(client TLS protocol, server TLS protocol, pump) around two _TlsApps."""
         server_app = self.sapp = server_app or _TlsApp()
         client_app = self.capp = client_app or _TlsApp()
-        client_creator = client_connection_creator(hostname, self.certs.ca, None)
+        client_creator = client_creator or client_connection_creator(hostname, self.certs.ca,
+                                                                     None)
         server_factory = tls_factory(self.server_tls, Factory.forProtocol(lambda: server_app),
                                      is_client=False)
         client_factory = tls_factory(client_creator, Factory.forProtocol(lambda: client_app),
                                      is_client=True)
-        expected = LinkTLSFactory if self.own else TLSMemoryBIOFactory
+        expected = TLSMemoryBIOFactory if self.engine == "twisted" else LinkTLSFactory
         cast(SynchronousTestCase, self).assertIsInstance(server_factory, expected)
         server = server_factory.buildProtocol(None)
         client = client_factory.buildProtocol(None)
+        kind = {"stdlib": StdlibLinkTLSProtocol, "pyopenssl": LinkTLSProtocol,
+                "twisted": TLSMemoryBIOProtocol}[self.engine]
+        for side in (server, client):
+            cast(SynchronousTestCase, self).assertIs(type(side), kind)
         pump = iosim.connect(server, iosim.FakeTransport(server, True),
                              client, iosim.FakeTransport(client, False), greet=greet)
         return client, server, pump
 
     def test_handshake_alpn_and_certificate(self) -> None:
         """The handshake completes once on each side, with our ALPN protocol; the client sees
-        the server's certificate; the transports are ISSLTransport with an SSL.Connection."""
+        the server's certificate; the transports are ISSLTransport whose handle names the
+        TLS version and cipher (what tcptunnel.mux logs): an SSL.Connection, or on the
+        standard library's ssl its SSLObject behind the same two getters."""
         test = cast(SynchronousTestCase, self)
         client, server, _pump = self.pair()
         for side, app in ((client, self.capp), (server, self.sapp)):
             test.assertEqual(app.handshakes, 1)
             test.assertEqual(side.negotiatedProtocol, ALPN_PROTOCOL)
             test.assertTrue(ISSLTransport.providedBy(side))
-            test.assertIsInstance(side.getHandle(), SSL.Connection)
+            handle = side.getHandle()
+            if self.engine == "stdlib":
+                test.assertIsInstance(handle.ssl_object, stdlib_ssl.SSLObject)
+            else:
+                test.assertIsInstance(handle, SSL.Connection)
+            test.assertEqual(handle.get_protocol_version_name(), "TLSv1.3")
+            test.assertTrue(handle.get_cipher_name().startswith("TLS_"))
         der = crypto.dump_certificate(crypto.FILETYPE_ASN1, client.getPeerCertificate())
         test.assertEqual(certificate_pin(der).hex(), self.certs.pin_hex)
+
+    def test_pin(self) -> None:
+        """A pinning client completes the handshake with the pinned certificate (its chain
+        not verified) and moves bytes; with another pin it never completes, delivers and
+        sends nothing, and its connection ends with the TLS error."""
+        test = cast(SynchronousTestCase, self)
+        pin = bytes.fromhex(self.certs.pin_hex)
+        client, _server, pump = self.pair(
+            server_app=_TlsApp(echo=True),
+            client_creator=client_connection_creator("localhost", None, pin))
+        client.write(b"pinned")
+        pump.flush()
+        test.assertEqual((self.capp.handshakes, bytes(self.capp.received)), (1, b"pinned"))
+        client, _server, pump = self.pair(
+            client_app=_TlsApp(on_handshake=b"leak"),
+            client_creator=client_connection_creator("localhost", None, b"\xab" * 32))
+        client.write(b"early")
+        pump.flush()
+        test.assertEqual(self.capp.handshakes, 0)
+        test.assertEqual(bytes(self.sapp.received), b"")
+        self.capp.lost.trap(self.tls_error)
+        test.assertIsNone(client.negotiatedProtocol)
 
     def test_bytes_both_ways_whole_and_in_order(self) -> None:
         """Writes made before the handshake, 1 byte, and 300 KiB (many records, cut into
@@ -528,25 +586,28 @@ class _TlsBehaviour:
         server.dataReceived(bytes(data))
         pump.flush()
         test.assertEqual(bytes(self.sapp.received), b"")
-        self.sapp.lost.trap(SSL.Error)
+        self.sapp.lost.trap(self.tls_error)
 
     def test_wrong_hostname_fails_verification(self) -> None:
         """Canary of what ClientTLSOptions expects of the protocol given to
         clientConnectionForTLS: its certificate check calls failVerification, whose reason
         (service_identity's VerificationError) reaches connectionLost; no byte is
-        delivered."""
+        delivered.  On the standard library's ssl, OpenSSL's host name check refuses it in
+        the handshake (a name mismatch, as is_name_mismatch tells the proxy)."""
         test = cast(SynchronousTestCase, self)
-        _client, _server, _pump = self.pair(hostname="other.example")
+        client, _server, _pump = self.pair(hostname="other.example")
+        client.write(b"never")
         test.assertEqual(self.capp.handshakes, 0)
-        self.capp.lost.trap(VerificationError)
+        self.capp.lost.trap(self.name_error)
+        test.assertEqual(is_name_mismatch(self.capp.lost.value), self.engine == "stdlib")
         test.assertEqual(bytes(self.sapp.received), b"")
         test.assertEqual(test.flushLoggedErrors(), [])  # not "while verifying certificate"
 
 
 class LinkTlsBehaviourTests(_TlsBehaviour, SynchronousTestCase):
-    """tcptunnel.tlslink.LinkTLSProtocol has the behaviour links need."""
+    """tcptunnel.tlslink.StdlibLinkTLSProtocol (the default) has the behaviour links need."""
 
-    own = True
+    engine = "stdlib"
 
     def test_one_delivery_per_transport_read(self) -> None:
         """The records of one transport read reach the protocol in one dataReceived (Twisted's
@@ -559,10 +620,46 @@ class LinkTlsBehaviourTests(_TlsBehaviour, SynchronousTestCase):
         self.assertEqual(server_app.deliveries, 1)
 
 
+class PyOpenSSLLinkTlsBehaviourTests(LinkTlsBehaviourTests):
+    """tcptunnel.tlslink.LinkTLSProtocol on pyOpenSSL (use_pyopenssl_tls) has the same
+    behaviour."""
+
+    engine = "pyopenssl"
+
+
 class TwistedTlsBehaviourTests(_TlsBehaviour, SynchronousTestCase):
     """Twisted's TLSMemoryBIOProtocol (use_twisted_tls) has the same behaviour."""
 
-    own = False
+    engine = "twisted"
+
+
+class MixedEngineTests(SynchronousTestCase):
+    """The standard library's engine and pyOpenSSL's speak to each other, and the client
+    sends the server name (SNI)."""
+
+    def test_stdlib_client_pyopenssl_server(self) -> None:
+        """A standard library client against a pyOpenSSL server (and the other way round):
+        handshake, ALPN, bytes both ways; the pyOpenSSL server sees the SNI name."""
+        certs = mint(os.path.abspath(self.mktemp()))
+        tls = server_tls(TlsFiles(pem_certificate=certs.cert, pem_key=certs.key))
+        creator = client_connection_creator("localhost", certs.ca, None)
+        for client_stdlib in (True, False):
+            server: Any = LinkTLSFactory(tls, False, Factory.forProtocol(_TlsApp),
+                                         stdlib=not client_stdlib).buildProtocol(None)
+            client: Any = LinkTLSFactory(creator, True, Factory.forProtocol(_TlsApp),
+                                         stdlib=client_stdlib).buildProtocol(None)
+            server_app, client_app = server.wrappedProtocol, client.wrappedProtocol
+            server_app.echo = True
+            self.assertEqual(type(client) is StdlibLinkTLSProtocol, client_stdlib)
+            self.assertEqual(type(server) is StdlibLinkTLSProtocol, not client_stdlib)
+            pump = iosim.connect(server, iosim.FakeTransport(server, True),
+                                 client, iosim.FakeTransport(client, False))
+            client.write(b"mixed")
+            pump.flush()
+            self.assertEqual(bytes(client_app.received), b"mixed")
+            self.assertEqual(server.negotiatedProtocol, ALPN_PROTOCOL)
+            if client_stdlib:
+                self.assertEqual(server.getHandle().get_servername(), b"localhost")
 
 
 class TlsChoiceTests(SynchronousTestCase):
@@ -572,14 +669,37 @@ class TlsChoiceTests(SynchronousTestCase):
         certs = mint(os.path.abspath(self.mktemp()))
         self.creator = client_connection_creator("localhost", certs.ca, None)
         self.addCleanup(use_twisted_tls, False)
+        self.addCleanup(use_pyopenssl_tls, False)
+        self.patch(os, "environ", {k: v for k, v in os.environ.items()
+                                   if k not in ("TCPTUNNEL_TWISTED_TLS",
+                                                "TCPTUNNEL_PYOPENSSL_TLS")})
 
     def kind(self, wrapped: Any = None) -> type:
         return type(tls_factory(self.creator, wrapped or Factory.forProtocol(Protocol),
                                 is_client=True))
 
     def test_default_is_tlslink(self) -> None:
-        """By default links use tlslink's factory."""
+        """By default links use tlslink's factory, on the standard library's ssl."""
         self.assertIs(self.kind(), LinkTLSFactory)
+        factory = tls_factory(self.creator, Factory.forProtocol(Protocol), is_client=True)
+        self.assertIs(factory.protocol, StdlibLinkTLSProtocol)
+
+    def test_pyopenssl_switch(self) -> None:
+        """TCPTUNNEL_PYOPENSSL_TLS=1, or use_pyopenssl_tls(), keeps tlslink's protocol on
+        pyOpenSSL; use_pyopenssl_tls(False) lets the environment decide again."""
+        def protocol() -> type:
+            factory = tls_factory(self.creator, Factory.forProtocol(Protocol), is_client=True)
+            return cast(type, factory.protocol)
+
+        self.patch(os, "environ", {**os.environ, "TCPTUNNEL_PYOPENSSL_TLS": "1"})
+        self.assertIs(protocol(), LinkTLSProtocol)
+        self.patch(os, "environ", {k: v for k, v in os.environ.items()
+                                   if k != "TCPTUNNEL_PYOPENSSL_TLS"})
+        self.assertIs(protocol(), StdlibLinkTLSProtocol)
+        use_pyopenssl_tls()
+        self.assertIs(protocol(), LinkTLSProtocol)
+        use_pyopenssl_tls(False)
+        self.assertIs(protocol(), StdlibLinkTLSProtocol)
 
     def test_environment_switches_back(self) -> None:
         """TCPTUNNEL_TWISTED_TLS=1 gives Twisted's TLS protocol, without its write

@@ -686,6 +686,34 @@ class EndToEndUdpTests(TestCase):
         (stream,) = [s for s in server.link.streams.values() if s.record.datagram]
         self.assertIsInstance(stream, SealedDatagramStream)
 
+    async def test_held_datagrams_dropped_at_the_pairing_deadline(self) -> None:
+        """A pairing that never completes (the relay keeps the answer back): the datagrams
+        that waited for it are dropped at its deadline (1 s here, 10 s in production) and
+        counted stream_refused, none reaches the target, nothing is left held."""
+        self.patch(_e2e, "PAKE_DEADLINE", 1.0)
+        echo = UdpEcho()
+        target = udp_port_of(self, echo)
+        udp = UdpTunnel(self)
+        udp.tunnel.gateway_port = reserve_port(self)
+        relay = Relay(udp.tunnel.gateway_port, decode=True)
+        relay.holding = True
+        via = await relay.start(self)
+        port = await udp.start(target, server_e2e=E2E_PASSWORD, client_e2e=E2E_PASSWORD,
+                               client_via=via, wait_paired=False)
+        server = udp.server
+        assert server is not None
+        await wait_until(lambda: bool(relay.held), 10, "the Proxy-Client's answer")
+        client = client_to(self, port)
+        for datagram in (b"a", b"b"):
+            client.send(datagram)
+        await wait_until(lambda: server.udp.held.count == 2, 10, "the datagrams to wait")
+        await wait_until(lambda: server.stats["udp_dropped", "stream_refused"] == 2, 10,
+                         "the drops at the deadline")
+        self.assertEqual((server.udp.held.count, len(server.udp.held), len(server.udp.table)),
+                         (0, 0, 0))
+        self.assertEqual(echo.received, [])
+        self.assertEqual(client.received, [])
+
     async def test_password_mismatch_refuses_flows(self) -> None:
         """Different end-to-end passwords: the flow is refused at the Proxy-Server with the
         same reason as a TCP connection, "end-to-end password mismatch"."""
