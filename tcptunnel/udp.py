@@ -475,7 +475,8 @@ class ServerFlows:
         stats = self.proxy.stats
         stats["udp_flows_opened",] += 1
         stats["udp_flows_moved",] += 1
-        old.drain_since = now
+        if old.drain_since is None:  # (a move does not extend it: it carries nothing new)
+            old.drain_since = now
         self.draining.add(old)
         self._arm_sweep()
         return endpoint
