@@ -13,6 +13,7 @@ up, within the link's receive budget.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tcptunnel import _frames as fr
@@ -23,6 +24,7 @@ from tcptunnel._link import DEFAULT_CHUNK, MAX_QUEUED_CONTROL_FRAMES, LinkCore
 from tcptunnel._stream import (
     CAN_SEND_FIN,
     TRANSITIONS,
+    CreditRtt,
     Direction,
     StreamEvent,
     StreamState,
@@ -33,6 +35,10 @@ INITIAL_WINDOW = 384 * 1024
 MAX_STREAM_WINDOW = 16 * 1024 * 1024
 LINK_RECEIVE_BUDGET = 32 * 1024 * 1024
 MIN_WINDOW = fr.EARLY_WINDOW  # a stream's window always covers its early data
+# While bytes queue on the path (tcptunnel._stream.CreditRtt), a window-limited byte stream's
+# window shrinks by a quarter per credit round trip, down to one chunk: 8 streams keep at
+# least 256 KiB in flight, a single one 32 KiB per round trip.
+SHRINK_FLOOR = DEFAULT_CHUNK
 DEFAULT_MAX_STREAMS = 1024
 
 # Datagram (``udp``) streams, docs/protocol.md §5.2.  A datagram is sent whole or dropped:
@@ -145,6 +151,7 @@ class StreamRecord:
         "blocked_seen",
         "datagram",
         "id",
+        "last_shrink",
         "last_update",
         "paused_at",
         "paused_total",
@@ -157,6 +164,8 @@ class StreamRecord:
         "send_offset",
         "starved",
         "state",
+        "update_old_credit",
+        "update_sent_at",
     )
 
     def __init__(self, stream_id: int, event: StreamEvent, recv_window: int) -> None:
@@ -178,6 +187,12 @@ class StreamRecord:
         # each leaves as one DATA frame; an empty DATA frame received is an empty datagram.
         self.datagram = False
         self.starved = False  # a datagram was dropped for want of credit: flag the next
+        # When our WINDOW_UPDATE answered the peer's BLOCKED: its next DATA is a credit round
+        # trip (CreditRtt).  None while no such update is outstanding.
+        self.update_sent_at: float | None = None
+        # The peer's credit before that update: the first byte past it used the new credit.
+        self.update_old_credit = 0
+        self.last_shrink = float("-inf")  # time of the last window cut
 
     def move(self, event: StreamEvent) -> StreamState:
         """Apply ``event`` per the table (raises StreamError PROTOCOL_ERROR)."""
@@ -241,6 +256,12 @@ class MuxConnection(LinkCore):
         self.blocked_sent = 0  # DATA frames that spent the window with more waiting
         self.datagram_queued = 0  # bytes of datagrams waiting for the link, all streams
         self.max_link_datagram_bytes = MAX_LINK_DATAGRAM_BYTES
+        # The time source for credit round trips (the adapter sets the reactor's
+        # ``seconds``); without one no round trip is sampled and windows grow on blocking
+        # alone.
+        self.clock: Callable[[], float] | None = None
+        self.credit_rtt = CreditRtt()
+        self.windows_shrunk = 0  # windows cut because bytes queue on the path
 
     # -- helpers ----------------------------------------------------------
 
@@ -423,23 +444,60 @@ class MuxConnection(LinkCore):
         if stream.recv_to_ack * 4 < stream.recv_window and not stream.blocked_seen:
             return
         increment = stream.recv_to_ack
-        if stream.blocked_seen and self._consumer_keeps_up(stream, now):
-            room = self.receive_budget - self.granted_total
-            cap = MAX_DATAGRAM_WINDOW if stream.datagram else self.max_window
-            grown = min(stream.recv_window * 2, cap, stream.recv_window + room)
-            if grown > stream.recv_window:
-                increment += grown - stream.recv_window
-                self.granted_total += grown - stream.recv_window
-                stream.recv_window = grown
+        rtt = self.credit_rtt
+        if rtt.queueing():
+            # What the sender sent already waits in queues on the path: a larger window
+            # would only lengthen the queue (ahead of every other stream's bytes), so the
+            # window shrinks instead, once per round trip.
+            if not stream.datagram and now - stream.last_shrink >= (rtt.srtt or 0.0):
+                stream.last_shrink = now
+                increment -= self._shrink(stream, increment)
+        elif stream.blocked_seen and self._consumer_keeps_up(stream, now):
+            increment += self._grow(stream)
+        if stream.update_sent_at is None and not stream.datagram:
+            # The first byte past the sender's old credit was sent after this update
+            # arrived: it times the round trip (plus the sender's own wait for data when
+            # the window is not what limits it, which errs towards a smaller window).
+            stream.update_sent_at = now
+            stream.update_old_credit = stream.recv.credit
         stream.blocked_seen = False
         stream.paused_total = 0.0
         if stream.paused_at is not None:
             stream.paused_at = now
         stream.last_update = now
         stream.recv_to_ack = 0
+        if increment <= 0:
+            # All was withheld: the bytes still unconsumed bring credit when taken (a window
+            # never shrinks below SHRINK_FLOOR, so a drained stream always gets some).
+            return
         # Our own grant, within recv_window (at most max_window): it cannot pass 2^31-1.
         stream.recv.credit += increment
         self.queue_control(fr.build_window_update(stream_id, increment))
+
+    def _shrink(self, stream: StreamRecord, returning: int) -> int:
+        """Take a quarter off a stream's window (not below SHRINK_FLOOR, nor more than the
+        ``returning`` credit being returned); return the bytes withheld."""
+        window = stream.recv_window
+        cut = min(window // 4, window - max(SHRINK_FLOOR, MIN_WINDOW), returning)
+        if cut <= 0:
+            return 0
+        stream.recv_window = window - cut
+        self.granted_total -= cut
+        self.windows_shrunk += 1
+        return cut
+
+    def _grow(self, stream: StreamRecord) -> int:
+        """Double a stream's window within its cap and the link's receive budget; return the
+        bytes it grew by."""
+        room = self.receive_budget - self.granted_total
+        cap = MAX_DATAGRAM_WINDOW if stream.datagram else self.max_window
+        grown = min(stream.recv_window * 2, cap, stream.recv_window + room)
+        if grown <= stream.recv_window:
+            return 0
+        added = grown - stream.recv_window
+        self.granted_total += added
+        stream.recv_window = grown
+        return added
 
     # -- inbound ----------------------------------------------------------
 
@@ -527,6 +585,14 @@ class MuxConnection(LinkCore):
             stream.move(_RECV_DATA)  # raises: the opener before OPEN_RESULT, or after FIN
         size = len(frame.payload)
         stream.recv.take(size)
+        if stream.update_sent_at is not None:
+            stream.update_old_credit -= size
+            if stream.update_old_credit < 0:
+                clock = self.clock
+                if clock is not None:
+                    now = clock()
+                    self.credit_rtt.sample(now - stream.update_sent_at, now)
+                stream.update_sent_at = None
         if frame.flags & fr.FLAG_BLOCKED:
             stream.blocked_seen = True
         if size or stream.datagram:  # an empty DATA frame is an empty datagram

@@ -191,3 +191,78 @@ class Direction:
 
     def __repr__(self) -> str:
         return f"<Direction credit={self.credit}{' fin' if self.fin else ''}>"
+
+
+#: How much queueing delay window growth tolerates above the path's own round trip, at least
+#: (seconds).  The 8-stream bulk run on loopback (docs/benchmarks.md, "Latency under load")
+#: put 18 ms of bytes ahead of every keystroke when windows grew on sender blocking alone;
+#: 4 ms is 0.8 MB at 200 MB/s, as much as the kernel's receive queues need to keep a busy
+#: receiver fed, and on a long path the allowance is the path's own round trip (below).
+QUEUE_DELAY_ALLOWANCE = 0.004
+#: The minimum round trip is the least sample of the last one to two of these periods (s):
+#: long enough that a 30 s bulk transfer keeps the unloaded figure, short enough that a link
+#: whose route got longer recovers within a minute.
+MIN_RTT_PERIOD = 30.0
+
+
+class CreditRtt:
+    """Round trips of window credit on one link, and whether bytes queue on the path.
+
+    A sample is the time from a WINDOW_UPDATE answering a BLOCKED sender (it waits for
+    exactly that credit) to the next DATA of that stream: the path's round trip plus the
+    queueing ahead of new data in the data's direction, which is what a keystroke on another
+    stream of the same link waits for.  ``min_rtt`` is the least sample over the last
+    :data:`MIN_RTT_PERIOD` to twice that (two buckets: O(1) per sample), ``srtt`` a moving
+    average (1/4 per sample).  :meth:`queueing` says the smoothed round trip exceeds the
+    minimum by more than ``max(min_rtt, allowance)``: TCP Vegas' and LEDBAT's signal that a
+    larger window would only lengthen the queue, not speed the transfer.  A long path (min
+    80 ms) tolerates 80 ms of queue, so its windows still grow to its bandwidth-delay
+    product; loopback (min well under 1 ms) tolerates ``allowance``.
+    """
+
+    __slots__ = ("_bucket_min", "_bucket_start", "_previous_min", "allowance", "period",
+                 "samples", "srtt")
+
+    def __init__(self, allowance: float = QUEUE_DELAY_ALLOWANCE,
+                 period: float = MIN_RTT_PERIOD) -> None:
+        self.allowance = allowance
+        self.period = period
+        self.srtt: float | None = None
+        self.samples = 0
+        self._bucket_min = float("inf")
+        self._previous_min = float("inf")
+        self._bucket_start: float | None = None
+
+    def sample(self, rtt: float, now: float) -> None:
+        """One credit round trip of ``rtt`` seconds, measured at time ``now``."""
+        if rtt < 0.0:
+            return  # a clock that went back: no information
+        self.samples += 1
+        if self._bucket_start is None:
+            self._bucket_start = now
+        elif now - self._bucket_start >= self.period:
+            # The older bucket is forgotten: a minimum is at most two periods old.
+            self._previous_min = self._bucket_min
+            self._bucket_min = float("inf")
+            self._bucket_start = now
+        self._bucket_min = min(self._bucket_min, rtt)
+        srtt = self.srtt
+        self.srtt = rtt if srtt is None else srtt + (rtt - srtt) / 4
+
+    @property
+    def min_rtt(self) -> float | None:
+        """The least recent sample (None before the first)."""
+        least = min(self._bucket_min, self._previous_min)
+        return None if least == float("inf") else least
+
+    def queueing(self) -> bool:
+        """Whether bytes wait on the path: the smoothed round trip is above the minimum by
+        more than ``max(min_rtt, allowance)`` (False before the first sample)."""
+        least = self.min_rtt
+        srtt = self.srtt
+        if least is None or srtt is None:
+            return False
+        return srtt - least > max(least, self.allowance)
+
+    def __repr__(self) -> str:
+        return f"<CreditRtt srtt={self.srtt} min={self.min_rtt} samples={self.samples}>"

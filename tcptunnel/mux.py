@@ -517,6 +517,8 @@ class MuxProtocol(LinkProtocol):
     def __init__(self, core: _mux.MuxConnection, clock: interfaces.IReactorTime,
                  keepalive_interval: float = 15.0, keepalive_timeout: float = 30.0) -> None:
         super().__init__(core, clock, keepalive_interval, keepalive_timeout)
+        # Credit round trips are timed with the reactor's clock (tcptunnel._stream.CreditRtt).
+        core.clock = clock.seconds
         self.streams: dict[int, MuxStream] = {}
         self.on_open_requested: Callable[[int, fr.OpenRequest], None] | None = None
 

@@ -6,6 +6,7 @@ import os
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tcptunnel import _frames as fr
@@ -627,3 +628,149 @@ class StreamStateTests(SynchronousTestCase):
         assert isinstance(event, _mux.StreamReset)
         self.assertEqual((event.reason, event.message),
                          (Reason.PROTOCOL_ERROR, "RECV_OPEN_FAILED in state open"))
+
+
+class QueueDelayTests(SynchronousTestCase):
+    """Windows sized by the credit round trip (docs/protocol.md §6, "Queueing")."""
+
+    def clocked_pair(self, **kwargs: int) -> tuple[Pair, Clock]:
+        """A Pair whose receiving end times credit round trips with a Clock."""
+        pair = Pair(**kwargs)
+        clock = Clock()
+        pair.client.clock = clock.seconds
+        return pair, clock
+
+    def test_first_byte_past_the_old_credit_times_the_round_trip(self) -> None:
+        """Bytes the sender sent on credit it had before an update make no sample; the first
+        byte beyond it gives the time since the update."""
+        pair, clock = self.clocked_pair(initial_window=40_000, max_window=40_000)
+        sid = pair.open()
+        pair.server.send_data(sid, b"a" * 20_000)
+        pair.pump()
+        clock.advance(1.0)
+        pair.client.data_consumed(sid, 20_000, clock.seconds())  # update; 20,000 left
+        clock.advance(0.05)
+        pair.server.send_data(sid, b"b" * 15_000)  # leaves before the update arrives
+        pair.pump()
+        self.assertEqual(pair.client.credit_rtt.samples, 0)
+        clock.advance(0.05)
+        pair.server.send_data(sid, b"c" * 10_000)  # 5,000 of it past the old credit
+        pair.pump()
+        self.assertEqual(pair.client.credit_rtt.samples, 1)
+        self.assertAlmostEqual(pair.client.credit_rtt.srtt or 0.0, 0.1)
+        self.assertEqual(len(data_of(pair.client_events, sid)), 45_000)
+
+    def bulk_rounds(self, pair: Pair, clock: Clock, sids: list[int], rounds: int,
+                    rtt: tuple[float, float] | None) -> bytes:
+        """``rounds`` of window-limited bulk on ``sids``, the reader taking everything 0.1 s
+        later; before each read, ``rtt`` (minimum, current) is what the path shows (the
+        in-memory pump's own round trips, 0 s, are not sampled).  Returns the bytes of the
+        first stream."""
+        pair.client.clock = None
+        got = b""
+        for _ in range(rounds):
+            for sid in sids:
+                pair.server.send_data(sid, bytes([sid]) * 2_000_000)
+            pair.pump()
+            clock.advance(0.1)
+            if rtt is not None:
+                pair.client.credit_rtt.sample(rtt[0], clock.seconds())
+                pair.client.credit_rtt.srtt = rtt[1]
+            for sid in sids:
+                data = data_of(pair.client_events, sid)
+                got += data if sid == sids[0] else b""
+                pair.client.data_consumed(sid, len(data), clock.seconds())
+            pair.client_events.clear()
+            pair.pump()
+        return got
+
+    def test_windows_shrink_while_bytes_queue(self) -> None:
+        """Credit round trips 20 ms above a 1 ms minimum cut each window-limited stream's
+        window by a quarter per round trip, down to one chunk, and the link's granted total
+        follows; the streams keep flowing."""
+        pair, clock = self.clocked_pair(initial_window=256 * 1024, max_window=1024 * 1024)
+        sids = [pair.open(), pair.open()]
+        got = self.bulk_rounds(pair, clock, sids, 12, rtt=(0.001, 0.021))
+        windows = [pair.client.streams[s].recv_window for s in sids]
+        self.assertEqual(windows, [_mux.SHRINK_FLOOR] * 2)
+        self.assertEqual(pair.client.granted_total, sum(windows))
+        self.assertGreater(pair.client.windows_shrunk, 0)
+        self.assertEqual(got, bytes([sids[0]]) * len(got))
+        self.assertGreater(len(got), 12 * _mux.SHRINK_FLOOR)
+        for sid in sids:
+            receiver = pair.client.streams[sid]
+            self.assertLessEqual(receiver.recv_available, receiver.recv_window)
+
+    def test_no_growth_while_bytes_queue_growth_on_a_long_path(self) -> None:
+        """A blocked sender whose reader keeps up gets no larger window while bytes queue;
+        with 70 ms of queueing over an 80 ms path (below the path's own round trip) it still
+        doubles to the maximum."""
+        pair, clock = self.clocked_pair(initial_window=64 * 1024, max_window=1024 * 1024)
+        sid = pair.open()
+        self.bulk_rounds(pair, clock, [sid], 6, rtt=(0.001, 0.010))
+        self.assertLessEqual(pair.client.streams[sid].recv_window, 64 * 1024)
+        pair, clock = self.clocked_pair(initial_window=64 * 1024, max_window=1024 * 1024)
+        sid = pair.open()
+        self.bulk_rounds(pair, clock, [sid], 6, rtt=(0.080, 0.150))
+        self.assertEqual(pair.client.streams[sid].recv_window, 1024 * 1024)
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from(["write", "consume", "pump", "tick", "rtt"]),
+                              st.integers(min_value=1, max_value=70_000)),
+                    max_size=80))
+    def test_invariants_under_shrinking(self, steps: list[tuple[str, int]]) -> None:
+        """Random writes, reads, clock ticks and round-trip samples (some far above the
+        minimum): bytes arrive exact and in order, credit never exceeds a window, no window
+        falls below one chunk, the granted total is the sum of the windows within the
+        budget, and nothing stalls for good."""
+        budget = 300_000
+        pair, clock = self.clocked_pair(initial_window=100_000, max_window=200_000,
+                                        receive_budget=budget)
+        sids = [pair.open(), pair.open()]
+        written = {s: bytearray() for s in sids}
+        delivered = {s: bytearray() for s in sids}
+        unconsumed = {s: 0 for s in sids}
+
+        def collect() -> None:
+            for event in pair.client_events:
+                if isinstance(event, _mux.DataReceived):
+                    delivered[event.stream_id] += event.data
+                    unconsumed[event.stream_id] += len(event.data)
+            pair.client_events.clear()
+
+        for index, (action, n) in enumerate(steps):
+            sid = sids[index % 2]
+            if action == "write":
+                data = bytes((len(written[sid]) + i) % 251 for i in range(n))
+                pair.server.send_data(sid, data)
+                written[sid] += data
+            elif action == "consume":
+                amount = min(n, unconsumed[sid])
+                unconsumed[sid] -= amount
+                pair.client.data_consumed(sid, amount, clock.seconds())
+            elif action == "tick":
+                clock.advance(n / 1e6)
+            elif action == "rtt":
+                pair.client.credit_rtt.sample(n / 1e6, clock.seconds())
+            else:
+                pair.pump(limit=n)
+                collect()
+            for s in sids:
+                receiver = pair.client.streams[s]
+                self.assertGreaterEqual(pair.server.streams[s].send_window, 0)
+                self.assertLessEqual(receiver.recv_available, receiver.recv_window)
+                self.assertGreaterEqual(receiver.recv_window, _mux.SHRINK_FLOOR)
+            self.assertEqual(pair.client.granted_total,
+                             sum(pair.client.streams[s].recv_window for s in sids))
+            self.assertLessEqual(pair.client.granted_total, budget)
+        for _ in range(10_000):
+            pair.pump()
+            collect()
+            if all(len(delivered[s]) == len(written[s]) for s in sids):
+                break
+            clock.advance(0.01)
+            for s in sids:
+                pair.client.data_consumed(s, unconsumed[s], clock.seconds())
+                unconsumed[s] = 0
+        for s in sids:
+            self.assertEqual(bytes(delivered[s]), bytes(written[s]))

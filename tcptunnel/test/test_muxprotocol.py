@@ -111,6 +111,20 @@ class MuxProtocolTests(SynchronousTestCase):
         self.assertEqual(socket.producerState, "producing")
         self.assertGreater(len(far_socket.value()), 64 * 1024)
 
+    def test_credit_round_trips_timed_with_the_reactor_clock(self) -> None:
+        """The core's credit round trips are timed with the protocol's reactor clock: a bulk
+        transfer whose credit comes back 10 ms later gives 10 ms samples."""
+        ends = Ends(initial_window=64 * 1024)
+        splice, _socket, _far_splice, far_socket = ends.open()
+        for _ in range(6):
+            splice.dataReceived(b"r" * 64 * 1024)
+            ends.clock.advance(0.01)
+            ends.pump.flush()
+        rtt = ends.acceptor.core.credit_rtt
+        self.assertGreater(rtt.samples, 0)
+        self.assertAlmostEqual(rtt.min_rtt or 0.0, 0.01)
+        self.assertEqual(len(far_socket.value()), 6 * 64 * 1024)
+
     def test_stalled_stream_does_not_stop_another(self) -> None:
         """A stream whose reader stalls leaves another stream of the link flowing."""
         ends = Ends(initial_window=64 * 1024)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from twisted.trial.unittest import SynchronousTestCase
@@ -20,6 +20,7 @@ from tcptunnel._stream import (
     CAN_SEND_FIN,
     OPENING_STATES,
     TRANSITIONS,
+    CreditRtt,
     Direction,
     StreamEvent,
     StreamState,
@@ -297,3 +298,66 @@ class DirectionTests(SynchronousTestCase):
     def test_small(self) -> None:
         """A Direction has no instance dict (two per stream, two per route)."""
         self.assertFalse(hasattr(Direction(), "__dict__"))
+
+
+class CreditRttTests(SynchronousTestCase):
+    """Credit round trips: the windowed minimum, the moving average, the queueing signal."""
+
+    def test_minimum_over_one_to_two_periods(self) -> None:
+        """The minimum forgets a sample once two bucket changes passed it, not before."""
+        rtt = CreditRtt(period=30.0)
+        rtt.sample(0.010, 0.0)
+        rtt.sample(0.005, 10.0)
+        self.assertEqual(rtt.min_rtt, 0.005)
+        rtt.sample(0.020, 31.0)  # a new bucket: the old one's 5 ms is still remembered
+        self.assertEqual(rtt.min_rtt, 0.005)
+        rtt.sample(0.030, 62.0)  # and again: the 5 ms bucket is gone, 20 ms is the least
+        self.assertEqual(rtt.min_rtt, 0.020)
+
+    def test_queueing_allowance_on_a_short_path(self) -> None:
+        """With a minimum under the allowance, 4 ms of extra delay is tolerated, not more."""
+        rtt = CreditRtt(allowance=0.004)
+        rtt.sample(0.001, 0.0)
+        rtt.srtt = 0.0049
+        self.assertFalse(rtt.queueing())
+        rtt.srtt = 0.0052
+        self.assertTrue(rtt.queueing())
+
+    def test_queueing_allowance_on_a_long_path(self) -> None:
+        """A long path (80 ms) tolerates its own round trip of queue: windows there still
+        grow to the bandwidth-delay product."""
+        rtt = CreditRtt(allowance=0.004)
+        rtt.sample(0.080, 0.0)
+        rtt.srtt = 0.150
+        self.assertFalse(rtt.queueing())
+        rtt.srtt = 0.170
+        self.assertTrue(rtt.queueing())
+
+    def test_no_signal_without_samples_or_from_a_clock_going_back(self) -> None:
+        """Nothing is known before a sample; a negative one (the clock stepped back) is
+        ignored."""
+        rtt = CreditRtt()
+        self.assertFalse(rtt.queueing())
+        self.assertIsNone(rtt.min_rtt)
+        rtt.sample(-0.5, 1.0)
+        self.assertEqual((rtt.samples, rtt.srtt, rtt.min_rtt), (0, None, None))
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 20.0)), min_size=1,
+                    max_size=50))
+    def test_estimates_stay_within_the_samples(self, steps: list[tuple[float, float]]) -> None:
+        """Whatever the samples: the minimum is at most every sample of the last period and
+        at least the least sample ever, and the average stays between the extremes."""
+        rtt = CreditRtt(period=30.0)
+        now = 0.0
+        seen: list[tuple[float, float]] = []
+        for value, gap in steps:
+            now += gap
+            rtt.sample(value, now)
+            seen.append((now, value))
+        least = rtt.min_rtt
+        assert least is not None and rtt.srtt is not None
+        self.assertGreaterEqual(least, min(v for _t, v in seen))
+        self.assertLessEqual(least, min(v for t, v in seen if t >= now - 30.0))
+        self.assertGreaterEqual(rtt.srtt, min(v for _t, v in seen) - 1e-12)
+        self.assertLessEqual(rtt.srtt, max(v for _t, v in seen) + 1e-12)
