@@ -12,8 +12,9 @@ same echo server) it takes, over ``--pings`` 1-byte round trips:
 * **a cProfile of each process** (twistd's ``--profile``), taken twice, with ``--pings`` round
   trips and with none, and subtracted, so start-up, login and handshake drop out. Each
   function's own time (``tottime``) goes to one of: *our code* (``tcptunnel/``), *TLS*
-  (Twisted's TLS protocol ``twisted/protocols/tls.py``, pyOpenSSL, cryptography, cffi and the
-  OpenSSL functions they call), *Twisted dispatch* (the rest of ``twisted/``: the reactor,
+  (our TLS protocol ``tcptunnel/tlslink.py``, Twisted's ``twisted/protocols/tls.py``,
+  pyOpenSSL, cryptography, cffi and the OpenSSL functions they call; the standard library's
+  ``ssl.py`` and its ``_ssl`` methods), *Twisted dispatch* (the rest of ``twisted/``: the reactor,
   ``callWithLogger``/``callWithContext``, the TCP transport), *syscalls* (the socket methods
   ``send``, ``recv`` ...), *other* (the standard library, builtins); ``epoll.poll``, which is
   waiting, is left out.
@@ -63,11 +64,11 @@ def category(key: tuple[str, int, str]) -> str | None:
     """The column a profiled function's own time belongs to (None: waiting, left out)."""
     filename, _line, name = key
     path = filename.replace("\\", "/")
+    if path.endswith(("tcptunnel/tlslink.py", "twisted/protocols/tls.py", "/ssl.py")) \
+            or "/OpenSSL/" in path or "/cryptography/" in path or "cffi" in path:
+        return "TLS"
     if "/tcptunnel/" in path:
         return "our code"
-    if path.endswith("twisted/protocols/tls.py") or "/OpenSSL/" in path \
-            or "/cryptography/" in path or "cffi" in path:
-        return "TLS"
     if "/twisted/" in path:
         return "Twisted dispatch"
     if filename == "~":  # a builtin: "<method 'recv' of '_socket.socket' objects>" ...
@@ -80,7 +81,8 @@ def category(key: tuple[str, int, str]) -> str | None:
         function = re.match(r"<built-in method (?:_openssl\.)?(\w+)>", name)
         if function and TLS_FUNCTION.match(function.group(1)):
             return "TLS"
-        if "_cffi_backend" in name or "CompiledLib" in name or "_openssl." in name:
+        if "_cffi_backend" in name or "CompiledLib" in name or "_openssl." in name \
+                or "'_ssl." in name:  # <method 'read' of '_ssl._SSLSocket' objects>, MemoryBIO
             return "TLS"
     return "other"
 
