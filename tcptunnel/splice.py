@@ -119,6 +119,19 @@ class SpliceProtocol(Protocol, StreamEndpoint):
             return
         transport.write(data)
 
+    def stream_data_sequence(self, data: list[bytes]) -> None:
+        """Several pieces of bytes from the far end, in order (the records one sealed DATA
+        frame opened to, tcptunnel.e2e.SealedStream): one ``writeSequence``, one Python
+        write path per frame rather than per record.  Whatever :meth:`stream_data` does
+        other than writing (early data kept while a target is dialled, a closed socket's
+        reset) it still does, piece by piece."""
+        transport: Any = self.transport
+        if transport is None or self.done or not getattr(transport, "connected", True):
+            for piece in data:
+                self.stream_data(piece)
+            return
+        transport.writeSequence(data)
+
     def stream_ended(self) -> None:
         """FIN from the far end: half-close the local socket."""
         transport: Any = self.transport

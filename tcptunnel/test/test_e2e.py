@@ -549,6 +549,72 @@ class SuiteTests(SynchronousTestCase):
         self.assertEqual(b"".join(r.data for r in out), b"".join(chunks))
         self.assertEqual(out[-1].type, RecordType.END)
 
+    def test_one_write_of_many_records_across_key_updates(self) -> None:
+        """One seal_data call of many records (a 65,460-byte read is four) updates the key
+        within the call, at the same records as record-by-record sealing: byte for byte the
+        records of §9.5 under each key."""
+        quick = e2e.Suite(2, "suite 2, key updated every 3 records", AESGCM, 3)
+        key = bytes(range(32))
+        sealer = RecordSealer(key, self.PAIRING_ID, 4, Direction.TO_CLIENT, 1, quick)
+        data = bytes(range(256)) * 300  # 76,800 bytes: four full records and a short one
+        pieces = [data[i : i + e2e.MAX_PLAINTEXT] for i in range(0, len(data),
+                                                                e2e.MAX_PLAINTEXT)]
+        keys = [key, update(key), update(update(key))]
+        expected = b"".join(
+            record_by_the_spec(quick, keys[sequence // 3], self.PAIRING_ID, 4,
+                               Direction.TO_CLIENT, RecordType.DATA, sequence, piece)
+            for sequence, piece in enumerate(pieces, start=1))
+        self.assertEqual(sealer.seal_data(data), expected)
+        self.assertEqual(sealer.sequence, 1 + len(pieces))
+
+    def test_sequence_numbers_used_up(self) -> None:
+        """A write that would need a record past the last sequence number is refused whole
+        (nothing sealed, the sequence unchanged)."""
+        sealer = RecordSealer(bytes(32), self.PAIRING_ID, 4, Direction.TO_CLIENT,
+                              2**64 - 3, e2e.SUITE_CHACHA)
+        with self.assertRaises(E2EError):
+            sealer.seal_data(bytes(3 * e2e.MAX_PLAINTEXT))
+        self.assertEqual(sealer.sequence, 2**64 - 3)
+        self.assertEqual(len(sealer.seal_data(bytes(2 * e2e.MAX_PLAINTEXT))), 2 * e2e.MAX_RECORD)
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(st.lists(st.binary(min_size=0, max_size=40000), max_size=6),
+           st.lists(st.integers(min_value=0, max_value=10**6), max_size=12),
+           st.integers(min_value=1, max_value=4))
+    def test_feed_data_is_feed(self, chunks: list[bytes], cuts: list[int], every: int) -> None:
+        """feed_data (what a SealedStream uses) gives, for any split and key updates every
+        few records, the non-empty DATA plaintexts and the wire bytes of the records that
+        feed gives for the same pieces, read by read."""
+        quick = e2e.Suite(2, "suite 2, quick key updates", AESGCM, every)
+        key = bytes(32)
+        sealer = RecordSealer(key, self.PAIRING_ID, 1, Direction.TO_SERVER, 0, quick)
+        stream = b"".join(sealer.seal_data(c) for c in chunks)
+        stream += sealer.seal(RecordType.DATA, b"") + sealer.seal_end()
+        by_feed = RecordDecoder(key, self.PAIRING_ID, 1, Direction.TO_SERVER, 0, quick)
+        by_data = RecordDecoder(key, self.PAIRING_ID, 1, Direction.TO_SERVER, 0, quick)
+        for piece in splits(stream, cuts):
+            records = by_feed.feed(piece)
+            plaintexts, consumed = by_data.feed_data(piece)
+            self.assertEqual(plaintexts, [r.data for r in records if r.data])
+            self.assertEqual(consumed, sum(r.size for r in records))
+            self.assertEqual(by_data.buffered, by_feed.buffered)
+        by_data.finish()
+        self.assertTrue(by_data.ended)
+
+    def test_feed_data_refuses_other_records(self) -> None:
+        """An OPEN record among a stream's data (a Gateway moving the sealed OPEN there) is an
+        integrity failure for feed_data, after the data before it."""
+        key = bytes(32)
+        sealer = RecordSealer(key, self.PAIRING_ID, 1, Direction.TO_CLIENT, 1, e2e.SUITE_AES)
+        decoder = RecordDecoder(key, self.PAIRING_ID, 1, Direction.TO_CLIENT, 1, e2e.SUITE_AES)
+        stream = sealer.seal_data(b"before") + sealer.seal(RecordType.OPEN, b"x")
+        self.assertEqual(decoder.feed_data(stream[:25]), ([b"before"], 25))
+        with self.assertRaises(IntegrityError) as caught:
+            decoder.feed_data(stream[25:])
+        self.assertIn("OPEN record among the data", caught.exception.message)
+        with self.assertRaises(IntegrityError):
+            decoder.feed_data(b"")
+
 
 class RecordTests(SynchronousTestCase):
     """Sealed records on one stream, against what a Gateway can do to them."""

@@ -723,6 +723,51 @@ class SealedStreamTests(SynchronousTestCase):
             ends.pump.flush()
         self.assertEqual(far_socket.value(), payload * 3)
 
+    def test_a_frame_of_records_is_one_local_write(self) -> None:
+        """The two records of a full DATA frame reach the far local socket in one
+        writeSequence call (one write path per frame, as for a clear frame), in order."""
+        ends = SealedEnds(initial_window=384 * 1024)
+        splice, _socket, _far_splice, far_socket = ends.open()
+        calls: list[list[bytes]] = []
+        write_sequence = far_socket.writeSequence
+
+        def recording(data: list[bytes]) -> None:
+            calls.append(list(data))
+            write_sequence(data)
+
+        far_socket.writeSequence = recording  # type: ignore[method-assign]
+        payload = os.urandom(SEALED_READ_SIZE)
+        splice.dataReceived(payload)
+        ends.pump.flush()
+        self.assertEqual(far_socket.value(), payload)
+        self.assertEqual([[len(piece) for piece in call] for call in calls],
+                         [[_e2e.MAX_PLAINTEXT] * 2] * 2)
+
+    def test_sequence_takes_the_stream_data_paths(self) -> None:
+        """A splice handed several pieces at once does what stream_data does for each when
+        it would not simply write them: a target still being dialled keeps them as early
+        data (TargetConnection), a local socket that closed resets the stream once."""
+
+        class Dialling(SpliceProtocol):
+            def __init__(self) -> None:
+                super().__init__()
+                self.early: list[bytes] = []
+
+            def stream_data(self, data: bytes) -> None:
+                self.early.append(data)
+
+        dialling = Dialling()
+        dialling.stream_data_sequence([b"one", b"two"])
+        self.assertEqual(dialling.early, [b"one", b"two"])
+        ends = SealedEnds()
+        splice, socket, _far_splice, _far_socket = ends.open()
+        socket.connected = False
+        splice.stream_data_sequence([b"one", b"two"])
+        self.assertEqual(socket.value(), b"")
+        assert splice.stream is not None
+        self.assertTrue(splice.stream.finished)
+        self.assertIn("data arrived after the local connection closed", splice.end_description)
+
     def test_half_close_is_end_then_fin(self) -> None:
         """A local EOF sends END then FIN: the far socket half-closes cleanly, the other
         direction keeps flowing, and both close without an abort."""
