@@ -126,16 +126,29 @@ def load_server_identity(
     return key, certificate, extra
 
 
-def server_context_factory(files: TlsFiles) -> ssl.CertificateOptions:
+class ServerOptions(ssl.CertificateOptions):
+    """Twisted's CertificateOptions of a Gateway listener, which also keep their key and
+    certificate chain as PEM (``identity_pem``) for the standard library's context: the
+    documented way to give a key to ``ssl`` is a file, and CertificateOptions does not
+    document its attributes."""
+
+    identity_pem: bytes = b""
+
+
+def server_context_factory(files: TlsFiles) -> ServerOptions:
     """CertificateOptions for a Gateway listener (TLS 1.2 minimum)."""
     key, certificate, chain = load_server_identity(files)
-    options = ssl.CertificateOptions(
+    options = ServerOptions(
         privateKey=crypto.PKey.from_cryptography_key(key),
         certificate=crypto.X509.from_cryptography(certificate),
         extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
     options.getContext()  # fail now, not at the first connection
+    options.identity_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()) + b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in [certificate, *chain])
     return options
 
 
@@ -190,24 +203,22 @@ def _load_chain(context: stdlib_ssl.SSLContext, pem: bytes) -> None:
             os.unlink(path)
 
 
-def stdlib_server_context(options: ssl.CertificateOptions, alpn: bytes) -> stdlib_ssl.SSLContext:
+def stdlib_server_context(options: ServerOptions, alpn: bytes) -> stdlib_ssl.SSLContext:
     """The standard library's server context with the key and certificates of ``options``
-    (TLS 1.2 minimum, the standard library's modern ciphers); it selects ``alpn`` when the
-    client offers it and no ALPN at all otherwise (OpenSSL's NOACK: the handshake goes on,
-    as :func:`_alpn_selector`)."""
+    (TLS 1.2 minimum, the standard library's ciphers); it selects ``alpn`` when the client
+    offers it and no ALPN at all otherwise (OpenSSL's NOACK: the handshake goes on, as
+    :func:`_alpn_selector`)."""
+    if not getattr(options, "identity_pem", b""):
+        raise TlsSetupError(f"{options!r} holds no identity_pem: make it with "
+                            "server_context_factory")
     context = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = stdlib_ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols([alpn.decode("ascii")])
     # No TLS 1.3 session tickets: proxies never resume a session (each link is a full
     # handshake), so tickets are two records a link that no one reads.
     context.num_tickets = 0
-    parts: list[Any] = [options.certificate, *options.extraCertChain]
-    key: Any = options.privateKey
-    pem = crypto.dump_privatekey(crypto.FILETYPE_PEM, key)
-    for certificate in parts:
-        pem += crypto.dump_certificate(crypto.FILETYPE_PEM, certificate)
     try:
-        _load_chain(context, pem)
+        _load_chain(context, options.identity_pem)
     except (stdlib_ssl.SSLError, OSError) as e:
         raise TlsSetupError(f"the standard library's TLS cannot load the certificate: {e}") \
             from None
@@ -225,12 +236,12 @@ class ReloadableServerTls:
     protocol id, or :data:`ALPN_HTTP_1_1` on a WebSocket Listener.
     """
 
-    def __init__(self, options: ssl.CertificateOptions, alpn: bytes = ALPN_PROTOCOL) -> None:
+    def __init__(self, options: ServerOptions, alpn: bytes = ALPN_PROTOCOL) -> None:
         self._select = _select_alpn if alpn == ALPN_PROTOCOL else _alpn_selector(alpn)
         self._alpn = alpn
         self.update(options)
 
-    def update(self, options: ssl.CertificateOptions) -> None:
+    def update(self, options: ServerOptions) -> None:
         """Use ``options`` (e.g. a renewed certificate) for the connections made from now."""
         context = options.getContext()
         context.set_alpn_select_callback(self._select)  # replaces Twisted's (see above)
@@ -250,7 +261,7 @@ class ReloadableServerTls:
         return SSL.Connection(self._context, None)
 
 
-def listener_context_factory(listener: ListenerConfig) -> ssl.CertificateOptions:
+def listener_context_factory(listener: ListenerConfig) -> ServerOptions:
     """:func:`server_context_factory` for a Gateway Listener with TLS: a TlsSetupError
     names the settings file, line, element and attribute, like a ConfigError."""
     files = listener.tls
