@@ -137,17 +137,6 @@ class ServerFlow(DatagramEndpoint):
         self.drain_since: float | None = None
         self.closed = False  # its stream ended (counted and logged once)
 
-    @property
-    def done(self) -> bool:
-        """Whether the flow is over (:meth:`tcptunnel.e2e.EndToEnd.hold` retries only a
-        flow that is not)."""
-        return self.closed or self.flow.handle is not self
-
-    @property
-    def transport(self) -> Any:
-        """The Binding's socket (for ``hold``: a flow of a closed Binding is not retried)."""
-        return self.binding.transport
-
     def send(self, datagram: bytes) -> str | None:
         """A datagram from the sender into the stream: None when it was sent or waits for
         the OPEN_RESULT (or for the pairing), else why it was dropped."""
@@ -303,6 +292,13 @@ class ServerFlows:
         self._timer: Any = None
         # The datagrams of new flows waiting for the end-to-end pairing (bounded).
         self.held = HeldDatagrams()
+        # The flows waiting for the pairing, in arrival order, and their one place among
+        # the Proxy-Server's held connections (tcptunnel.e2e.MAX_HELD, 1,024): a flood of
+        # new senders during a handshake takes one place, not one each, so TCP connections
+        # still wait for the pairing as they would without UDP.
+        self.waiting: dict[ServerFlow, None] = {}
+        self._wait = _PairingWait()
+        self._registered = False  # in the hold now: the handshake runs
         # Streams on a draining link, to end once the new link can take their flows; and
         # the one timer that looks at them (only while there are some).
         self.draining: set[ServerFlow] = set()
@@ -356,10 +352,13 @@ class ServerFlows:
         if arrival.new:
             endpoint = ServerFlow(self, binding, flow)
             e2e = proxy.e2e
-            if e2e is not None and e2e.hold(endpoint, lambda: self._paired(endpoint)):
+            if e2e is not None and (self._registered or e2e.hold(self._wait,
+                                                                  self._pairing_ended)):
+                self._registered = True
                 # The pairing is being made: the flow's datagrams wait for it (bounded),
                 # at most until its deadline; then they leave in order, or are dropped.
                 endpoint.held = True
+                self.waiting[endpoint] = None
                 flow.handle = endpoint
             else:
                 stream = self._open(link, endpoint, binding, now)
@@ -396,9 +395,17 @@ class ServerFlows:
 
     # -- waiting for the end-to-end pairing ---------------------------------------------
 
+    def _pairing_ended(self) -> None:
+        """The pairing the held flows waited for is made or failed (at most its deadline
+        after they came): each opens its stream now, or drops what it held."""
+        self._registered = False
+        waiting, self.waiting = self.waiting, {}
+        for endpoint in waiting:
+            self._paired(endpoint)
+
     def _paired(self, endpoint: ServerFlow) -> None:
-        """The pairing a held flow waited for is made or failed: open its stream and send
-        what it held, in order; or drop it all (``stream_refused``)."""
+        """Open a held flow's stream and send what it held, in order; or drop it all
+        (``stream_refused``; ``no_link``, ``no_partner`` when that is gone)."""
         if not endpoint.held:
             return
         proxy = self.proxy
@@ -424,6 +431,7 @@ class ServerFlows:
         """A flow that waited for the pairing ends without a stream: what it held is
         dropped (counted under ``why``)."""
         endpoint.held = False
+        self.waiting.pop(endpoint, None)
         for _datagram in self.held.release(endpoint):
             count_drop(self.proxy.stats, why)
         self._forget(endpoint)
@@ -548,11 +556,30 @@ class ServerFlows:
         self.arm()
 
     def stop(self) -> None:
-        """The instance stops: no timer left behind."""
+        """The instance stops: no timer left behind, no flow waiting."""
+        self._wait.done = True
+        for endpoint in list(self.waiting):
+            self.give_up(endpoint, "no_link")
         for timer in (self._timer, self._sweep_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         self._timer = self._sweep_timer = None
+
+
+class _PairingWait:
+    """The place of all UDP flows waiting for the pairing among the connections that
+    :meth:`tcptunnel.e2e.EndToEnd.hold` holds: its contract asks a ``done`` flag and a
+    ``transport`` that is ``connected`` (a held connection that ended is not retried)."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.done = False
+
+    @property
+    def transport(self) -> _PairingWait:
+        """Itself: the flows' own sockets are the Bindings' (closing one ends its flows)."""
+        return self
 
 
 def listen_udp(reactor: Any, binding: UdpBinding) -> Any:

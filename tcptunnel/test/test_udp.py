@@ -1298,6 +1298,41 @@ class PairingHoldTests(SynchronousTestCase):
         self.assertEqual(link.streams, [])
 
 
+class PairingHoldSharingTests(SynchronousTestCase):
+    """All UDP flows waiting for the pairing take one place among the held connections."""
+
+    def test_one_place_for_all_flows(self) -> None:
+        """Five new senders during the handshake: one place in the end-to-end hold (its
+        1,024 stay for TCP connections), each flow's datagrams apart; when the pairing is
+        made each flow opens, in arrival order, with its own datagrams; a handshake after
+        it takes a place again."""
+        link = _FakeLink()
+        e2e = _FakeE2E()
+        flows, _proxy, binding, _clock = _server_flows(link, e2e)
+        for port in range(5):
+            flows.datagram_received(binding, b"p%d" % port, ("127.0.0.1", 7000 + port))
+        self.assertEqual((len(e2e.held), len(flows.held), flows.held.count), (1, 5, 5))
+        e2e.done(paired=True)
+        self.assertEqual([s.sent for s in link.streams], [[b"p%d" % i] for i in range(5)])
+        self.assertEqual([s.endpoint.sender[1] for s in link.streams],
+                         list(range(7000, 7005)))
+        e2e.handshaking = True  # a new pairing (say, after a reconnect)
+        flows.datagram_received(binding, b"late", ("127.0.0.1", 7100))
+        self.assertEqual(len(e2e.held), 1)
+
+    def test_stop_drops_what_waits(self) -> None:
+        """The instance stops during the handshake: held datagrams are dropped (no_link)
+        and the place in the hold is not retried."""
+        e2e = _FakeE2E()
+        flows, proxy, binding, _clock = _server_flows(_FakeLink(), e2e)
+        flows.datagram_received(binding, b"a", ("127.0.0.1", 7000))
+        flows.stop()
+        self.assertEqual(proxy.stats["udp_dropped", "no_link"], 1)
+        self.assertEqual((flows.held.count, len(flows.table), flows.waiting), (0, 0, {}))
+        e2e.done(paired=True)
+        self.assertEqual(flows.table.flows(), [])
+
+
 class DrainMoveTests(SynchronousTestCase):
     """Flows of a link the Gateway drains move to the new link (same Binding socket and
     sender), and their old streams end soon after, on a Clock."""
