@@ -8,6 +8,7 @@ import itertools
 import os
 import re
 import ssl as stdlib_ssl
+import tempfile
 from typing import Any, cast
 
 from hypothesis import given, settings
@@ -113,6 +114,54 @@ class LoadingTests(SynchronousTestCase):
         with self.assertRaises(TlsSetupError) as raised:
             load_server_identity(TlsFiles(pem_certificate="/nonexistent.pem", pem_key="/k"))
         self.assertIn("/nonexistent.pem", str(raised.exception))
+
+
+class StdlibServerContextTests(SynchronousTestCase):
+    """The standard library's server context gets the listener's key and chain."""
+
+    def test_without_memfd_a_private_file_removed_at_once(self) -> None:
+        """Where there is no memfd, the PEM goes through a mode-0600 temporary file that is
+        gone once the context is loaded; the context then serves the PKCS#12 listener's
+        certificate (a handshake with a pinning client completes)."""
+        certs = mint(os.path.abspath(self.mktemp()))
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.patch(os, "memfd_create", None)
+        self.patch(tempfile, "tempdir", directory)
+        made: list[tuple[str, int]] = []
+        mkstemp = tempfile.mkstemp
+
+        def recording(*args: Any, **kwargs: Any) -> tuple[int, str]:
+            fd, path = mkstemp(*args, **kwargs)
+            made.append((path, os.stat(path).st_mode & 0o777))
+            return fd, path
+
+        self.patch(tempfile, "mkstemp", recording)
+        tls = server_tls(TlsFiles(pfx_file=certs.pfx, pfx_password=certs.pfx_password))
+        self.assertEqual([(os.path.dirname(path), mode) for path, mode in made],
+                         [(directory, 0o600)])
+        self.assertEqual(os.listdir(directory), [])
+        creator = client_connection_creator("localhost", None, bytes.fromhex(certs.pin_hex))
+        server = LinkTLSFactory(tls, False, Factory.forProtocol(_TlsApp),
+                                stdlib=True).buildProtocol(None)
+        client = LinkTLSFactory(creator, True, Factory.forProtocol(_TlsApp),
+                                stdlib=True).buildProtocol(None)
+        self.assertIs(type(server), StdlibLinkTLSProtocol)
+        iosim.connect(server, iosim.FakeTransport(server, True),
+                      client, iosim.FakeTransport(client, False))
+        self.assertEqual(cast(_TlsApp, client.wrappedProtocol).handshakes, 1)
+
+    def test_options_without_pem_refused(self) -> None:
+        """CertificateOptions not made by server_context_factory (no identity_pem) are
+        refused with a TlsSetupError that says so."""
+        certs = mint(os.path.abspath(self.mktemp()))
+        with open(certs.key, "rb") as key, open(certs.cert, "rb") as cert:
+            plain = ssl.CertificateOptions(
+                privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, key.read()),
+                certificate=crypto.load_certificate(crypto.FILETYPE_PEM, cert.read()))
+        with self.assertRaises(TlsSetupError) as raised:
+            ReloadableServerTls(plain)  # type: ignore[arg-type]
+        self.assertIn("server_context_factory", str(raised.exception))
 
 
 class VerificationTests(TestCase):
