@@ -339,6 +339,9 @@ class TunnelCollector(Collector):
         udp_dropped = CounterMetricFamily(
             "tcptunnel_udp_dropped", "UDP datagrams dropped at a proxy, by reason",
             labels=["instance", "role", "reason"])
+        udp_moved = CounterMetricFamily(
+            "tcptunnel_udp_flows_moved", "UDP flows a Proxy-Server moved off a draining link "
+            "to the new one (at the flow's next datagram)", labels=["instance", "role"])
         slots = GaugeMetricFamily(
             "tcptunnel_unauthenticated_slots",
             "Unauthenticated slots taken at the Gateway: by links logging in (open) and kept "
@@ -423,11 +426,13 @@ class TunnelCollector(Collector):
                     elif key[0] == "udp_dropped":
                         udp_dropped.add_metric([index, role, key[1]], count)
                 udp_flows.add_metric([index, role], _udp_status(child)["flows"])
+                udp_moved.add_metric([index, role], child.stats["udp_flows_moved",])
         yield from (info, links, logins, with_client, partners, streams_open, streams_opened,
                     streams_refused, streams_ended, streams_reset, session_bytes,
                     proxy_bytes_total, stalls, queued, relayed, session_queued, rtt, reconnects,
                     drained, limits,
-                    slots, slots_limit, throttle, udp_flows, udp_datagrams, udp_dropped)
+                    slots, slots_limit, throttle, udp_flows, udp_datagrams, udp_dropped,
+                    udp_moved)
 
 
 # -- the page -----------------------------------------------------------------

@@ -825,6 +825,13 @@ class DrainTests(TestCase):
         await wait_until(lambda: on(b), 15, "both proxies on B")
         await talk(b"on B")
         self.assertEqual(_udp_status(server)["flows_moved"], 1)  # /status shows it
+        from twisted.application import service
+
+        parent = service.MultiService()
+        parent.services.append(server)  # only iterated: not started or owned
+        moved = [sample.value for metric in TunnelCollector(parent).collect()
+                 if metric.name == "tcptunnel_udp_flows_moved" for sample in metric.samples]
+        self.assertEqual(moved, [1])  # and /metrics
         self.assertNotEqual(echo.sources[-1], before)  # a new flow at the target
         for i in range(3):
             await talk(b"on B %d" % i)
