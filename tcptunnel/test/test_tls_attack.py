@@ -1,0 +1,529 @@
+"""Attacks on the links' TLS, as a hostile peer or a malicious Gateway / man in the middle
+would make them, on real loopback sockets, on the standard library's engine (the default,
+tcptunnel.tlslink.StdlibLinkTLSProtocol) and on pyOpenSSL (TCPTUNNEL_PYOPENSSL_TLS=1,
+tcptunnel.tlslink.LinkTLSProtocol), which must give the same outcome.
+
+* A proxy facing a fake Gateway (a pyOpenSSL server of its own, independent of the engine
+  under test) that presents a certificate for another name, without SAN, signed by an
+  unknown CA, expired, not yet valid, self-signed, behind a non-CA intermediate, for an IP
+  address, or one that does not match the pin: the link fails with a reason naming the
+  problem, and the fake Gateway receives no byte of the link (no login) after the handshake.
+* The Gateway's TLS listener against old protocol versions, weak cipher suites,
+  renegotiation, ALPN offers, absent or huge SNI, garbage, oversized record headers, 1-byte
+  fragments, a peer that never finishes the handshake, EOF without close_notify, and a flood
+  while the link is paused (what the TLS layer buffers stays bounded).
+* Certificate reloads: new links get the new certificate, old links keep theirs, a broken
+  file keeps the old one, and 20 reloads leave no file descriptor and no file behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from typing import Any, cast
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet import error, reactor
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from tcptunnel.proxy import ProxyService
+from tcptunnel.proxyclient import ProxyClientService
+from tcptunnel.test._harness import Tunnel, tcp_connections, wait_until
+from tcptunnel.tlslink import (
+    LinkTLSProtocol,
+    StdlibLinkTLSProtocol,
+    use_pyopenssl_tls,
+    use_twisted_tls,
+)
+
+_NOW = datetime.datetime.now(datetime.UTC)
+_DAY = datetime.timedelta(days=1)
+
+
+# -- certificates ------------------------------------------------------------------------
+
+
+class _Pki:
+    """Mints keys and certificates of any shape (CA or not, any names, any validity) and
+    writes them as PEM files under ``directory``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self._count = 0
+
+    @staticmethod
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    def certificate(self, common_name: str, *, sans: list[str] | None = None,
+                    issuer: tuple[Any, x509.Certificate] | None = None, ca: bool = False,
+                    not_before: datetime.datetime | None = None,
+                    not_after: datetime.datetime | None = None,
+                    rsa_key: bool = False) -> tuple[Any, x509.Certificate]:
+        """(key, certificate): self-signed unless ``issuer`` (key, certificate) is given;
+        ``sans`` are DNS names, or IP addresses when they parse as one (None: no SAN
+        extension at all); ``ca`` sets BasicConstraints CA:TRUE (else CA:FALSE)."""
+        key = (rsa.generate_private_key(65537, 2048) if rsa_key
+               else ec.generate_private_key(ec.SECP256R1()))
+        subject = self.name(common_name)
+        issuer_key, issuer_name = (key, subject) if issuer is None else (issuer[0],
+                                                                          issuer[1].subject)
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(not_before or _NOW - _DAY)
+                   .not_valid_after(not_after or _NOW + 30 * _DAY)
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None),
+                                  critical=True))
+        if sans is not None:
+            names: list[x509.GeneralName] = []
+            for san in sans:
+                try:
+                    names.append(x509.IPAddress(ipaddress.ip_address(san)))
+                except ValueError:
+                    names.append(x509.DNSName(san))
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return key, builder.sign(issuer_key, hashes.SHA256())
+
+    def ca(self, common_name: str = "attack test CA") -> tuple[Any, x509.Certificate]:
+        """A self-signed CA."""
+        return self.certificate(common_name, ca=True)
+
+    def pem_file(self, *certificates: x509.Certificate) -> str:
+        """A new PEM file holding ``certificates``; its path."""
+        self._count += 1
+        path = os.path.join(self.directory, f"c{self._count}.pem")
+        with open(path, "wb") as f:
+            f.write(b"".join(c.public_bytes(serialization.Encoding.PEM)
+                             for c in certificates))
+        return path
+
+    def key_file(self, key: Any) -> str:
+        """A new PEM file holding ``key``; its path."""
+        self._count += 1
+        path = os.path.join(self.directory, f"k{self._count}.pem")
+        with open(path, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        return path
+
+
+def _pin_hex(certificate: x509.Certificate) -> str:
+    import hashlib
+
+    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+# -- a fake Gateway ------------------------------------------------------------------------
+
+
+@implementer(IHandshakeListener)
+class _Recorder(Protocol):
+    """What a fake Gateway's connection sees: the handshake, the bytes after it, the SNI."""
+
+    def __init__(self, owner: _FakeGateway) -> None:
+        self.owner = owner
+        self.handshakes = 0
+        self.received = bytearray()
+        self.lost: Failure | None = None
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.owner.connections.append(self)
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        self.handshakes += 1
+        handle = cast(Any, self.transport).getHandle()
+        self.owner.sni.append(handle.get_servername())
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008, N802
+        self.lost = reason
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _FakeGateway:
+    """A TLS server on 127.0.0.1 presenting any chain (pyOpenSSL under Twisted's TLS
+    protocol: not the engine under test), selecting tcptunnel/1 when offered."""
+
+    def __init__(self, key: Any, chain: list[x509.Certificate],
+                 max_version: int | None = None) -> None:
+        context = SSL.Context(SSL.TLS_METHOD)
+        # Whatever the certificate: the fake Gateway serves what the test asks it to.
+        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        context.use_privatekey(crypto.PKey.from_cryptography_key(key))
+        context.use_certificate(crypto.X509.from_cryptography(chain[0]))
+        for extra in chain[1:]:
+            context.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        if max_version is not None:
+            context.set_min_proto_version(SSL.TLS1_VERSION)
+            context.set_max_proto_version(max_version)
+        context.set_alpn_select_callback(
+            lambda connection, offered: b"tcptunnel/1" if b"tcptunnel/1" in offered
+            else SSL.NO_OVERLAPPING_PROTOCOLS)
+        context.set_tlsext_servername_callback(lambda connection: None)
+        self.context = context
+        self.connections: list[_Recorder] = []
+        self.sni: list[bytes | None] = []
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803
+        return SSL.Connection(self.context, None)
+
+    def listen(self, test: TestCase) -> int:
+        factory = TLSMemoryBIOFactory(self, False, Factory.forProtocol(lambda: _Recorder(self)))
+        port = reactor.listenTCP(0, cast(Any, factory), interface="127.0.0.1")
+        test.addCleanup(port.stopListening)
+        return int(cast(Any, port.getHost()).port)
+
+    def link_bytes(self) -> bytes:
+        """Every byte of the link any connection received after its handshake."""
+        return b"".join(bytes(c.received) for c in self.connections)
+
+
+class _Engine(TestCase):
+    """Runs a test class on one TLS engine of tcptunnel.tlslink, whatever the environment
+    says: "stdlib" (the default) or "pyopenssl" (TCPTUNNEL_PYOPENSSL_TLS=1)."""
+
+    engine = "stdlib"
+
+    def setUp(self) -> None:
+        test = self
+        test.patch(os, "environ", {k: v for k, v in os.environ.items()
+                                   if k not in ("TCPTUNNEL_TWISTED_TLS",
+                                                "TCPTUNNEL_PYOPENSSL_TLS")})
+        use_twisted_tls(False)
+        use_pyopenssl_tls(self.engine == "pyopenssl")
+        test.addCleanup(use_pyopenssl_tls, False)
+        self.pki = _Pki(os.path.abspath(test.mktemp()))
+
+    @property
+    def link_protocol(self) -> type:
+        return StdlibLinkTLSProtocol if self.engine == "stdlib" else LinkTLSProtocol
+
+
+# -- the proxy verifies the Gateway ----------------------------------------------------------
+
+
+class _ProxyAttack(_Engine):
+    """A proxy (the real ProxyClientService) against a fake Gateway."""
+
+    timeout = 60
+
+    async def attempt(self, key: Any, chain: list[x509.Certificate], proxy_tls: str,
+                      host: str = "127.0.0.1", max_version: int | None = None
+                      ) -> tuple[str | None, _FakeGateway, Any]:
+        """Start a Proxy-Client towards a fake Gateway presenting ``chain``; wait until
+        its first link ends (the reason, as the proxy gives it) or the fake Gateway receives
+        link bytes (None)."""
+        fake = _FakeGateway(key, chain, max_version)
+        port = self.fake_port = fake.listen(self)
+        tunnel = Tunnel(self)
+        self.addCleanup(tunnel.close)
+        proxy = cast(ProxyService, tunnel._start_proxy(
+            ProxyClientService,
+            f'<Instance type="proxy-client" host="{host}" port="{port}" maxRetryDelay="30" '
+            f'{proxy_tls}><Session id="1" password="client-pw"/></Instance>'))
+        reasons: list[str] = []
+        link_lost = proxy.link_lost
+
+        def record(link: Any, why: str) -> None:
+            reasons.append(why)
+            link_lost(link, why)
+
+        proxy.link_lost = record  # type: ignore[method-assign]
+        await wait_until(lambda: bool(reasons or fake.link_bytes()), 10,
+                         "the link to fail or to reach the fake Gateway")
+        if reasons:
+            # Nothing more arrives after the failure (the connection is gone).
+            await wait_until(lambda: all(c.lost is not None for c in fake.connections), 10,
+                             "the fake Gateway's connection to end")
+            return reasons[0], fake, proxy
+        return None, fake, proxy
+
+    async def refused(self, key: Any, chain: list[x509.Certificate], proxy_tls: str,
+                      *words: str, host: str = "127.0.0.1",
+                      max_version: int | None = None) -> str:
+        """Assert that the link fails, with each of ``words`` in its reason (any of the
+        alternatives split by '|'), that no byte of it reached the fake Gateway and that the
+        proxy never logged in."""
+        why, fake, proxy = await self.attempt(key, chain, proxy_tls, host, max_version)
+        self.assertIsNotNone(why, "the proxy sent link bytes to a Gateway it must refuse")
+        assert why is not None
+        self.assertEqual(fake.link_bytes(), b"")
+        self.assertEqual(proxy.stats["logins_ok",], 0)
+        for word in words:
+            self.assertTrue(any(w.lower() in why.lower() for w in word.split("|")),
+                            f"{word!r} not in {why!r}")
+        return why
+
+    async def accepted(self, key: Any, chain: list[x509.Certificate], proxy_tls: str,
+                       host: str = "127.0.0.1") -> _FakeGateway:
+        """Assert that the link reaches the fake Gateway (link bytes after the handshake)
+        on this test's engine."""
+        why, fake, _proxy = await self.attempt(key, chain, proxy_tls, host)
+        self.assertIsNone(why)
+        self.assertTrue(fake.link_bytes())
+        engines = [type(c.protocol) for c in tcp_connections()
+                   if c.getPeer().port == self.fake_port]
+        self.assertEqual(engines, [self.link_protocol])
+        return fake
+
+    def ca_leaf(self, *sans: str, common_name: str = "gateway", **kwargs: Any) -> tuple[
+            str, Any, list[x509.Certificate]]:
+        """(CA file, leaf key, [leaf]) of a new CA and a leaf it signed for ``sans``."""
+        ca = self.pki.ca()
+        key, leaf = self.pki.certificate(common_name, sans=list(sans), issuer=ca, **kwargs)
+        return self.pki.pem_file(ca[1]), key, [leaf]
+
+
+
+class ProxyVerificationAttackTests(_ProxyAttack):
+    """A proxy against a fake Gateway: every certificate that must be refused is refused
+    with a reason that names the problem, and no byte of the link (HELLO, the login) reaches
+    the fake Gateway; the ones that must pass do, and the login's bytes arrive (the recorder
+    works)."""
+
+    async def test_valid_certificate_control(self) -> None:
+        """Control: a certificate of the CA file naming serverName passes, the login's bytes
+        reach the fake Gateway, and the SNI is serverName (not the host dialled)."""
+        ca_file, key, chain = self.ca_leaf("gateway.example")
+        fake = await self.accepted(key, chain,
+                                   f'useSsl="1" caFile="{ca_file}" serverName="gateway.example"')
+        self.assertEqual(fake.sni[0], b"gateway.example")
+
+    async def test_san_for_another_name(self) -> None:
+        """A valid certificate for another name is refused as a name mismatch naming
+        serverName."""
+        ca_file, key, chain = self.ca_leaf("other.example")
+        await self.refused(key, chain,
+                           f'useSsl="1" caFile="{ca_file}" serverName="gateway.example"',
+                           "gateway.example", "does not name")
+
+    async def test_wildcard_one_label(self) -> None:
+        """*.example.test covers a.example.test (control) ..."""
+        ca_file, key, chain = self.ca_leaf("*.example.test")
+        await self.accepted(key, chain,
+                            f'useSsl="1" caFile="{ca_file}" serverName="a.example.test"')
+
+    async def test_wildcard_not_two_labels(self) -> None:
+        """... but not a.b.example.test (a wildcard is one label) ..."""
+        ca_file, key, chain = self.ca_leaf("*.example.test")
+        await self.refused(key, chain,
+                           f'useSsl="1" caFile="{ca_file}" serverName="a.b.example.test"',
+                           "does not name")
+
+    async def test_wildcard_not_the_parent(self) -> None:
+        """... nor example.test itself ..."""
+        ca_file, key, chain = self.ca_leaf("*.example.test")
+        await self.refused(key, chain,
+                           f'useSsl="1" caFile="{ca_file}" serverName="example.test"',
+                           "does not name")
+
+    async def test_partial_wildcard(self) -> None:
+        """... and a partial wildcard (gw*.example.test) names no host."""
+        ca_file, key, chain = self.ca_leaf("gw*.example.test")
+        await self.refused(key, chain,
+                           f'useSsl="1" caFile="{ca_file}" serverName="gw1.example.test"',
+                           "does not name|wildcard")
+
+    async def test_unknown_ca(self) -> None:
+        """A certificate signed by a CA other than the CA file's is refused as such."""
+        _ca_file, key, chain = self.ca_leaf("gateway.example")
+        other = self.pki.pem_file(self.pki.ca("another CA")[1])
+        await self.refused(key, chain,
+                           f'useSsl="1" caFile="{other}" serverName="gateway.example"',
+                           "TLS handshake with the Gateway failed", "certificate verify failed",
+                           "unable to get local issuer certificate" if self.engine == "stdlib"
+                           else "")
+
+    async def test_expired(self) -> None:
+        """An expired certificate is refused as expired."""
+        ca_file, key, chain = self.ca_leaf("gateway.example", not_before=_NOW - 10 * _DAY,
+                                           not_after=_NOW - _DAY)
+        await self.refused(key, chain,
+                           f'useSsl="1" caFile="{ca_file}" serverName="gateway.example"',
+                           "certificate verify failed",
+                           "expired" if self.engine == "stdlib" else "")
+
+    async def test_not_yet_valid(self) -> None:
+        """A certificate valid only from tomorrow is refused as not yet valid."""
+        ca_file, key, chain = self.ca_leaf("gateway.example", not_before=_NOW + _DAY,
+                                           not_after=_NOW + 10 * _DAY)
+        await self.refused(key, chain,
+                           f'useSsl="1" caFile="{ca_file}" serverName="gateway.example"',
+                           "certificate verify failed",
+                           "not yet valid" if self.engine == "stdlib" else "")
+
+    async def test_self_signed(self) -> None:
+        """A self-signed certificate for the right name is refused."""
+        key, leaf = self.pki.certificate("gateway.example", sans=["gateway.example"])
+        ca_file = self.pki.pem_file(self.pki.ca()[1])
+        await self.refused(key, [leaf],
+                           f'useSsl="1" caFile="{ca_file}" serverName="gateway.example"',
+                           "certificate verify failed",
+                           "self-signed|self signed" if self.engine == "stdlib" else "")
+
+    async def test_non_ca_intermediate(self) -> None:
+        """A leaf signed by an intermediate that is no CA (CA:FALSE), itself signed by the
+        trusted root, is refused: a leaf certificate cannot issue others."""
+        root = self.pki.ca()
+        intermediate = self.pki.certificate("not a CA", sans=["intermediate.example"],
+                                            issuer=root, ca=False)
+        key, leaf = self.pki.certificate("gateway", sans=["gateway.example"],
+                                         issuer=intermediate)
+        await self.refused(key, [leaf, intermediate[1]],
+                           f'useSsl="1" caFile="{self.pki.pem_file(root[1])}" '
+                           'serverName="gateway.example"',
+                           "certificate verify failed",
+                           "invalid CA certificate" if self.engine == "stdlib" else "")
+
+    async def test_ca_intermediate_control(self) -> None:
+        """Control: the same chain through a real intermediate CA passes."""
+        root = self.pki.ca()
+        intermediate = self.pki.certificate("intermediate CA", issuer=root, ca=True)
+        key, leaf = self.pki.certificate("gateway", sans=["gateway.example"],
+                                         issuer=intermediate)
+        await self.accepted(key, [leaf, intermediate[1]],
+                            f'useSsl="1" caFile="{self.pki.pem_file(root[1])}" '
+                            'serverName="gateway.example"')
+
+    async def test_ip_server_name_with_ip_san(self) -> None:
+        """serverName="127.0.0.1" against a certificate with that IP address as a SAN:
+        passes (the IP address check)."""
+        ca_file, key, chain = self.ca_leaf("127.0.0.1")
+        await self.accepted(key, chain, f'useSsl="1" caFile="{ca_file}" serverName="127.0.0.1"')
+
+    async def test_ip_server_name_other_ip(self) -> None:
+        """serverName="127.0.0.1" against a certificate for 127.0.0.2: refused."""
+        ca_file, key, chain = self.ca_leaf("127.0.0.2")
+        await self.refused(key, chain, f'useSsl="1" caFile="{ca_file}" serverName="127.0.0.1"',
+                           "does not name")
+
+    async def test_host_is_the_name_without_server_name(self) -> None:
+        """Without serverName the host dialled is the name checked: host="localhost"
+        against a certificate for gateway.example is refused naming 'localhost'; against
+        one for localhost it passes with SNI localhost."""
+        ca_file, key, chain = self.ca_leaf("gateway.example")
+        await self.refused(key, chain, f'useSsl="1" caFile="{ca_file}"', "'localhost'",
+                           host="localhost")
+        ca_file, key, chain = self.ca_leaf("localhost")
+        fake = await self.accepted(key, chain, f'useSsl="1" caFile="{ca_file}"',
+                                   host="localhost")
+        self.assertEqual(fake.sni[0], b"localhost")
+
+    async def test_server_name_wins_over_host(self) -> None:
+        """With serverName set, a certificate naming only the host dialled (127.0.0.1) is
+        refused: serverName is the name checked."""
+        ca_file, key, chain = self.ca_leaf("127.0.0.1", "localhost")
+        await self.refused(key, chain,
+                           f'useSsl="1" caFile="{ca_file}" serverName="gateway.example"',
+                           "gateway.example")
+
+    async def test_right_pin(self) -> None:
+        """Control: the pinned certificate passes (self-signed, another name: the pin is the
+        check)."""
+        key, leaf = self.pki.certificate("whatever", sans=["other.example"])
+        await self.accepted(key, [leaf], f'useSsl="1" certificatePin="{_pin_hex(leaf)}"')
+
+    async def test_wrong_pin(self) -> None:
+        """A certificate other than the pinned one is refused."""
+        key, leaf = self.pki.certificate("gateway", sans=["127.0.0.1"])
+        other = self.pki.certificate("gateway", sans=["127.0.0.1"])[1]
+        await self.refused(key, [leaf], f'useSsl="1" certificatePin="{_pin_hex(other)}"',
+                           "TLS handshake with the Gateway failed",
+                           "pin" if self.engine == "stdlib" else "")
+
+    async def test_wrong_pin_with_a_valid_chain(self) -> None:
+        """A certificate with a valid chain for the right name, but not the pinned one, is
+        refused: the pin is not an alternative to the chain."""
+        ca = self.pki.ca()
+        key, leaf = self.pki.certificate("gateway", sans=["127.0.0.1"], issuer=ca)
+        pinned = self.pki.certificate("gateway", sans=["127.0.0.1"], issuer=ca)[1]
+        await self.refused(key, [leaf],
+                           f'useSsl="1" certificatePin="{_pin_hex(pinned)}" '
+                           f'caFile="{self.pki.pem_file(ca[1])}"',
+                           "TLS handshake with the Gateway failed")
+
+    async def test_pin_of_the_ca_is_not_the_leaf(self) -> None:
+        """A pin of the CA's certificate does not accept a leaf that CA signed (the pin is of
+        the Gateway's own certificate)."""
+        ca = self.pki.ca()
+        key, leaf = self.pki.certificate("gateway", sans=["127.0.0.1"], issuer=ca)
+        await self.refused(key, [leaf, ca[1]], f'useSsl="1" certificatePin="{_pin_hex(ca[1])}"',
+                           "TLS handshake with the Gateway failed")
+
+    async def test_system_store(self) -> None:
+        """Without caFile the system store is used: a test CA it does not hold is refused;
+        the same CA put in the store's file (SSL_CERT_FILE, read by OpenSSL's default
+        paths) passes."""
+        ca = self.pki.ca()
+        key, leaf = self.pki.certificate("gateway", sans=["gateway.example"], issuer=ca)
+        await self.refused(key, [leaf], 'useSsl="1" serverName="gateway.example"',
+                           "certificate verify failed")
+        # The process's environment (os.environ is a copy here: see _Engine.setUp).
+        os.putenv("SSL_CERT_FILE", self.pki.pem_file(ca[1]))
+        os.putenv("SSL_CERT_DIR", self.pki.directory + "/none")
+        self.addCleanup(os.unsetenv, "SSL_CERT_FILE")
+        self.addCleanup(os.unsetenv, "SSL_CERT_DIR")
+        await self.accepted(key, [leaf], 'useSsl="1" serverName="gateway.example"')
+
+    async def test_gateway_offers_only_tls_1_1(self) -> None:
+        """A Gateway (or a man in the middle) that speaks at most TLS 1.1 is refused at
+        once: proxies speak TLS 1.2 at least."""
+        ca_file, key, chain = self.ca_leaf("gateway.example")
+        await self.refused(key, chain,
+                           f'useSsl="1" caFile="{ca_file}" serverName="gateway.example"',
+                           "TLS handshake with the Gateway failed", "version|protocol",
+                           max_version=SSL.TLS1_1_VERSION)
+
+
+class PyOpenSSLProxyVerificationAttackTests(ProxyVerificationAttackTests):
+    """The same attacks on a proxy on pyOpenSSL (TCPTUNNEL_PYOPENSSL_TLS=1)."""
+
+    engine = "pyopenssl"
+
+
+class StdlibNameEdgeTests(_ProxyAttack):
+    """Certificates whose names service_identity cannot even read: refused on the standard
+    library's engine.  (On pyOpenSSL, TCPTUNNEL_PYOPENSSL_TLS=1, Twisted 26.10's verify
+    callback catches only VerificationError: service_identity's CertificateError is logged
+    "while verifying certificate" and the chain's verdict stands, so the link logs in.)"""
+
+    async def test_common_name_only(self) -> None:
+        """A certificate that names serverName only in its common name (no SAN) is refused:
+        host names are checked on the SAN only."""
+        ca = self.pki.ca()
+        key, leaf = self.pki.certificate("gateway.example", sans=None, issuer=ca)
+        await self.refused(key, [leaf],
+                           f'useSsl="1" caFile="{self.pki.pem_file(ca[1])}" '
+                           'serverName="gateway.example"',
+                           "subjectAltName|does not name")
+
+    async def test_ip_server_name_with_dns_san(self) -> None:
+        """serverName="127.0.0.1" against a certificate with "127.0.0.1" only as a DNS
+        name: refused (an IP address is matched against IP SANs only)."""
+        ca = self.pki.ca()
+        key = ec.generate_private_key(ec.SECP256R1())
+        leaf = (x509.CertificateBuilder().subject_name(_Pki.name("gateway"))
+                .issuer_name(ca[1].subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(_NOW - _DAY).not_valid_after(_NOW + _DAY)
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("127.0.0.1")]),
+                               critical=False)
+                .sign(ca[0], hashes.SHA256()))
+        await self.refused(key, [leaf],
+                           f'useSsl="1" caFile="{self.pki.pem_file(ca[1])}" '
+                           'serverName="127.0.0.1"', "does not name|127.0.0.1")
+
