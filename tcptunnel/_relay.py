@@ -180,9 +180,15 @@ class RelayLink(LinkCore):
 
     def receive_data(self, data: bytes) -> list[object]:
         """As LinkCore's, and what the peer provoked here (PONGs) is held to the link's byte
-        bound like everything else queued toward it (raises LinkError TOO_SLOW)."""
+        bound like everything else queued toward it (raises LinkError TOO_SLOW).  Only what
+        this read queued is judged: a link a few bytes past its bound by frames the Gateway
+        queued without a check (its GOAWAY DRAINING, a PARTNER: at most a largest frame's
+        worth) is not closed by its next frame, e.g. a WINDOW_UPDATE of a draining stream,
+        which would reset every stream it still carries."""
+        before = self.queued_bytes
         events = super().receive_data(data)
-        if self.queued_bytes > self.max_queued_bytes and self.state is not LinkState.CLOSED:
+        if (self.queued_bytes > self.max_queued_bytes and self.queued_bytes > before
+                and self.state is not LinkState.CLOSED):
             raise LinkError(GoAway.TOO_SLOW,
                             f"the peer does not read what it asked for ({self.queued_bytes} "
                             f"bytes queued, limit {self.max_queued_bytes})")

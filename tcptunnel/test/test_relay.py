@@ -702,6 +702,38 @@ class RelayRetireTests(SynchronousTestCase):
         (closing,) = relay.read_all(server)
         self.assertEqual(fr.parse_goaway(closing.payload)[0], GoAway.DRAINING)
 
+    def test_retired_link_at_its_bound_keeps_its_streams(self) -> None:
+        """A retired Proxy-Server two bytes below its byte bound, pushed past it by its own
+        GOAWAY DRAINING (which the relay queues without a check), is not closed TOO_SLOW by
+        its next frame (a WINDOW_UPDATE of its running stream): the stream keeps flowing.
+        Before, every read of such a link failed it, resetting its streams."""
+        limits = RelayLimits(max_queued_bytes_per_link=200_000)
+        relay = DrainingRelay(limits)
+        client = relay.login(1, ROLE_CLIENT)
+        server = relay.login(1, ROLE_SERVER)
+        relay.read_all(client)
+        relay.read_all(server)
+        relay.feed(server, open_frame(1, fr.MAX_WINDOW))
+        (opened,) = of_type(relay.read_all(client), FrameType.OPEN)
+        relay.feed(client, fr.build_open_result(opened.stream_id, Reason.OK, fr.MAX_WINDOW))
+        relay.read_all(server)
+        for size in (fr.MAX_PAYLOAD, fr.MAX_PAYLOAD, fr.MAX_PAYLOAD):
+            relay.feed(client, data(opened.stream_id, b"x" * size))
+        # A DATA frame costs its payload, its 9-byte header and FRAME_COST (84) bytes.
+        last = limits.max_queued_bytes_per_link - server.queued_bytes - 2 - 9 - 84
+        relay.feed(client, data(opened.stream_id, b"y" * last))
+        self.assertEqual(server.queued_bytes, limits.max_queued_bytes_per_link - 2)
+        relay.core.retire(server, "draining")
+        relay.effects()
+        self.assertGreater(server.queued_bytes, limits.max_queued_bytes_per_link)
+        relay.feed(server, fr.build_window_update(1, 1000))
+        self.assertEqual(relay.failed, [])
+        self.assertIn(1, server.routes)
+        relay.feed(server, data(1, b"up"))
+        self.assertEqual([(f.type, f.payload) for f in relay.read_all(client)],
+                         [(FrameType.WINDOW_UPDATE, (1000).to_bytes(4, "big")),
+                          (FrameType.DATA, b"up")])
+
 
 # -- the state machine -------------------------------------------------------
 
@@ -940,14 +972,19 @@ class HostileRelay(RuleBasedStateMachine):
         before = stats[key]
         shutdown = ("streams_refused", session.id, Reason.SHUTDOWN.name)
         shutdown_before = stats[shutdown]
-        # (A window out of range is refused first, FLOW_CONTROL, uncounted.)
+        # (A window out of range is refused first, FLOW_CONTROL, uncounted; and a link
+        # already holding more unsent control frames than the cap, such as the refusals of
+        # its earlier OPENs, is closed TOO_SLOW by the read before the OPEN is looked at.)
         draining = (client is not None and (server.retiring or client.retiring)
-                    and 0 < window <= fr.MAX_WINDOW)
+                    and 0 < window <= fr.MAX_WINDOW
+                    and len(server._control) <= server.max_control_frames)
         self.opened.setdefault(server, set()).add(stream_id)
+        failed = len(self.relay.failed)
         self.relay.feed(server, open_frame(stream_id, window))
         # A well-formed OPEN on or toward a retiring link is refused SHUTDOWN, and only such.
         assert stats[shutdown] - shutdown_before == (1 if draining else 0), (
-            draining, stats[shutdown] - shutdown_before)
+            draining, stats[shutdown] - shutdown_before, self.relay.failed[failed:],
+            server.queued_bytes, stream_id, server.last_opened)
         assert not (draining and stream_id in server.routes), "a route on a retiring link"
         if stats[key] > before:
             assert client is not None and used is not None
