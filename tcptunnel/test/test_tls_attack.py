@@ -19,8 +19,11 @@ tcptunnel.tlslink.LinkTLSProtocol), which must give the same outcome.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import os
+import struct
+import termios
 from typing import Any, cast
 
 from cryptography import x509
@@ -28,18 +31,26 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from twisted.internet import error, reactor
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet import defer, error, reactor
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from tcptunnel.config import Location, TlsFiles
+from tcptunnel.ports import listen
 from tcptunnel.proxy import ProxyService
 from tcptunnel.proxyclient import ProxyClientService
 from tcptunnel.test._harness import Tunnel, tcp_connections, wait_until
+from tcptunnel.tls import ALPN_HTTP_1_1, ReloadableServerTls, server_context_factory
 from tcptunnel.tlslink import (
+    TLS_ERRORS,
     LinkTLSProtocol,
     StdlibLinkTLSProtocol,
     use_pyopenssl_tls,
@@ -527,3 +538,405 @@ class StdlibNameEdgeTests(_ProxyAttack):
                            f'useSsl="1" caFile="{self.pki.pem_file(ca[1])}" '
                            'serverName="127.0.0.1"', "does not name|127.0.0.1")
 
+
+
+# -- hostile clients of the Gateway's listener ------------------------------------------------
+
+
+@implementer(IHandshakeListener)
+class _Peer(Protocol):
+    """One end of a TLS connection made by the test: records the handshake, the bytes, how
+    it ended; ``pause_on_data`` pauses the transport at the first bytes (a link whose
+    consumer is slow); ``on_handshake`` is written when the handshake completes."""
+
+    transport: Any
+
+    def __init__(self, pause_on_data: bool = False, on_handshake: bytes = b"") -> None:
+        self.handshakes = 0
+        self.received = bytearray()
+        self.received_at_pause = -1
+        self.lost: Failure | None = None
+        self.pause_on_data = pause_on_data
+        self.on_handshake = on_handshake
+        self.made: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.made.callback(None)
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        self.handshakes += 1
+        if self.on_handshake:
+            self.transport.write(self.on_handshake)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+        if self.pause_on_data and self.received_at_pause < 0:
+            self.received_at_pause = len(self.received)
+            cast(Any, self.transport).pauseProducing()
+
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008, N802
+        self.lost = reason
+
+    @property
+    def negotiated(self) -> bytes | None:
+        return cast(Any, self.transport).negotiatedProtocol
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _HostileClient:
+    """A TLS client of the test's own (pyOpenSSL under Twisted's TLS protocol: not the
+    engine under test) with any versions, ciphers, ALPN offer, SNI; verifies nothing."""
+
+    def __init__(self, *, versions: tuple[int, int] = (SSL.TLS1_2_VERSION, 0),
+                 ciphers: bytes | None = None, alpn: list[bytes] | None = None,
+                 sni: bytes | None = b"localhost") -> None:
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_min_proto_version(versions[0])
+        if versions[1]:
+            context.set_max_proto_version(versions[1])
+        # @SECLEVEL=0: what the client may offer is the attack; the server decides.
+        context.set_cipher_list(ciphers or b"DEFAULT:@SECLEVEL=0")
+        if alpn:
+            context.set_alpn_protos(alpn)
+        context.set_verify(SSL.VERIFY_NONE, lambda *args: True)
+        self.context = context
+        self.sni = sni
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803
+        connection = SSL.Connection(self.context, None)
+        if self.sni is not None:
+            connection.set_tlsext_host_name(self.sni)
+        return connection
+
+    async def connect(self, port: int, peer: _Peer | None = None) -> _Peer:
+        """Connect to 127.0.0.1:``port``; the peer once TCP is up."""
+        peer = peer or _Peer()
+        factory = TLSMemoryBIOFactory(self, True, ClientFactory.forProtocol(lambda: peer))
+        reactor.connectTCP("127.0.0.1", port, cast(Any, factory))
+        await peer.made
+        return peer
+
+
+class _RawClient(Protocol):
+    """Plain TCP: sends what it is told, records what comes back and when it ended."""
+
+    transport: Any
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.lost: Failure | None = None
+        self.made: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.made.callback(None)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008, N802
+        self.lost = reason
+
+
+async def _raw_connect(port: int) -> _RawClient:
+    raw = _RawClient()
+    reactor.connectTCP("127.0.0.1", port, cast(Any, ClientFactory.forProtocol(lambda: raw)))
+    await raw.made
+    return raw
+
+
+class ListenerTlsAttackTests(_Engine):
+    """A TLS listener as the Gateway makes it (tcptunnel.ports.listen with the listener's
+    ReloadableServerTls, on this test's engine) against hostile clients."""
+
+    timeout = 60
+    # TLS 1.2 suites the listener must refuse (3DES and RC4 are gone from the OpenSSL the
+    # test client runs on): RSA key exchange (no forward secrecy), SHA-1 MACs, no
+    # encryption, Camellia.
+    weak_suites = [b"AES128-GCM-SHA256", b"AES256-SHA256", b"AES128-SHA",
+                   b"ECDHE-RSA-AES128-SHA", b"ECDHE-RSA-AES256-SHA", b"NULL-SHA256",
+                   b"ECDHE-RSA-NULL-SHA", b"ECDHE-RSA-CAMELLIA128-SHA256"]
+    # What follows garbage after the handshake before it is refused (see the subclass).
+    garbage_tail = b""
+
+    def setUp(self) -> None:
+        super().setUp()
+        ca = self.pki.ca()
+        # RSA: the RSA key exchange and ECDHE-RSA suites can be offered at all.
+        self.key, self.leaf = self.pki.certificate("gateway", sans=["localhost"], issuer=ca,
+                                                   rsa_key=True)
+        self.tls = ReloadableServerTls(server_context_factory(TlsFiles(
+            pem_certificate=self.pki.pem_file(self.leaf), pem_key=self.pki.key_file(self.key))))
+        self.peers: list[_Peer] = []
+        self.clients: list[Any] = []
+        self.addCleanup(lambda: defer.ensureDeferred(self.close_all()))
+
+    async def close_all(self) -> None:
+        """Abort every connection the test left open; wait until none is left."""
+        for end in [*self.clients, *self.peers]:
+            if end.lost is None and end.transport is not None:
+                cast(Any, end.transport).abortConnection()
+        await wait_until(lambda: not tcp_connections(), 10, "every connection to close")
+
+    async def client(self, port: int, peer: _Peer | None = None, **options: Any) -> _Peer:
+        """A _HostileClient(**options) connected to ``port``."""
+        peer = await _HostileClient(**options).connect(port, peer)
+        self.clients.append(peer)
+        return peer
+
+    async def raw(self, port: int) -> _RawClient:
+        """A plain TCP client connected to ``port``."""
+        raw = await _raw_connect(port)
+        self.clients.append(raw)
+        return raw
+
+    def start(self, **peer: Any) -> int:
+        """The listener on 127.0.0.1 port 0; each connection a _Peer(**peer)."""
+        def accept() -> _Peer:
+            self.peers.append(_Peer(**peer))
+            return self.peers[-1]
+
+        port = listen(reactor, "127.0.0.1", 0, Factory.forProtocol(accept), "attack",
+                      Location("attack.xml", 1), self.tls)
+        self.addCleanup(port.stopListening)
+        return int(port.getHost().port)
+
+    async def ended(self, *peers: Any) -> None:
+        await wait_until(lambda: all(p.lost is not None for p in peers), 10,
+                         "the connections to end")
+
+    def server_engine(self) -> None:
+        """The listener's connections run on this test's engine."""
+        self.assertEqual({type(p.transport) for p in self.peers}, {self.link_protocol})
+
+    async def test_tls_1_0_and_1_1_refused(self) -> None:
+        """A client offering at most TLS 1.0 or 1.1 (with any cipher) is refused with a
+        protocol version alert, no handshake at the server; TLS 1.2 completes (control)."""
+        port = self.start()
+        for version in (SSL.TLS1_VERSION, SSL.TLS1_1_VERSION):
+            client = await self.client(port, versions=(version, version))
+            await self.ended(client, *self.peers)
+            cast(Failure, client.lost).trap(SSL.Error)
+            self.assertIn("protocol version", str(cast(Failure, client.lost).value))
+        self.assertEqual([p.handshakes for p in self.peers], [0, 0])
+        client = await self.client(port, versions=(SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION))
+        await wait_until(lambda: client.handshakes == 1, 10, "a TLS 1.2 handshake")
+        self.server_engine()
+
+    async def test_weak_cipher_suites_refused(self) -> None:
+        """TLS 1.2 clients offering only RSA key exchange, SHA-1 MACs, Camellia or no
+        encryption are refused (handshake failure); ECDHE with AES-GCM or ChaCha20
+        completes."""
+        port = self.start()
+        weak = self.weak_suites
+        outcomes = {}
+        for cipher in [*weak, b"ECDHE-RSA-AES128-GCM-SHA256", b"ECDHE-RSA-CHACHA20-POLY1305"]:
+            client = await self.client(port, versions=(SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION),
+                                       ciphers=cipher + b":@SECLEVEL=0")
+            await wait_until(lambda c=client: c.handshakes or c.lost is not None, 10,  # type: ignore[misc]
+                             "the handshake to end")
+            outcomes[cipher] = client.handshakes == 1
+        self.assertEqual(outcomes, {**{c: False for c in weak},
+                                    b"ECDHE-RSA-AES128-GCM-SHA256": True,
+                                    b"ECDHE-RSA-CHACHA20-POLY1305": True})
+
+    async def test_client_renegotiation_refused(self) -> None:
+        """A TLS 1.2 client that asks to renegotiate after the handshake is answered with an
+        alert record and gets no second handshake (OpenSSL 3 refuses client-initiated
+        renegotiation, so a renegotiation flood costs no key exchange)."""
+        port = self.start()
+        client = await self.client(port, versions=(SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION))
+        await wait_until(lambda: client.handshakes == 1 and bool(self.peers), 10,
+                         "the handshake")
+        client.transport.write(b"before")
+        await wait_until(lambda: bytes(self.peers[0].received) == b"before", 10, "the bytes")
+        tls_client = cast(Any, client.transport)
+        answers: list[bytes] = []
+        read = tls_client.dataReceived
+
+        def recording(data: bytes) -> None:
+            answers.append(data)
+            read(data)
+
+        tls_client.dataReceived = recording  # the TCP transport calls its protocol's
+        handle = tls_client.getHandle()
+        handle.renegotiate()
+        with self.assertRaises(SSL.WantReadError):
+            handle.do_handshake()
+        tls_client.transport.write(handle.bio_read(2**16))  # the new ClientHello
+        await wait_until(lambda: bool(answers), 10, "the listener's answer")
+        self.assertEqual(answers[0][0], 21)  # an alert record (no_renegotiation)
+        # The client gives up with a fatal alert, which ends the link as a TLS error.
+        await self.ended(*self.peers)
+        cast(Failure, self.peers[0].lost).trap(*TLS_ERRORS)
+        self.assertEqual([p.handshakes for p in self.peers], [1])
+        self.assertEqual(bytes(self.peers[0].received), b"before")
+
+    async def test_alpn_on_a_link_listener(self) -> None:
+        """A link listener completes handshakes offering h2,http/1.1 (no protocol chosen),
+        never selects http/1.1 for a plain link, selects tcptunnel/1 when offered among
+        others."""
+        port = self.start()
+        offers = ([b"h2", b"http/1.1"], [b"http/1.1"], [b"http/1.1", b"tcptunnel/1"], None)
+        chosen = []
+        for offer in offers:
+            client = await self.client(port, alpn=offer)
+            await wait_until(lambda c=client: c.handshakes or c.lost is not None, 10,  # type: ignore[misc]
+                             "the handshake")
+            chosen.append(client.negotiated if client.handshakes else "refused")
+        self.assertEqual(chosen, [None, None, b"tcptunnel/1", None])
+        self.server_engine()
+
+    async def test_alpn_on_a_websocket_listener(self) -> None:
+        """A WebSocket listener's TLS (ALPN http/1.1) selects http/1.1 from h2,http/1.1 and
+        completes a handshake offering only tcptunnel/1 without ALPN."""
+        self.tls = ReloadableServerTls(self.tls.options, ALPN_HTTP_1_1)
+        port = self.start()
+        chosen = []
+        for offer in ([b"h2", b"http/1.1"], [b"tcptunnel/1"]):
+            client = await self.client(port, alpn=offer)
+            await wait_until(lambda c=client: c.handshakes or c.lost is not None, 10,  # type: ignore[misc]
+                             "the handshake")
+            chosen.append(client.negotiated if client.handshakes else "refused")
+        self.assertEqual(chosen, [b"http/1.1", None])
+
+    async def test_sni_absent_or_long(self) -> None:
+        """Without SNI, and with the longest name a client can send (253 characters), the
+        handshake completes and bytes move."""
+        port = self.start(on_handshake=b"hello")
+        long_name = b".".join([b"a" * 63] * 3 + [b"b" * 61])
+        self.assertEqual(len(long_name), 253)
+        for sni in (None, long_name):
+            client = await self.client(port, sni=sni)
+            await wait_until(lambda c=client: bytes(c.received) == b"hello",  # type: ignore[misc]
+                             10, "hello")
+        self.server_engine()
+
+    async def refused_raw(self, port: int, data: bytes) -> _RawClient:
+        """Send ``data`` on plain TCP; the listener must close the connection by itself
+        (without waiting for more bytes) and its protocol end with a TLS error."""
+        raw = await self.raw(port)
+        raw.transport.write(data)
+        await wait_until(lambda: raw.lost is not None, 10, "the listener to close")
+        await self.ended(*self.peers)
+        for peer in self.peers:
+            self.assertEqual(peer.handshakes, 0)
+            cast(Failure, peer.lost).trap(*TLS_ERRORS, error.ConnectionLost)
+        return raw
+
+    async def test_garbage_before_the_handshake(self) -> None:
+        """An HTTP request instead of a ClientHello: the listener closes the connection."""
+        port = self.start()
+        await self.refused_raw(port, b"GET / HTTP/1.1\r\nHost: gateway\r\n\r\n")
+
+    async def test_oversized_record_before_the_handshake(self) -> None:
+        """A handshake record header announcing 2^14 + 2048 + 1 bytes: closed at the
+        header, the body never awaited."""
+        port = self.start()
+        await self.refused_raw(port, bytes([22, 3, 1]) + (2**14 + 2048 + 1).to_bytes(2, "big"))
+
+    async def established(self, **peer: Any) -> tuple[_Peer, Any]:
+        """A client whose handshake and first bytes (b"hi") went through; (client, the TCP
+        transport under its TLS)."""
+        port = self.start(**peer)
+        client = await self.client(port)
+        client.transport.write(b"hi")
+        await wait_until(lambda: bool(self.peers) and bytes(self.peers[0].received) == b"hi",
+                         10, "the first bytes")
+        return client, cast(Any, client.transport).transport
+
+    async def test_oversized_record_after_the_handshake(self) -> None:
+        """After the handshake, an application-data header announcing 2^14 + 2048 + 1 bytes
+        ends the connection with a TLS error at once (no body awaited, nothing delivered)."""
+        _client, tcp = await self.established()
+        tcp.write(bytes([23, 3, 3]) + (2**14 + 2048 + 1).to_bytes(2, "big"))
+        await self.ended(*self.peers)
+        cast(Failure, self.peers[0].lost).trap(*TLS_ERRORS)
+        self.assertEqual(bytes(self.peers[0].received), b"hi")
+
+    async def test_garbage_after_the_handshake(self) -> None:
+        """Bytes that are no TLS record after the handshake: a TLS error, nothing of them
+        delivered."""
+        _client, tcp = await self.established()
+        tcp.write(b"GET / HTTP/1.1\r\n\r\n" + self.garbage_tail)
+        await self.ended(*self.peers)
+        cast(Failure, self.peers[0].lost).trap(*TLS_ERRORS)
+        self.assertEqual(bytes(self.peers[0].received), b"hi")
+
+    async def test_eof_without_close_notify(self) -> None:
+        """The peer's TCP FIN without close_notify after whole records is ConnectionLost
+        (a cut stream, never a clean end), the bytes before it delivered."""
+        _client, tcp = await self.established()
+        tcp.loseConnection()  # under TLS: no close_notify
+        await self.ended(*self.peers)
+        cast(Failure, self.peers[0].lost).trap(error.ConnectionLost)
+        self.assertEqual(bytes(self.peers[0].received), b"hi")
+
+    async def test_eof_in_the_middle_of_a_record(self) -> None:
+        """The TCP FIN after half a record: ConnectionLost, the half record not delivered."""
+        client, tcp = await self.established()
+        handle = cast(Any, client.transport).getHandle()
+        handle.send(b"cut short")  # encrypted into the memory BIO, not yet sent
+        record = handle.bio_read(4096)
+        tcp.write(record[: len(record) // 2])
+        tcp.loseConnection()
+        await self.ended(*self.peers)
+        cast(Failure, self.peers[0].lost).trap(error.ConnectionLost, *TLS_ERRORS)
+        self.assertFalse(cast(Failure, self.peers[0].lost).check(error.ConnectionDone))
+        self.assertEqual(bytes(self.peers[0].received), b"hi")
+
+    async def test_close_notify_is_a_clean_end(self) -> None:
+        """Control: close_notify then FIN is ConnectionDone."""
+        client, _tcp = await self.established()
+        client.transport.loseConnection()
+        await self.ended(*self.peers)
+        cast(Failure, self.peers[0].lost).trap(error.ConnectionDone)
+
+    async def test_flood_while_paused_is_not_buffered(self) -> None:
+        """A link that pauses its transport at the first bytes while the peer floods 32 MiB
+        of records: the listener stops reading (the flood waits in the kernel's socket
+        buffers: 64 KiB at least unread at the listener, 64 KiB unsent at the client), and
+        what reached the link after the pause, or waits
+        in the TLS layer, stays under one transport read (64 KiB) plus a record."""
+        client, tcp = await self.established(pause_on_data=True)
+        server = self.peers[0]
+        self.assertEqual(server.received_at_pause, 2)
+        chunk = os.urandom(2**20)
+        for _ in range(32):
+            client.transport.write(chunk)
+        server_socket = cast(Any, server.transport).transport.getHandle()  # TCP under TLS
+
+        def queued() -> int:
+            # Bytes the kernel holds unread in the listener's socket (FIONREAD).
+            return struct.unpack("i", fcntl.ioctl(server_socket.fileno(), termios.FIONREAD,
+                                                  b"\0\0\0\0"))[0]
+
+        client_socket = tcp.getHandle()
+
+        def unsent() -> int:
+            # Bytes the kernel holds unsent in the flooding client's socket (TIOCOUTQ).
+            return struct.unpack("i", fcntl.ioctl(client_socket.fileno(), termios.TIOCOUTQ,
+                                                  b"\0\0\0\0"))[0]
+
+        await wait_until(lambda: queued() >= 2**16 and unsent() >= 2**16, 20,
+                         "the flood to wait in the kernel's buffers")
+        bound = 2**16 + 2**14 + 2048 + 5
+        self.assertLessEqual(len(server.received) - server.received_at_pause, bound)
+        tls = server.transport
+        if isinstance(tls, StdlibLinkTLSProtocol):
+            self.assertLessEqual(tls._in.pending, bound)
+
+
+class PyOpenSSLListenerTlsAttackTests(ListenerTlsAttackTests):
+    """The same attacks on a listener on pyOpenSSL (TCPTUNNEL_PYOPENSSL_TLS=1).
+
+    Except the TLS 1.2 suites: pyOpenSSL's listener has Twisted's cipher list, which still
+    takes RSA key exchange and SHA-1 MACs (AES128-GCM-SHA256, AES256-SHA256, AES128-SHA,
+    ECDHE-RSA-AES128-SHA, ECDHE-RSA-AES256-SHA): only what both refuse is checked here.
+    """
+
+    engine = "pyopenssl"
+    weak_suites = [b"NULL-SHA256", b"ECDHE-RSA-NULL-SHA", b"ECDHE-RSA-CAMELLIA128-SHA256"]
+    # LinkTLSProtocol calls recv only for whole records (RecordCounter): "GET / ..." reads
+    # as a header announcing 0x202f = 8,239 bytes, so the garbage is refused once that many
+    # have come (the standard library's engine refuses it at once).
+    garbage_tail = b"x" * 8239
