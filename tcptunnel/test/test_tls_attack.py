@@ -18,11 +18,15 @@ tcptunnel.tlslink.LinkTLSProtocol), which must give the same outcome.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
+import gc
 import ipaddress
 import os
+import ssl as stdlib_ssl
 import struct
+import tempfile
 import termios
 from typing import Any, cast
 
@@ -43,12 +47,21 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from tcptunnel import _frames as fr
 from tcptunnel.config import Location, TlsFiles
 from tcptunnel.ports import listen
 from tcptunnel.proxy import ProxyService
 from tcptunnel.proxyclient import ProxyClientService
-from tcptunnel.test._harness import Tunnel, tcp_connections, wait_until
-from tcptunnel.tls import ALPN_HTTP_1_1, ReloadableServerTls, server_context_factory
+from tcptunnel.test._certs import mint
+from tcptunnel.test._harness import RawPeer, Tunnel, tcp_connections, wait_until
+from tcptunnel.tls import (
+    ALPN_HTTP_1_1,
+    ReloadableServerTls,
+    TlsSetupError,
+    client_connection_creator,
+    server_context_factory,
+    tls_factory,
+)
 from tcptunnel.tlslink import (
     TLS_ERRORS,
     LinkTLSProtocol,
@@ -940,3 +953,187 @@ class PyOpenSSLListenerTlsAttackTests(ListenerTlsAttackTests):
     # as a header announcing 0x202f = 8,239 bytes, so the garbage is refused once that many
     # have come (the standard library's engine refuses it at once).
     garbage_tail = b"x" * 8239
+
+
+# -- the Gateway: handshake deadline, certificate reloads ---------------------------------------
+
+
+class GatewayTlsAttackTests(_Engine):
+    """The real Gateway (GatewayService, TLS listener) on this test's engine."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clients: list[Any] = []
+        self.addCleanup(lambda: defer.ensureDeferred(self.abort_clients()))
+
+    async def abort_clients(self) -> None:
+        for client in self.clients:
+            if client.transport is not None and client.transport.connected:
+                client.transport.abortConnection()
+
+    def gateway(self, attributes: str = "") -> Tunnel:
+        tunnel = Tunnel(self, tls=True, gateway_attributes=attributes)
+        self.addCleanup(tunnel.close)
+        tunnel.start_gateway()
+        return tunnel
+
+    async def tls_peer(self, tunnel: Tunnel, pin_hex: str) -> RawPeer:
+        """A hand-driven link over TLS (the project's pinning client creator, on this test's
+        engine), once its handshake is done."""
+        peer = _HandshakePeer()
+        creator = client_connection_creator("localhost", None, bytes.fromhex(pin_hex))
+        reactor.connectTCP("127.0.0.1", tunnel.gateway_port, cast(Any, tls_factory(
+            creator, ClientFactory.forProtocol(lambda: peer), is_client=True)))
+        self.clients.append(peer)
+        await wait_until(lambda: peer.handshakes == 1 or peer.closed_called(), 10,
+                         "the handshake")
+        self.assertEqual(peer.handshakes, 1)
+        self.assertIs(type(peer.transport), self.link_protocol)
+        return peer
+
+    async def test_handshake_deadline(self) -> None:
+        """Peers that open TCP and send nothing, half a ClientHello, or a ClientHello and
+        then nothing more are aborted at loginTimeout (1 s here): within 1-5 s, none
+        before."""
+        tunnel = self.gateway('loginTimeout="1"')
+        hello = _client_hello()
+        raws = []
+        started = reactor.seconds()
+        for data in (b"", hello[: len(hello) // 2], hello):
+            raw = await _raw_connect(tunnel.gateway_port)
+            self.clients.append(raw)
+            raw.transport.write(data)
+            raws.append(raw)
+        await wait_until(lambda: all(r.lost is not None for r in raws), 10,
+                         "the Gateway to abort them")
+        elapsed = reactor.seconds() - started
+        self.assertGreaterEqual(elapsed, 1.0)
+        self.assertLess(elapsed, 5.0)
+        # The full ClientHello was answered (ServerHello...), the others got nothing.
+        self.assertEqual([bool(r.received) for r in raws], [False, False, True])
+
+    async def test_reload_new_certificate_old_links_kept(self) -> None:
+        """A reload with a renewed certificate: new handshakes see the new one; a link whose
+        handshake was made before logs in after the reload on the old one."""
+        tunnel = self.gateway()
+        assert tunnel.certs is not None and tunnel.gateway is not None
+        old = await self.tls_peer(tunnel, tunnel.certs.pin_hex)
+        renewed = mint(os.path.abspath(self.mktemp()))
+        _replace(tunnel.certs.cert, renewed.cert)
+        _replace(tunnel.certs.key, renewed.key)
+        self.assertTrue(await tunnel.gateway.apply_config(
+            tunnel._parse(tunnel.gateway_xml(tunnel.gateway_port))))
+        self.assertTrue(await old.login(1, fr.ROLE_PROXY_CLIENT, "client-pw"))
+        new = await self.tls_peer(tunnel, renewed.pin_hex)
+        self.assertTrue(await new.login(1, fr.ROLE_PROXY_SERVER, "server-pw"))
+        stale = _HandshakePeer()
+        creator = client_connection_creator("localhost", None,
+                                            bytes.fromhex(tunnel.certs.pin_hex))
+        reactor.connectTCP("127.0.0.1", tunnel.gateway_port, cast(Any, tls_factory(
+            creator, ClientFactory.forProtocol(lambda: stale), is_client=True)))
+        await stale.closed
+        self.assertEqual(stale.handshakes, 0)  # the old pin no longer matches
+
+    async def test_reload_with_a_broken_certificate_keeps_the_old(self) -> None:
+        """A reload whose certificate file is not PEM, or whose key does not match, fails
+        with a TlsSetupError naming the file (and the problem); new handshakes still get the
+        old certificate."""
+        tunnel = self.gateway()
+        assert tunnel.certs is not None and tunnel.gateway is not None
+        config = tunnel._parse(tunnel.gateway_xml(tunnel.gateway_port))
+        with open(tunnel.certs.cert, "rb") as f:
+            good = f.read()
+        with open(tunnel.certs.cert, "wb") as f:
+            f.write(b"-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
+        with self.assertRaises(TlsSetupError) as raised:
+            await defer.maybeDeferred(tunnel.gateway.apply_config, config)
+        self.assertIn(tunnel.certs.cert, str(raised.exception))
+        other = mint(os.path.abspath(self.mktemp()))
+        _replace(tunnel.certs.cert, other.cert)  # a certificate of another key
+        with self.assertRaises(TlsSetupError) as raised:
+            await defer.maybeDeferred(tunnel.gateway.apply_config, config)
+        self.assertIn("does not match", str(raised.exception))
+        self.assertIn("certificatePem", str(raised.exception))
+        with open(tunnel.certs.cert, "wb") as f:
+            f.write(good)
+        peer = await self.tls_peer(tunnel, tunnel.certs.pin_hex)
+        self.assertTrue(await peer.login(1, fr.ROLE_PROXY_CLIENT, "client-pw"))
+
+    async def test_reloads_leave_no_descriptor_or_file(self) -> None:
+        """20 reloads (each loads the key and chain through a close-on-exec memfd) leave as
+        many open file descriptors as before, none of them a memfd, and no tcptunnel-tls
+        file in the temporary directory; the last certificate is served."""
+        tunnel = self.gateway()
+        assert tunnel.certs is not None and tunnel.gateway is not None
+        config = tunnel._parse(tunnel.gateway_xml(tunnel.gateway_port))
+
+        def descriptors() -> list[str]:
+            entries = []
+            for name in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(OSError):  # the listing's own descriptor
+                    entries.append(os.readlink(f"/proc/self/fd/{name}"))
+            return sorted(entries)
+
+        made: list[int] = []
+        memfd_create = os.memfd_create
+
+        def counting(name: str, flags: int = 0) -> int:
+            made.append(flags)
+            return memfd_create(name, flags)
+
+        self.patch(os, "memfd_create", counting)
+        before = descriptors()
+        temporary = set(os.listdir(tempfile.gettempdir()))
+        last = tunnel.certs
+        for _ in range(20):
+            last = mint(os.path.abspath(self.mktemp()))
+            _replace(tunnel.certs.cert, last.cert)
+            _replace(tunnel.certs.key, last.key)
+            self.assertTrue(await tunnel.gateway.apply_config(config))
+        gc.collect()
+        after = descriptors()
+        self.assertEqual(after, before)
+        self.assertEqual([d for d in after if "memfd" in d], [])
+        # Each reload went through a close-on-exec memfd (not the temporary-file path).
+        self.assertEqual(made, [os.MFD_CLOEXEC] * 20)
+        self.assertEqual([n for n in set(os.listdir(tempfile.gettempdir())) - temporary
+                          if n.startswith("tcptunnel-tls")], [])
+        await self.tls_peer(tunnel, last.pin_hex)
+
+
+class PyOpenSSLGatewayTlsAttackTests(GatewayTlsAttackTests):
+    """The same on pyOpenSSL (TCPTUNNEL_PYOPENSSL_TLS=1)."""
+
+    engine = "pyopenssl"
+
+
+@implementer(IHandshakeListener)
+class _HandshakePeer(RawPeer):
+    """A RawPeer that counts its TLS handshakes."""
+
+    handshakes = 0
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        self.handshakes += 1
+
+
+def _replace(path: str, source: str) -> None:
+    """Write ``source``'s bytes over ``path`` (a renewal in place)."""
+    with open(source, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _client_hello() -> bytes:
+    """A TLS ClientHello as the standard library writes it."""
+    context = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = stdlib_ssl.CERT_NONE
+    incoming, outgoing = stdlib_ssl.MemoryBIO(), stdlib_ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(stdlib_ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
