@@ -42,6 +42,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
 )
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -155,6 +156,8 @@ def _pin_hex(certificate: x509.Certificate) -> str:
 @implementer(IHandshakeListener)
 class _Recorder(Protocol):
     """What a fake Gateway's connection sees: the handshake, the bytes after it, the SNI."""
+
+    transport: Any
 
     def __init__(self, owner: _FakeGateway) -> None:
         self.owner = owner
@@ -1137,3 +1140,103 @@ def _client_hello() -> bytes:
     with contextlib.suppress(stdlib_ssl.SSLWantReadError):
         tls.do_handshake()
     return outgoing.read()
+
+
+# -- 1-byte fragments; a client's truncated stream ------------------------------------------------
+
+
+class FragmentAndTruncationTests(_Engine):
+    """Records cut into 1-byte reads (server side), and an EOF without close_notify seen by
+    a proxy's TLS client, on this test's engine."""
+
+    timeout = 30
+
+    def test_one_byte_fragments(self) -> None:
+        """A listener's TLS protocol fed every byte of the handshake and of three records
+        (40 KiB) in its own dataReceived completes the handshake once and delivers the
+        bytes whole and in order; its answer reaches the client."""
+        certs = mint(os.path.abspath(self.mktemp()))
+        tls = ReloadableServerTls(server_context_factory(TlsFiles(pem_certificate=certs.cert,
+                                                                  pem_key=certs.key)))
+        app = _Peer(on_handshake=b"welcome")
+        server = tls_factory(tls, Factory.forProtocol(lambda: app), is_client=False
+                             ).buildProtocol(None)
+        self.assertIs(type(server), self.link_protocol)
+        transport = StringTransport()
+        server.makeConnection(transport)
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_verify(SSL.VERIFY_NONE, lambda *args: True)
+        client = SSL.Connection(context, None)
+        client.set_connect_state()
+        client.set_tlsext_host_name(b"localhost")
+
+        def exchange() -> None:
+            """The client's pending bytes to the server one at a time, the answer back."""
+            with contextlib.suppress(SSL.WantReadError):
+                while True:
+                    for byte in client.bio_read(2**16):
+                        server.dataReceived(bytes([byte]))
+            answer = transport.value()
+            transport.clear()
+            if answer:
+                client.bio_write(answer)
+
+        for _ in range(10):
+            try:
+                client.do_handshake()
+                break
+            except SSL.WantReadError:
+                exchange()
+        exchange()  # the client's Finished
+        self.assertEqual(app.handshakes, 1)
+        data = os.urandom(40 * 1024)
+        client.sendall(data)
+        exchange()
+        self.assertEqual(bytes(app.received), data)
+        self.assertEqual(app.lost, None)
+        received = b""
+        with contextlib.suppress(SSL.WantReadError):
+            while len(received) < 7:
+                received += client.recv(100)
+        self.assertEqual(received, b"welcome")
+
+    async def connected(self) -> tuple[_Peer, _Recorder]:
+        """A proxy's TLS client (the pinning creator, this engine) connected to a fake
+        Gateway; (client, the fake Gateway's side) once b"hello" came through."""
+        key, leaf = self.pki.certificate("gateway", sans=["localhost"])
+        fake = _FakeGateway(key, [leaf])
+        port = fake.listen(self)
+        client = _Peer()
+        creator = client_connection_creator("localhost", None,
+                                            bytes.fromhex(_pin_hex(leaf)))
+        reactor.connectTCP("127.0.0.1", port, cast(Any, tls_factory(
+            creator, ClientFactory.forProtocol(lambda: client), is_client=True)))
+        await wait_until(lambda: client.handshakes == 1 and bool(fake.connections), 10,
+                         "the handshake")
+        self.assertIs(type(client.transport), self.link_protocol)
+        gateway = fake.connections[0]
+        gateway.transport.write(b"hello")
+        await wait_until(lambda: bytes(client.received) == b"hello", 10, "hello")
+        return client, gateway
+
+    async def test_client_sees_eof_without_close_notify_as_lost(self) -> None:
+        """The Gateway's side closing TCP without close_notify: the proxy's link sees
+        ConnectionLost (a cut stream), never a clean end."""
+        client, gateway = await self.connected()
+        cast(Any, gateway.transport).transport.loseConnection()  # TCP under TLS
+        await wait_until(lambda: client.lost is not None, 10, "the end")
+        cast(Failure, client.lost).trap(error.ConnectionLost)
+
+    async def test_client_sees_close_notify_as_done(self) -> None:
+        """Control: close_notify from the Gateway's side is a clean end (ConnectionDone)."""
+        client, gateway = await self.connected()
+        gateway.transport.loseConnection()
+        await wait_until(lambda: client.lost is not None, 10, "the end")
+        cast(Failure, client.lost).trap(error.ConnectionDone)
+        await wait_until(lambda: gateway.lost is not None, 10, "the Gateway side's end")
+
+
+class PyOpenSSLFragmentAndTruncationTests(FragmentAndTruncationTests):
+    """The same on pyOpenSSL (TCPTUNNEL_PYOPENSSL_TLS=1)."""
+
+    engine = "pyopenssl"
