@@ -1,6 +1,10 @@
 """TLS for links: server certificates from PEM or PKCS#12, client verification.
 
-Servers: TLS 1.2 minimum and Twisted's modern cipher defaults.  A
+Every creator here holds two equal setups: pyOpenSSL's (Twisted's CertificateOptions and
+ClientTLSOptions, or our pinning context) and the standard library's ``ssl.SSLContext``
+(``stdlib_tls()``), which links use by default (:mod:`tcptunnel.tlslink`).
+
+Servers: TLS 1.2 minimum and modern cipher defaults (Twisted's, or the standard library's).  A
 certificate that cannot be used (missing file, wrong password, a key that
 does not match, expired) raises :class:`TlsSetupError` with a message that
 names the file.  Clients verify the Gateway against the system trust store
@@ -53,10 +57,12 @@ def tls_factory(creator: Any, wrapped: IProtocolFactory, is_client: bool) -> Any
     IOpenSSLServerConnectionCreator (:class:`ReloadableServerTls`) or an
     IOpenSSLClientConnectionCreator.
 
-    Links get :class:`tcptunnel.tlslink.LinkTLSFactory` (fewer pyOpenSSL calls per record);
-    Twisted's TLSMemoryBIOProtocol (without its write aggregation) with
-    ``TCPTUNNEL_TWISTED_TLS=1`` or after :func:`tcptunnel.tlslink.use_twisted_tls`, and for a
-    creator of the legacy ``getContext`` kind.  WebSocket links too: their protocol does
+    Links get :class:`tcptunnel.tlslink.LinkTLSFactory` (fewer calls per record), on the
+    standard library's ``ssl`` for the creators this module makes (``stdlib_tls()``), on
+    pyOpenSSL for others or with ``TCPTUNNEL_PYOPENSSL_TLS=1``; Twisted's
+    TLSMemoryBIOProtocol (without its write aggregation) with ``TCPTUNNEL_TWISTED_TLS=1`` or
+    after :func:`tcptunnel.tlslink.use_twisted_tls`, and for a creator of the legacy
+    ``getContext`` kind.  WebSocket links too: their protocol does
     not ask for autobahn's TLS channel binding, which only a TLSMemoryBIOProtocol gives
     (``tcptunnel.websocket._LinkWebSocket.connectionMade``).
     """

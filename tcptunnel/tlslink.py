@@ -1,4 +1,14 @@
-"""TLS for links: a thin memory-BIO TLS protocol on pyOpenSSL's public API.
+"""TLS for links: a thin memory-BIO TLS protocol, on the standard library's ``ssl`` by default
+(:class:`StdlibLinkTLSProtocol`), or on pyOpenSSL's public API (:class:`LinkTLSProtocol`,
+``TCPTUNNEL_PYOPENSSL_TLS=1``).
+
+The standard library's ``SSLObject`` and ``MemoryBIO`` make each TLS operation one C call;
+pyOpenSSL's make it three to five Python frames around a cffi call.  ``perf`` of the three
+processes during 1-byte ping-pong put 94 of the 171 µs that TLS added per round trip on
+pyOpenSSL in the interpreter (25 in OpenSSL, 11 in cffi); on the standard library's ``ssl`` an
+interleaved A/B measured 0.83-0.95x the CPU per round trip and 0.92-0.95x the CPU per byte in
+bulk (docs/benchmarks.md, the TLS record path).  The rest of this docstring describes the
+pyOpenSSL protocol, which the standard library's follows call for call.
 
 What Twisted's ``TLSMemoryBIOProtocol`` does for a link, in fewer calls per record.  Twisted's
 read path calls ``recv`` until OpenSSL raises ``WantReadError`` and then ``bio_read`` on the
@@ -27,7 +37,8 @@ callback may call ``abortConnection`` on the connection's app data; all three ar
 ``test_tls.LinkTLSContractTests`` is the canary for them.
 
 ``TCPTUNNEL_TWISTED_TLS=1`` in the environment, or :func:`use_twisted_tls`, makes
-:func:`tcptunnel.tls.tls_factory` use Twisted's ``TLSMemoryBIOProtocol`` instead.
+:func:`tcptunnel.tls.tls_factory` use Twisted's ``TLSMemoryBIOProtocol`` instead;
+``TCPTUNNEL_PYOPENSSL_TLS=1``, or :func:`use_pyopenssl_tls`, this module's protocol on pyOpenSSL.
 """
 
 from __future__ import annotations
