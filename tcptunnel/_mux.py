@@ -454,10 +454,13 @@ class MuxConnection(LinkCore):
                 increment -= self._shrink(stream, increment)
         elif stream.blocked_seen and self._consumer_keeps_up(stream, now):
             increment += self._grow(stream)
-        if stream.update_sent_at is None and not stream.datagram:
+        if (stream.update_sent_at is None and not stream.datagram
+                and stream.recv.credit * 2 <= stream.recv_window):
             # The first byte past the sender's old credit was sent after this update
-            # arrived: it times the round trip (plus the sender's own wait for data when
-            # the window is not what limits it, which errs towards a smaller window).
+            # arrived: it times the round trip.  Only while the sender has used at least
+            # half its window: an interactive stream (an SSH session, most of its window
+            # unused) would time its user's typing, not the path, and shrink every window
+            # of the link.
             stream.update_sent_at = now
             stream.update_old_credit = stream.recv.credit
         stream.blocked_seen = False

@@ -774,3 +774,17 @@ class QueueDelayTests(SynchronousTestCase):
                 unconsumed[s] = 0
         for s in sids:
             self.assertEqual(bytes(delivered[s]), bytes(written[s]))
+
+    def test_a_sender_with_little_to_send_gives_no_sample(self) -> None:
+        """A stream that uses less than half its window (interactive traffic) times nothing:
+        its next bytes come when its user types, and that is no round trip of the path."""
+        pair, clock = self.clocked_pair(initial_window=40_000, max_window=40_000)
+        sid = pair.open()
+        pair.server.send_data(sid, b"k" * 15_000)
+        pair.pump()
+        pair.client.data_consumed(sid, 15_000, clock.seconds())  # an update: 25,000 unused
+        clock.advance(30.0)
+        pair.server.send_data(sid, b"k" * 30_000)  # past the old credit, 30 s later
+        pair.pump()
+        self.assertEqual(pair.client.credit_rtt.samples, 0)
+        self.assertEqual(len(data_of(pair.client_events, sid)), 45_000)
