@@ -72,7 +72,6 @@ from tcptunnel._websocket import (
     could_be_http,
     forwarded_client,
     route_request,
-    xor_mask,
 )
 from tcptunnel.config import format_address
 from tcptunnel.outbound import WrappingClientFactory
@@ -85,27 +84,95 @@ _DONE = Failure(ConnectionDone())
 _OPEN, _CLOSING = WebSocketProtocol.STATE_OPEN, WebSocketProtocol.STATE_CLOSING
 
 # From this payload size on, autobahn's C masker (SIMD, when its NVX extension is built, as
-# in its wheels) beats the big-integer XOR despite its ~3 µs of set-up per frame (measured:
-# 4.0 against 3.3 µs at 1.4 KB, 7 against 43 µs at 16 KiB); its pure-Python fallback, a loop
-# per byte, never does.
-_C_MASKER_FROM = 2048 if USES_NVX else 1 << 62
+# in its wheels) beats the big-integer XOR despite its set-up per frame (measured: in place
+# 1.0 against 4.5 µs at 1.4 KB, 5 against 170 µs at 64 KiB; the XOR's 0.3-0.8 µs up to
+# 200 bytes against ~1 µs); its pure-Python fallback, a loop per byte, never does.
+_C_MASKER_FROM = 512 if USES_NVX else 1 << 62
+
+
+def _nvx_library() -> Any:
+    """autobahn's compiled masker itself (``_nvx_xormasker``: its ``lib`` and ``ffi``), or
+    None to use its public masker objects.
+
+    Private to autobahn (its NVX extension module, not its API); used because the public
+    ``create_xor_masker(key).process(data)`` allocates a zeroed copy, copies the data in and
+    copies the result out (3 passes over 64 KiB: 9.3 against 4.9 µs for the XOR in place,
+    measured).  test_websocket.NvxCanaryTests names what is used;
+    ``TCPTUNNEL_WS_PUBLIC_MASKER=1`` switches back to the public path."""
+    if not USES_NVX or os.environ.get("TCPTUNNEL_WS_PUBLIC_MASKER", "") not in ("", "0"):
+        return None
+    try:
+        import _nvx_xormasker  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    lib = _nvx_xormasker.lib
+    if not all(hasattr(lib, name) for name in
+               ("nvx_xormask_new", "nvx_xormask_free", "nvx_xormask_process")):
+        return None
+    return _nvx_xormasker
+
+
+_NVX = _nvx_library()
+
+
+class _NvxUnmasker:
+    """One frame's unmasking by autobahn's C loop, in place (it keeps its place in the key
+    from piece to piece)."""
+
+    __slots__ = ("_masker",)
+
+    def __init__(self, key: bytes, length: int = 0) -> None:
+        ffi, lib = _NVX.ffi, _NVX.lib
+        masker = lib.nvx_xormask_new(key)
+        if masker == ffi.NULL:
+            raise MemoryError("autobahn's masker: no memory for its 24 bytes")
+        self._masker = ffi.gc(masker, lib.nvx_xormask_free)
+
+    def __call__(self, buffer: bytearray, start: int, end: int) -> None:
+        """Unmask ``buffer[start:end]`` in place."""
+        view = _NVX.ffi.from_buffer(buffer)  # (held while the C loop writes through it)
+        _NVX.lib.nvx_xormask_process(self._masker, view + start, end - start)
+
+
+class _PublicUnmasker:
+    """One frame's unmasking by autobahn's public masker object (the switch back)."""
+
+    __slots__ = ("_masker",)
+
+    def __init__(self, key: bytes, length: int = 0) -> None:
+        self._masker = create_xor_masker(key, length)
+
+    def __call__(self, buffer: bytearray, start: int, end: int) -> None:
+        """Unmask ``buffer[start:end]`` in place."""
+        buffer[start:end] = self._masker.process(bytes(memoryview(buffer)[start:end]))
+
+
+_CUnmasker = _NvxUnmasker if _NVX is not None else _PublicUnmasker
+
+
+def mask_in_place(key: bytes, buffer: bytearray, start: int = 0) -> None:
+    """Mask (or unmask) ``buffer[start:]`` with ``key``, by the faster masker for its size."""
+    size = len(buffer) - start
+    if size < _C_MASKER_FROM:
+        XorUnmasker(key)(buffer, start, start + size)
+    else:
+        _CUnmasker(key, size)(buffer, start, start + size)
 
 
 def mask(key: bytes, data: bytes) -> bytes:
-    """``data`` masked (or unmasked) with ``key``, by the faster of the two maskers for its
-    size."""
-    if len(data) < _C_MASKER_FROM:
-        return xor_mask(key, data)
-    masked: bytes = create_xor_masker(key, len(data)).process(data)
-    return masked
+    """``data`` masked (or unmasked) with ``key``."""
+    buffer = bytearray(data)
+    mask_in_place(key, buffer)
+    return bytes(buffer)
 
 
 def unmasker(key: bytes, length: int) -> Any:
-    """A received frame's unmasking, piece by piece: autobahn's C masker for a frame of 2 KiB
-    or more (one per frame: it keeps its place in the key), else the big-integer XOR."""
+    """A received frame's unmasking, piece by piece in place: autobahn's C masker for a
+    frame of :data:`_C_MASKER_FROM` bytes or more (one per frame: it keeps its place in the
+    key), else the big-integer XOR."""
     if length < _C_MASKER_FROM:
         return XorUnmasker(key)
-    return create_xor_masker(key, length).process
+    return _CUnmasker(key, length)
 
 
 class WebSocketHandshakeError(ConnectError):
@@ -287,15 +354,20 @@ class _LinkWebSocket:
     def send_link_data(self, parts: Sequence[bytes]) -> None:
         """One flush of the link as one binary message of one frame, written at once (the
         caller checked that the WebSocket is open): a proxy's masked with a fresh key
-        (RFC 6455 §5.3: from a strong source of entropy), the Gateway's as they are."""
+        (RFC 6455 §5.3: from a strong source of entropy), the Gateway's as they are.
+
+        A proxy's frame is built in one bytearray (header and payload: one copy, which the
+        TLS layer's join of a sequence would make anyway), masked there in place, and
+        written as bytes (what ITransport.write takes)."""
+        length = sum(map(len, parts))
         if self.factory.isServer:
-            length = sum(map(len, parts))
             self.transport.writeSequence([binary_frame_header(length), *parts])
             return
-        payload = parts[0] if len(parts) == 1 else b"".join(parts)
         key = os.urandom(4)
-        self.transport.writeSequence([binary_frame_header(len(payload), key),
-                                      mask(key, payload)])
+        header = binary_frame_header(length, key)
+        frame = bytearray().join([header, *parts])
+        mask_in_place(key, frame, len(header))
+        self.transport.write(bytes(frame))
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         """An open WebSocket's data frames are read by our FrameReader; the handshake, and

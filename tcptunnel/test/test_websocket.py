@@ -282,8 +282,8 @@ class FrameCodecTests(SynchronousTestCase):
     @given(st.binary(min_size=4, max_size=4), st.binary(max_size=5000))
     @settings(max_examples=300)
     def test_maskers_agree(self, key: bytes, data: bytes) -> None:
-        """The big-integer XOR and the size-dispatching masker (autobahn's C masker from
-        2 KiB) give the byte-by-byte XOR of §5.3."""
+        """The big-integer XOR and the size-dispatching masker (autobahn's C masker in place
+        from 512 bytes) give the byte-by-byte XOR of §5.3."""
         from tcptunnel._websocket import xor_mask
         from tcptunnel.websocket import mask
 
@@ -355,22 +355,49 @@ class FrameCodecTests(SynchronousTestCase):
         self.assertEqual(reader.buffered, 0)
 
     def test_unmaskers_keep_their_place(self) -> None:
-        """Masked frames of every size class (the C masker from 2 KiB, the XOR below) read in
-        pieces that cut the key anywhere: the payloads come back exact."""
+        """Masked frames of every size class (the C masker from 512 bytes, the XOR below) read
+        in pieces that cut the key anywhere: the payloads come back exact, by the C masker in
+        place, by autobahn's public masker (the switch back) and by the XOR."""
         from tcptunnel._websocket import FrameReader, XorUnmasker
-        from tcptunnel.websocket import unmasker
+        from tcptunnel.websocket import _PublicUnmasker, unmasker
 
         key = b"\x9a\x3c\x55\xe1"
-        payloads = [os.urandom(size) for size in (1, 2047, 2048, 16385, 70001)]
+        payloads = [os.urandom(size) for size in (1, 511, 512, 2048, 16385, 70001)]
         wire = b"".join(_frame(2, payload, key) for payload in payloads)
-        for factory in (unmasker, XorUnmasker):
+        for factory in (unmasker, _PublicUnmasker, XorUnmasker):
             for piece in (1, 3, 1001, 16385):
-                if piece == 1 and factory is unmasker:
+                if piece == 1 and factory is not XorUnmasker:
                     continue  # (90,000 C masker calls: the 3-byte cuts cover it)
                 reader = FrameReader(masked=True, unmasker=factory)
                 got = b"".join(b"".join(reader.feed(wire[start:start + piece]))  # type: ignore
                                for start in range(0, len(wire), piece))
                 self.assertEqual(got, b"".join(payloads), (factory, piece))
+
+    def test_one_event_per_read(self) -> None:
+        """A read holding the end of one frame, two whole frames and the start of a fourth
+        is one piece of payload for the link (each event is a pass through the link and the
+        mux), masked or not; a control frame between them still comes after exactly the
+        bytes before it."""
+        from tcptunnel._websocket import ControlFrame, FrameReader
+        from tcptunnel.websocket import unmasker
+
+        for key in (b"", b"\x01\xfe\x7f\x80"):
+            payloads = [os.urandom(size) for size in (3000, 40_000, 700, 5000)]
+            wire = b"".join(_frame(2, payload, key) for payload in payloads)
+            cut = len(_frame(2, payloads[0], key)) - 1000
+            end = len(wire) - 2000
+            reader = FrameReader(masked=bool(key), unmasker=unmasker)
+            first = reader.feed(wire[:cut])
+            middle = reader.feed(wire[cut:end])
+            last = reader.feed(wire[end:])
+            self.assertEqual([len(first), len(middle), len(last)], [1, 1, 1])
+            self.assertEqual(first[0] + middle[0] + last[0], b"".join(payloads))  # type: ignore
+            ping = _frame(9, b"p", key)
+            reader = FrameReader(masked=bool(key), unmasker=unmasker)
+            fourth = len(wire) - len(_frame(2, payloads[3], key))
+            events = reader.feed(wire[:fourth] + ping + wire[fourth:])
+            self.assertEqual(events, [b"".join(payloads[:3]), ControlFrame(ping)])
+            self.assertEqual(reader.feed(b""), [payloads[3]])
 
     def test_unhandled_frames(self) -> None:
         """What is not a link's data frame or a well-formed control frame stops the reader
@@ -419,6 +446,50 @@ class FrameCodecTests(SynchronousTestCase):
         self.assertEqual(reader.buffered, len(after))
         self.assertEqual(reader.rest(), Unhandled(after, True))
         self.assertTrue(reader.stopped)
+
+
+class NvxCanaryTests(SynchronousTestCase):
+    """What tcptunnel.websocket uses of autobahn's private NVX extension, named: the module
+    ``_nvx_xormasker`` (autobahn's compiled masker, which its public ``create_xor_masker``
+    wraps), ``lib.nvx_xormask_new(key)``, ``lib.nvx_xormask_process(masker, pointer,
+    length)`` (XOR in place, keeping its place in the key from call to call),
+    ``lib.nvx_xormask_free`` and ``ffi.from_buffer``.  If an autobahn release changes them,
+    this fails; ``TCPTUNNEL_WS_PUBLIC_MASKER=1`` (or removing _nvx_library's use) goes back
+    to the public masker objects, whose results are the same (test_unmaskers_keep_their_place)."""
+
+    def setUp(self) -> None:
+        from autobahn.websocket import USES_NVX
+
+        if not USES_NVX:
+            raise SkipTest("autobahn without its NVX extension: the public path is used")
+
+    def test_names_and_rfc_example(self) -> None:
+        """The names exist, and RFC 6455 §5.7's example comes out of them: "Hello" with key
+        37 fa 21 3d is 7f 9f 4d 51 58, unmasked in place in two pieces cutting the key."""
+        import _nvx_xormasker  # type: ignore[import-not-found]
+
+        from tcptunnel.websocket import _NVX, _CUnmasker, _NvxUnmasker
+
+        self.assertIs(_NVX, _nvx_xormasker)
+        self.assertIs(_CUnmasker, _NvxUnmasker)
+        lib, ffi = _nvx_xormasker.lib, _nvx_xormasker.ffi
+        masker = ffi.gc(lib.nvx_xormask_new(bytes.fromhex("37fa213d")), lib.nvx_xormask_free)
+        buffer = bytearray(b"Hello")
+        lib.nvx_xormask_process(masker, ffi.from_buffer(buffer), 3)
+        lib.nvx_xormask_process(masker, ffi.from_buffer(buffer) + 3, 2)
+        self.assertEqual(bytes(buffer), bytes.fromhex("7f9f4d5158"))
+        buffer = bytearray(b"..Hello")
+        _NvxUnmasker(bytes.fromhex("37fa213d"))(buffer, 2, 7)
+        self.assertEqual(bytes(buffer), b".." + bytes.fromhex("7f9f4d5158"))
+
+    def test_switch_back(self) -> None:
+        """``TCPTUNNEL_WS_PUBLIC_MASKER=1``: the private module is not used."""
+        from tcptunnel.websocket import _nvx_library
+
+        self.patch(os, "environ", {**os.environ, "TCPTUNNEL_WS_PUBLIC_MASKER": "1"})
+        self.assertIsNone(_nvx_library())
+        self.patch(os, "environ", {**os.environ, "TCPTUNNEL_WS_PUBLIC_MASKER": "0"})
+        self.assertIsNotNone(_nvx_library())
 
 
 class _RecordingLink(Protocol):
