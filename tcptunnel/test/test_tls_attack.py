@@ -830,6 +830,23 @@ class ListenerTlsAttackTests(_Engine):
                              10, "hello")
         self.server_engine()
 
+    async def test_huge_sni_refused(self) -> None:
+        """A ClientHello whose SNI name is 300 or 60,000 bytes (more than the 255 a host name
+        may have; the second spread over four records) is refused with the connection
+        closed; the same ClientHello with SNI "localhost" is answered with a ServerHello
+        (control: the hand-made ClientHello is valid)."""
+        port = self.start()
+        control = await self.raw(port)
+        control.transport.write(_client_hello(sni=b"localhost"))
+        await wait_until(lambda: len(control.received) > 5, 10, "the ServerHello")
+        self.assertEqual(control.received[0], 22)  # a handshake record
+        self.assertIsNone(control.lost)
+        for size in (300, 60000):
+            self.peers.clear()
+            raw = await self.refused_raw(port, _client_hello(sni=b"a" * size))
+            self.assertFalse(raw.received[:1] == b"\x16" and len(raw.received) > 7
+                             and raw.received[5] == 2, "a ServerHello to a huge SNI")
+
     async def refused_raw(self, port: int, data: bytes) -> _RawClient:
         """Send ``data`` on plain TCP; the listener must close the connection by itself
         (without waiting for more bytes) and its protocol end with a TLS error."""
@@ -1141,16 +1158,34 @@ def _replace(path: str, source: str) -> None:
         f.write(data)
 
 
-def _client_hello() -> bytes:
-    """A TLS ClientHello as the standard library writes it."""
+def _client_hello(sni: bytes | None = None) -> bytes:
+    """A TLS ClientHello as the standard library writes it (without SNI), with a
+    server_name extension for ``sni`` spliced in when given (any length up to 65,530: the
+    handshake message is then cut into records of 2^14 bytes)."""
     context = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = stdlib_ssl.CERT_NONE
     incoming, outgoing = stdlib_ssl.MemoryBIO(), stdlib_ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    tls = context.wrap_bio(incoming, outgoing)
     with contextlib.suppress(stdlib_ssl.SSLWantReadError):
         tls.do_handshake()
-    return outgoing.read()
+    record = outgoing.read()
+    if sni is None:
+        return record
+    body = record[5 + 4:]  # past the record header and the handshake header
+    position = 2 + 32  # legacy version, random
+    position += 1 + body[position]  # session id
+    position += 2 + int.from_bytes(body[position:position + 2], "big")  # cipher suites
+    position += 1 + body[position]  # compression methods
+    extensions = body[position + 2:]
+    names = b"\x00" + len(sni).to_bytes(2, "big") + sni  # host_name(0), length, name
+    server_name = b"\x00\x00" + (len(names) + 2).to_bytes(2, "big") + \
+        len(names).to_bytes(2, "big") + names
+    extensions = server_name + extensions
+    body = body[:position] + len(extensions).to_bytes(2, "big") + extensions
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"".join(bytes([22, 3, 1]) + len(message[i:i + 2**14]).to_bytes(2, "big")
+                    + message[i:i + 2**14] for i in range(0, len(message), 2**14))
 
 
 # -- 1-byte fragments; a client's truncated stream ------------------------------------------------
