@@ -61,6 +61,7 @@ from tcptunnel.tlslink import (
     LinkTLSProtocol,
     RecordCounter,
     StdlibLinkTLSProtocol,
+    StdlibTLS,
     is_name_mismatch,
     use_pyopenssl_tls,
     use_twisted_tls,
@@ -162,6 +163,53 @@ class StdlibServerContextTests(SynchronousTestCase):
         with self.assertRaises(TlsSetupError) as raised:
             ReloadableServerTls(plain)  # type: ignore[arg-type]
         self.assertIn("server_context_factory", str(raised.exception))
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _AnyCertificateServer:
+    """A server creator for the standard library's engine serving any certificate (an
+    expired one, which server_tls refuses to load)."""
+
+    def __init__(self, certs: Any) -> None:
+        context = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certs.cert, certs.key)
+        self.spec = StdlibTLS(context)
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:  # noqa: N802, N803
+        raise AssertionError("the standard library's engine does not ask for this")
+
+    def stdlib_tls(self) -> StdlibTLS:
+        return self.spec
+
+
+class StdlibErrorMessageTests(SynchronousTestCase):
+    """On the standard library's ssl a refused certificate's error names the problem."""
+
+    def refusal(self, certs: Any, ca: str | None, name: str = "localhost") -> str:
+        """The message a client verifying against ``ca`` ends with."""
+        server: Any = LinkTLSFactory(_AnyCertificateServer(certs), False,
+                                     Factory.forProtocol(_TlsApp), stdlib=True)
+        client: Any = LinkTLSFactory(client_connection_creator(name, ca, None), True,
+                                     Factory.forProtocol(_TlsApp), stdlib=True)
+        server, client = server.buildProtocol(None), client.buildProtocol(None)
+        app = cast(_TlsApp, client.wrappedProtocol)
+        iosim.connect(server, iosim.FakeTransport(server, True),
+                      client, iosim.FakeTransport(client, False))
+        self.assertEqual(app.handshakes, 0)
+        app.lost.trap(stdlib_ssl.SSLCertVerificationError)
+        return str(app.lost.getErrorMessage())
+
+    def test_expired_unknown_ca_wrong_name(self) -> None:
+        """An expired certificate, one from a CA not trusted, one for another name: each
+        message says which."""
+        old = mint(os.path.abspath(self.mktemp()), not_after=datetime.datetime(
+            2020, 1, 2, tzinfo=datetime.UTC))
+        self.assertIn("certificate has expired", self.refusal(old, old.ca))
+        certs = mint(os.path.abspath(self.mktemp()))
+        # The system store (no CA file) does not hold the test CA.
+        self.assertIn("unable to get local issuer certificate", self.refusal(certs, None))
+        self.assertIn("not valid for 'other.example'",
+                      self.refusal(certs, certs.ca, "other.example"))
 
 
 class VerificationTests(TestCase):
