@@ -431,9 +431,32 @@ class ProxyVerificationAttackTests(_ProxyAttack):
 
     async def test_ip_server_name_with_ip_san(self) -> None:
         """serverName="127.0.0.1" against a certificate with that IP address as a SAN:
-        passes (the IP address check)."""
+        passes (the IP address check), and no SNI is sent."""
         ca_file, key, chain = self.ca_leaf("127.0.0.1")
-        await self.accepted(key, chain, f'useSsl="1" caFile="{ca_file}" serverName="127.0.0.1"')
+        fake = await self.accepted(key, chain,
+                                   f'useSsl="1" caFile="{ca_file}" serverName="127.0.0.1"')
+        self.assertEqual(fake.sni, [None])  # RFC 6066: no IP address in SNI
+
+    async def test_name_case(self) -> None:
+        """Host names compare without case."""
+        ca_file, key, chain = self.ca_leaf("gateway.example")
+        await self.accepted(key, chain,
+                            f'useSsl="1" caFile="{ca_file}" serverName="GateWay.Example"')
+
+    async def test_trailing_dot_is_another_name(self) -> None:
+        """serverName="gateway.example." (absolute form) does not match a certificate for
+        gateway.example: refused, on both engines alike."""
+        ca_file, key, chain = self.ca_leaf("gateway.example")
+        await self.refused(key, chain,
+                           f'useSsl="1" caFile="{ca_file}" serverName="gateway.example."',
+                           "does not name 'gateway.example.'")
+
+    async def test_idna(self) -> None:
+        """A Unicode serverName is checked (and sent as SNI) in its IDNA form."""
+        ca_file, key, chain = self.ca_leaf("xn--bcher-kva.example")
+        fake = await self.accepted(key, chain,
+                                   f'useSsl="1" caFile="{ca_file}" serverName="bücher.example"')
+        self.assertEqual(fake.sni[0], b"xn--bcher-kva.example")
 
     async def test_ip_server_name_other_ip(self) -> None:
         """serverName="127.0.0.1" against a certificate for 127.0.0.2: refused."""
