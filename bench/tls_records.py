@@ -25,6 +25,7 @@ work on the machine does not count) per record, i.e. per write plus the read of 
   ``SSLWantReadError`` (the floor under ``tlslink-stdlib``).
 
     .venv/bin/python bench/tls_records.py [--count 20000] [--repeats 5]
+    .venv/bin/python bench/tls_records.py --memory stdlib|pyopenssl  # KiB per link end
 
 The paths run interleaved, ``--repeats`` times each; the table shows the median and the range.
 """
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import ssl
 import statistics
@@ -40,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -332,6 +334,44 @@ def stdlib_path(setup: Setup, payload: bytes, count: int) -> float:
     return elapsed
 
 
+def _rss() -> int:
+    """This process's resident bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_per_link(setup: Setup, stdlib: bool, links: int = 1000) -> float:
+    """Resident KiB per TLS link end (a handshaken LinkTLSProtocol that moved a byte each
+    way), from ``links`` client and server pairs kept alive (``stdlib``: on the standard
+    library's ssl, else on pyOpenSSL)."""
+
+    def pair() -> tuple[Any, Any]:
+        server = LinkTLSFactory(setup.server, False, Factory.forProtocol(_Echo),
+                                stdlib=stdlib).buildProtocol(None)
+        client = LinkTLSFactory(setup.client, True, Factory.forProtocol(_Count),
+                                stdlib=stdlib).buildProtocol(None)
+        server_wire, client_wire = _Wire(), _Wire()
+        server.makeConnection(server_wire)
+        client.makeConnection(client_wire)
+        for _ in range(6):  # the handshake, and the tickets after it
+            if data := client_wire.take():
+                server.dataReceived(data)
+            if data := server_wire.take():
+                client.dataReceived(data)
+        client.write(b"x")
+        server.dataReceived(client_wire.take())
+        client.dataReceived(server_wire.take())
+        assert cast(_Count, client.wrappedProtocol).received == 1
+        return server, client
+
+    kept = [pair() for _ in range(20)]  # allocator warm-up
+    gc.collect()
+    before = _rss()
+    kept += [pair() for _ in range(links)]
+    gc.collect()
+    return (_rss() - before) / links / 2 / 1024
+
+
 PATHS: dict[str, Callable[[Setup, bytes, int], float]] = {
     "twisted": twisted_path,
     "tlslink": lambda s, p, n: twisted_path(s, p, n, own=True),
@@ -348,9 +388,16 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--paths", nargs="+", default=list(PATHS))
+    parser.add_argument("--memory", choices=["stdlib", "pyopenssl"],
+                        help="print the resident KiB per link end of this engine instead (one "
+                             "engine per process: freed memory is not given back)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         setup = Setup(directory)
+        if args.memory:
+            kib = memory_per_link(setup, args.memory == "stdlib")
+            print(f"tlslink on {args.memory}: {kib:.1f} KiB per link end")
+            return
         for size in (1, 16384):
             payload = b"x" * size
             count = args.count if size == 1 else max(1, args.count // 10)
