@@ -686,7 +686,7 @@ class QueueDelayTests(SynchronousTestCase):
 
     def test_windows_shrink_while_bytes_queue(self) -> None:
         """Credit round trips 20 ms above a 1 ms minimum cut each window-limited stream's
-        window by a quarter per round trip, down to one chunk, and the link's granted total
+        window by a quarter per round trip, down to two chunks, and the link's granted total
         follows; the streams keep flowing."""
         pair, clock = self.clocked_pair(initial_window=256 * 1024, max_window=1024 * 1024)
         sids = [pair.open(), pair.open()]
@@ -721,7 +721,7 @@ class QueueDelayTests(SynchronousTestCase):
     def test_invariants_under_shrinking(self, steps: list[tuple[str, int]]) -> None:
         """Random writes, reads, clock ticks and round-trip samples (some far above the
         minimum): bytes arrive exact and in order, credit never exceeds a window, no window
-        falls below one chunk, the granted total is the sum of the windows within the
+        falls below two chunks, the granted total is the sum of the windows within the
         budget, and nothing stalls for good."""
         budget = 300_000
         pair, clock = self.clocked_pair(initial_window=100_000, max_window=200_000,
