@@ -8,7 +8,9 @@ through its :class:`~tcptunnel._stream.Direction` (the rules the Gateway's
 relay checks too).  Flow control follows ``docs/protocol.md`` §6: credit is
 returned only for bytes the adapter reports as consumed, coalesced, and a
 window grows when the sender reports it was blocked while our consumer kept
-up, within the link's receive budget.
+up, within the link's receive budget, unless credit round trips show bytes
+queueing on the path: then windows shrink (``tcptunnel._stream.CreditRtt``,
+§6 "Queueing").
 """
 
 from __future__ import annotations
@@ -190,8 +192,8 @@ class StreamRecord:
         # each leaves as one DATA frame; an empty DATA frame received is an empty datagram.
         self.datagram = False
         self.starved = False  # a datagram was dropped for want of credit: flag the next
-        # When our WINDOW_UPDATE answered the peer's BLOCKED: its next DATA is a credit round
-        # trip (CreditRtt).  None while no such update is outstanding.
+        # When a WINDOW_UPDATE of ours started timing a credit round trip (CreditRtt): the
+        # first byte past the peer's old credit ends it.  None while none is being timed.
         self.update_sent_at: float | None = None
         # The peer's credit before that update: the first byte past it used the new credit.
         self.update_old_credit = 0
