@@ -167,6 +167,7 @@ class StreamRecord:
         "send_buffer",
         "send_buffered",
         "send_offset",
+        "srtt",
         "starved",
         "state",
         "update_old_credit",
@@ -198,6 +199,7 @@ class StreamRecord:
         # The peer's credit before that update: the first byte past it used the new credit.
         self.update_old_credit = 0
         self.last_shrink = float("-inf")  # time of the last window cut
+        self.srtt: float | None = None  # this stream's smoothed credit round trip
 
     def move(self, event: StreamEvent) -> StreamState:
         """Apply ``event`` per the table (raises StreamError PROTOCOL_ERROR)."""
@@ -449,12 +451,11 @@ class MuxConnection(LinkCore):
         if stream.recv_to_ack * 4 < stream.recv_window and not stream.blocked_seen:
             return
         increment = stream.recv_to_ack
-        rtt = self.credit_rtt
-        if rtt.queueing():
+        if self.credit_rtt.queueing(stream.srtt):
             # What the sender sent already waits in queues on the path: a larger window
             # would only lengthen the queue (ahead of every other stream's bytes), so the
             # window shrinks instead, once per round trip.
-            if not stream.datagram and now - stream.last_shrink >= (rtt.srtt or 0.0):
+            if not stream.datagram and now - stream.last_shrink >= (stream.srtt or 0.0):
                 stream.last_shrink = now
                 increment -= self._shrink(stream, increment)
         elif stream.blocked_seen and self._consumer_keeps_up(stream, now):
@@ -599,7 +600,10 @@ class MuxConnection(LinkCore):
                 clock = self.clock
                 if clock is not None:
                     now = clock()
-                    self.credit_rtt.sample(now - stream.update_sent_at, now)
+                    rtt = now - stream.update_sent_at
+                    self.credit_rtt.sample(rtt, now)
+                    if rtt >= 0.0:
+                        stream.srtt = CreditRtt.smooth(stream.srtt, rtt)
                 stream.update_sent_at = None
         if frame.flags & fr.FLAG_BLOCKED:
             stream.blocked_seen = True

@@ -208,12 +208,15 @@ MIN_RTT_PERIOD = 30.0
 class CreditRtt:
     """Round trips of window credit on one link, and whether bytes queue on the path.
 
-    A sample is the time from a WINDOW_UPDATE answering a BLOCKED sender (it waits for
-    exactly that credit) to the next DATA of that stream: the path's round trip plus the
-    queueing ahead of new data in the data's direction, which is what a keystroke on another
-    stream of the same link waits for.  ``min_rtt`` is the least sample over the last
-    :data:`MIN_RTT_PERIOD` to twice that (two buckets: O(1) per sample), ``srtt`` a moving
-    average (1/4 per sample).  :meth:`queueing` says the smoothed round trip exceeds the
+    A sample is the time from a WINDOW_UPDATE to the first byte the sender could send only
+    after it arrived: the path's round trip plus the queueing ahead of new data in the data's
+    direction, which is what a keystroke on another stream of the same link waits for.  No
+    sender can make one shorter than the path's round trip, so the link-wide minimum is
+    safe; each stream's own average (:meth:`smooth`) decides for that stream alone, so a
+    sender that dawdles on one stream shrinks no other stream's window.  ``min_rtt`` is the
+    least sample over the last :data:`MIN_RTT_PERIOD` to twice that (two buckets: O(1) per
+    sample), ``srtt`` the link's moving average (1/4 per sample; the fallback for a stream
+    with no sample of its own).  :meth:`queueing` says the smoothed round trip exceeds the
     minimum by more than ``max(min_rtt, allowance)``: TCP Vegas' and LEDBAT's signal that a
     larger window would only lengthen the queue, not speed the transfer.  A long path (min
     80 ms) tolerates 80 ms of queue, so its windows still grow to its bandwidth-delay
@@ -246,8 +249,13 @@ class CreditRtt:
             self._bucket_min = float("inf")
             self._bucket_start = now
         self._bucket_min = min(self._bucket_min, rtt)
-        srtt = self.srtt
-        self.srtt = rtt if srtt is None else srtt + (rtt - srtt) / 4
+        self.srtt = self.smooth(self.srtt, rtt)
+
+    @staticmethod
+    def smooth(srtt: float | None, rtt: float) -> float:
+        """The moving average ``srtt`` after a sample ``rtt`` (1/4 per sample, as TCP's
+        RFC 6298 uses 1/8: samples here are fewer, one per stream and round trip)."""
+        return rtt if srtt is None else srtt + (rtt - srtt) / 4
 
     @property
     def min_rtt(self) -> float | None:
@@ -255,11 +263,13 @@ class CreditRtt:
         least = min(self._bucket_min, self._previous_min)
         return None if least == float("inf") else least
 
-    def queueing(self) -> bool:
-        """Whether bytes wait on the path: the smoothed round trip is above the minimum by
-        more than ``max(min_rtt, allowance)`` (False before the first sample)."""
+    def queueing(self, srtt: float | None = None) -> bool:
+        """Whether bytes wait on the path: the smoothed round trip (``srtt``, by default the
+        link's) is above the minimum by more than ``max(min_rtt, allowance)`` (False before
+        the first sample)."""
         least = self.min_rtt
-        srtt = self.srtt
+        if srtt is None:
+            srtt = self.srtt
         if least is None or srtt is None:
             return False
         return srtt - least > max(least, self.allowance)

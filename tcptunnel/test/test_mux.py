@@ -788,3 +788,24 @@ class QueueDelayTests(SynchronousTestCase):
         pair.pump()
         self.assertEqual(pair.client.credit_rtt.samples, 0)
         self.assertEqual(len(data_of(pair.client_events, sid)), 45_000)
+
+    def test_a_dawdling_sender_shrinks_only_its_own_window(self) -> None:
+        """Slow round trips on one stream (a sender that waits before using new credit) cut
+        that stream's window, not the window of a stream whose round trips stay short."""
+        pair, clock = self.clocked_pair(initial_window=256 * 1024, max_window=256 * 1024)
+        slow, fast = pair.open(), pair.open()
+        pair.server.send_data(fast, b"f" * 4 * 1024 * 1024)  # always more to send
+        for _ in range(8):
+            pair.server.send_data(slow, b"x" * 256 * 1024)
+            pair.pump()  # both windows spent
+            clock.advance(0.001)
+            for sid in (slow, fast):
+                pair.client.data_consumed(sid, len(data_of(pair.client_events, sid)),
+                                          clock.seconds())
+            pair.client_events.clear()
+            pair.pump()  # the fast stream's sender uses its new credit at once: 1 ms
+            clock.advance(0.05)  # the slow one's 50 ms later
+            pair.server.send_data(slow, b"y" * 1024)
+            pair.pump()
+        self.assertEqual(pair.client.streams[fast].recv_window, 256 * 1024)
+        self.assertLess(pair.client.streams[slow].recv_window, 256 * 1024)
