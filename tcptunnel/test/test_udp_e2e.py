@@ -273,6 +273,22 @@ class DatagramTests(TestCase):
                          10, "the flow to be refused")
         self.assertEqual(echo.received, [])
 
+    async def test_binding_asks_for_a_large_receive_buffer(self) -> None:
+        """A UDP Binding's socket has the receive buffer udp.BINDING_RECEIVE_BUFFER asks for,
+        as far as ``net.core.rmem_max`` lets it (Linux doubles the request for its own
+        bookkeeping and caps it at twice rmem_max), not the kernel's default of 212,992."""
+        from tcptunnel import udp as udpmodule
+
+        target = udp_port_of(self, UdpEcho())
+        udp = UdpTunnel(self)
+        await udp.start(target)
+        assert udp.server is not None
+        sock = udp.server.udp_bindings.ports[0].socket
+        with open("/proc/sys/net/core/rmem_max") as f:
+            rmem_max = int(f.read())
+        expected = 2 * min(udpmodule.BINDING_RECEIVE_BUFFER, rmem_max)
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), expected)
+
     async def test_metrics_and_status_show_udp(self) -> None:
         """The status JSON and /metrics carry the UDP counts of both proxies."""
         target = udp_port_of(self, UdpEcho())
