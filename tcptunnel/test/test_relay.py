@@ -978,7 +978,7 @@ class HostileRelay(RuleBasedStateMachine):
         # already holding more unsent control frames than the cap, such as the refusals of
         # its earlier OPENs, is closed TOO_SLOW by the read before the OPEN is looked at.)
         draining = (client is not None and (server.retiring or client.retiring)
-                    and 0 < window <= fr.MAX_WINDOW
+                    and 0 < window <= fr.MAX_WINDOW and stream_id <= fr.STREAM_ID_MASK
                     and len(server._control) <= server.max_control_frames)
         self.opened.setdefault(server, set()).add(stream_id)
         failed = len(self.relay.failed)
