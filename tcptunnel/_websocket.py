@@ -208,7 +208,8 @@ def xor_mask(key: bytes, data: bytes | bytearray | memoryview) -> bytes:
 
     One big-integer XOR in C: 0.3-0.8 µs up to 200 bytes, ~4.5 µs at 1.4 KB, but ~2.6 µs
     per KiB beyond (measured: 170 µs for 64 KiB, against 5 µs for autobahn's SIMD loop in
-    place, :func:`tcptunnel.websocket.mask_in_place`): for small payloads only."""
+    place, which :func:`tcptunnel.websocket.mask_in_place` uses at every size): the
+    reader's default, and the links' masker only where autobahn has no C masker."""
     size = len(data)
     if not size:
         return b""

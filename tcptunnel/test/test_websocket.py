@@ -282,14 +282,18 @@ class FrameCodecTests(SynchronousTestCase):
     @given(st.binary(min_size=4, max_size=4), st.binary(max_size=5000))
     @settings(max_examples=300)
     def test_maskers_agree(self, key: bytes, data: bytes) -> None:
-        """The big-integer XOR and the size-dispatching masker (autobahn's C masker in place
-        from 512 bytes) give the byte-by-byte XOR of §5.3."""
+        """The big-integer XOR, autobahn's C loop in place (what :func:`mask` uses with its
+        NVX extension) and its public masker objects (the switch back, from 2 KiB) give the
+        byte-by-byte XOR of §5.3."""
         from tcptunnel._websocket import xor_mask
-        from tcptunnel.websocket import mask
+        from tcptunnel.websocket import _PublicUnmasker, mask
 
         expected = bytes(b ^ key[i % 4] for i, b in enumerate(data))
         self.assertEqual(xor_mask(key, data), expected)
         self.assertEqual(mask(key, data), expected)
+        buffer = bytearray(data)
+        _PublicUnmasker(key, len(data))(buffer, 0, len(data))
+        self.assertEqual(bytes(buffer), expected)
 
     @given(st.booleans(),
            st.lists(st.one_of(
@@ -355,14 +359,14 @@ class FrameCodecTests(SynchronousTestCase):
         self.assertEqual(reader.buffered, 0)
 
     def test_unmaskers_keep_their_place(self) -> None:
-        """Masked frames of every size class (the C masker from 512 bytes, the XOR below) read
-        in pieces that cut the key anywhere: the payloads come back exact, by the C masker in
-        place, by autobahn's public masker (the switch back) and by the XOR."""
+        """Masked frames of every size class (the public masker objects from 2 KiB, the XOR
+        below) read in pieces that cut the key anywhere: the payloads come back exact, by the C
+        loop in place, by autobahn's public masker (the switch back) and by the XOR."""
         from tcptunnel._websocket import FrameReader, XorUnmasker
         from tcptunnel.websocket import _PublicUnmasker, unmasker
 
         key = b"\x9a\x3c\x55\xe1"
-        payloads = [os.urandom(size) for size in (1, 511, 512, 2048, 16385, 70001)]
+        payloads = [os.urandom(size) for size in (1, 2047, 2048, 16385, 70001)]
         wire = b"".join(_frame(2, payload, key) for payload in payloads)
         for factory in (unmasker, _PublicUnmasker, XorUnmasker):
             for piece in (1, 3, 1001, 16385):
@@ -468,10 +472,13 @@ class NvxCanaryTests(SynchronousTestCase):
         37 fa 21 3d is 7f 9f 4d 51 58, unmasked in place in two pieces cutting the key."""
         import _nvx_xormasker  # type: ignore[import-not-found]
 
-        from tcptunnel.websocket import _NVX, _CUnmasker, _NvxUnmasker
+        from tcptunnel import websocket
+        from tcptunnel.websocket import _nvx_library, _NvxUnmasker
 
-        self.assertIs(_NVX, _nvx_xormasker)
-        self.assertIs(_CUnmasker, _NvxUnmasker)
+        environ = {k: v for k, v in os.environ.items() if k != "TCPTUNNEL_WS_PUBLIC_MASKER"}
+        self.patch(os, "environ", environ)
+        self.assertIs(_nvx_library(), _nvx_xormasker)
+        self.patch(websocket, "_NVX", _nvx_xormasker)  # (also when the switch is on)
         lib, ffi = _nvx_xormasker.lib, _nvx_xormasker.ffi
         masker = ffi.gc(lib.nvx_xormask_new(bytes.fromhex("37fa213d")), lib.nvx_xormask_free)
         buffer = bytearray(b"Hello")
