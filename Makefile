@@ -84,7 +84,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy tcptunnel twisted/plugins bench
 
 fuzz: $(STAMP)
-	TCPTUNNEL_FUZZ_EXAMPLES=20000 $(VENV)/bin/trial tcptunnel.test.test_fuzz
+	TCPTUNNEL_FUZZ_EXAMPLES=20000 $(VENV)/bin/trial tcptunnel.test.test_fuzz tcptunnel.test.test_relay.HostileRelayTests
 
 # Debian's openssh, socat and iperf3 are what the benchmark compares against and drives.
 bench: $(STAMP)
