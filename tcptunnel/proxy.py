@@ -15,7 +15,7 @@ import weakref
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
 from twisted.application import service
 from twisted.internet import interfaces
 from twisted.internet.protocol import ClientFactory, Protocol, ReconnectingClientFactory
@@ -243,9 +243,10 @@ class ProxyLink(MuxProtocol):
         super().connectionLost(reason)
         if closed_here:
             why = self.close_reason
-        elif reason.check(VerificationError) is not None or is_name_mismatch(reason.value):
+        elif (reason.check(VerificationError, CertificateError) is not None
+              or is_name_mismatch(reason.value)):
             # service_identity's (the standard library's, on its TLS): the certificate is
-            # valid but names another host.
+            # valid but names another host, or no host at all (no SAN: CertificateError).
             why = (f"the Gateway's certificate does not name "
                    f"{self.proxy.config.server_name or self.proxy.config.host!r} "
                    f"({reason.value}): check serverName (or host) against the certificate")

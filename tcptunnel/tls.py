@@ -4,12 +4,15 @@ Every creator here holds two equal setups: pyOpenSSL's (Twisted's CertificateOpt
 ClientTLSOptions, or our pinning context) and the standard library's ``ssl.SSLContext``
 (``stdlib_tls()``), which links use by default (:mod:`tcptunnel.tlslink`).
 
-Servers: TLS 1.2 minimum and modern cipher defaults (Twisted's, or the standard library's).  A
-certificate that cannot be used (missing file, wrong password, a key that
-does not match, expired) raises :class:`TlsSetupError` with a message that
-names the file.  Clients verify the Gateway against the system trust store
-by default, or a CA file, or a SHA-256 pin of its certificate; never
-nothing.
+The same policy on both engines, clients and servers: TLS 1.2 minimum; for TLS 1.2 only
+ECDHE with an AEAD cipher (:data:`TLS12_CIPHERS`; TLS 1.3's suites are OpenSSL's); no
+renegotiation (``OP_NO_RENEGOTIATION``: a pin or a name is checked at the one handshake
+there is).  A certificate that cannot be used (missing file, wrong password, a key that does
+not match or that OpenSSL finds too small, expired) raises :class:`TlsSetupError` with a
+message that names the file, before the listener uses it.  Clients verify the Gateway
+against the system trust store by default, or a CA file, or a SHA-256 pin of its
+certificate; never nothing.  Host names are checked on the subject alternative names only
+(an IP address against IP SANs only), and any error of that check refuses the certificate.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import ipaddress
 import os
 import ssl as stdlib_ssl
 import tempfile
@@ -25,6 +29,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
 from twisted.internet import ssl
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -32,10 +40,17 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcptunnel.config import ListenerConfig, ProxyConfig, TlsFiles
 from tcptunnel.tlslink import LinkTLSFactory, StdlibTLS, using_own_tls
+
+# TLS 1.2 suites, on every engine, client and server: forward secrecy (ECDHE) and AEAD
+# (AES-GCM, ChaCha20-Poly1305) only; no RSA key exchange, no CBC, no SHA-1 MAC.  OpenSSL
+# 3.0 expands it to the 6 ECDHE-{ECDSA,RSA}-{AES128-GCM,AES256-GCM,CHACHA20} suites.  TLS
+# 1.3 suites are set apart by OpenSSL (all AEAD with forward secrecy): its defaults stay.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 
 
 class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
@@ -139,22 +154,55 @@ class ServerOptions(ssl.CertificateOptions):
     document its attributes."""
 
     identity_pem: bytes = b""
+    # The file(s) the key and certificate came from, for error messages.
+    source: str = "the listener's certificate"
+    # The standard library's contexts made from these options, per ALPN protocol id: made
+    # (and so checked) by server_context_factory, used by ReloadableServerTls.update.
+    stdlib_contexts: dict[bytes, stdlib_ssl.SSLContext]
 
 
-def server_context_factory(files: TlsFiles) -> ServerOptions:
-    """CertificateOptions for a Gateway listener (TLS 1.2 minimum)."""
+def _describe(files: TlsFiles) -> str:
+    """The file(s) of a listener's key and certificate, quoted, for error messages."""
+    if files.pfx_file is not None:
+        return f"the PKCS#12 file {files.pfx_file!r}"
+    return f"{files.pem_certificate!r} (key {files.pem_key!r})"
+
+
+def _openssl_reason(e: BaseException) -> str:
+    """What pyOpenSSL's error queue says (e.g. 'ee key too small'), else the error."""
+    queue = e.args[0] if isinstance(e, SSL.Error) and e.args else None
+    if isinstance(queue, list) and queue:
+        return "; ".join(str(entry[-1]) for entry in queue)
+    return str(e) or type(e).__name__
+
+
+def server_context_factory(files: TlsFiles, alpn: bytes | None = None) -> ServerOptions:
+    """CertificateOptions for a Gateway listener (TLS 1.2 minimum, :data:`TLS12_CIPHERS`),
+    with both engines' contexts made now, the standard library's for ``alpn``
+    (:data:`ALPN_PROTOCOL` by default): anything OpenSSL refuses (a key too small for its
+    security level, 'ee key too small' for RSA-1024) is a TlsSetupError naming the files
+    here, not at the first connection nor in the middle of a reload."""
     key, certificate, chain = load_server_identity(files)
-    options = ServerOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
-        certificate=crypto.X509.from_cryptography(certificate),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
-    options.getContext()  # fail now, not at the first connection
+    source = _describe(files)
+    try:
+        options = ServerOptions(
+            privateKey=crypto.PKey.from_cryptography_key(key),
+            certificate=crypto.X509.from_cryptography(certificate),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
+        )
+        options.getContext()  # fail now, not at the first connection
+    except (SSL.Error, ValueError) as e:
+        raise TlsSetupError(f"OpenSSL cannot use the key and certificate of {source}: "
+                            f"{_openssl_reason(e)}") from None
+    options.source = source
     options.identity_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()) + b"".join(
             c.public_bytes(serialization.Encoding.PEM) for c in [certificate, *chain])
+    alpn = ALPN_PROTOCOL if alpn is None else alpn
+    options.stdlib_contexts = {alpn: stdlib_server_context(options, alpn)}
     return options
 
 
@@ -217,17 +265,36 @@ def stdlib_server_context(options: ServerOptions, alpn: bytes) -> stdlib_ssl.SSL
     if not getattr(options, "identity_pem", b""):
         raise TlsSetupError(f"{options!r} holds no identity_pem: make it with "
                             "server_context_factory")
-    context = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = stdlib_ssl.TLSVersion.TLSv1_2
+    context = _stdlib_policy(stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_SERVER))
     context.set_alpn_protocols([alpn.decode("ascii")])
     # No TLS 1.3 session tickets: proxies never resume a session (each link is a full
     # handshake), so tickets are two records a link that no one reads.
     context.num_tickets = 0
     try:
         _load_chain(context, options.identity_pem)
-    except (stdlib_ssl.SSLError, OSError) as e:
-        raise TlsSetupError(f"the standard library's TLS cannot load the certificate: {e}") \
-            from None
+    except (stdlib_ssl.SSLError, OSError, ValueError) as e:
+        raise TlsSetupError(f"the standard library's TLS cannot load the key and certificate "
+                            f"of {getattr(options, 'source', 'the listener')}: {e}") from None
+    return context
+
+
+def _stdlib_policy(context: stdlib_ssl.SSLContext) -> stdlib_ssl.SSLContext:
+    """``context`` with the policy of every link (the module docstring): TLS 1.2 minimum,
+    :data:`TLS12_CIPHERS`, no renegotiation."""
+    context.minimum_version = stdlib_ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= stdlib_ssl.OP_NO_RENEGOTIATION
+    return context
+
+
+def _pyopenssl_client_context(alpn: bytes) -> SSL.Context:
+    """A pyOpenSSL client context with the policy of every link (TLS 1.2 minimum,
+    :data:`TLS12_CIPHERS`, no renegotiation) offering ``alpn``; no verification yet."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
+    context.set_options(SSL.OP_NO_RENEGOTIATION)
+    context.set_alpn_protos([alpn])
     return context
 
 
@@ -248,10 +315,21 @@ class ReloadableServerTls:
         self.update(options)
 
     def update(self, options: ServerOptions) -> None:
-        """Use ``options`` (e.g. a renewed certificate) for the connections made from now."""
-        context = options.getContext()
-        context.set_alpn_select_callback(self._select)  # replaces Twisted's (see above)
-        stdlib_context = stdlib_server_context(options, self._alpn)
+        """Use ``options`` (e.g. a renewed certificate) for the connections made from now;
+        a TlsSetupError naming the files (the old certificate stays) if they cannot be."""
+        try:
+            context = options.getContext()
+            context.set_alpn_select_callback(self._select)  # replaces Twisted's (see above)
+            # Servers refuse renegotiation (OpenSSL 3 already refuses a client's; this
+            # also stops a server-side one): the context's options apply to the
+            # connections made from it from now on.
+            context.set_options(SSL.OP_NO_RENEGOTIATION)
+        except (SSL.Error, ValueError) as e:
+            raise TlsSetupError(
+                f"OpenSSL cannot use the key and certificate of "
+                f"{getattr(options, 'source', 'the listener')}: {_openssl_reason(e)}") from None
+        made = getattr(options, "stdlib_contexts", {})
+        stdlib_context = made.get(self._alpn) or stdlib_server_context(options, self._alpn)
         self.options = options
         self._context = context
         self._stdlib = StdlibTLS(stdlib_context)
@@ -272,8 +350,9 @@ def listener_context_factory(listener: ListenerConfig) -> ServerOptions:
     names the settings file, line, element and attribute, like a ConfigError."""
     files = listener.tls
     assert files is not None
+    alpn = ALPN_PROTOCOL if listener.websocket_path is None else ALPN_HTTP_1_1
     try:
-        return server_context_factory(files)
+        return server_context_factory(files, alpn)
     except TlsSetupError as e:
         message = str(e)
         if files.pfx_file is not None:
@@ -316,17 +395,16 @@ class _PinnedClientCreator:
     def __init__(self, pin: bytes, server_name: str, alpn: bytes = ALPN_PROTOCOL) -> None:
         self._pin = pin
         self._server_name = server_name.encode("idna")
-        context = SSL.Context(SSL.TLS_METHOD)
-        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context = _pyopenssl_client_context(alpn)
         context.set_verify(SSL.VERIFY_PEER, self._verify)
-        context.set_alpn_protos([alpn])
         self._context = context
         # The standard library's: no chain or name check (the pin is the check, made by
-        # StdlibLinkTLSProtocol once the handshake is done, before any byte goes out).
+        # StdlibLinkTLSProtocol once the handshake is done, before any byte goes out; no
+        # renegotiation can bring another certificate after it).
         stdlib = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_CLIENT)
         stdlib.check_hostname = False
         stdlib.verify_mode = stdlib_ssl.CERT_NONE
-        stdlib.minimum_version = stdlib_ssl.TLSVersion.TLSv1_2
+        _stdlib_policy(stdlib)
         stdlib.set_alpn_protocols([alpn.decode("ascii")])
         self._stdlib = StdlibTLS(stdlib, server_name, pin)
 
@@ -351,18 +429,74 @@ class _PinnedClientCreator:
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _VerifyingClientCreator:
-    """Verify the Gateway's chain (a CA file or the system store) and its name: Twisted's
-    ``ClientTLSOptions`` (service_identity) on pyOpenSSL, and the same checks as a standard
-    library context (OpenSSL's host name check on the subject alternative names only, as
-    service_identity: no fallback to the common name)."""
+    """Verify the Gateway's chain (a CA file or the system store) and its name, the same on
+    both engines: on pyOpenSSL a context of our own and a verify callback calling
+    service_identity's public API; on the standard library's, OpenSSL's host name check.
+    Either checks the subject alternative names only (no fallback to the common name) and
+    an IP address against IP SANs only.
 
-    def __init__(self, options: Any, stdlib: StdlibTLS) -> None:
-        self._options = options
+    Not Twisted's ``ClientTLSOptions``: its verify callback (Twisted 26.10) refuses only on
+    service_identity's ``VerificationError``; a ``CertificateError`` (a certificate without
+    any SAN, or with an IP address written as a DNS name) was logged and the chain's
+    verdict stood, so the proxy logged in to whoever held such a certificate.  Here any
+    error of the name check refuses the certificate.
+    """
+
+    def __init__(self, server_name: str, trusted: list[x509.Certificate] | None,
+                 stdlib: StdlibTLS, alpn: bytes) -> None:
         self._stdlib = stdlib
+        try:
+            ipaddress.ip_address(server_name)
+        except ValueError:
+            # DNS names as service_identity and SNI take them: IDNA, as the standard
+            # library's (and the pinned creator's) "idna" codec writes them.
+            self._name = server_name.encode("idna").decode("ascii")
+            self._is_ip = False
+        else:
+            self._name, self._is_ip = server_name, True  # RFC 6066: no SNI for an IP
+        context = _pyopenssl_client_context(alpn)
+        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        if trusted is None:
+            context.set_default_verify_paths()  # OpenSSL's default paths (SSL_CERT_FILE...)
+        else:
+            store = context.get_cert_store()
+            assert store is not None
+            for certificate in trusted:
+                store.add_cert(crypto.X509.from_cryptography(certificate))
+        self._context = context
+
+    def _verify(self, connection: SSL.Connection, certificate: crypto.X509, errno: int,
+                depth: int, ok: int) -> bool:
+        """OpenSSL's verdict on the chain, and at the leaf (depth 0) the name: refused on
+        any error of service_identity (VerificationError: another name; CertificateError:
+        no SAN, an unreadable one) and on any exception at all (OpenSSL would lose it)."""
+        if not ok:
+            return False  # the chain (unknown CA, expired...): OpenSSL's reason stands
+        if depth != 0:
+            return True
+        try:
+            leaf = certificate.to_cryptography()
+            if self._is_ip:
+                verify_certificate_ip_address(leaf, self._name)
+            else:
+                verify_certificate_hostname(leaf, self._name)
+        except BaseException:  # fail closed, whatever it was
+            reason = Failure()
+            protocol = connection.get_app_data()
+            fail = getattr(protocol, "failVerification", None)
+            if fail is not None:
+                with contextlib.suppress(BaseException):  # the verdict is False regardless
+                    fail(reason)
+            return False
+        return True
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803
-        """Twisted's verifying connection (pyOpenSSL)."""
-        connection: SSL.Connection = self._options.clientConnectionForTLS(tlsProtocol)
+        """A client connection sending the server name (SNI, not for an IP address) and
+        verifying chain and name."""
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        if not self._is_ip:
+            connection.set_tlsext_host_name(self._name.encode("ascii"))
         return connection
 
     def stdlib_tls(self) -> StdlibTLS:
@@ -377,24 +511,19 @@ def client_connection_creator(
     offering ``alpn`` (our protocol id, or http/1.1 for a WebSocket link)."""
     if pin is not None:
         return _PinnedClientCreator(pin, server_name, alpn)
-    trust_root: Any = None
+    trusted: list[x509.Certificate] | None = None
     stdlib = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, names
-    stdlib.minimum_version = stdlib_ssl.TLSVersion.TLSv1_2
+    _stdlib_policy(stdlib)
     stdlib.hostname_checks_common_name = False
     stdlib.set_alpn_protocols([alpn.decode("ascii")])
     if ca_file is not None:
         data = _read(ca_file, "CA file")
         try:
-            certificates = x509.load_pem_x509_certificates(data)
+            trusted = x509.load_pem_x509_certificates(data)
         except ValueError:
             raise TlsSetupError(f"{ca_file!r} holds no PEM certificate") from None
-        trust_root = ssl.trustRootFromCertificates(
-            [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certificates])
         stdlib.load_verify_locations(cadata="".join(
-            c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in certificates))
+            c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in trusted))
     else:
-        stdlib.load_default_certs()  # OpenSSL's default paths, as Twisted's platformTrust
-    options = ssl.optionsForClientTLS(
-        server_name, trustRoot=trust_root, acceptableProtocols=[alpn],
-        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
-    return _VerifyingClientCreator(options, StdlibTLS(stdlib, server_name))
+        stdlib.load_default_certs()  # OpenSSL's default paths, as the pyOpenSSL context
+    return _VerifyingClientCreator(server_name, trusted, StdlibTLS(stdlib, server_name), alpn)

@@ -76,6 +76,9 @@ _HEADER = 5
 # The largest record OpenSSL accepts (TLS 1.2: 2^14 plaintext + 2048 expansion); a header
 # announcing more is counted as a whole record at once, so recv() meets the error now.
 MAX_RECORD_BODY = 2**14 + 2048
+# TLS content types (RFC 8446 B.1 and RFC 6520: change_cipher_spec 20 ... heartbeat 24); a
+# record's major version is 3 in every TLS version.
+_FIRST_TYPE, _LAST_TYPE = 20, 24
 # recv() size: more than a record's plaintext (2^14), so one call reads a whole record; a
 # call that fills it is followed by another.
 _RECV_SIZE = 2**15
@@ -88,7 +91,10 @@ class RecordCounter:
     """How many whole TLS records the bytes fed so far complete (sans-IO).
 
     ``feed(data)`` returns the number of records whose last byte is in ``data``; a header or
-    a body cut by the end of ``data`` is carried over to the next call.
+    a body cut by the end of ``data`` is carried over to the next call.  A header no TLS
+    record has (a length over :data:`MAX_RECORD_BODY`, a content type outside 20-24, a major
+    version other than 3) counts as a whole record at once, so that ``recv`` meets
+    OpenSSL's error without waiting for the body it announces.
     """
 
     __slots__ = ("_header", "_left")
@@ -120,15 +126,20 @@ class RecordCounter:
                     self._left = 0
                     return records
                 position = cut
-                left = int.from_bytes(self._header[3:], "big")
+                header = self._header
+                kind, major = header[0], header[1]
+                left = int.from_bytes(header[3:], "big")
                 self._header = b""
             else:
+                kind, major = data[position], data[position + 1]
                 left = (data[position + 3] << 8) | data[position + 4]
                 position += _HEADER
             if left == 0:
                 records += 1  # an empty record is whole at its header
-            elif left > MAX_RECORD_BODY:
-                records += 1  # not a record OpenSSL reads: let recv() say so at once
+            elif left > MAX_RECORD_BODY or not _FIRST_TYPE <= kind <= _LAST_TYPE or major != 3:
+                # Not a record OpenSSL reads (too long; not a TLS content type or version:
+                # "GET / ..." announces 0x202f = 8,239 bytes): let recv() say so at once.
+                records += 1
 
 
 class _Choice:
