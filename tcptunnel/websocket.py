@@ -72,6 +72,7 @@ from tcptunnel._websocket import (
     could_be_http,
     forwarded_client,
     route_request,
+    xor_mask,
 )
 from tcptunnel.config import format_address
 from tcptunnel.outbound import WrappingClientFactory
@@ -107,11 +108,11 @@ def _nvx_library() -> Any:
 
 _NVX = _nvx_library()
 
-# From this payload size on a C masker beats the big-integer XOR.  autobahn's C loop in place
-# does at every size (measured, in place: 1.0-1.3 µs from 1 byte to 2 KiB against the XOR's
-# 1.4-4.4 µs; 5 against 170 µs at 64 KiB); its public masker objects, with their copies,
-# from 2 KiB (4.7 against 4.5 µs at 1.4 KB); its pure-Python fallback, a loop per byte, never.
-_C_MASKER_FROM = 0 if _NVX is not None else 2048 if USES_NVX else 1 << 62
+# From this payload size on a C masker beats the big-integer XOR on bytes: autobahn's C loop
+# (its per-call cost ~1.2 µs; the XOR 0.4-0.8 µs up to 256 bytes, 1.2 at 512, 2.0 at 1 KiB:
+# measured; 5 against 170 µs at 64 KiB), its public masker objects, with their copies, from
+# 2 KiB (4.7 against 4.5 µs at 1.4 KB); its pure-Python fallback, a loop per byte, never.
+_C_MASKER_FROM = 512 if _NVX is not None else 2048 if USES_NVX else 1 << 62
 
 
 class _NvxUnmasker:
@@ -127,7 +128,13 @@ class _NvxUnmasker:
             raise MemoryError("autobahn's masker: no memory for its 24 bytes")
         self._masker = ffi.gc(masker, lib.nvx_xormask_free)
 
-    def __call__(self, buffer: bytearray, start: int, end: int) -> None:
+    def __call__(self, data: bytes | memoryview) -> bytes:
+        """The next piece, unmasked (one copy, the XOR in place)."""
+        buffer = bytearray(data)
+        self.into(buffer, 0, len(buffer))
+        return bytes(buffer)
+
+    def into(self, buffer: bytearray, start: int, end: int) -> None:
         """Unmask ``buffer[start:end]`` in place."""
         view = _NVX.ffi.from_buffer(buffer)  # (held while the C loop writes through it)
         _NVX.lib.nvx_xormask_process(self._masker, view + start, end - start)
@@ -141,9 +148,14 @@ class _PublicUnmasker:
     def __init__(self, key: bytes, length: int = 0) -> None:
         self._masker = create_xor_masker(key, length)
 
-    def __call__(self, buffer: bytearray, start: int, end: int) -> None:
+    def __call__(self, data: bytes | memoryview) -> bytes:
+        """The next piece, unmasked."""
+        unmasked: bytes = self._masker.process(bytes(data))
+        return unmasked
+
+    def into(self, buffer: bytearray, start: int, end: int) -> None:
         """Unmask ``buffer[start:end]`` in place."""
-        buffer[start:end] = self._masker.process(bytes(memoryview(buffer)[start:end]))
+        buffer[start:end] = self(memoryview(buffer)[start:end])
 
 
 _CUnmasker = _NvxUnmasker if _NVX is not None else _PublicUnmasker
@@ -153,16 +165,16 @@ def mask_in_place(key: bytes, buffer: bytearray, start: int = 0) -> None:
     """Mask (or unmask) ``buffer[start:]`` with ``key``, by the faster masker for its size."""
     size = len(buffer) - start
     if size < _C_MASKER_FROM:
-        XorUnmasker(key)(buffer, start, start + size)
+        XorUnmasker(key).into(buffer, start, start + size)
     else:
-        _CUnmasker(key, size)(buffer, start, start + size)
+        _CUnmasker(key, size).into(buffer, start, start + size)
 
 
 def mask(key: bytes, data: bytes) -> bytes:
-    """``data`` masked (or unmasked) with ``key``."""
-    buffer = bytearray(data)
-    mask_in_place(key, buffer)
-    return bytes(buffer)
+    """``data`` masked (or unmasked) with ``key``, by the faster masker for its size."""
+    if len(data) < _C_MASKER_FROM:
+        return xor_mask(key, data)
+    return _CUnmasker(key, len(data))(data)
 
 
 def unmasker(key: bytes, length: int) -> Any:
@@ -364,6 +376,10 @@ class _LinkWebSocket:
             return
         key = os.urandom(4)
         header = binary_frame_header(length, key)
+        if length < _C_MASKER_FROM:  # (a small frame: quicker as bytes)
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            self.transport.writeSequence([header, xor_mask(key, payload)])
+            return
         frame = bytearray().join([header, *parts])
         mask_in_place(key, frame, len(header))
         self.transport.write(bytes(frame))

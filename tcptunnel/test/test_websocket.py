@@ -292,8 +292,9 @@ class FrameCodecTests(SynchronousTestCase):
         self.assertEqual(xor_mask(key, data), expected)
         self.assertEqual(mask(key, data), expected)
         buffer = bytearray(data)
-        _PublicUnmasker(key, len(data))(buffer, 0, len(data))
+        _PublicUnmasker(key, len(data)).into(buffer, 0, len(data))
         self.assertEqual(bytes(buffer), expected)
+        self.assertEqual(_PublicUnmasker(key, len(data))(data), expected)
 
     @given(st.booleans(),
            st.lists(st.one_of(
@@ -486,7 +487,7 @@ class NvxCanaryTests(SynchronousTestCase):
         lib.nvx_xormask_process(masker, ffi.from_buffer(buffer) + 3, 2)
         self.assertEqual(bytes(buffer), bytes.fromhex("7f9f4d5158"))
         buffer = bytearray(b"..Hello")
-        _NvxUnmasker(bytes.fromhex("37fa213d"))(buffer, 2, 7)
+        _NvxUnmasker(bytes.fromhex("37fa213d")).into(buffer, 2, 7)
         self.assertEqual(bytes(buffer), b".." + bytes.fromhex("7f9f4d5158"))
 
     def test_switch_back(self) -> None:
