@@ -49,6 +49,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+import tcptunnel.tls
 from tcptunnel import _frames as fr
 from tcptunnel.config import Location, TlsFiles, load_settings
 from tcptunnel.ports import listen
@@ -589,12 +590,27 @@ class NameEdgeTests(_ProxyAttack):
 
 
 class PyOpenSSLNameEdgeTests(NameEdgeTests):
-    """The same on pyOpenSSL (TCPTUNNEL_PYOPENSSL_TLS=1)."""
+    """The same on pyOpenSSL (TCPTUNNEL_PYOPENSSL_TLS=1), whose name check is
+    tcptunnel.tls's verify callback."""
 
     engine = "pyopenssl"
 
+    async def test_any_error_of_the_name_check_refuses(self) -> None:
+        """A name check that fails with an error of no known kind (service_identity
+        replaced by one raising RuntimeError) refuses a certificate that is right in every
+        way, with that error as the reason: the callback fails closed."""
+        ca_file, key, chain = self.ca_leaf("gateway.example")
 
-class TwistedNameEdgeTests(NameEdgeTests):
+        def broken(certificate: Any, hostname: str) -> None:
+            raise RuntimeError("the name check broke")
+
+        self.patch(tcptunnel.tls, "verify_certificate_hostname", broken)
+        await self.refused(key, chain,
+                           f'useSsl="1" caFile="{ca_file}" serverName="gateway.example"',
+                           "the name check broke")
+
+
+class TwistedNameEdgeTests(PyOpenSSLNameEdgeTests):
     """The same on Twisted's TLSMemoryBIOProtocol (TCPTUNNEL_TWISTED_TLS=1), which takes
     the same connection creator."""
 
