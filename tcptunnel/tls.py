@@ -48,8 +48,9 @@ from tcptunnel.tlslink import LinkTLSFactory, StdlibTLS, using_own_tls
 
 # TLS 1.2 suites, on every engine, client and server: forward secrecy (ECDHE) and AEAD
 # (AES-GCM, ChaCha20-Poly1305) only; no RSA key exchange, no CBC, no SHA-1 MAC.  OpenSSL
-# 3.0 expands it to the 6 ECDHE-{ECDSA,RSA}-{AES128-GCM,AES256-GCM,CHACHA20} suites.  TLS
-# 1.3 suites are set apart by OpenSSL (all AEAD with forward secrecy): its defaults stay.
+# 3.0 (ssl's) and 4.0 (pyOpenSSL's) expand it to the same 6 suites, ECDHE-{ECDSA,RSA}-
+# {AES128-GCM,AES256-GCM,CHACHA20}.  TLS 1.3 suites are set apart by OpenSSL (all AEAD
+# with forward secrecy): its defaults stay.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 
 
