@@ -376,7 +376,17 @@ class FrameReader:
                     position = self._payload(buffer, position, end, spans)
         if position < end:
             self._buffer = buffer[position:]
-        if spans:
+        if len(spans) == 1:  # (most reads: inline, ~0.3 µs a read less than _gather)
+            start, stop, unmask = spans[0]
+            if unmask is None:
+                events.append(buffer if stop - start == end else buffer[start:stop])
+            elif stop - start == end:
+                events.append(unmask(buffer))
+            elif stop - start < 4096:
+                events.append(unmask(buffer[start:stop]))
+            else:
+                events.append(unmask(memoryview(buffer)[start:stop]))  # (into a copy)
+        elif spans:
             events.append(self._gather(buffer, spans))
         return events
 

@@ -370,7 +370,7 @@ class _LinkWebSocket:
         A proxy's frame is built in one bytearray (header and payload: one copy, which the
         TLS layer's join of a sequence would make anyway), masked there in place, and
         written as bytes (what ITransport.write takes)."""
-        length = sum(map(len, parts))
+        length = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
         if self.factory.isServer:
             self.transport.writeSequence([binary_frame_header(length), *parts])
             return
