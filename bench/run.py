@@ -575,6 +575,37 @@ FIGURES = ("throughput", "ping", "loaded", "connrate", "memory", "longpath", "ud
 E2E_FIGURES = ("throughput", "ping", "connrate")
 
 
+# Linux's PM QoS file: while a process holds it open with a value written, no CPU enters an
+# idle state whose exit latency is above that value (microseconds).
+CPU_DMA_LATENCY = "/dev/cpu_dma_latency"
+
+
+@contextlib.contextmanager
+def shallow_idle(path: str = CPU_DMA_LATENCY) -> Iterator[bool]:
+    """Keep the CPUs out of deep idle states for the run, as latency benchmarks do (cyclictest,
+    tuned's latency-performance profile): hold ``path`` open with 0 written. Yields whether it
+    could (it needs root and the file).
+
+    Why: this VM's idle driver (haltpoll, with guest_halt_poll_ns=0) halts a CPU as soon as it
+    has nothing to run, and waking a halted virtual CPU costs tens of microseconds. A 1-byte round
+    trip idles the CPUs between hops, so on a quiet machine the direct client's floor measured
+    63 µs (make bench, 2026-12-02) and 89.7 µs (2026-11-26), against 15-16 µs whenever other
+    work kept the CPUs busy. With 0 held the idle loop polls instead (the haltpoll governor
+    picks its zero-latency POLL state), which every system measured profits from alike: 2,000
+    direct round trips, quiet machine, three rounds alternating: p50 83 / 29 / 79 µs free,
+    14.2 / 15.0 / 14.5 µs held."""
+    try:
+        handle = open(path, "wb", buffering=0)  # noqa: SIM115 - held for the whole run
+    except OSError:
+        yield False
+        return
+    try:
+        handle.write((0).to_bytes(4, sys.byteorder, signed=True))
+        yield True
+    finally:
+        handle.close()
+
+
 def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
@@ -1010,6 +1041,15 @@ def report_text(results: dict[str, Any]) -> str:
              "floor (the ping-pong client and the echo server with no tunnel between them: one "
              "connection, TCP_NODELAY, blocking `send`/`recv` calls timed with "
              "`perf_counter`)."]
+    if results.get("shallow_idle"):
+        lines[-1] += (" The CPUs were kept out of deep idle states for the run (0 µs held in "
+                      "`/dev/cpu_dma_latency`, as latency benchmarks do): waking a halted "
+                      "virtual CPU of this machine costs tens of µs, which without it made the "
+                      "quiet client floor 29-90 µs instead of 14-16.")
+    elif "shallow_idle" in results:
+        lines[-1] += (" The CPUs could not be kept out of deep idle states (`/dev/cpu_dma_latency`"
+                      " needs root): on a quiet virtual machine each wake-up between hops can "
+                      "add tens of µs to every system's round trip.")
     if any("gateway_ns_per_byte_1" in figures for figures in systems.values()):
         lines[-1] += (" Gateway CPU per byte: the Gateway's time on a CPU "
                       "(`/proc/<pid>/task/*/schedstat`) during the iperf3 run over the bytes "
@@ -1304,7 +1344,9 @@ def main() -> None:
     if args.e2e and "tls-e2e" not in args.systems:
         args.systems = [*args.systems, "tls-e2e"]
     started = time.monotonic()
-    results = run_benchmarks(args)
+    with shallow_idle() as held:
+        results = run_benchmarks(args)
+    results["shallow_idle"] = held
     if set(args.systems) != set(SYSTEMS) or set(args.figures) != set(FIGURES) or args.baseline:
         print(json.dumps(results, indent=1))
         return

@@ -242,3 +242,45 @@ class CPUTests(SynchronousTestCase):
         self.assertFalse(restricted.measures("loaded"))
         self.assertFalse(restricted.measures("memory"))
         self.assertTrue(bench.System("tls", 1, 2).measures("memory"))
+
+
+class ShallowIdleTests(SynchronousTestCase):
+    """The PM QoS hold that keeps the CPUs out of deep idle states during a run."""
+
+    def test_holds_zero_while_running(self) -> None:
+        """``shallow_idle`` writes a 4-byte 0 (the kernel's format: a native s32 of µs) to the
+        file, keeps it open for the body and closes it after (closing is what ends the
+        request); it yields True."""
+        path = self.mktemp()
+        opened: list[Any] = []
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            handle = open(*args, **kwargs)  # noqa: SIM115 - returned to the code under test
+            opened.append(handle)
+            return handle
+
+        bench.open = spy  # type: ignore[attr-defined]  # the module's globals before builtins
+        self.addCleanup(delattr, bench, "open")
+        with bench.shallow_idle(path) as held:
+            self.assertTrue(held)
+            self.assertEqual(len(opened), 1)
+            self.assertFalse(opened[0].closed)
+        self.assertTrue(opened[0].closed)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), (0).to_bytes(4, sys.byteorder, signed=True))
+
+    def test_unavailable(self) -> None:
+        """Where the file cannot be opened (no root, no such file) the run goes on: it yields
+        False and raises nothing."""
+        with bench.shallow_idle(os.path.join(self.mktemp(), "missing", "x")) as held:
+            self.assertFalse(held)
+
+    def test_report_says_so(self) -> None:
+        """The report's first paragraph says whether the idle states were held, and says
+        nothing of them for results that predate the hold."""
+        sample = results()
+        self.assertNotIn("idle states", bench.report_text(sample))
+        sample["shallow_idle"] = True
+        self.assertIn("kept out of deep idle states", bench.report_text(sample))
+        sample["shallow_idle"] = False
+        self.assertIn("could not be kept out of deep idle", bench.report_text(sample))
