@@ -135,7 +135,9 @@ class SealedStream(MuxStream, StreamEndpoint):
         ``writeSequence``: Twisted queues them as they are and joins them in the send it
         makes anyway), so a sealed frame costs the local socket one write, as a clear one
         does."""
-        if not self._live:
+        # _live inlined (here and below): this runs for every sealed frame a proxy receives.
+        streams = self.mux.streams
+        if self.failed or streams.get(self.stream_id) is not self:
             return
         try:
             plaintexts, consumed = self.cipher.decoder.feed_data(data)
@@ -145,8 +147,9 @@ class SealedStream(MuxStream, StreamEndpoint):
         if plaintexts:
             app = self.app
             if len(plaintexts) == 1:
-                self.bytes_in += len(plaintexts[0])
-                app.stream_data(plaintexts[0])
+                plaintext = plaintexts[0]
+                self.bytes_in += len(plaintext)
+                app.stream_data(plaintext)
             else:
                 self.bytes_in += sum(map(len, plaintexts))
                 write_sequence = getattr(app, "stream_data_sequence", None)
@@ -157,7 +160,7 @@ class SealedStream(MuxStream, StreamEndpoint):
                         app.stream_data(plaintext)
                         if not self._live:
                             return
-            if not self._live:
+            if self.failed or streams.get(self.stream_id) is not self:
                 return
         if not consumed:
             return

@@ -601,6 +601,30 @@ class SuiteTests(SynchronousTestCase):
         by_data.finish()
         self.assertTrue(by_data.ended)
 
+    def test_one_record_reads_across_key_updates(self) -> None:
+        """Writes of one record each and reads of one whole record each (the single-record
+        paths of seal_data and feed_data, what a ping-pong takes) give the records of §9.5
+        byte for byte under each key, open to their plaintexts, and a changed one is an
+        integrity failure that every later call raises again."""
+        quick = e2e.Suite(2, "suite 2, key updated every 2 records", AESGCM, 2)
+        key = bytes(range(32))
+        keys = [key, update(key), update(update(key))]
+        sealer = RecordSealer(key, self.PAIRING_ID, 4, Direction.TO_CLIENT, 0, quick)
+        decoder = RecordDecoder(key, self.PAIRING_ID, 4, Direction.TO_CLIENT, 0, quick)
+        for sequence, piece in enumerate([b"a", b"bc", bytes(5000), b"d", b"e"]):
+            record = sealer.seal_data(piece)
+            self.assertEqual(record, record_by_the_spec(
+                quick, keys[sequence // 2], self.PAIRING_ID, 4, Direction.TO_CLIENT,
+                RecordType.DATA, sequence, piece))
+            self.assertEqual(decoder.feed_data(record), ([piece], len(record)))
+        changed = bytearray(sealer.seal_data(b"f"))
+        changed[-1] ^= 1
+        with self.assertRaises(IntegrityError) as caught:
+            decoder.feed_data(bytes(changed))
+        self.assertIn("record 5", caught.exception.message)
+        with self.assertRaises(IntegrityError):
+            decoder.feed_data(sealer.seal_data(b"g"))
+
     def test_feed_data_refuses_other_records(self) -> None:
         """An OPEN record among a stream's data (a Gateway moving the sealed OPEN there) is an
         integrity failure for feed_data, after the data before it."""
