@@ -108,11 +108,12 @@ class SealedStream(MuxStream, StreamEndpoint):
 
     def write(self, data: bytes) -> None:
         """Seal ``data`` into DATA records and send them (after the window allows)."""
-        if self.record.state in _ENDED or not data or self.cipher.sealer.ended:
+        sealer = self.cipher.sealer
+        if self.record.state in _ENDED or not data or sealer.ended:
             return
-        sealed = self.cipher.sealer.seal_data(data)
-        super().write(sealed)
-        self.bytes_out -= len(sealed) - len(data)
+        sealed = sealer.seal_data(data)
+        self.bytes_out -= len(sealed) - len(data)  # MuxStream.write counts the record bytes
+        MuxStream.write(self, sealed)
 
     def loseWriteConnection(self) -> None:  # noqa: N802
         """Half-close: the END record, then FIN (a FIN alone would read as truncation)."""
