@@ -250,6 +250,49 @@ class XorUnmasker:
         buffer[start:end] = self(memoryview(buffer)[start:end])
 
 
+class MaskingKeys:
+    """Masking keys for a client's frames (RFC 6455 §5.3: each frame a fresh key, "derived
+    from a strong source of entropy"), taken 4 bytes at a time from ``source(4096)`` (e.g.
+    ``os.urandom``): one getrandom(2) syscall per 1,024 frames instead of one per frame
+    (~0.3-0.6 µs each).  Every byte of ``source`` is used once, as one key's; the buffer
+    holds at most 4 KiB.  :meth:`forget` drops what is held (a forked child must not
+    reuse its parent's keys)."""
+
+    __slots__ = ("_buffer", "_position", "_source")
+
+    REFILL = 4096
+
+    def __init__(self, source: Callable[[int], bytes]) -> None:
+        self._source = source
+        self._buffer = b""
+        self._position = 0
+
+    def __call__(self) -> bytes:
+        """The next 4-byte key."""
+        position = self._position
+        if position >= len(self._buffer):
+            self._buffer, position = self._source(self.REFILL), 0
+            if len(self._buffer) < 4:
+                raise ValueError("the entropy source gave fewer than 4 bytes")
+        self._position = position + 4
+        return self._buffer[position:position + 4]
+
+    def forget(self) -> None:
+        """Drop the keys held (after a fork)."""
+        self._buffer, self._position = b"", 0
+
+
+def small_frame(payload: bytes, key: bytes = b"") -> bytes:
+    """One unfragmented binary message of fewer than 126 bytes, whole: the 2-byte header,
+    the ``key`` and the payload masked with it, or the payload as it is without a key (what
+    :func:`binary_frame_header` and :func:`xor_mask` give, in one call: a 1-byte ping's
+    frame)."""
+    length = len(payload)
+    if key:
+        return bytes((0x80 | OP_BINARY, 0x80 | length)) + key + xor_mask(key, payload)
+    return bytes((0x80 | OP_BINARY, length)) + payload
+
+
 def binary_frame_header(length: int, key: bytes = b"") -> bytes:
     """The header of one unfragmented binary message of ``length`` bytes: FIN, opcode 2, the
     length in the fewest bytes (§5.2), then the masking ``key`` if any (a client's frames
@@ -296,8 +339,10 @@ class FrameReader:
     §5.1; a client reads a server's, which must not be); a frame that is not is
     :class:`Unhandled` (the full implementation fails the connection).  ``unmasker`` makes
     each masked frame's unmasking (:class:`XorUnmasker`, or a faster one of the same result:
-    one per frame, not per piece, as a C masker costs ~1-3 µs to set up).  Masked payload is
-    copied once into a bytearray, unmasked there in place, and handed over as bytes.
+    one per frame, not per piece, as a C masker costs ~1-3 µs to set up; a read that is one
+    whole frame of fewer than 126 bytes is unmasked by :func:`xor_mask`, the quickest at that
+    size).  Masked payload is copied once into a bytearray, unmasked there in place, and
+    handed over as bytes.
 
     Holds at most one incomplete header or control frame: :data:`MAX_HEADER` +
     :data:`MAX_CONTROL_PAYLOAD` bytes.
@@ -324,6 +369,17 @@ class FrameReader:
         a close is not read here)."""
         if self.stopped:
             raise RuntimeError("the reader stopped at an unhandled frame")
+        if not (self._buffer or self._remaining or self._inside) and len(data) >= 2:
+            # A read that is one whole small binary message (a ping-pong's, an interactive
+            # stream's): its payload at once, without the general walk (1-byte masked
+            # frame 1.5 -> 0.9 µs, measured).  Anything else takes the general path.
+            size = data[1] ^ self._masked  # (the length if the mask bit is as it must be)
+            if data[0] == 0x80 | OP_BINARY and 0 < size < 126:
+                if not self._masked:
+                    if len(data) == 2 + size:
+                        return [data[2:]]
+                elif len(data) == 6 + size:  # (below 126 bytes the XOR is the quickest)
+                    return [xor_mask(data[2:6], data[6:])]
         buffer = self._buffer + data if self._buffer else data
         self._buffer = b""
         end = len(buffer)

@@ -64,6 +64,7 @@ from tcptunnel._websocket import (
     MAX_REQUEST_HEAD,
     ControlFrame,
     FrameReader,
+    MaskingKeys,
     Network,
     RequestHead,
     Unhandled,
@@ -72,6 +73,7 @@ from tcptunnel._websocket import (
     could_be_http,
     forwarded_client,
     route_request,
+    small_frame,
     xor_mask,
 )
 from tcptunnel.config import format_address
@@ -184,6 +186,13 @@ def unmasker(key: bytes, length: int) -> Any:
     if length < _C_MASKER_FROM:
         return XorUnmasker(key)
     return _CUnmasker(key, length)
+
+
+# A proxy's masking keys: os.urandom read 4 KiB at a time (one syscall per 1,024 frames, not
+# one per frame), dropped in a forked child (twistd forks to daemonize: the child must not
+# send the keys its parent may also send).
+_masking_key = MaskingKeys(os.urandom)
+os.register_at_fork(after_in_child=_masking_key.forget)
 
 
 class WebSocketHandshakeError(ConnectError):
@@ -365,16 +374,23 @@ class _LinkWebSocket:
     def send_link_data(self, parts: Sequence[bytes]) -> None:
         """One flush of the link as one binary message of one frame, written at once (the
         caller checked that the WebSocket is open): a proxy's masked with a fresh key
-        (RFC 6455 §5.3: from a strong source of entropy), the Gateway's as they are.
+        (RFC 6455 §5.3: from a strong source of entropy, os.urandom read 4 KiB at a time),
+        the Gateway's as they are.  A frame below 126 bytes (a ping-pong's) is made whole by
+        one call and written as one piece.
 
         A proxy's frame is built in one bytearray (header and payload: one copy, which the
         TLS layer's join of a sequence would make anyway), masked there in place, and
         written as bytes (what ITransport.write takes)."""
         length = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
+        if length < 126:  # (a ping-pong's frame: whole in one call, one write)
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            self.transport.write(small_frame(payload) if self.factory.isServer
+                                 else small_frame(payload, _masking_key()))
+            return
         if self.factory.isServer:
             self.transport.writeSequence([binary_frame_header(length), *parts])
             return
-        key = os.urandom(4)
+        key = _masking_key()
         header = binary_frame_header(length, key)
         if length < _C_MASKER_FROM:  # (a small frame: quicker as bytes)
             payload = parts[0] if len(parts) == 1 else b"".join(parts)

@@ -438,6 +438,117 @@ class FrameCodecTests(SynchronousTestCase):
             self.assertTrue(reader.stopped)
             self.assertRaises(RuntimeError, reader.feed, b"")
 
+    def test_unhandled_frames_alone(self) -> None:
+        """The same refusals when the frame not taken is a read of its own, the shape the
+        reader's quick path for one whole small frame looks at: nothing of it is taken as
+        payload, it is Unhandled from its first byte (text, reserved bits or opcode, the
+        mask bit wrong either way, a continuation with no message open, a new message
+        inside one, a length not in the fewest bytes), and a good frame alone is its
+        payload."""
+        from tcptunnel._websocket import FrameReader, Unhandled
+
+        key = b"\x0a\x0b\x0c\x0d"
+        for masked, bad in [
+            (True, _frame(1, b"text", key)),
+            (True, _frame(2, b"x", key, rsv=4)),
+            (True, _frame(2, b"x")),
+            (False, _frame(2, b"x", key)),
+            (True, _frame(3, b"x", key)),
+            (True, _frame(0, b"x", key)),
+            (False, _frame(0, b"x")),
+            (True, _frame(2, b"x" * 100, key, length_bytes=2)),
+        ]:
+            reader = FrameReader(masked=masked)
+            self.assertEqual(reader.feed(bad), [Unhandled(bad, False)], bad)
+        for masked, use in ((True, key), (False, b"")):
+            reader = FrameReader(masked=masked)
+            self.assertEqual(reader.feed(_frame(2, b"ok", use)), [b"ok"])
+            self.assertEqual(reader.feed(_frame(2, b"ab", use, fin=False)), [b"ab"])
+            bad = _frame(2, b"x", use)  # a new message while one is open
+            self.assertEqual(reader.feed(bad), [Unhandled(bad, True)])
+
+    @given(st.booleans(),
+           st.lists(st.tuples(st.binary(max_size=130), st.booleans()), max_size=12),
+           st.lists(st.integers(min_value=0, max_value=255), min_size=4, max_size=4))
+    @settings(max_examples=300)
+    def test_frame_per_read_as_one_read(self, masked: bool, messages: list[Any],
+                                        key_bytes: list[int]) -> None:
+        """Messages of 0 to 130 bytes, some in two fragments: fed one frame per read (the
+        quick path's case when whole and small) or all in one read, the reader gives the
+        same payload bytes in order, unmasked."""
+        from tcptunnel._websocket import FrameReader
+
+        key = bytes(key_bytes) if masked else b""
+        frames: list[bytes] = []
+        for payload, split in messages:
+            if split:
+                half = len(payload) // 2
+                frames += [_frame(2, payload[:half], key, fin=False),
+                           _frame(0, payload[half:], key)]
+            else:
+                frames.append(_frame(2, payload, key))
+        expected = b"".join(payload for payload, _ in messages)
+        one_by_one = FrameReader(masked=masked)
+        got = [event for frame in frames for event in one_by_one.feed(frame)]
+        at_once = FrameReader(masked=masked).feed(b"".join(frames))
+        for events in (got, at_once):
+            self.assertTrue(all(type(event) is bytes for event in events))
+            self.assertEqual(b"".join(cast(list[bytes], events)), expected)
+
+    def test_small_frame(self) -> None:
+        """A whole small message as one piece of bytes, as RFC 6455 §5.2 draws it: masked
+        with the key given (§5.7's "Hello" example), or unmasked without one."""
+        from tcptunnel._websocket import small_frame
+
+        key = bytes.fromhex("37fa213d")
+        self.assertEqual(small_frame(b"Hello", key),
+                         bytes.fromhex("828537fa213d7f9f4d5158"))
+        for size in (1, 125):
+            payload = os.urandom(size)
+            self.assertEqual(small_frame(payload, key), _frame(2, payload, key))
+            self.assertEqual(small_frame(payload), _frame(2, payload))
+
+    def test_masking_keys(self) -> None:
+        """The masking keys are the source's bytes 4 at a time, each used once, read from it
+        4 KiB at a time (the buffer bounded by that); forget drops what is held (a forked
+        child draws afresh); a source giving less than a key is an error, not a short key."""
+        from tcptunnel._websocket import MaskingKeys
+
+        reads: list[int] = []
+        counter = iter(range(1 << 30))
+
+        def source(size: int) -> bytes:
+            reads.append(size)
+            return b"".join(next(counter).to_bytes(4, "big") for _ in range(size // 4))
+
+        keys = MaskingKeys(source)
+        got = [keys() for _ in range(1025)]
+        self.assertEqual(got, [n.to_bytes(4, "big") for n in range(1025)])
+        self.assertEqual(reads, [4096, 4096])
+        keys.forget()
+        self.assertEqual(keys(), (2048).to_bytes(4, "big"))
+        self.assertEqual(reads, [4096, 4096, 4096])
+        self.assertRaises(ValueError, MaskingKeys(lambda size: b"abc"))
+
+    def test_proxy_keys_are_fresh(self) -> None:
+        """A proxy's link frames, small (one call) and large, each take the next key of the
+        key source, none twice: 2,000 frames over more than one 4 KiB refill, against a
+        source that counts (so a reused key would show), and the Gateway reads them all."""
+        from tcptunnel import websocket
+        from tcptunnel._websocket import MaskingKeys
+
+        counter = iter(range(1 << 30))
+        self.patch(websocket, "_masking_key", MaskingKeys(
+            lambda size: b"".join(next(counter).to_bytes(4, "big") for _ in range(size // 4))))
+        pair = _Pair()
+        keys = []
+        for size in (1, 200) * 1000:
+            pair.proxy.link_transport.writeSequence([b"x" * size])
+            wire = pair.to_gateway()
+            keys.append(wire[2:6] if size < 126 else wire[4:8])
+        self.assertEqual(keys, [n.to_bytes(4, "big") for n in range(2000)])
+        self.assertEqual(pair.gateway_links.links[0].received, b"x" * 201_000)
+
     def test_rest_after_a_close(self) -> None:
         """After a control frame the reader holds what followed, unread, until fed again or
         asked for the rest (for autobahn, once a close began the closing handshake)."""
