@@ -1205,20 +1205,39 @@ NOTES = """\
   per byte. End-to-end encryption should leave it as it is (the Gateway relays ciphertext
   like clear text), hence the target of 1.0x with a ±10 % allowance for this.
 * **Latency under load** is bound by the bytes in flight ahead of a keystroke on a CPU-bound
-  path. `ss -tn` during the 8-stream run shows them in the kernel's receive queues of the busy
+  path. `ss -tn` during the 8-stream run showed them in the kernel's receive queues of the busy
   receivers: up to 1.25 MB at the Gateway (from the Proxy-Server) and 1.5 MB at the
-  Proxy-Client, about 10 ms at these rates, which is the p50 (the windows allow it: 8 streams
-  of 384 KiB are 3 MiB in flight). Our own queues are not the
-  problem: control frames go first, streams are served round-robin in 32 KiB chunks, and link
-  sockets keep at most 128 KiB unsent (TCP_NOTSENT_LOWAT). Capping the link sockets' receive
-  buffers at 128 KiB moved the queue into our round-robin and measured p50 8 ms / p99 13 ms
-  instead of 11 / 30 (256 KiB: p50 8.5-9.4 / p99 15-20 ms, but 8-15 % less throughput in an
-  A/B here), and a fixed receive buffer caps a real link at buffer / RTT (128 KiB over
-  50 ms is 2.6 MB/s), so the kernel's autotuning stays. The p99 has a floor on this
-  machine: socat, with no shared link and no Python, shows p99 of 12-23 ms under the same load
-  (two cores saturated, every hop waits for a CPU), so 5 ms is out of reach here for any relay
-  of three processes. A proxy with `maxWindow` equal to `initialWindow` trades long-path
-  throughput for lower latency under load (p99 ~20 ms instead of ~27 ms in an earlier run).
+  Proxy-Client, 4-15 MB in all four link sockets together, because windows grew whenever a
+  sender was blocked and its reader kept up (8 streams reached the 32 MiB link budget within a
+  second). Our own queues are not the problem: control frames go first, streams are served
+  round-robin in 32 KiB chunks, and link sockets keep at most 128 KiB unsent
+  (TCP_NOTSENT_LOWAT). Capping the link sockets' receive buffers at 128 KiB moved the queue
+  into our round-robin (p50 8 ms / p99 13 ms instead of 11 / 30, but 8-15 % less throughput,
+  and a fixed receive buffer caps a real link at buffer / RTT: 128 KiB over 50 ms is
+  2.6 MB/s). Instead the receiving proxy now sizes windows by delay (docs/protocol.md §6,
+  "Queueing"): it times credit round trips, and while the smoothed one exceeds the least one
+  by more than max(least, 4 ms) it shrinks windows (a quarter per round trip, down to 64 KiB)
+  instead of growing them, each stream by its own round trips. Same-run interleaved A/B (3
+  repeats under `flock`, load average 6-11 from the other work on this machine, before = the
+  commit before the change): p50 under 8 bulk streams 39.6 -> 7.7 ms (0.19x), p99 119 ->
+  36.5 ms (0.31x), bytes in the link sockets' kernel queues 7.9 -> 1.1 MB, throughput with 1
+  stream 179 -> 182 MB/s (1.02x), with 8 streams 118 -> 177 (1.50x; spread 109-186 across
+  repeats). Against socat's three hops the p99 ratio follows socat's own noise: 0.70x in a run
+  where socat's p99 was 34 ms (tcptunnel before: 2.08x), 17x in one where it was 2.1 ms. The
+  long path still grows (median 117 MB/s against 4.4 with a fixed 384 KiB window, 26x; one
+  run of three at 16 MB/s, as the code before the change also had: 7.6-8.7 in two of three):
+  the allowance is the path's own round trip when that is longer. An allowance of 8 or 16 ms
+  instead of 4 gave p99 64 / 76 ms and no more throughput. On the quiet machine of the final
+  run (CPUs held out of deep idle, 3 repeats, the control switched off by an allowance of 1e9 s
+  in the same run): p50 under load 17.3 -> 7.1 ms, p99 43.4 -> 20.8 ms (0.48x; socat 21.3 ms),
+  but 8-stream throughput 312 -> 267 MB/s (0.86x) with 1.14x the Gateway's CPU per byte (2.05
+  -> 2.33 ns: windows at their 64 KiB floor make smaller reads); a 128 KiB floor was not
+  better in a second run (8 streams 223 MB/s, p99 12.7 ms against 241 / 22.6, noise of the
+  same size). The p99 has a floor on this machine: socat,
+  with no shared link and no Python, shows p99 of 2-70 ms under the same load (two cores
+  saturated, every hop waits for a CPU). Windows still overshoot for the first second of a
+  burst of new bulk streams (the first round trips include the burst's own queue, so the
+  minimum starts high), then settle within about two seconds.
 * **Connection rate** (sequential) is bound by CPU: each connection costs about 0.5 ms of
   CPU in the Gateway and 0.65-0.7 ms in each proxy (a quarter of it in the kernel), about
   1.8 ms in all, plus the client's and the echo server's share. Two cores could carry about
