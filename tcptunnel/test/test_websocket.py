@@ -790,6 +790,24 @@ class WebSocketTunnel(Tunnel):
     def _proxy_attributes(self, extra: str) -> str:
         return f'{super()._proxy_attributes(extra)} webSocketPath="{self.path}"'
 
+    async def close(self) -> None:
+        """As Tunnel's, then until no autobahn server-drop timer is pending.  A proxy that
+        closed its WebSocket waits up to serverConnectionDropTimeout (1 s) for the Gateway
+        (or nginx) to drop the TCP connection; a clean-clone suite run once ended with such a
+        timer 0.5 s from firing (NginxTests, 1 run in 3 under -j2; not seen in 3 minutes of
+        that test alone), a dirty reactor for trial though the timer is harmless (it drops a
+        connection that is gone).  Why it outlived its connection is not known yet."""
+        await super().close()
+        await wait_until(lambda: not _drop_timers(), 5,
+                         "autobahn's server-drop timers to end after the tunnel stopped")
+
+
+def _drop_timers() -> list[Any]:
+    """The reactor's pending autobahn ``onServerConnectionDropTimeout`` calls."""
+    return [call for call in reactor.getDelayedCalls()
+            if getattr(getattr(call, "func", None), "__name__", "")
+            == "onServerConnectionDropTimeout"]
+
 
 class WebSocketTunnelTestsMixin(TunnelTestsMixin):
     """test_endtoend's tests with the link as a WebSocket."""
