@@ -342,6 +342,13 @@ class LinkTLSProtocol(ProtocolWrapper):
             if len(chunk) < _RECV_SIZE:
                 unread -= 1  # a whole record read (a full buffer may leave some of it)
         self._unread = 0
+        self._deliver(chunks, closed, ending, answered)
+
+    def _deliver(self, chunks: list[bytes], closed: bool, ending: Failure | None,
+                 answered: bool) -> None:
+        """The end of a read, for both engines: the application data in one call, then
+        the peer's close_notify answered, an error passed on, or what OpenSSL answered
+        (``answered``: a session ticket or key update) sent."""
         if chunks and not self._aborted:
             self.wrappedProtocol.dataReceived(chunks[0] if len(chunks) == 1
                                               else b"".join(chunks))
@@ -686,16 +693,8 @@ class StdlibLinkTLSProtocol(LinkTLSProtocol):
                 closed = True  # the peer's close_notify
                 break
             chunks.append(chunk)
-        if chunks and not self._aborted:
-            self.wrappedProtocol.dataReceived(chunks[0] if len(chunks) == 1
-                                              else b"".join(chunks))
-        if closed:
-            self._shutdown_tls()  # answer the peer's close_notify
-            self._tls_finished(None)
-        elif ending is not None:
-            self._tls_finished(ending)
-        elif self._tls is not None and self._out.pending:
-            self._flush()  # OpenSSL answered something (a key update)
+        # _flush sends only what the outgoing BIO holds (a key update OpenSSL answered).
+        self._deliver(chunks, closed, ending, answered=True)
 
     def _write(self, data: Any) -> None:
         if self._lost_tls or not data:
