@@ -552,11 +552,27 @@ def timed(durations: dict[str, Any], name: str) -> Iterator[None]:
         durations[name] = durations.get(name, 0.0) + time.monotonic() - started
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+def spread(values: list[float]) -> dict[str, Any]:
+    """min, median and max of one figure's repeats, and the repeats themselves in the order
+    taken (``ratio`` pairs them by round)."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values),
+            "values": list(values)}
 
 
-def measure(label: str, repeats: int, run: Callable[[], float]) -> dict[str, float]:
+def ratio(ours: dict[str, Any], theirs: dict[str, Any]) -> float:
+    """``ours`` over ``theirs`` (two ``spread`` results of one run): the median of the
+    per-round ratios when both hold one value per round, else the ratio of the medians (an
+    older run's results).  Each round of ``interleaved`` measures every system once, one after
+    the other, so a round's two values share the machine's state of that minute; pairing them
+    cancels the slow and fast minutes that the ratio of medians keeps (last run of stop 24:
+    the same code's throughput ratios moved 0.1-0.2 between runs)."""
+    mine, other = ours.get("values"), theirs.get("values")
+    if mine and other and len(mine) == len(other) and all(other):
+        return float(statistics.median(a / b for a, b in zip(mine, other, strict=True)))
+    return float(ours["median"] / theirs["median"])
+
+
+def measure(label: str, repeats: int, run: Callable[[], float]) -> dict[str, Any]:
     values = [run() for _ in range(repeats)]
     result = spread(values)
     print(f"  {label}: median {result['median']:.3f} (min {result['min']:.3f}, "
@@ -885,7 +901,7 @@ class Target:
             reference = systems.get(self.reference, {}).get(self.figure)
             if reference is None:
                 return None
-            value /= reference["median"]
+            value = ratio(subject, reference)
             shown, goal_text = f"{value:.2f}x", f"{self.op} {self.goal}x"
         sign = 1 if self.op == ">=" else -1
         if sign * (value - self.goal) >= 0:
@@ -965,7 +981,7 @@ def comparison(systems: dict[str, Any], subject: str, reference: str,
         ours, theirs = systems[subject].get(key), systems[reference].get(key)
         if ours and theirs:
             lines.append(f"| {label} | {cell(theirs)} | {cell(ours)} | "
-                         f"{ours['median'] / theirs['median']:.2f}x |")
+                         f"{ratio(ours, theirs):.2f}x |")
     return lines
 
 
@@ -1036,11 +1052,12 @@ def report_text(results: dict[str, Any]) -> str:
              f"{results['versions']['openssh']}, {results['versions']['iperf3']}).", "",
              "All on loopback, the same client and targets for every system. Each cell: median "
              "(min-max) over repeats, taken round-robin across the systems; `x` is tcptunnel's "
-             "median over OpenSSH's from the same run. The machine is shared and noisy: read "
-             "ratios, not absolute numbers. The `direct` column is the measuring clients' own "
-             "floor (the ping-pong client and the echo server with no tunnel between them: one "
-             "connection, TCP_NODELAY, blocking `send`/`recv` calls timed with "
-             "`perf_counter`)."]
+             "figure over OpenSSH's from the same run: the median of the rounds' ratios (each "
+             "round measures every system once, one after the other). The machine is shared "
+             "and noisy: read ratios, not absolute numbers. The `direct` column is the "
+             "measuring clients' own floor (the ping-pong client and the echo server with no "
+             "tunnel between them: one connection, TCP_NODELAY, blocking `send`/`recv` calls "
+             "timed with `perf_counter`)."]
     if results.get("shallow_idle"):
         lines[-1] += (" The CPUs were kept out of deep idle states for the run (0 µs held in "
                       "`/dev/cpu_dma_latency`, as latency benchmarks do): waking a halted "
@@ -1069,7 +1086,7 @@ def report_text(results: dict[str, Any]) -> str:
                 continue
             text = cell(value)
             if name.startswith("tcptunnel") and key in ssh:
-                text += f" {value['median'] / ssh[key]['median']:.2f}x"
+                text += f" {ratio(value, ssh[key]):.2f}x"
             cells.append(text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Memory (resident, MiB)", "",
@@ -1106,7 +1123,7 @@ def report_text(results: dict[str, Any]) -> str:
         f"`{WSS}` is `{TLS}` with its links as WebSockets (`webSocketPath`, `wss://`), in the "
         "same round-robin; ratio: WebSocket over plain TLS links.")
     lines += udp_section(results.get("udp"))
-    lines += ["", "## Targets (medians; ratios from this run)", "",
+    lines += ["", "## Targets (medians; ratios: median of this run's per-round ratios)", "",
               f"Of `{TLS}` unless the target names another system.", "",
               "| target | value | goal | met |", "|---|---|---|---|"]
     direct = systems.get("direct", {})
@@ -1312,7 +1329,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
-    parser.add_argument("--repeats", type=int, default=3)
+    # 5 rounds, not 3: the per-round ratios' median then needs three of five rounds to agree.
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--long-seconds", type=float, default=4.0)
     parser.add_argument("--pings", type=int, default=1000)
@@ -1333,7 +1351,7 @@ def main() -> None:
                              "a partial run: prints, writes no report")
     parser.add_argument("--udp-repeats", type=int,
                         help="repeats of the UDP figures (bench/udp.py; --figures udp), "
-                             "default: --repeats")
+                             "default: 3 (each takes ~30 s)")
     parser.add_argument("--e2e", action="store_true",
                         help="add tls-e2e (tcptunnel over TLS with end-to-end encryption) to "
                              "--systems: it is in the default set, this is for short runs "
@@ -1359,7 +1377,7 @@ def main() -> None:
                os.path.join(args.output, "benchmarks.png"))
         return
     if args.udp_repeats is None:
-        args.udp_repeats = args.repeats
+        args.udp_repeats = min(args.repeats, 3)
     if args.e2e and "tls-e2e" not in args.systems:
         args.systems = [*args.systems, "tls-e2e"]
     started = time.monotonic()

@@ -127,6 +127,23 @@ class TargetTests(SynchronousTestCase):
                                         "yes, within the ±10% noise"))
         self.assertEqual(judged(1.12), ("1.12x", "<= 1.0x (±10% noise)", "NO"))
 
+    def test_paired_rounds(self) -> None:
+        """With each repeat's values kept, a ratio is the median of the per-round ratios, not
+        the ratio of the medians: a slow round that slows both systems alike cancels out.
+        Here the medians' ratio would be 100/90 = 1.11x (met), but in every round the subject
+        is below 0.9x its reference: 0.89x, judged NO against ">= 1.0x"; a figure without
+        per-round values (an older run's) falls back to the medians."""
+        target = bench.Target("t", "l", ">=", 1.0, "ref", "sub")
+        ref = bench.spread([100.0, 90.0, 112.0, 60.0, 180.0])
+        sub = bench.spread([89.0, 80.0, 100.0, 53.0, 160.0])
+        self.assertEqual(ref["values"], [100.0, 90.0, 112.0, 60.0, 180.0])
+        self.assertEqual(target.judge({"ref": {"t": ref}, "sub": {"t": sub}}),
+                         ("0.89x", ">= 1.0x", "NO"))
+        self.assertAlmostEqual(bench.ratio(sub, ref), 0.89, places=2)
+        self.assertAlmostEqual(bench.ratio(figure(90.0), figure(100.0)), 0.9)
+        # Rounds of different counts (a figure re-measured alone) cannot be paired.
+        self.assertAlmostEqual(bench.ratio(bench.spread([1.0, 3.0]), ref), 2.0 / 100.0)
+
     def test_missing_system_or_figure(self) -> None:
         """A target whose subject, reference or figure the run lacks gives no row (a
         partial run, or results written before the figure existed)."""
@@ -219,11 +236,13 @@ class CPUTests(SynchronousTestCase):
         """Runs with a Gateway give the ns-per-byte spread beside the throughput; a system
         without one (None) gives the throughput only."""
         self.assertEqual(bench.bulk_summary([(100.0, 8.0), (120.0, 10.0), (90.0, 9.0)], 8),
-                         {"throughput_8_MBps": {"min": 90.0, "median": 100.0, "max": 120.0},
-                          "gateway_ns_per_byte_8": {"min": 8.0, "median": 9.0, "max": 10.0}})
+                         {"throughput_8_MBps": {"min": 90.0, "median": 100.0, "max": 120.0,
+                                                "values": [100.0, 120.0, 90.0]},
+                          "gateway_ns_per_byte_8": {"min": 8.0, "median": 9.0, "max": 10.0,
+                                                    "values": [8.0, 10.0, 9.0]}})
         self.assertEqual(bench.bulk_summary([(100.0, None)], 1),
                          {"throughput_1_MBps": {"min": 100.0, "median": 100.0,
-                                                "max": 100.0}})
+                                                "max": 100.0, "values": [100.0]}})
 
     def test_on_cpu_ns_counts_this_process(self) -> None:
         """``on_cpu_ns`` of this process grows by at least the CPU time a busy loop burns
