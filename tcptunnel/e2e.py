@@ -107,13 +107,31 @@ class SealedStream(MuxStream, StreamEndpoint):
             producer.bufferSize = SEALED_READ_SIZE
 
     def write(self, data: bytes) -> None:
-        """Seal ``data`` into DATA records and send them (after the window allows)."""
+        """Seal ``data`` into DATA records and send them (after the window allows).
+
+        A read of more than one record leaves as frames of whole records, each queued as
+        its own piece (:meth:`tcptunnel._e2e.RecordSealer.seal_data_frames`): the
+        multiplexer sends a piece of one frame's size as it is, so the records are not
+        copied again to be cut into frames, and the far end opens whole records in place."""
         sealer = self.cipher.sealer
         if self.record.state in _ENDED or not data or sealer.ended:
             return
-        sealed = sealer.seal_data(data)
-        self.bytes_out -= len(sealed) - len(data)  # MuxStream.write counts the record bytes
-        MuxStream.write(self, sealed)
+        if len(data) <= _e2e.MAX_PLAINTEXT:
+            sealed = sealer.seal_one(data)
+            # MuxStream.write counts the record bytes; bytes_out counts plaintext.
+            self.bytes_out -= len(sealed) - len(data)
+            MuxStream.write(self, sealed)
+            return
+        core = self.mux.core
+        frames = sealer.seal_data_frames(data, core.chunk_size // _e2e.MAX_RECORD)
+        last = frames.pop()
+        stream_id = self.stream_id
+        for frame in frames:
+            core.send_data(stream_id, frame)
+        # MuxStream.write sends the last piece (then flushes and pauses the local reader as
+        # for a clear write) and counts its bytes.
+        self.bytes_out += len(data) - len(last)
+        MuxStream.write(self, last)
 
     def loseWriteConnection(self) -> None:  # noqa: N802
         """Half-close: the END record, then FIN (a FIN alone would read as truncation)."""

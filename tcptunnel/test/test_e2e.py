@@ -583,8 +583,8 @@ class SuiteTests(SynchronousTestCase):
            st.integers(min_value=1, max_value=4))
     def test_feed_data_is_feed(self, chunks: list[bytes], cuts: list[int], every: int) -> None:
         """feed_data (what a SealedStream uses) gives, for any split and key updates every
-        few records, the non-empty DATA plaintexts and the wire bytes of the records that
-        feed gives for the same pieces, read by read."""
+        few records, the DATA plaintexts (in non-empty pieces) and the wire bytes of the
+        records that feed gives for the same pieces, read by read."""
         quick = e2e.Suite(2, "suite 2, quick key updates", AESGCM, every)
         key = bytes(32)
         sealer = RecordSealer(key, self.PAIRING_ID, 1, Direction.TO_SERVER, 0, quick)
@@ -595,11 +595,88 @@ class SuiteTests(SynchronousTestCase):
         for piece in splits(stream, cuts):
             records = by_feed.feed(piece)
             plaintexts, consumed = by_data.feed_data(piece)
-            self.assertEqual(plaintexts, [r.data for r in records if r.data])
+            self.assertEqual(b"".join(plaintexts), b"".join(r.data for r in records))
+            self.assertTrue(all(plaintexts))
             self.assertEqual(consumed, sum(r.size for r in records))
             self.assertEqual(by_data.buffered, by_feed.buffered)
         by_data.finish()
         self.assertTrue(by_data.ended)
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @given(st.lists(st.integers(min_value=1, max_value=3 * e2e.MAX_PLAINTEXT + 7), min_size=1,
+                    max_size=5),
+           st.integers(min_value=1, max_value=3), st.integers(min_value=1, max_value=4),
+           st.lists(st.tuples(st.integers(min_value=0, max_value=40),
+                              st.integers(min_value=-20, max_value=20)), max_size=6),
+           st.one_of(st.none(), st.integers(min_value=0, max_value=10**6)))
+    def test_reads_of_whole_records(self, sizes: list[int], per_frame: int, every: int,
+                                    cuts: list[tuple[int, int]], flip: int | None) -> None:
+        """The bulk paths against the general ones: seal_data_frames gives, joined, the
+        bytes seal_data gives, each piece whole records (``per_frame`` of them, the last
+        fewer); and reads cut at record boundaries, or a few bytes off them (what frames of
+        whole records and a frame cut by the window bring), with DATA, empty DATA and END
+        records and key updates every few records, give feed_data the plaintext, wire bytes
+        and buffered bytes that feed gives, read by read.  With one bit flipped anywhere,
+        both fail at the same read with the same message, after the same plaintext."""
+        quick = e2e.Suite(2, "suite 2, quick key updates", AESGCM, every)
+        key = bytes(range(32))
+        by_frames = RecordSealer(key, self.PAIRING_ID, 3, Direction.TO_CLIENT, 0, quick)
+        by_data = RecordSealer(key, self.PAIRING_ID, 3, Direction.TO_CLIENT, 0, quick)
+        records: list[bytes] = []
+        for index, size in enumerate(sizes):
+            data = os.urandom(size)
+            frames = by_frames.seal_data_frames(data, per_frame)
+            self.assertEqual(b"".join(frames), by_data.seal_data(data))
+            count = -(-size // e2e.MAX_PLAINTEXT)
+            self.assertEqual(len(frames), -(-count // per_frame))
+            for frame in frames:  # each piece is whole records: split it into them
+                offset = 0
+                while offset < len(frame):
+                    _kind, length = struct.unpack_from(">BH", frame, offset)
+                    records.append(frame[offset : offset + 3 + length])
+                    offset += 3 + length
+            if index == 0:  # an empty DATA record among them
+                records.append(by_frames.seal(RecordType.DATA, b""))
+                by_data.seal(RecordType.DATA, b"")
+        self.assertEqual(by_frames.sequence, by_data.sequence)
+        records.append(by_frames.seal_end())
+        stream = bytearray(b"".join(records))
+        if flip is not None:
+            stream[flip % len(stream)] ^= 1
+        boundaries = list(itertools.accumulate(len(r) for r in records))
+        points = {0, len(stream)} | {
+            min(len(stream), max(0, boundaries[at % len(boundaries)] + off))
+            for at, off in cuts}
+        pieces = [bytes(stream[a:b]) for a, b in itertools.pairwise(sorted(points))]
+        general = RecordDecoder(key, self.PAIRING_ID, 3, Direction.TO_CLIENT, 0, quick)
+        fast = RecordDecoder(key, self.PAIRING_ID, 3, Direction.TO_CLIENT, 0, quick)
+        delivered = [b"", b""]
+        for piece in pieces:
+            try:
+                opened = general.feed(piece)
+            except IntegrityError as e:
+                with self.assertRaises(IntegrityError) as caught:
+                    fast.feed_data(piece)
+                self.assertEqual(caught.exception.message, e.message)
+                self.assertIsNotNone(flip)
+                self.assertEqual(delivered[0], delivered[1])
+                return
+            plaintexts, consumed = fast.feed_data(piece)
+            delivered[0] += b"".join(r.data for r in opened)
+            delivered[1] += b"".join(plaintexts)
+            self.assertTrue(all(plaintexts))
+            self.assertEqual(consumed, sum(r.size for r in opened))
+            self.assertEqual(fast.buffered, general.buffered)
+            self.assertEqual(fast.sequence, general.sequence)
+        self.assertEqual(delivered[0], delivered[1])
+        # A flipped bit that did not fail a read is one of the END record's that its FIN
+        # check meets, or none: every changed byte is in some record.
+        if flip is None:
+            fast.finish()
+            self.assertTrue(fast.ended)
+        else:
+            with self.assertRaises(IntegrityError):
+                fast.finish()
 
     def test_one_record_reads_across_key_updates(self) -> None:
         """Writes of one record each and reads of one whole record each (the single-record

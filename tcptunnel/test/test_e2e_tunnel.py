@@ -724,24 +724,29 @@ class SealedStreamTests(SynchronousTestCase):
         self.assertEqual(far_socket.value(), payload * 3)
 
     def test_a_frame_of_records_is_one_local_write(self) -> None:
-        """The two records of a full DATA frame reach the far local socket in one
-        writeSequence call (one write path per frame, as for a clear frame), in order."""
+        """The two records of a full DATA frame reach the far local socket as one write of
+        their plaintexts joined (one write path per frame, as for a clear frame), in
+        order."""
         ends = SealedEnds(initial_window=384 * 1024)
         splice, _socket, _far_splice, far_socket = ends.open()
-        calls: list[list[bytes]] = []
-        write_sequence = far_socket.writeSequence
+        calls: list[tuple[str, list[int]]] = []
+        write, write_sequence = far_socket.write, far_socket.writeSequence
 
-        def recording(data: list[bytes]) -> None:
-            calls.append(list(data))
+        def recording_write(data: bytes) -> None:
+            calls.append(("write", [len(data)]))
+            write(data)
+
+        def recording_sequence(data: list[bytes]) -> None:
+            calls.append(("writeSequence", [len(piece) for piece in data]))
             write_sequence(data)
 
-        far_socket.writeSequence = recording  # type: ignore[method-assign]
+        far_socket.write = recording_write  # type: ignore[method-assign]
+        far_socket.writeSequence = recording_sequence  # type: ignore[method-assign]
         payload = os.urandom(SEALED_READ_SIZE)
         splice.dataReceived(payload)
         ends.pump.flush()
         self.assertEqual(far_socket.value(), payload)
-        self.assertEqual([[len(piece) for piece in call] for call in calls],
-                         [[_e2e.MAX_PLAINTEXT] * 2] * 2)
+        self.assertEqual(calls, [("write", [2 * _e2e.MAX_PLAINTEXT])] * 2)
 
     def test_sequence_takes_the_stream_data_paths(self) -> None:
         """A splice handed several pieces at once does what stream_data does for each when
